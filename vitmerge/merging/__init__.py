@@ -5,7 +5,7 @@ from typing import Callable, Dict
 
 import torch
 
-from .base import MergePlan, merge_wavg
+from .base import MergePlan, batch_gather, batch_scatter_add, identity_plan
 from .bipartite import bipartite_plan, clamp_r as _tome_clamp_r
 
 PlanFn = Callable[..., MergePlan]
@@ -51,4 +51,4 @@ def effective_r(method: str, n_tokens: int, r: int, protected: int) -> int:
     return clamp(n_tokens, r, protected)
 
 
-__all__ = ["MergePlan", "merge_wavg", "plan", "effective_r", "available_methods", "METHODS"]
+__all__ = ["MergePlan", "batch_gather", "batch_scatter_add", "identity_plan", "plan", "effective_r", "available_methods", "METHODS"]

@@ -1,14 +1,19 @@
 """The one merge contract shared by every method.
 
-A method decides *which* token goes *where*; this module does the rest. A plan is an assignment
-``assign[b, i] -> slot in [0, n_out)`` for every input token ``i`` (several tokens may share a
-slot), plus a STATIC output count ``n_out`` that depends only on the schedule, never on the data.
-Merging is then a size-weighted average per slot, computed with sums (scatter-add of ``x * w`` and
-of ``w``, then one division): ONNX ScatterElements has no "mean" reduction, and sum-then-divide is
-what the reference ToMe does (``merge_wavg``).
+A method decides *which* token goes *where*; this module does the rest. A plan says, per image:
 
-Shapes: x [B, N, D], size [B, N, 1] (token sizes: how many patches a token stands for),
-assign [B, N] int64, optional weight [B, N, 1] (extra per-token weight, e.g. importance).
+* ``keep [B, n_out]``: the input tokens that become the output slots, in output order;
+* ``src [B, r]``: the input tokens that merge away, and ``dst [B, r]``: the slot each one joins.
+
+Every input token is either kept or merged away, so ``n_out + r = N``; ``n_out`` is STATIC (it
+depends only on the schedule, never on the data). Merging is a size-weighted average per slot,
+computed with sums (gather kept rows of ``[x*w, w]``, scatter-add the merged-away rows, divide):
+ONNX ScatterElements has no "mean" reduction, and sum-then-divide is what the reference ToMe does.
+Only the ``r`` merged-away rows are scattered; everything else is a plain row gather, which every
+runtime executes well.
+
+Shapes: x [B, N, D], size [B, N, 1] (how many patches a token stands for), optional weight
+[B, N, 1] (extra averaging weight, e.g. importance).
 """
 from __future__ import annotations
 
@@ -18,17 +23,51 @@ from typing import Optional, Tuple
 import torch
 
 
+def _flat(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Row indices [B, K] into a [B, n, ...] tensor -> indices into its [B * n, ...] flattening."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * n).reshape(-1)
+
+
+def batch_gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of x [B, N, D] at idx [B, K] -> [B, K, D] (one flat row Gather, no expanded index)."""
+    B, N, D = x.shape
+    return x.reshape(B * N, D)[_flat(idx, N)].reshape(B, idx.shape[1], D)
+
+
+def batch_scatter_add(out: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """out [B, M, D] with rows [B, K, D] added at row idx [B, K] (duplicates accumulate)."""
+    B, M, D = out.shape
+    return out.reshape(B * M, D).index_add(0, _flat(idx, M), rows.reshape(-1, D)).reshape(B, M, D)
+
+
 @dataclass
 class MergePlan:
-    """Which input token goes to which output slot; ``n_out`` is static."""
+    """Which tokens stay (as output slots) and which merge into which slot."""
 
-    assign: torch.Tensor  # [B, N] int64, values in [0, n_out)
-    n_out: int
-    weight: Optional[torch.Tensor] = None  # [B, N, 1] extra averaging weight (None = size only)
+    keep: torch.Tensor  # [B, n_out] int64 input-token indices, in output order
+    src: torch.Tensor  # [B, r] int64 input-token indices that merge away
+    dst: torch.Tensor  # [B, r] int64 output slots in [0, n_out)
+    weight: Optional[torch.Tensor] = None  # [B, N, 1] extra averaging weight (None: size only)
+
+    @property
+    def n_out(self) -> int:
+        return self.keep.shape[1]
+
+    @property
+    def r(self) -> int:
+        return self.src.shape[1]
 
     @property
     def n_in(self) -> int:
-        return self.assign.shape[1]
+        return self.keep.shape[1] + self.src.shape[1]
+
+    @property
+    def assign(self) -> torch.Tensor:
+        """[B, N] output slot of every input token (the plan as one vector)."""
+        B = self.keep.shape[0]
+        slots = torch.arange(self.n_out, device=self.keep.device).expand(B, -1)
+        a = torch.empty(B, self.n_in, dtype=torch.long, device=self.keep.device)
+        return a.scatter(1, self.keep, slots).scatter(1, self.src, self.dst)
 
     def merge(
         self, x: torch.Tensor, size: Optional[torch.Tensor] = None
@@ -37,36 +76,32 @@ class MergePlan:
 
         Returns ``(x_merged [B, n_out, D], size_merged [B, n_out, 1])``; ``size`` defaults to ones.
         """
-        return merge_wavg(self.assign, self.n_out, x, size, self.weight)
+        B, N, D = x.shape
+        if size is None:
+            size = x.new_ones(B, N, 1)
+        w = size if self.weight is None else size * self.weight
+        # Values and weights travel together: one gather and one scatter move [x * w, w(, size)].
+        packed = torch.cat([x * w, w] if self.weight is None else [x * w, w, size], dim=-1)
+        out = batch_gather(packed, self.keep)
+        if self.r:
+            out = batch_scatter_add(out, self.dst, batch_gather(packed, self.src))
+        x_out = out[..., :D] / out[..., D : D + 1]
+        size_out = out[..., D : D + 1] if self.weight is None else out[..., D + 1 :]
+        return x_out, size_out
 
     def merge_source(self, source: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Track which original patches each token holds: source [B, n_out, N0] (0/1)."""
-        B, N = self.assign.shape
+        B, N = self.keep.shape[0], self.n_in
         if source is None:
-            source = torch.eye(N, device=self.assign.device).expand(B, N, N)
-        out = source.new_zeros(B, self.n_out, source.shape[-1])
-        idx = self.assign[..., None].expand(B, N, source.shape[-1])
-        return out.scatter_add(1, idx, source).clamp_(max=1)
+            source = torch.eye(N, device=self.keep.device).expand(B, N, N)
+        out = batch_gather(source, self.keep)
+        if self.r:
+            out = batch_scatter_add(out, self.dst, batch_gather(source, self.src))
+        return out.clamp(max=1)
 
 
-def merge_wavg(
-    assign: torch.Tensor,
-    n_out: int,
-    x: torch.Tensor,
-    size: Optional[torch.Tensor] = None,
-    weight: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    B, N, D = x.shape
-    if size is None:
-        size = x.new_ones(B, N, 1)
-    w = size if weight is None else size * weight
-    # One scatter for values and weights together: [x * w, w] along the channel axis.
-    packed = torch.cat([x * w, w], dim=-1)
-    out = packed.new_zeros(B, n_out, D + 1)
-    out = out.scatter_add(1, assign[..., None].expand(B, N, D + 1), packed)
-    x_out = out[..., :D] / out[..., D:]
-    if weight is None:
-        size_out = out[..., D:]
-    else:
-        size_out = size.new_zeros(B, n_out, 1).scatter_add(1, assign[..., None], size)
-    return x_out, size_out
+def identity_plan(metric: torch.Tensor) -> MergePlan:
+    B, N = metric.shape[:2]
+    keep = torch.arange(N, device=metric.device).expand(B, N)
+    empty = keep[:, :0]
+    return MergePlan(keep=keep, src=empty, dst=empty)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .base import MergePlan
+from .base import MergePlan, identity_plan
 
 
 def max_r(n_tokens: int, protected: int) -> int:
@@ -25,27 +25,19 @@ def clamp_r(n_tokens: int, r: int, protected: int) -> int:
     return max(min(int(r), max_r(n_tokens, protected)), 0)
 
 
-def identity_plan(metric: torch.Tensor) -> MergePlan:
-    B, T = metric.shape[:2]
-    assign = torch.arange(T, device=metric.device).expand(B, T)
-    return MergePlan(assign=assign, n_out=T)
+def _static_indices(T: int, r: int, protected: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static tables (they depend on T, r, protected only) for the reference output order:
+    protected tokens first in their original order, then unmerged A tokens, then B tokens.
 
-
-def _slots(T: int, r: int, protected: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Static output slots (they depend on T, r, protected only) for the reference output order.
-
-    Returns (slot_unm [t1 - r], slot_dst [t2], perm [T]) where perm maps each original position
-    to its index in cat(A, B).
+    Returns (b_keep [t2 - pb] original indices of the unprotected B tokens,
+             slot_b [t2] output slot of every B token).
     """
     t1, t2 = (T + 1) // 2, T // 2
     pa, pb = (protected + 1) // 2, protected // 2
-    k = torch.arange(t1 - r)
-    slot_unm = torch.where(k < pa, 2 * k, protected + (k - pa))
     i = torch.arange(t2)
-    slot_dst = torch.where(i < pb, 2 * i + 1, protected + (t1 - r - pa) + (i - pb))
-    j = torch.arange(T)
-    perm = torch.where(j % 2 == 0, j // 2, t1 + j // 2)
-    return slot_unm.to(device), slot_dst.to(device), perm.to(device)
+    slot_b = torch.where(i < pb, 2 * i + 1, protected + (t1 - r - pa) + (i - pb))
+    b_keep = 2 * torch.arange(pb, t2) + 1
+    return b_keep.to(device), slot_b.to(device)
 
 
 def bipartite_plan(metric: torch.Tensor, r: int, protected: int = 1) -> MergePlan:
@@ -68,16 +60,19 @@ def bipartite_plan(metric: torch.Tensor, r: int, protected: int = 1) -> MergePla
             scores = scores.masked_fill(rows | cols, -math.inf)
 
         node_max, node_idx = scores.max(dim=-1)  # best B partner of each A token
-        edge_idx = node_max.argsort(dim=-1, descending=True)
+        # argsort / sort as TopK with a static k: exports without runtime shape arithmetic.
+        edge_idx = node_max.topk(t1, dim=-1, largest=True, sorted=True).indices
         unm_idx = edge_idx[..., r:]  # A tokens that stay
         src_idx = edge_idx[..., :r]  # A tokens that merge away
         dst_idx = node_idx.gather(dim=-1, index=src_idx)
         if protected:
-            unm_idx = unm_idx.sort(dim=-1)[0]  # keep the protected tokens first
+            unm_idx = unm_idx.topk(t1 - r, dim=-1, largest=False, sorted=True).values  # protected first
 
-        slot_unm, slot_dst, perm = _slots(T, r, protected, metric.device)
-        order = torch.cat([unm_idx, src_idx], dim=-1)  # a permutation of A
-        values = torch.cat([slot_unm.expand(B, t1 - r), slot_dst[dst_idx]], dim=-1)
-        assign_a = torch.empty_like(order).scatter(-1, order, values)
-        assign = torch.cat([assign_a, slot_dst.expand(B, t2)], dim=-1)[:, perm]
-    return MergePlan(assign=assign, n_out=T - r)
+        b_keep, slot_b = _static_indices(T, r, protected, metric.device)
+        # Protected tokens (A and B alike) are the first `protected` slots, in original order.
+        keep = torch.cat([
+            torch.arange(protected, device=metric.device).expand(B, protected),
+            2 * unm_idx[:, pa:],
+            b_keep.expand(B, t2 - pb),
+        ], dim=-1)
+    return MergePlan(keep=keep, src=2 * src_idx, dst=slot_b[dst_idx])

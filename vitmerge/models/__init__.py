@@ -68,6 +68,15 @@ def apply(
     protected = int(model.num_prefix_tokens)
     n0 = num_tokens(model)
     tokens = token_counts(n0, rs, protected, lambda t, rr, p: merging.effective_r(method, t, rr, p))
+    # Later layers clamp r to what is left (as the reference ToMe does), but an r that the very
+    # first merge cannot honour is a mistake in the request, not a schedule detail.
+    first = next((i for i, v in enumerate(rs) if v > 0), None)
+    if first is not None and rs[first] > tokens[first][1]:
+        cap = tokens[first][1]
+        raise ValueError(
+            f"r={rs[first]} is too large: block {first} sees {tokens[first][0]} tokens ({protected} protected) and "
+            f"one {method} step can remove at most {cap} of them; use r <= {cap}"
+        )
     state = MergeState(method=method, prop_attn=prop_attn, protected=protected, options=dict(options),
                        trace_source=trace_source)
     patch_vit(model, state, rs)

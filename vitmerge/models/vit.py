@@ -23,6 +23,10 @@ from torch import nn
 from .. import merging
 
 
+def _exporting() -> bool:
+    return bool(torch.compiler.is_exporting()) or torch.onnx.is_in_onnx_export()
+
+
 @dataclass
 class MergeState:
     """Per-forward state shared by the blocks of one model (reset at every forward)."""
@@ -48,7 +52,9 @@ def attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torch
     q, k, v = qkv.unbind(0)  # [B, H, N, hd] each
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = None if size is None else size.log()[:, None, None, :, 0]  # [B, 1, 1, N]
-    if attn.fused_attn:
+    # Under torch.export the fused kernel with an additive mask decomposes into a view that fails
+    # (strides of the SDPA output); the explicit form exports to the same MatMul/Softmax ops.
+    if attn.fused_attn and not _exporting():
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
@@ -65,11 +71,37 @@ def attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torch
     return out, k.mean(1)
 
 
+class TokenMerge(nn.Module):
+    """One merge step as a module of its own: (x, metric, size) -> (x', size').
+
+    Being a module gives the step its own name scope in exported graphs (``blocks.3.token_merge``),
+    which is how graph surgery finds every merge subgraph without guessing at op patterns.
+    It holds no parameters, so state dicts are unchanged.
+    """
+
+    def __init__(self, state: "MergeState", r: int):
+        super().__init__()
+        self.state = state
+        self.r = int(r)
+
+    def extra_repr(self) -> str:
+        return f"method={self.state.method}, r={self.r}, protected={self.state.protected}"
+
+    def forward(self, x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor]):
+        st = self.state
+        if size is None:
+            size = x.new_ones(x.shape[0], x.shape[1], 1)
+        p = merging.plan(st.method, metric, self.r, st.protected, **st.options)
+        if st.trace_source:
+            st.source = p.merge_source(st.source)
+        return p.merge(x, size)
+
+
 class MergeBlockMixin:
     """Mixed into the block's own class, so parameters and state-dict keys stay unchanged."""
 
     _vm_state: MergeState
-    _vm_r: int
+    token_merge: TokenMerge
 
     def forward(self, x, attn_mask=None, is_causal=False):  # noqa: D401 - timm signature
         if attn_mask is not None or is_causal:
@@ -77,11 +109,8 @@ class MergeBlockMixin:
         st = self._vm_state
         out, metric = attention_with_metric(self.attn, self.norm1(x), st.size if st.prop_attn else None)
         x = x + self.drop_path1(self.ls1(out))
-        if self._vm_r > 0:
-            p = merging.plan(st.method, metric, self._vm_r, st.protected, **st.options)
-            if st.trace_source:
-                st.source = p.merge_source(st.source)
-            x, st.size = p.merge(x, st.size)
+        if self.token_merge.r > 0:
+            x, st.size = self.token_merge(x, metric, st.size)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -130,14 +159,14 @@ def patch_vit(model: nn.Module, state: MergeState, rs: List[int]) -> None:
     for blk, r in zip(model.blocks, rs):
         blk.__class__ = mixed_class(MergeBlockMixin, type(blk))
         blk._vm_state = state
-        blk._vm_r = int(r)
+        blk.token_merge = TokenMerge(state, r)
 
 
 def unpatch_vit(model: nn.Module) -> None:
     model.__class__ = original_class(type(model), MergeModelMixin)
     for blk in model.blocks:
         blk.__class__ = original_class(type(blk), MergeBlockMixin)
-        for a in ("_vm_state", "_vm_r"):
-            blk.__dict__.pop(a, None)
+        blk.__dict__.pop("_vm_state", None)
+        blk._modules.pop("token_merge", None)
     for a in ("_vm_state", "vitmerge"):
         model.__dict__.pop(a, None)

@@ -1,0 +1,73 @@
+"""``export(model, path)``: ONNX with static token counts, checked and verified before it is written."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from torch import nn
+
+from ..errors import VerificationError
+from .onnx_export import (
+    DEFAULT_OPSET,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    check_output_path,
+    export_onnx_program,
+    metadata,
+    save_program,
+    staged_output,
+)
+from .verify import VerifyReport, check_onnx, ort_session, verify
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    verification: Optional[VerifyReport]
+
+
+def export(
+    model: nn.Module,
+    output: str | Path,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+    batch_sizes: Sequence[int] = (1, 4),
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    on_step: Optional[Callable[[str], None]] = None,
+) -> ExportResult:
+    """Export ``model`` (plain or patched by :func:`vitmerge.apply`) to ``output``.
+
+    The file is written to a private staging folder, run through the ONNX checker and compared
+    with PyTorch in ONNX Runtime at every batch size in ``batch_sizes`` (one file, dynamic batch);
+    only then is it moved to ``output``. Any failure leaves no output file.
+    """
+    step = on_step or (lambda s: None)
+    out = check_output_path(output)
+    with staged_output(out) as stage:
+        step("tracing with torch.export and translating to ONNX")
+        program = export_onnx_program(model, opset=opset)
+        step("writing")
+        staged = save_program(program, model, stage, out.name)
+        report = None
+        if check:
+            step("ONNX checker")
+            check_onnx(staged)
+            step("ONNX Runtime vs PyTorch")
+            report = verify(model, staged, batch_sizes=batch_sizes, atol=atol, rtol=rtol)
+            report.path = str(out)
+            if not report.ok:
+                bad = [c for c in report.checks if not c.ok]
+                raise VerificationError(
+                    "ONNX Runtime output differs from PyTorch: "
+                    + "; ".join(f"batch {c.batch}: max|diff| {c.max_abs_diff:.3g} > tol {c.tolerance:.3g}" for c in bad)
+                    + ". The file was not written."
+                )
+    return ExportResult(path=out, verification=report)
+
+
+__all__ = [
+    "export", "ExportResult", "verify", "VerifyReport", "check_onnx", "ort_session",
+    "export_onnx_program", "metadata", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET",
+]

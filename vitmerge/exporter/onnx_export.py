@@ -1,0 +1,132 @@
+"""torch -> ONNX with static per-layer token counts and a dynamic batch axis.
+
+Exporter choice: torch.onnx.export(dynamo=True) (torch.export + onnxscript). The legacy
+TorchScript exporter traces ToMe's argsort/scatter into a graph that ONNX Runtime rejects; the
+dynamo path keeps the batch axis symbolic while every token count stays a Python int (the schedule),
+so each layer's shape is static. The merge step is its own module (``blocks.N.token_merge``), whose
+name scope the exporter records on every node: graph surgery finds the merge subgraphs by it.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import OutputPathError
+from ..profiling.flops import input_shape
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 18
+LARGE_MODEL_BYTES = 1_800_000_000  # above this the weights go to an external-data file (2 GB protobuf cap)
+
+
+class _Entry(nn.Module):
+    """A fixed, named entry point: the graph input is called ``images`` whatever the model's forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
+def check_output_path(output: str | Path) -> Path:
+    out = Path(output)
+    if out.suffix != ".onnx":
+        raise OutputPathError(f"output {str(out)!r} must end in .onnx")
+    if not out.parent.is_dir():
+        raise OutputPathError(
+            f"output directory {str(out.parent)!r} does not exist: create it (mkdir -p {out.parent}) or choose another --output"
+        )
+    if not os.access(out.parent, os.W_OK):
+        raise OutputPathError(f"output directory {str(out.parent)!r} is not writable")
+    return out
+
+
+def metadata(model: nn.Module) -> dict:
+    """What the graph was built with, stored in the ONNX file's metadata_props."""
+    info = getattr(model, "vitmerge", None)
+    meta = {"vitmerge.input_shape": json.dumps(list(input_shape(model)))}
+    if info is not None:
+        meta.update({
+            "vitmerge.method": info.method,
+            "vitmerge.r": json.dumps(info.r),
+            "vitmerge.prop_attn": json.dumps(info.prop_attn),
+            "vitmerge.protected": str(info.protected),
+            "vitmerge.tokens_in": json.dumps(info.tokens_in),
+            "vitmerge.tokens_out": json.dumps(info.tokens_out),
+        })
+    return meta
+
+
+def export_onnx_program(model: nn.Module, opset: int = DEFAULT_OPSET, example_batch: int = 2):
+    """Run the dynamo exporter; returns the ONNXProgram (not yet written anywhere)."""
+    model = model.eval()
+    shape = input_shape(model)
+    example = torch.randn(example_batch, *shape)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    # The exporter is chatty (progress lines, deprecation warnings): keep the CLI readable.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Entry(model),
+            (example,),
+            dynamo=True,
+            dynamic_shapes={"images": {0: batch}},
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    return program
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def save_program(program, model: nn.Module, workdir: Path, name: str) -> Path:
+    """Write the program into ``workdir/name`` (+ external data for very large models) with metadata."""
+    import onnx
+
+    path = workdir / name
+    large = _param_bytes(model) > LARGE_MODEL_BYTES
+    program.save(str(path), external_data=large)
+    proto = onnx.load(str(path), load_external_data=False)
+    for k, v in metadata(model).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name = "vitmerge"
+    onnx.save(proto, str(path))
+    return path
+
+
+@contextlib.contextmanager
+def staged_output(output: Path):
+    """Yield a private folder next to ``output``; on success its files replace the final paths.
+
+    A failed or interrupted run removes the folder and leaves no (half-written) output behind.
+    """
+    stage = output.parent / f".{output.name}.partial-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    try:
+        yield stage
+        # External data first, the .onnx last: the model file appears only when complete.
+        files = sorted(stage.iterdir(), key=lambda f: f.name == output.name)
+        for f in files:
+            os.replace(f, output.parent / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""Build a timm model by name and load a local checkpoint (never a hub download)."""
+from __future__ import annotations
+
+import difflib
+import sys
+import warnings
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ModelNotFoundError
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def _suggest(name: str, choices: list[str], n: int = 5) -> list[str]:
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.6)
+    if len(close) < n:
+        stem = name.split("_")[0]
+        close += [c for c in choices if c.startswith(stem) and c not in close][: n - len(close)]
+    return close
+
+
+def check_model_name(name: str) -> None:
+    import timm
+
+    if timm.is_model(name):
+        return
+    hint = _suggest(name, timm.list_models())
+    msg = f"unknown timm model {name!r}."
+    if hint:
+        msg += " Did you mean: " + ", ".join(hint) + "?"
+    msg += " List models with: python -c \"import timm; print(timm.list_models('vit_*'))\""
+    raise ModelNotFoundError(msg)
+
+
+def load_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
+    """Read a .pth/.pt/.bin (torch) or .safetensors checkpoint: a state dict, or one under
+    'model' / 'state_dict' / 'model_ema'. Only tensors are loaded (weights_only, no pickled code)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist (give a local file with --checkpoint)")
+    if p.suffix not in CHECKPOINT_SUFFIXES:
+        raise CheckpointError(
+            f"checkpoint {p.name!r} has an unknown extension; expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
+        )
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(p), device="cpu")
+        else:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or not a checkpoint at all
+        raise CheckpointError(
+            f"could not read checkpoint {str(p)!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Is the file complete and a PyTorch/safetensors state dict?"
+        ) from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_ema", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} holds no state dict of tensors (found {type(obj).__name__}); "
+            "save it with torch.save(model.state_dict(), path) or as {'model': state_dict}"
+        )
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _head_classes(sd: Dict[str, torch.Tensor]) -> Optional[int]:
+    w = sd.get("head.weight")
+    return int(w.shape[0]) if w is not None and w.dim() == 2 else None
+
+
+def build_model(
+    name: str,
+    checkpoint: Optional[str | Path] = None,
+    img_size: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    **kwargs,
+) -> nn.Module:
+    """timm.create_model(name) with random init, then the local checkpoint if given.
+
+    The classifier size follows the checkpoint (a CIFAR-100 or Pets fine-tune loads as is), and the
+    position embedding is resampled by timm's own checkpoint filter when ``img_size`` differs.
+    """
+    import timm
+
+    check_model_name(name)
+    sd = load_state_dict(checkpoint) if checkpoint is not None else None
+    if num_classes is None and sd is not None:
+        num_classes = _head_classes(sd)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise ModelNotFoundError(f"model {name!r} does not accept these options ({e})") from None
+    if sd is not None:
+        filt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        if filt is not None:
+            try:
+                sd = filt(sd, model)
+            except Exception as e:
+                raise CheckpointError(f"checkpoint does not fit {name!r}: {e}") from None
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint does not match {name!r}: {len(missing)} missing keys "
+                f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), {len(unexpected)} unexpected keys "
+                f"({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''}). "
+                "Is it a checkpoint of this architecture?"
+            )
+    else:
+        warnings.warn(
+            f"no --checkpoint given: {name} has RANDOM weights. Shapes, export and latency are real; "
+            "accuracy numbers are meaningless.",
+            stacklevel=2,
+        )
+    return model.eval()
