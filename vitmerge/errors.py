@@ -19,3 +19,19 @@ class OutputPathError(VitmergeError):
 
 class VerificationError(VitmergeError):
     pass
+
+
+class ScheduleError(VitmergeError, ValueError):
+    """A bad merge request: unknown method, r out of range, wrong per-layer list, bad option."""
+
+
+class UnsupportedModelError(VitmergeError, TypeError):
+    """The model is not an architecture vitmerge can patch."""
+
+
+class RuntimeMissingError(VitmergeError):
+    """An optional runtime (TensorRT, CUDA, onnxruntime-gpu, NVML) is not available here."""
+
+
+class DataError(VitmergeError):
+    """A data folder that does not match any supported layout, or holds no usable images."""

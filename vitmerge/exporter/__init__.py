@@ -36,12 +36,16 @@ def export(
     atol: float = 1e-4,
     rtol: float = 1e-3,
     on_step: Optional[Callable[[str], None]] = None,
+    merge_op: str = "standard",
 ) -> ExportResult:
     """Export ``model`` (plain or patched by :func:`vitmerge.apply`) to ``output``.
 
     The file is written to a private staging folder, run through the ONNX checker and compared
     with PyTorch in ONNX Runtime at every batch size in ``batch_sizes`` (one file, dynamic batch);
     only then is it moved to ``output``. Any failure leaves no output file.
+
+    merge_op: the graph form of every merge step: ``standard`` (as exported), ``native`` (rewritten
+    into plugin-free ops runtimes execute well) or ``plugin`` (one ``vitmerge::TokenMerge`` node each).
     """
     step = on_step or (lambda s: None)
     out = check_output_path(output)
@@ -50,12 +54,18 @@ def export(
         program = export_onnx_program(model, opset=opset)
         step("writing")
         staged = save_program(program, model, stage, out.name)
+        if merge_op != "standard":
+            from .surgery import rewrite
+
+            step(f"graph surgery: merge steps -> {merge_op} form")
+            rewrite(staged, staged, merge_op)
         report = None
         if check:
             step("ONNX checker")
             check_onnx(staged)
             step("ONNX Runtime vs PyTorch")
-            report = verify(model, staged, batch_sizes=batch_sizes, atol=atol, rtol=rtol)
+            report = verify(model, staged, batch_sizes=batch_sizes, atol=atol, rtol=rtol,
+                            session=ort_session(staged))
             report.path = str(out)
             if not report.ok:
                 bad = [c for c in report.checks if not c.ok]

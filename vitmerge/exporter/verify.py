@@ -45,6 +45,17 @@ class VerifyReport:
         return min(c.top1_agreement for c in self.checks)
 
 
+CUSTOM_DOMAIN = "vitmerge"
+
+
+def uses_custom_ops(path: str | Path) -> bool:
+    """Whether the graph holds vitmerge custom nodes (``vitmerge::TokenMerge``)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(o.domain == CUSTOM_DOMAIN for o in proto.opset_import)
+
+
 def ort_session(path: str | Path, threads: int = 0, optimization: str = "all"):
     import onnxruntime as ort
 
@@ -58,6 +69,10 @@ def ort_session(path: str | Path, threads: int = 0, optimization: str = "all"):
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if uses_custom_ops(path):
+        from .. import plugins
+
+        plugins.register_ort(so)  # the vitmerge::TokenMerge kernel for ONNX Runtime
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 

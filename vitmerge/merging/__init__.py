@@ -5,6 +5,7 @@ from typing import Callable, Dict
 
 import torch
 
+from ..errors import ScheduleError
 from .base import MergePlan, batch_gather, batch_scatter_add, identity_plan
 from .bipartite import bipartite_plan, clamp_r as _tome_clamp_r
 
@@ -24,7 +25,7 @@ def _lookup(method: str):
     try:
         return METHODS[method]
     except KeyError:
-        raise ValueError(
+        raise ScheduleError(
             f"unknown merge method {method!r}; available: {', '.join(available_methods())}"
         ) from None
 

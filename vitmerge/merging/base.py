@@ -48,6 +48,7 @@ class MergePlan:
     src: torch.Tensor  # [B, r] int64 input-token indices that merge away
     dst: torch.Tensor  # [B, r] int64 output slots in [0, n_out)
     weight: Optional[torch.Tensor] = None  # [B, N, 1] extra averaging weight (None: size only)
+    identity: bool = False  # keep == arange(N), nothing merges: merge() returns its inputs as they are
 
     @property
     def n_out(self) -> int:
@@ -79,6 +80,8 @@ class MergePlan:
         B, N, D = x.shape
         if size is None:
             size = x.new_ones(B, N, 1)
+        if self.identity:
+            return x, size
         w = size if self.weight is None else size * self.weight
         # Values and weights travel together: one gather and one scatter move [x * w, w(, size)].
         packed = torch.cat([x * w, w] if self.weight is None else [x * w, w, size], dim=-1)
@@ -104,4 +107,4 @@ def identity_plan(metric: torch.Tensor) -> MergePlan:
     B, N = metric.shape[:2]
     keep = torch.arange(N, device=metric.device).expand(B, N)
     empty = keep[:, :0]
-    return MergePlan(keep=keep, src=empty, dst=empty)
+    return MergePlan(keep=keep, src=empty, dst=empty, identity=True)

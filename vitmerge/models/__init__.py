@@ -8,16 +8,13 @@ from torch import nn
 
 from .. import merging
 from ..merging.schedule import RSpec, parse_r, token_counts
+from ..errors import ScheduleError, UnsupportedModelError
 from .vit import MergeState, patch_vit, unpatch_vit, unsupported_reason
 
 SUPPORTED = (
     "timm VisionTransformer models with standard blocks: vit_* (any size, patch size and image size), "
     "deit_* and deit_*_distilled_*, and other timm models built on VisionTransformer/Block"
 )
-
-
-class UnsupportedModelError(TypeError):
-    pass
 
 
 @dataclass
@@ -63,7 +60,7 @@ def apply(
     if reason is not None:
         raise UnsupportedModelError(f"cannot merge tokens in this model: {reason}. Supported: {SUPPORTED}.")
     if method not in merging.METHODS:
-        raise ValueError(f"unknown merge method {method!r}; available: {', '.join(merging.available_methods())}")
+        raise ScheduleError(f"unknown merge method {method!r}; available: {', '.join(merging.available_methods())}")
     rs = parse_r(len(model.blocks), r)
     protected = int(model.num_prefix_tokens)
     n0 = num_tokens(model)
@@ -73,7 +70,7 @@ def apply(
     first = next((i for i, v in enumerate(rs) if v > 0), None)
     if first is not None and rs[first] > tokens[first][1]:
         cap = tokens[first][1]
-        raise ValueError(
+        raise ScheduleError(
             f"r={rs[first]} is too large: block {first} sees {tokens[first][0]} tokens ({protected} protected) and "
             f"one {method} step can remove at most {cap} of them; use r <= {cap}"
         )

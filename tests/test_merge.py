@@ -1,0 +1,121 @@
+"""The merge contract and ToMe's bipartite matching against a simple float64 reference."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from vitmerge import merging
+from vitmerge.errors import ScheduleError
+from vitmerge.merging.bipartite import max_r
+
+from reference_tome import bipartite_groups, merge_rows
+
+
+def _random(B, N, C, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 5, (B, N, 1), generator=g).double()
+    return metric, x, size
+
+
+@pytest.mark.parametrize("N,r,protected", [(9, 3, 1), (16, 5, 1), (17, 8, 1), (30, 7, 2), (12, 6, 0), (11, 4, 3), (197, 16, 1)])
+def test_tome_matches_loop_reference(N, r, protected):
+    B, C, D = 3, 8, 5
+    metric, x, size = _random(B, N, C, D, seed=N * 100 + r)
+    plan = merging.plan("tome", metric, r, protected=protected)
+    x_out, s_out = plan.merge(x, size)
+    for b in range(B):
+        order, groups = bipartite_groups(metric[b], r, protected)
+        # same assignment: every input token lands in the reference's output slot
+        want = torch.empty(N, dtype=torch.long)
+        for slot, g in enumerate(groups):
+            want[g] = slot
+        assert torch.equal(plan.assign[b], want)
+        ref_x, ref_s = merge_rows(x[b], size[b, :, 0], groups)
+        torch.testing.assert_close(x_out[b], ref_x, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(s_out[b, :, 0], ref_s, rtol=0, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    N=st.integers(2, 70),
+    r=st.integers(0, 40),
+    protected=st.integers(0, 3),
+    B=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_tome_properties(N, r, protected, B, seed):
+    protected = min(protected, N)
+    metric, x, size = _random(B, N, 6, 4, seed)
+    plan = merging.plan("tome", metric, r, protected=protected)
+    x_out, s_out = plan.merge(x, size)
+    r_eff = min(r, max_r(N, protected))
+    assert r_eff == merging.effective_r("tome", N, r, protected)
+    # static count: exactly N - r
+    assert x_out.shape == (B, N - r_eff, 4) and s_out.shape == (B, N - r_eff, 1)
+    # every patch is accounted for once
+    torch.testing.assert_close(s_out.sum(1), size.sum(1))
+    # and the weighted sum of values is conserved
+    torch.testing.assert_close((x_out * s_out).sum(1), (x * size).sum(1))
+    # protected tokens stay first and untouched
+    torch.testing.assert_close(x_out[:, :protected], x[:, :protected], rtol=1e-15, atol=0)
+    assert torch.equal(s_out[:, :protected], size[:, :protected])
+    assert not torch.isin(plan.src, torch.arange(protected)).any()
+    # every input token is in exactly one output slot
+    a = plan.assign
+    assert a.min() >= 0 and a.max() < N - r_eff
+    for b in range(B):
+        assert torch.bincount(a[b], minlength=N - r_eff).min() >= 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(6, 60), r=st.integers(1, 20), protected=st.integers(0, 2), seed=st.integers(0, 10_000))
+def test_tome_invariant_to_token_order_within_sets(N, r, protected, seed):
+    """Reordering the unprotected tokens within set A and within set B (ToMe's alternating split)
+    changes neither which tokens merge together nor the merged values: only their order."""
+    metric, x, size = _random(1, N, 6, 4, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    perm = torch.arange(N)
+    for parity in (0, 1):
+        pos = torch.arange(N)[(torch.arange(N) % 2 == parity) & (torch.arange(N) >= protected)]
+        perm[pos] = pos[torch.randperm(len(pos), generator=g)]
+    out1, s1 = merging.plan("tome", metric, r, protected).merge(x, size)
+    out2, s2 = merging.plan("tome", metric[:, perm], r, protected).merge(x[:, perm], size[:, perm])
+
+    def canon(o, s):
+        rows = torch.cat([o[0], s[0]], dim=-1)
+        return rows[torch.argsort(rows[:, 0])]
+
+    torch.testing.assert_close(canon(out1, s1), canon(out2, s2), rtol=1e-12, atol=1e-12)
+
+
+def test_r_zero_is_identity():
+    metric, x, size = _random(2, 11, 4, 3, 0)
+    plan = merging.plan("tome", metric, 0)
+    xo, so = plan.merge(x, size)
+    assert torch.equal(xo, x) and torch.equal(so, size)
+
+
+def test_size_defaults_to_ones_and_float32_path():
+    metric, x, _ = _random(2, 20, 4, 3, 1)
+    plan = merging.plan("tome", metric.float(), 6)
+    xo, so = plan.merge(x.float())
+    assert xo.dtype == torch.float32 and so.sum().item() == 2 * 20
+
+
+def test_merge_source_tracks_original_patches():
+    metric, x, size = _random(1, 15, 4, 3, 2)
+    plan = merging.plan("tome", metric, 5)
+    src = plan.merge_source()
+    assert src.shape == (1, 10, 15)
+    assert torch.equal(src.sum(1), torch.ones(1, 15))  # each patch in exactly one token
+    assert torch.equal(src.argmax(1)[0], plan.assign[0])
+
+
+def test_bad_arguments():
+    with pytest.raises(ScheduleError, match="available: .*tome"):
+        merging.plan("nope", torch.randn(1, 4, 2), 1)
+    with pytest.raises(ValueError, match=r"\[B, N, C\]"):
+        merging.plan("tome", torch.randn(4, 2), 1)
+    with pytest.raises(ValueError, match="protected"):
+        merging.plan("tome", torch.randn(1, 4, 2), 1, protected=5)

@@ -1,0 +1,42 @@
+"""``vitmerge``: one Typer app whose commands are the deployment workflow.
+
+Each command lives in its own module under :mod:`vitmerge.commands` and registers itself with
+``register(app)``; this file only collects them, so commands stay independent of each other.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import typer
+
+from . import __version__, commands
+
+app = typer.Typer(
+    name="vitmerge",
+    help="Training-free token merging for timm ViTs, exported and measured where they are deployed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"vitmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    """vitmerge: export, build, calibrate, profile, eval and package token-merged ViTs."""
+
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{commands.__name__}.{_mod}").register(app)
+
+
+if __name__ == "__main__":  # python -m vitmerge.cli
+    app()
