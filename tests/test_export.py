@@ -181,3 +181,17 @@ def test_cli_corrupt_checkpoint_and_missing_dir(tmp_path):
     res = runner.invoke(app, ["export", "vit_tiny_patch16_224", *TINY, "-o", str(tmp_path / "nodir" / "m.onnx")])
     assert res.exit_code == 2 and "does not exist" in res.output
     assert sorted(os.listdir(tmp_path)) == ["corrupt.safetensors"]
+
+
+@pytest.mark.slow
+def test_cli_demo_small(tmp_path):
+    res = runner.invoke(app, ["demo", "--out-dir", str(tmp_path), "--model", "vit_tiny_patch16_224",
+                              "--model-kwargs", '{"depth": 2, "img_size": 64}', "--r", "4",
+                              "--batch", "1,2", "--rounds", "2", "--iters", "1"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert [row["batch"] for row in report["latency"]] == [1, 2]
+    assert report["flop_ratio"] > 1.0 and all(row["merged_p50_ms"] > 0 for row in report["latency"])
+    assert "random" in report["weights"]
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == [
+        "vit_tiny_patch16_224_tome_r4.onnx", "vit_tiny_patch16_224_unmerged.onnx"]

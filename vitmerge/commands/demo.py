@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         batches: str = typer.Option("1,8", "--batch", help="Batch sizes timed in ONNX Runtime"),
         rounds: int = typer.Option(8, "--rounds", help="Interleaved timing rounds"),
         iters: int = typer.Option(5, "--iters", help="Timed calls per round and model"),
+        model_kwargs: str = typer.Option(None, "--model-kwargs", help="Extra timm.create_model arguments as JSON"),
     ):
         """Export MODEL unmerged (r=0) and with ToMe, verify both in ONNX Runtime, time them side by side."""
         import numpy as np
@@ -32,12 +33,15 @@ def register(app: typer.Typer) -> None:
         from ..profiling.flops import flop_ratio, input_shape
         from ..profiling.latency import interleaved
 
+        from .export import parse_json_option
+
         bs = int_list(batches, "--batch")
         with user_errors(), loud_warnings():
+            kw = parse_json_option(model_kwargs, "--model-kwargs")
             out_dir.mkdir(parents=True, exist_ok=True)
             paths, ratio = {}, 1.0
             for name, rr in (("unmerged", 0), (f"tome_r{r}", r)):
-                model = build_model(model_name, checkpoint)
+                model = build_model(model_name, checkpoint, **kw)
                 vitmerge.apply(model, method="tome", r=rr)
                 if rr:
                     _, _, ratio = flop_ratio(model)
