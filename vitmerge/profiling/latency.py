@@ -31,6 +31,26 @@ class LatencyStats:
     def p99(self) -> float:
         return self.pct(0.99)
 
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.times_ms) if self.times_ms else float("nan")
+
+    @property
+    def n(self) -> int:
+        return len(self.times_ms)
+
+    def throughput(self, batch: int) -> float:
+        """Images per second at the median latency (``batch`` images per call)."""
+        p50 = self.p50
+        return batch * 1e3 / p50 if p50 and p50 == p50 and p50 > 0 else float("nan")
+
+    def summary(self, batch: int = 1) -> Dict[str, float]:
+        """Plain numbers for reports: percentiles in ms, throughput in images/s, sample count."""
+        return {
+            "p50_ms": self.p50, "p90_ms": self.p90, "p99_ms": self.p99, "mean_ms": self.mean,
+            "throughput_ips": self.throughput(batch), "samples": self.n,
+        }
+
 
 def interleaved(
     runners: Dict[str, Callable[[], object]],

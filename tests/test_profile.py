@@ -1,0 +1,262 @@
+"""`vitmerge profile`: statistics on synthetic workloads with known timings, real ORT/PyTorch runs, errors."""
+import json
+import time
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+import vitmerge
+from vitmerge.cli import app
+from vitmerge.errors import RuntimeMissingError, ScheduleError
+from vitmerge.profiling import energy as en
+from vitmerge.profiling import latency
+from vitmerge.profiling.runtimes import (
+    Target, make_ort_session, open_target, profile_sections, profile_targets, torch_target,
+)
+
+runner = CliRunner()
+
+
+def tiny_onnx(tmp_path_factory, r):
+    """A 2-block ViT-Tiny at 64 px exported once per test session (shared by the test files)."""
+    root = tmp_path_factory.getbasetemp() / "vitmerge-tiny-onnx"
+    root.mkdir(exist_ok=True)
+    path = root / f"vit_tiny64_d2_r{r}.onnx"
+    if not path.exists():
+        torch.manual_seed(0)
+        m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, pretrained=False).eval()
+        if r:
+            vitmerge.apply(m, r=r)
+        vitmerge.export(m, path, batch_sizes=(1, 2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_pair(tmp_path_factory):
+    return tiny_onnx(tmp_path_factory, 0), tiny_onnx(tmp_path_factory, 4)
+
+
+def fake_target(label, fn, device="cpu"):
+    return Target(label=label, spec=label, runtime="fake", device=device, input_shape=(1,),
+                  make_runner=lambda b: fn, info={"r_mean": 0.0})
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def test_percentiles_against_numpy_with_a_scripted_clock(monkeypatch):
+    """Each call 'takes' a known duration on a fake clock: percentiles must be numpy's exactly."""
+    rng = np.random.default_rng(0)
+    durations = {"a": list(rng.uniform(1, 5, 40)), "b": list(rng.uniform(10, 30, 40))}
+    clock = {"t": 0.0}
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock["t"])
+    order = []
+
+    def make(name):
+        def run():
+            order.append(name)
+            if len([o for o in order if o == name]) > 2:  # the 2 warm-up calls take no scripted time
+                clock["t"] += durations[name].pop(0) / 1e3
+        return run
+
+    stats = latency.interleaved({"a": make("a"), "b": make("b")}, rounds=8, iters=5, warmup=2)
+    assert order[:4] == ["a", "a", "b", "b"]  # warm-up first
+    assert order[4:14] == ["a"] * 5 + ["b"] * 5  # then round by round, models taking turns
+    rng = np.random.default_rng(0)
+    ref_a, ref_b = rng.uniform(1, 5, 40), rng.uniform(10, 30, 40)
+    for name, ref in (("a", ref_a), ("b", ref_b)):
+        s = stats[name]
+        assert s.n == 40
+        np.testing.assert_allclose(s.times_ms, ref, rtol=1e-9)
+        assert s.p50 == pytest.approx(np.median(ref))
+        assert s.p90 == pytest.approx(np.percentile(ref, 90))
+        assert s.p99 == pytest.approx(np.percentile(ref, 99))
+        assert s.mean == pytest.approx(ref.mean())
+        assert s.throughput(8) == pytest.approx(8 * 1e3 / np.median(ref))
+
+
+def test_profile_targets_known_sleeps_and_ratio():
+    """Two workloads that sleep 3 ms and 12 ms: p50 >= the sleep, ratio about 4, warm-up excluded."""
+    calls = {"fast": 0, "slow": 0}
+
+    def sleeper(name, ms):
+        def run():
+            calls[name] += 1
+            time.sleep(ms / 1e3)
+        return run
+
+    targets = [fake_target("slow", sleeper("slow", 12)), fake_target("fast", sleeper("fast", 3))]
+    res = profile_targets(targets, [1, 4], rounds=4, iters=3, warmup=2)
+    assert calls == {"slow": 2 * (2 + 12), "fast": 2 * (2 + 12)}
+    assert [(r.label, r.batch) for r in res.rows] == [("slow", 1), ("fast", 1), ("slow", 4), ("fast", 4)]
+    for r in res.rows:
+        assert r.stats.n == 12
+        floor = 12 if r.label == "slow" else 3
+        assert r.stats.p50 >= floor and r.stats.p90 >= r.stats.p50 and r.stats.p99 >= r.stats.p90
+        assert r.to_dict()["throughput_ips"] == pytest.approx(r.batch * 1e3 / r.stats.p50)
+    slow1, fast1 = res.rows[0], res.rows[1]
+    assert slow1.speedup == 1.0
+    assert 2.0 < fast1.speedup < 4.5  # 12/3 = 4 less the sleep overshoot both share
+    assert res.energy_note == "energy: not measured (disabled with --no-energy)"
+
+
+def test_energy_in_profile_with_a_counting_meter(monkeypatch):
+    """A meter that integrates a constant 10 W: J/image must equal 10 W x window / images."""
+
+    class TenWatts(en.EnergyMeter):
+        source = "fake:10W"
+
+        def read(self):
+            return 10.0 * time.perf_counter()
+
+    monkeypatch.setattr(en, "meter_for", lambda device, gpu=0: (TenWatts(), None))
+    n = {"calls": 0}
+
+    def work():
+        n["calls"] += 1
+        time.sleep(0.002)
+
+    res = profile_targets([fake_target("m", work)], [2], rounds=1, iters=1, warmup=0, energy=True, energy_seconds=0.05)
+    e = res.rows[0].energy
+    assert e.measured and e.source == "fake:10W"
+    # the counter is read just outside the timed edges, so allow for those microseconds
+    assert e.watts == pytest.approx(10.0, rel=1e-3)
+    assert e.joules_per_image == pytest.approx(10.0 * e.seconds / e.images, rel=1e-3)
+    assert e.images == 2 * (n["calls"] - 1)  # every call of the energy window, 2 images each
+    assert e.idle_watts == pytest.approx(10.0, rel=1e-3)
+    assert e.joules_per_image_above_idle == pytest.approx(0.0, abs=1e-3)
+    energy_md = dict(profile_sections(res))["Energy"]
+    assert "| m | 2 | fake:10W |" in energy_md and "idle" in energy_md
+
+
+def test_energy_not_measured_here_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(en, "RAPL_ROOT", tmp_path / "no-powercap")
+    res = profile_targets([fake_target("m", lambda: None)], [1], rounds=1, iters=1, warmup=0, energy=True,
+                          energy_seconds=0.01)
+    assert not res.rows[0].energy.measured
+    assert res.energy_note.startswith("energy: not measured (RAPL not available")
+    assert dict(profile_sections(res))["Energy"] == res.energy_note
+
+
+# ------------------------------------------------------------------------------- real runtimes
+
+
+def test_ort_target_runs_the_model(onnx_pair):
+    a, b = onnx_pair
+    t = open_target(str(b))
+    assert t.runtime == "ort" and t.device == "cpu" and t.input_shape == (3, 64, 64)
+    assert t.info["method"] == "tome" and t.info["r"] == [4, 4] and t.info["r_mean"] == 4.0
+    out = t.runner(3)()
+    assert out[0].shape == (3, 1000)
+    res = profile_targets([open_target(str(a)), t, open_target(str(a))], [1, 2], rounds=2, iters=2, warmup=1)
+    labels = [r.label for r in res.rows[:3]]
+    assert len(set(labels)) == 3  # the same file twice still gets its own row
+    assert res.rows[0].speedup == 1.0 and all(r.stats.p50 > 0 for r in res.rows)
+
+
+def test_torch_target_merges_and_runs():
+    with pytest.warns(UserWarning, match="RANDOM weights"):  # no checkpoint: said loudly
+        t = torch_target("vit_tiny_patch16_224", r=2, img_size=32, device="cpu")
+    assert t.runtime == "torch" and t.info["method"] == "tome" and t.info["r"] == [2] * 12
+    assert t.runner(2)().shape == (2, 1000)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        assert open_target("timm:vit_tiny_patch16_224", img_size=32).info["r_mean"] == 0.0
+
+
+def test_cli_profile_two_models_writes_report(onnx_pair, tmp_path):
+    a, b = onnx_pair
+    rep = tmp_path / "rep"
+    res = runner.invoke(app, ["profile", str(a), str(b), "--batch", "1,2", "--rounds", "2", "--iters", "2",
+                              "--warmup", "1", "--no-energy", "--report-dir", str(rep)])
+    assert res.exit_code == 0, res.output
+    assert "energy: not measured (disabled with --no-energy)" in " ".join(res.output.split())
+    doc = json.loads((rep / "report.json").read_text())
+    rows = doc["data"]["results"]
+    assert [(r["label"], r["batch"]) for r in rows] == [
+        (a.name, 1), (b.name, 1), (a.name, 2), (b.name, 2)]
+    assert rows[0]["speedup_vs_first"] == 1.0 and rows[1]["r_mean"] == 4.0
+    assert all(r["p50_ms"] > 0 and r["throughput_ips"] > 0 and r["samples"] == 4 for r in rows)
+    md = (rep / "report.md").read_text()
+    assert "| model | runtime | device | batch | p50 ms |" in md and "## Energy" in md
+    png = (rep / "latency_vs_r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    assert doc["plots"] == ["latency_vs_r.png"]
+
+
+def test_cli_profile_timm_model():
+    res = runner.invoke(app, ["profile", "timm:vit_tiny_patch16_224", "--img-size", "32", "--r", "1", "--batch", "1",
+                              "--rounds", "1", "--iters", "1", "--warmup", "0", "--no-energy"])
+    assert res.exit_code == 0, res.output
+    assert "torch/cpu" in res.output
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def _custom_op_model(path):
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])
+    node = helper.make_node("TokenMerge", ["images"], ["logits"], domain="vitmerge", r=1)
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("vitmerge", 1)])
+    onnx.save(model, path)
+    return path
+
+
+def test_custom_nodes_need_the_plugin_hook(tmp_path, monkeypatch):
+    import vitmerge.plugins as plugins
+
+    path = _custom_op_model(tmp_path / "c.onnx")
+    monkeypatch.delattr(plugins, "register_ort", raising=False)
+    with pytest.raises(RuntimeMissingError, match="TokenMerge"):
+        make_ort_session(path, ["CPUExecutionProvider"])
+    seen = []
+    monkeypatch.setattr(plugins, "register_ort", lambda so: seen.append(so), raising=False)
+    with pytest.raises(Exception):  # the fake hook registers nothing, so ORT still cannot resolve the op
+        make_ort_session(path, ["CPUExecutionProvider"])
+    import onnxruntime as ort
+
+    assert len(seen) == 1 and isinstance(seen[0], ort.SessionOptions)
+
+
+def test_runtime_errors(onnx_pair, tmp_path):
+    a, _ = onnx_pair
+    with pytest.raises(ScheduleError, match="build an engine"):
+        open_target(str(a), "trt")
+    with pytest.raises(ScheduleError, match="runtime torch"):
+        open_target("timm:vit_tiny_patch16_224", "ort")
+    with pytest.raises(ScheduleError, match="unknown runtime"):
+        open_target(str(a), "tvm")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RuntimeMissingError, match="onnxruntime-gpu"):
+            open_target(str(a), "ort-cuda")
+    eng = tmp_path / "m.engine"
+    eng.write_bytes(b"\0" * 64)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeMissingError, match="TensorRT not installed"):
+            open_target(str(eng))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["{tmp}/missing.onnx"], "does not exist"),
+    (["{a}", "--batch", "1,x"], "comma-separated integers"),
+    (["{a}", "--runtime", "trt"], "build an engine first"),
+    (["{a}", "--batch", "0"], "batch sizes must be >= 1"),
+    (["{notonnx}"], "not a readable ONNX model"),
+])
+def test_cli_bad_input(onnx_pair, tmp_path, args, needle):
+    notonnx = tmp_path / "x.onnx"
+    notonnx.write_text("hello")
+    args = [s.format(tmp=tmp_path, a=onnx_pair[0], notonnx=notonnx) for s in args]
+    res = runner.invoke(app, ["profile", *args, "--rounds", "1", "--iters", "1", "--no-energy"])
+    assert res.exit_code == 2, res.output
+    assert needle in " ".join(res.output.split())
