@@ -8,12 +8,14 @@ import torch
 from ..errors import ScheduleError
 from .base import MergePlan, batch_gather, batch_scatter_add, identity_plan
 from .bipartite import bipartite_plan, clamp_r as _tome_clamp_r
+from . import hashing
 
 PlanFn = Callable[..., MergePlan]
 
 # name -> (plan function, function giving the effective r for (n_tokens, r, protected))
 METHODS: Dict[str, tuple[PlanFn, Callable[[int, int, int], int]]] = {
     "tome": (bipartite_plan, _tome_clamp_r),
+    "hash": (hashing.hash_plan, hashing.clamp_r),
 }
 
 

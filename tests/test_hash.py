@@ -1,0 +1,261 @@
+"""The ``hash`` method (LSH neighbours in ToMe's match step) against a simple float64 reference."""
+import math
+
+import onnx
+import pytest
+import timm
+import torch
+from hypothesis import given, settings, strategies as st
+
+import vitmerge
+from vitmerge import merging
+from vitmerge.errors import ScheduleError
+from vitmerge.merging import hashing
+
+from reference_tome import merge_rows
+
+
+# ---------------------------------------------------------------- independent float64 reference
+
+
+def reference_hash_groups(metric, r, protected, bits=16, rounds=2, seed=0):
+    """One image, written from the method's description with plain loops over float64 numbers.
+
+    Returns the output tokens in order, each a list of input indices (the first one stays)."""
+    N, C = metric.shape
+    toks = list(range(protected, N))
+    U = len(toks)
+    r = max(0, min(r, U - 1))
+    P = torch.randn(C, rounds * bits, generator=torch.Generator().manual_seed(seed)).double()
+
+    def gray_rank(i, k):
+        parity, value = 0, 0
+        for j in range(bits):
+            bit = 1 if float(metric[i] @ P[:, k * bits + j]) > 0 else 0
+            parity ^= bit  # reflected Gray code -> rank: running parity of the code bits
+            value = 2 * value + parity
+        return value
+
+    orders = [sorted(toks, key=lambda i: (gray_rank(i, k), i)) for k in range(rounds)]
+    pos0 = {t: n for n, t in enumerate(orders[0])}
+
+    def cos(a, b):
+        return float(metric[a] @ metric[b]) / (float(metric[a].norm()) * float(metric[b].norm()))
+
+    best = {}
+    for i in toks:
+        top = (-math.inf, None)
+        for k, order in enumerate(orders):
+            p = order.index(i)
+            for q in ([p + 1] if k == 0 else [p - 1, p + 1]):
+                if 0 <= q < U and pos0[order[q]] > pos0[i]:  # only partners later in round 0's order
+                    s = cos(i, order[q])
+                    if s > top[0]:
+                        top = (s, order[q])
+        best[i] = top
+    sources = sorted(toks, key=lambda i: (-best[i][0], i))[:r]
+
+    def root(i):
+        while i in sources:
+            i = best[i][1]
+        return i
+
+    kept = list(range(protected)) + [t for t in toks if t not in sources]
+    groups = {t: [t] for t in kept}
+    for s in sources:
+        groups[root(s)].append(s)
+    return [groups[t] for t in kept]
+
+
+def _random(B, N, C, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 5, (B, N, 1), generator=g).double()
+    return metric, x, size
+
+
+def _check_against(plan, x, size, groups_per_image):
+    x_out, s_out = plan.merge(x, size)
+    for b, groups in enumerate(groups_per_image):
+        want = torch.empty(x.shape[1], dtype=torch.long)
+        for slot, g in enumerate(groups):
+            want[g] = slot
+        assert torch.equal(plan.assign[b], want)
+        ref_x, ref_s = merge_rows(x[b], size[b, :, 0], groups)
+        torch.testing.assert_close(x_out[b], ref_x, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(s_out[b, :, 0], ref_s, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("N,r,protected,bits,rounds,seed", [
+    (9, 3, 1, 16, 2, 0), (17, 8, 1, 16, 2, 1), (17, 15, 1, 16, 2, 2),  # r up to N - protected - 1
+    (30, 20, 2, 4, 3, 3), (12, 5, 0, 1, 1, 4), (25, 11, 3, 8, 4, 5), (40, 39, 0, 16, 2, 6),
+])
+def test_matches_loop_reference(N, r, protected, bits, rounds, seed):
+    B, C, D = 2, 8, 5
+    metric, x, size = _random(B, N, C, D, seed=N * 100 + r)
+    plan = merging.plan("hash", metric, r, protected=protected, bits=bits, rounds=rounds, seed=seed)
+    assert plan.n_out == N - r
+    _check_against(plan, x, size,
+                   [reference_hash_groups(metric[b], r, protected, bits, rounds, seed) for b in range(B)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(N=st.integers(2, 70), r=st.integers(0, 80), protected=st.integers(0, 3), B=st.integers(1, 3),
+       bits=st.integers(1, 20), rounds=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_properties(N, r, protected, B, bits, rounds, seed):
+    protected = min(protected, N)
+    metric, x, size = _random(B, N, 6, 4, seed)
+    plan = merging.plan("hash", metric, r, protected=protected, bits=bits, rounds=rounds, seed=seed)
+    r_eff = max(0, min(r, N - protected - 1))
+    assert r_eff == merging.effective_r("hash", N, r, protected) == plan.r
+    x_out, s_out = plan.merge(x, size)
+    assert x_out.shape == (B, N - r_eff, 4) and s_out.shape == (B, N - r_eff, 1)  # static count
+    torch.testing.assert_close(s_out.sum(1), size.sum(1))  # every patch accounted for once
+    torch.testing.assert_close((x_out * s_out).sum(1), (x * size).sum(1))
+    # protected tokens first, untouched (x * size / size: equal up to rounding), never merged into
+    torch.testing.assert_close(x_out[:, :protected], x[:, :protected], rtol=1e-15, atol=0)
+    assert torch.equal(s_out[:, :protected], size[:, :protected])
+    assert not torch.isin(plan.src, torch.arange(protected)).any()
+    assert (plan.dst >= protected).all()
+    # no chains in the plan: a destination slot holds a kept token, never a merged-away one
+    for b in range(B):
+        assert not set(plan.keep[b].tolist()) & set(plan.src[b].tolist())
+        assert sorted(plan.keep[b].tolist() + plan.src[b].tolist()) == list(range(N))
+        assert torch.equal(plan.keep[b, protected:], plan.keep[b, protected:].sort().values)  # original order
+
+
+def test_exact_duplicates_pairs_merge_exactly():
+    """Tokens in identical pairs: hashing must find every pair; outputs are the pair averages."""
+    B, K, C, D, p = 2, 20, 16, 6, 1
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(B, K, C, generator=g, dtype=torch.float64)
+    metric = torch.cat([torch.randn(B, p, C, generator=g, dtype=torch.float64),
+                        base.repeat_interleave(2, dim=1)], dim=1)  # tokens 1+2k and 2+2k identical
+    x = torch.randn(B, p + 2 * K, D, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (B, p + 2 * K, 1), generator=g).double()
+    plan = merging.plan("hash", metric, K, protected=p)
+    x_out, s_out = plan.merge(x, size)
+    for b in range(B):
+        for k in range(K):
+            i, j = p + 2 * k, p + 2 * k + 1
+            want = (x[b, i] * size[b, i] + x[b, j] * size[b, j]) / (size[b, i] + size[b, j])
+            torch.testing.assert_close(x_out[b, p + k], want, rtol=1e-12, atol=1e-12)
+            assert s_out[b, p + k, 0] == size[b, i, 0] + size[b, j, 0]
+    torch.testing.assert_close(x_out[:, :p], x[:, :p], rtol=1e-15, atol=0)
+
+
+def test_more_than_half_collapses_groups_of_four():
+    """r = 3/4 of the tokens in one step (beyond bipartite's limit): many sources per destination."""
+    K, C, p = 12, 16, 1
+    g = torch.Generator().manual_seed(1)
+    metric = torch.cat([torch.randn(1, p, C, generator=g, dtype=torch.float64),
+                        torch.randn(1, K, C, generator=g, dtype=torch.float64).repeat_interleave(4, dim=1)], 1)
+    x = torch.randn(1, p + 4 * K, 3, generator=g, dtype=torch.float64)
+    plan = merging.plan("hash", metric, 3 * K, protected=p)
+    assert plan.n_out == p + K
+    x_out, s_out = plan.merge(x)
+    want = x[0, p:].reshape(K, 4, 3).mean(1)
+    torch.testing.assert_close(x_out[0, p:], want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(s_out[0, p:, 0], torch.full((K,), 4.0, dtype=torch.float64))
+
+
+def test_determinism_and_seed():
+    metric, _, _ = _random(2, 50, 8, 3, 7)
+    a = merging.plan("hash", metric, 20, seed=3)
+    b = merging.plan("hash", metric.clone(), 20, seed=3)
+    assert torch.equal(a.keep, b.keep) and torch.equal(a.src, b.src) and torch.equal(a.dst, b.dst)
+    # the projection is a pure function of the seed: the same numbers as a fresh generator draw
+    want = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(hashing.projection(8, 16, 2, 3), want)
+    # another seed gives other hash orders (and, on this input, another plan)
+    o3 = hashing.hash_orders(metric, 16, 2, 3, protected=1)
+    o4 = hashing.hash_orders(metric, 16, 2, 4, protected=1)
+    assert not torch.equal(o3, o4)
+    c = merging.plan("hash", metric, 20, seed=4)
+    assert not torch.equal(a.assign, c.assign)
+
+
+def test_blocked_cpu_scoring_equals_single_gather():
+    """Eager CPU scores neighbours in blocks of rows; export uses one gather: same numbers."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1001, 384, generator=g)
+    order = torch.stack([torch.randperm(1000, generator=g) for _ in range(3)])
+    rows = x[:, 1:].gather(1, order[..., None].expand(-1, -1, 384))
+    want = (rows[:, :-1].double() * rows[:, 1:].double()).sum(-1)
+    got = hashing._neighbour_dots(x, order, offset=1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got, torch.linalg.vecdot(rows[:, :-1], rows[:, 1:]))
+
+
+def test_finds_similar_tokens_on_clustered_data():
+    """The hash neighbours are nearly as good as ToMe's exhaustive A x B scores, far above chance."""
+    g = torch.Generator().manual_seed(0)
+    N, C, r = 197, 64, 48
+    centres = torch.randn(1, 25, C, generator=g)
+    metric = centres[:, torch.randint(0, 25, (N,), generator=g)] + 0.5 * torch.randn(1, N, C, generator=g)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+
+    def merged_sim(plan):
+        dst_tok = plan.keep.gather(1, plan.dst)
+        return float((unit[0, plan.src[0]] * unit[0, dst_tok[0]]).sum(-1).mean())
+
+    sim_hash = merged_sim(merging.plan("hash", metric, r, 1))
+    sim_tome = merged_sim(merging.plan("tome", metric, r, 1))
+    random_pairs = float((unit[0, 1:-1] * unit[0, 2:]).sum(-1).mean())
+    assert sim_hash > 0.95 * sim_tome
+    assert sim_hash > random_pairs + 0.5
+
+
+@pytest.mark.parametrize("opts,match", [
+    (dict(bits=0), "bits=0 is out of range"), (dict(bits=-3), "bits=-3"), (dict(bits=99), "bits <= 40"),
+    (dict(rounds=0), "rounds=0 is out of range"), (dict(rounds=-1), "rounds >= 1"),
+    (dict(bits=2.5), "must be an integer"), (dict(seed=-1), "seed"),
+])
+def test_bad_options(opts, match):
+    with pytest.raises(ScheduleError, match=match):
+        merging.plan("hash", torch.randn(1, 10, 4), 3, **opts)
+    with pytest.raises(ScheduleError, match=match):
+        hashing.check_options(**opts)
+
+
+def test_model_level_errors_and_identity():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        vitmerge.apply(model, "hash", r=0)
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0)  # r=0: the unpatched model
+        vitmerge.remove(model)
+        # 17 tokens, 1 protected: hash removes up to 15 in one step (bipartite: 8)
+        vitmerge.apply(model, "hash", r=[15, 3])
+        assert model.vitmerge.tokens == [(17, 15, 2), (2, 0, 2)]
+        assert model(x).shape == (2, 5)
+        vitmerge.remove(model)
+    with pytest.raises(ScheduleError, match="at most 15"):
+        vitmerge.apply(model, "hash", r=16)
+    with pytest.raises(ScheduleError, match="bits"):
+        vitmerge.apply(model, "hash", r=4, bits=0)
+        model(x)  # options reach the method at the first forward if apply does not check them
+
+
+@pytest.mark.slow
+def test_export_verifies_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    # 50 tokens (49 unprotected) and head_dim 32: sizes at which a Python comparison involving the
+    # symbolic batch inside the method would make torch.export fail (a fractional batch bound)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=56, patch_size=8, depth=2, embed_dim=96,
+                              num_heads=3, num_classes=10).eval()
+    vitmerge.apply(model, "hash", r=[30, 8])  # the first step removes more than half the tokens
+    assert model.vitmerge.tokens_out == [20, 12]
+    hashing._PROJECTIONS.clear()  # the projection is first drawn while torch.export traces
+    res = vitmerge.export(model, tmp_path / "h.onnx", batch_sizes=(1, 3))
+    assert res.verification.ok and res.verification.top1_agreement == 1.0
+    proto = onnx.load(str(tmp_path / "h.onnx"))
+    # the projection travels in the file as a constant, identical to the one PyTorch uses
+    proj = hashing.projection(model.blocks[0].attn.head_dim).numpy()
+    found = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if tuple(t.dims) == proj.shape]
+    assert any((f == proj).all() for f in found)
+    ops = {n.op_type for n in proto.graph.node}
+    assert "TopK" in ops and not ops & {"RandomNormal", "RandomNormalLike", "RandomUniform", "NonZero", "Loop"}

@@ -1,0 +1,235 @@
+"""``hash``: ToMe's match step with locality-sensitive hashing instead of an all-pairs score matrix.
+
+ToMe scores every (A, B) token pair: an (N/2 x N/2) matrix, O(N^2 C). Here each unprotected token
+gets ``rounds`` SimHash codes (the signs of ``bits`` random projections of its normalised metric),
+tokens are ordered by code, and only tokens that are *neighbours in one of those orders* are scored:
+O(N C) per round. Similar tokens share long code prefixes, so they end up next to each other.
+
+Step by step, for the ``U = N - protected`` unprotected tokens of one image:
+
+1. ``codes = sign(x @ P)`` with ``P [C, rounds * bits]`` drawn from a fixed-seed CPU generator
+   (:func:`projection`), so PyTorch and the exported graph (where ``P`` is an initializer) use the
+   very same numbers. (Signs do not change with a token's norm: no normalisation needed here.)
+2. Each round's ``bits`` are read as a reflected Gray code and ranked, so that codes next to each
+   other in the order differ in one bit; ties are broken by token index (a strict order: the
+   result does not depend on how a runtime sorts equal keys).
+3. Round 0's order is the *backbone*. A token may merge only into a token that comes later in the
+   backbone ("forward" partners): its backbone successor, and its predecessor / successor in every
+   other round if those lie later in the backbone. Each token keeps its best forward partner by
+   cosine similarity. Scoring costs one row gather and ``U - 1`` dot products per round.
+4. The ``r`` tokens with the best partner scores merge away (ranked by a unique integer key, so
+   equal scores go to the lower index in PyTorch and ONNX Runtime alike).
+5. Every merge edge points forward in the backbone, so the edges form a forest; a token merged into
+   a token that itself merged away follows the chain to the end (pointer jumping,
+   ``ceil(log2 U)`` gathers). Each tree becomes one output token (its root, the last member in the
+   backbone, never a source), so the output has exactly ``U - r`` unprotected tokens for any
+   ``0 <= r <= U - 1``: more than half the tokens can go in one step, many sources into one
+   destination. The plan itself has no chains: every source points straight at a kept slot.
+
+Output order: protected tokens first (original order), then the kept tokens in original order.
+Shapes stay static: sorts are TopK with a static k, chain resolution is a fixed number of gathers;
+the token count depends only on ``r``. Design and cost: ``docs/methods/hash.md``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+
+from ..errors import ScheduleError
+from .base import MergePlan, identity_plan
+
+DEFAULT_BITS = 16
+DEFAULT_ROUNDS = 2
+DEFAULT_SEED = 0
+MAX_BITS = 40  # sort keys are int64: rank (< 2^bits) * U + index must stay far below 2^63
+
+_SCORE_SCALE = float(2 ** 30)
+_PROJECTIONS: Dict[tuple, torch.Tensor] = {}
+
+
+def check_options(bits: int = DEFAULT_BITS, rounds: int = DEFAULT_ROUNDS, seed: int = DEFAULT_SEED) -> None:
+    """Raise :class:`ScheduleError` for options the hash method cannot use."""
+    for name, v in (("bits", bits), ("rounds", rounds), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ScheduleError(f"hash option {name} must be an integer, got {v!r}")
+    if not 1 <= bits <= MAX_BITS:
+        raise ScheduleError(
+            f"hash option bits={bits} is out of range: use 1 <= bits <= {MAX_BITS} (default {DEFAULT_BITS}); "
+            "bits is the number of random-projection sign bits per hash round"
+        )
+    if rounds < 1:
+        raise ScheduleError(
+            f"hash option rounds={rounds} is out of range: use rounds >= 1 (default {DEFAULT_ROUNDS}); "
+            "rounds is the number of independent hash orders whose neighbours are scored"
+        )
+    if seed < 0:
+        raise ScheduleError(f"hash option seed={seed} must be >= 0")
+
+
+def max_r(n_tokens: int, protected: int) -> int:
+    """The most tokens one hash step can remove: all unprotected tokens but one."""
+    return max(n_tokens - protected - 1, 0)
+
+
+def clamp_r(n_tokens: int, r: int, protected: int) -> int:
+    return max(min(int(r), max_r(n_tokens, protected)), 0)
+
+
+def projection(channels: int, bits: int = DEFAULT_BITS, rounds: int = DEFAULT_ROUNDS, seed: int = DEFAULT_SEED,
+               device=None, dtype=torch.float32) -> torch.Tensor:
+    """The fixed SimHash projection ``[channels, rounds * bits]`` (standard normal entries).
+
+    Drawn once from a CPU ``torch.Generator`` seeded with ``seed`` (identical on every machine) and
+    cached per (channels, bits, rounds, seed, device, dtype). It is created outside any tracing
+    mode, so ``torch.export`` sees a real constant and the ONNX graph stores it as an initializer.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    key = (int(channels), int(bits), int(rounds), int(seed), str(device), dtype)
+    p = _PROJECTIONS.get(key)
+    if p is None:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():  # real numbers even while torch.export traces with fake tensors
+            g = torch.Generator(device="cpu").manual_seed(int(seed))
+            p = torch.randn(int(channels), int(rounds) * int(bits), generator=g, dtype=torch.float32)
+            p = p.to(device=device, dtype=dtype)
+        _PROJECTIONS[key] = p
+    return p
+
+
+def _gray_rank_weights(bits: int, device) -> torch.Tensor:
+    return torch.tensor([float(1 << (bits - 1 - i)) for i in range(bits)], dtype=torch.float64, device=device)
+
+
+def hash_orders(x: torch.Tensor, bits: int, rounds: int, seed: int, protected: int = 0) -> torch.Tensor:
+    """x [B, N, C] metric rows -> [B, rounds, U] indices (among the U = N - protected unprotected
+    tokens) in hash order, one order per round.
+
+    SimHash codes are signs of projections, so ``x`` need not be normalised (a positive scale
+    changes no sign).
+    """
+    B, N, C = x.shape
+    U = N - protected
+    proj = projection(C, bits, rounds, seed, device=x.device, dtype=x.dtype)
+    # project all rows (one matrix product on the contiguous metric), then drop the protected ones
+    signs = (x @ proj > 0)[:, protected:].to(x.dtype).reshape(B, U, rounds, bits)  # the SimHash codes
+    # Read each code as a reflected Gray code: bit i of its rank is the parity of code bits 0..i
+    # (float arithmetic on small integers: exact, and cheaper than integer remainder).
+    c = torch.cumsum(signs, dim=-1)
+    parity = (c - 2.0 * torch.floor(c * 0.5)).to(torch.float64)
+    rank = (parity * _gray_rank_weights(bits, x.device)).sum(-1).to(torch.long)  # [B, U, R], < 2^bits
+    key = rank.transpose(1, 2) * U + torch.arange(U, device=x.device)  # unique: index breaks ties
+    return key.topk(U, dim=-1, largest=False, sorted=True).indices  # [B, R, U]
+
+
+def _tracing() -> bool:
+    return bool(torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export())
+
+
+def _neighbour_dots(x: torch.Tensor, order: torch.Tensor, offset: int) -> torch.Tensor:
+    """Dot products of consecutive tokens in ``order``: x [B, N, C] (token i is row offset + i),
+    order [B, U] -> [B, U - 1].
+
+    One row Gather and a row-wise dot. Eager on CPU it runs in blocks of rows, so the gathered rows
+    stay in cache and no [B, U, C] temporary is allocated (several times faster at large N * C);
+    the numbers are the same (each dot product is computed identically). Traced or exported, it is
+    the single Gather, so the graph stays small.
+    """
+    B, N, C = x.shape
+    U = order.shape[1]
+    rows = x.reshape(B * N, C)
+    flat = (order + offset + torch.arange(B, device=x.device)[:, None] * N).reshape(-1)  # [B * U]
+    step = max(64, (1 << 18) // max(C, 1))
+    # (_tracing first: under export B is symbolic, and comparing it would constrain the batch axis)
+    if not _tracing() and x.device.type == "cpu" and B * U > 2 * step:
+        parts = []
+        for s in range(0, B * U - 1, step):
+            xs = rows.index_select(0, flat[s: s + step + 1])
+            parts.append(torch.linalg.vecdot(xs[:-1], xs[1:]))
+        d = torch.cat(parts)
+    else:
+        xs = rows.index_select(0, flat)
+        d = torch.linalg.vecdot(xs[:-1], xs[1:])  # [B * U - 1]; pairs across images are dropped below
+    return torch.cat([d, d.new_zeros(1)]).reshape(B, U)[:, :-1]
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """order [B, U] (a permutation) -> pos [B, U] with order[b, pos[b, i]] == i."""
+    B, U = order.shape
+    ar = torch.arange(U, device=order.device).expand(B, U)
+    return torch.empty(B, U, dtype=torch.long, device=order.device).scatter(1, order, ar)
+
+
+def hash_plan(
+    metric: torch.Tensor,
+    r: int,
+    protected: int = 1,
+    bits: int = DEFAULT_BITS,
+    rounds: int = DEFAULT_ROUNDS,
+    seed: int = DEFAULT_SEED,
+) -> MergePlan:
+    """Plan one hash merge step. metric [B, N, C]; removes ``min(r, N - protected - 1)`` tokens."""
+    check_options(bits, rounds, seed)
+    B, N, _ = metric.shape
+    r = clamp_r(N, r, protected)
+    if r <= 0:
+        return identity_plan(metric)
+    U = N - protected
+    dev = metric.device
+    low = torch.full((B, 1), -2.0, dtype=metric.dtype, device=dev)  # below any cosine similarity
+
+    with torch.no_grad():
+        x = metric.contiguous()  # [B, N, C]; unprotected token i is row protected + i
+        norm = x.norm(dim=-1)[:, protected:].clamp_min(1e-12)  # [B, U]
+        orders = hash_orders(x, bits, rounds, seed, protected)  # [B, R, U]
+        ar = torch.arange(U, device=dev).expand(B, U)
+        pos0 = _inverse(orders[:, 0])  # where each token sits in the backbone (round 0) order
+
+        # Candidate partners of every token: its neighbours in each round's order, kept only if they
+        # come later in the backbone. Scores: cosine of order neighbours, one row gather per round.
+        cand, score = [], []
+        for k in range(rounds):
+            o = orders[:, k]  # [B, U]
+            ns = norm.gather(1, o)
+            edge = _neighbour_dots(x, o, protected) / (ns[:, :-1] * ns[:, 1:])  # cosines, [B, U - 1]
+            pk = pos0 if k == 0 else _inverse(o)
+            steps = ((1, torch.cat([edge, low], 1)),) if k == 0 else \
+                ((-1, torch.cat([low, edge], 1)), (1, torch.cat([edge, low], 1)))
+            for step, padded in steps:
+                j = o.gather(1, (pk + step).clamp(0, U - 1))  # neighbour (itself at the ends)
+                s = padded.gather(1, pk)  # score of the edge to that neighbour
+                if k > 0:
+                    s = s.masked_fill(pos0.gather(1, j) <= pos0, -2.0)  # only forward partners
+                cand.append(j)
+                score.append(s)
+        best, which = torch.stack(score, dim=-1).max(dim=-1)  # best forward partner of each token
+        partner = torch.stack(cand, dim=-1).gather(-1, which[..., None])[..., 0]  # [B, U]
+
+        # The r tokens with the most similar partners merge away. TopK's order of equal values is
+        # runtime-specific, so rank by a unique int64 key: the score on a 2^-30 grid (finer than
+        # float32 resolution near 1), then the lower token index first.
+        exact = best.to(torch.promote_types(best.dtype, torch.float32))  # float16 would overflow
+        key = (exact * _SCORE_SCALE).to(torch.long) * U + (U - 1 - ar)
+        src = key.topk(r, dim=-1, largest=True, sorted=True).indices  # [B, r]
+        is_src = torch.zeros(B, U, dtype=torch.long, device=dev).scatter(1, src, torch.ones_like(src))
+        # Follow merge chains to their root: the edges point forward in the backbone (a forest).
+        parent = torch.where(is_src > 0, partner, ar)
+        for _ in range(max(math.ceil(math.log2(U)), 1)):
+            parent = parent.gather(1, parent)
+        # Kept tokens (never sources) in original order become the output slots.
+        keep = (is_src * U + ar).topk(U - r, dim=-1, largest=False, sorted=True).indices  # [B, U - r]
+        slot = torch.empty(B, U, dtype=torch.long, device=dev).scatter(
+            1, keep, torch.arange(U - r, device=dev).expand(B, U - r))
+        dst = slot.gather(1, parent.gather(1, src)) + protected
+        keep = torch.cat([torch.arange(protected, device=dev).expand(B, protected), keep + protected], dim=-1)
+    return MergePlan(keep=keep, src=src + protected, dst=dst)
+
+
+# For the model adapter: lets ``apply`` reject bad options up front instead of at the first forward.
+hash_plan.check_options = check_options  # type: ignore[attr-defined]
+
+__all__ = ["hash_plan", "clamp_r", "max_r", "projection", "hash_orders", "check_options",
+           "DEFAULT_BITS", "DEFAULT_ROUNDS", "DEFAULT_SEED"]
