@@ -195,3 +195,23 @@ def test_cli_demo_small(tmp_path):
     assert "random" in report["weights"]
     assert sorted(p.name for p in tmp_path.glob("*.onnx")) == [
         "vit_tiny_patch16_224_tome_r4.onnx", "vit_tiny_patch16_224_unmerged.onnx"]
+
+
+@pytest.mark.slow
+def test_cli_export_budget_schedule(tmp_path):
+    out = tmp_path / "b.onnx"
+    res = runner.invoke(app, ["export", "vit_tiny_patch16_224", "--model-kwargs", '{"depth": 3}', "--img-size", "96",
+                              "--budget", "0.6", "--no-verify", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    rs = json.loads(meta["vitmerge.r"])
+    assert len(rs) == 3 and sum(rs) > 0
+    # the solved schedule really meets the budget when counted op by op
+    from vitmerge.profiling.flops import flop_ratio
+
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, img_size=96)
+    vitmerge.apply(m, r=rs)
+    base, merged, _ = flop_ratio(m)
+    assert merged <= 0.6 * base * 1.01
+    res = runner.invoke(app, ["export", "vit_tiny_patch16_224", "--budget", "0.0001", "-o", str(tmp_path / "x.onnx")])
+    assert res.exit_code == 2 and "budget" in res.output
