@@ -66,6 +66,10 @@ def metadata(model: nn.Module) -> dict:
             "vitmerge.tokens_in": json.dumps(info.tokens_in),
             "vitmerge.tokens_out": json.dumps(info.tokens_out),
         })
+        try:  # method options travel with the graph (the plugin form re-runs the method with them)
+            meta["vitmerge.options"] = json.dumps(info.options, sort_keys=True)
+        except TypeError:
+            pass
     return meta
 
 
