@@ -9,6 +9,7 @@ from ..errors import ScheduleError
 from .base import MergePlan, batch_gather, batch_scatter_add, identity_plan
 from .bipartite import bipartite_plan, clamp_r as _tome_clamp_r
 from . import hashing
+from . import evo, importance, vwt
 
 PlanFn = Callable[..., MergePlan]
 
@@ -16,6 +17,11 @@ PlanFn = Callable[..., MergePlan]
 METHODS: Dict[str, tuple[PlanFn, Callable[[int, int, int], int]]] = {
     "tome": (bipartite_plan, _tome_clamp_r),
     "hash": (hashing.hash_plan, hashing.clamp_r),
+    # Flags on the plan functions tell the model adapter what else they need (see models/vit.py):
+    # needs_cls_attn (class-attention row), slow_fast (evo's block form), pre_encoder (vwt: once, before block 0).
+    "importance": (importance.importance_plan, importance.clamp_r),
+    "evo": (evo.evo_plan, evo.clamp_r),
+    "vwt": (vwt.vwt_plan, vwt.clamp_r),
 }
 
 

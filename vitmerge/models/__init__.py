@@ -9,7 +9,8 @@ from torch import nn
 from .. import merging
 from ..merging.schedule import RSpec, parse_r, token_counts
 from ..errors import ScheduleError, UnsupportedModelError
-from .vit import MergeState, patch_vit, unpatch_vit, unsupported_reason
+from .vit import MergeState, VWTMerge, patch_vit, unpatch_vit, unsupported_reason
+from .mobilevit import unsupported_reason as mobilevit_reason
 
 SUPPORTED = (
     "timm VisionTransformer models with standard blocks: vit_* (any size, patch size and image size), "
@@ -27,6 +28,10 @@ class MergeInfo:
     protected: int
     tokens: List[tuple]  # (in, removed, out) per block: the static schedule
     options: Dict[str, Any]
+    # Patches grouped once before block 0 (vwt); tokens[0][0] already counts them out.
+    pre_r: int = 0
+    # evo: the block keeps all its tokens; "removed" counts those that skip it (fast path).
+    slow_fast: bool = False
 
     @property
     def tokens_in(self) -> List[int]:
@@ -56,11 +61,20 @@ def apply(
     ToMe's inflection schedule. ``r=0`` leaves the outputs exactly those of the unpatched model.
     Returns the same model, with ``model.vitmerge`` describing the static token schedule.
     """
-    reason = unsupported_reason(model)
+    reason = mobilevit_reason(model) or unsupported_reason(model)
     if reason is not None:
         raise UnsupportedModelError(f"cannot merge tokens in this model: {reason}. Supported: {SUPPORTED}.")
     if method not in merging.METHODS:
         raise ScheduleError(f"unknown merge method {method!r}; available: {', '.join(merging.available_methods())}")
+    plan_fn = merging.METHODS[method][0]
+    if getattr(plan_fn, "pre_encoder", False):
+        return _apply_pre_encoder(model, method, r, prop_attn, trace_source, options)
+    if getattr(plan_fn, "needs_cls_attn", False):
+        _check_class_token(model, method)
+    if getattr(plan_fn, "slow_fast", False):
+        return _apply_slow_fast(model, method, r, prop_attn, trace_source, options)
+    if method in _NO_OPTIONS and options:
+        raise ScheduleError(f"method {method!r} takes no options, got {', '.join(sorted(options))}")
     rs = parse_r(len(model.blocks), r)
     protected = int(model.num_prefix_tokens)
     n0 = num_tokens(model)
@@ -75,11 +89,195 @@ def apply(
             f"one {method} step can remove at most {cap} of them; use r <= {cap}"
         )
     state = MergeState(method=method, prop_attn=prop_attn, protected=protected, options=dict(options),
-                       trace_source=trace_source)
-    patch_vit(model, state, rs)
+                       trace_source=trace_source, need_cls=getattr(plan_fn, "needs_cls_attn", False))
+    _install(model, state, rs)
     model.vitmerge = MergeInfo(method=method, r=rs, prop_attn=prop_attn, protected=protected,
                                tokens=tokens, options=dict(options))
     return model
+
+
+_NO_OPTIONS = ("importance",)
+
+
+def _install(model: nn.Module, state: MergeState, rs, pre: Optional[nn.Module] = None) -> None:
+    """Patch after every check passed; re-applying replaces the previous merge instead of stacking on
+    it (and a request that fails its checks leaves the model as it was)."""
+    if getattr(model, "_vm_state", None) is not None:
+        unpatch_vit(model)
+    patch_vit(model, state, rs, pre=pre)
+
+
+def _check_class_token(model: nn.Module, method: str) -> None:
+    if getattr(model, "cls_token", None) is None:
+        raise UnsupportedModelError(
+            f"method {method!r} ranks tokens by the class token's attention, and this model has no class token "
+            f"(class_token=False, global_pool={getattr(model, 'global_pool', '?')!r}); use method='tome' for it"
+        )
+
+
+def _too_large(method: str, block: int, asked: int, n_in: int, protected: int, cap: int) -> ScheduleError:
+    return ScheduleError(
+        f"r={asked} is too large: block {block} sees {n_in} tokens ({protected} protected) and "
+        f"one {method} step can remove at most {cap} of them; use r <= {cap}"
+    )
+
+
+def _apply_slow_fast(model, method, r, prop_attn, trace_source, options) -> nn.Module:
+    """evo: every block keeps N tokens; r = tokens that skip the block (fast path) next to the one
+    representative that runs it. Block 0 always runs in full: the choice needs the class attention
+    of an earlier block (the reference code also keeps its first blocks full)."""
+    opts = dict(options)
+    tradeoff = opts.pop("tradeoff", 0.5)
+    if opts:
+        raise ScheduleError(f"unknown option(s) for {method!r}: {', '.join(sorted(opts))}; it takes tradeoff (0..1)")
+    if isinstance(tradeoff, bool) or not isinstance(tradeoff, (int, float)) or not 0.0 <= float(tradeoff) <= 1.0:
+        raise ScheduleError(f"tradeoff must be a number in [0, 1], got {tradeoff!r}")
+    rs = parse_r(len(model.blocks), r)
+    protected = int(model.num_prefix_tokens)
+    n0 = num_tokens(model)
+    cap = merging.effective_r(method, n0, n0, protected)
+    for i, v in enumerate(rs):
+        if i > 0 and v > cap:
+            raise _too_large(method, i, v, n0, protected, cap)
+    removed = [0] + [merging.effective_r(method, n0, v, protected) for v in rs[1:]]
+    tokens = [(n0, e, n0) for e in removed]
+    state = MergeState(method=method, prop_attn=prop_attn, protected=protected, options={},
+                       trace_source=trace_source, need_cls=True, slow_fast=True, tradeoff=float(tradeoff))
+    _install(model, state, rs)
+    model.vitmerge = MergeInfo(method=method, r=rs, prop_attn=prop_attn, protected=protected, tokens=tokens,
+                               options={"tradeoff": float(tradeoff)}, slow_fast=True)
+    return model
+
+
+def _apply_pre_encoder(model, method, r, prop_attn, trace_source, options) -> nn.Module:
+    """vwt: one grouping of the patch tokens before block 0; r = patches removed there (one int)."""
+    from ..merging import vwt
+
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise ScheduleError(
+            f"method {method!r} groups patches once, before the encoder: give one int r (patches removed), not {r!r}"
+        )
+    if r < 0:
+        raise ScheduleError(f"r must be >= 0, got {r}")
+    opts = dict(options)
+    mode = opts.pop("mode", "inter")
+    vocab = opts.pop("vocab", None)
+    space = opts.pop("space", None)
+    thresh = opts.pop("thresh", None)
+    if opts:
+        raise ScheduleError(f"unknown option(s) for {method!r}: {', '.join(sorted(opts))}; "
+                            "it takes mode (inter|intra), vocab (path), space (pixels|embeddings), thresh")
+    if mode not in vwt.MODES:
+        raise ScheduleError(f"unknown vwt mode {mode!r}; use one of {', '.join(vwt.MODES)}")
+    if thresh is not None and (isinstance(thresh, bool) or not isinstance(thresh, (int, float)) or not 0 <= thresh <= 2):
+        raise ScheduleError(f"thresh is a cosine distance in [0, 2], got {thresh!r}")
+    pe = model.patch_embed
+    proj = getattr(pe, "proj", None)
+    patch = tuple(int(v) for v in pe.patch_size)
+    if (getattr(model, "dynamic_img_size", False) or not isinstance(proj, nn.Conv2d)
+            or tuple(proj.kernel_size) != patch or tuple(proj.stride) != patch or not getattr(pe, "flatten", True)):
+        raise UnsupportedModelError(
+            f"method {method!r} needs a plain patch embedding (one Conv2d with stride = kernel = patch size, fixed "
+            "image size); this model's patch_embed is different"
+        )
+    protected = int(model.num_prefix_tokens)
+    n0 = num_tokens(model)
+    n_patches = n0 - protected
+    cap = vwt.max_r(n0, protected)
+    if r > cap:
+        raise ScheduleError(
+            f"r={r} is too large: the image has {n_patches} patches and vwt keeps at least one; use r <= {cap}"
+        )
+    centroids = None
+    if mode == "inter":
+        if vocab is None:
+            raise ScheduleError(
+                "vwt mode 'inter' needs a vocabulary of visual words: build one with "
+                "`vitmerge vocab build DATA_DIR -o vocab.pt --model NAME` and pass vocab='vocab.pt' "
+                "(or use mode='intra', which needs none)"
+            )
+        voc = vocab if isinstance(vocab, vwt.Vocabulary) else vwt.load_vocabulary(vocab)
+        check_vocabulary(model, voc, space)
+        space = voc.space
+        centroids = voc.centroids.clone()
+    else:
+        space = space or "pixels"
+        if space not in vwt.SPACES:
+            raise ScheduleError(f"unknown vwt space {space!r}; use one of {', '.join(vwt.SPACES)}")
+    vwt.quant_levels(n_patches)  # fails early for images with more patches than the exact ranks allow
+    n = n0 - r
+    rs = [0] * len(model.blocks)
+    tokens = [(n, 0, n) for _ in rs]
+    state = MergeState(method=method, prop_attn=prop_attn, protected=protected, options={},
+                       trace_source=trace_source)
+    pre = VWTMerge(state, r, mode=mode, space=space, patch_size=patch, centroids=centroids,
+                   thresh=None if thresh is None else float(thresh))
+    _install(model, state, rs, pre=pre)
+    info_opts = {"mode": mode, "space": space}
+    if mode == "inter":
+        info_opts.update(words=int(centroids.shape[0]), vocab=str(vocab) if not isinstance(vocab, vwt.Vocabulary) else "<in memory>")
+    if thresh is not None:
+        info_opts["thresh"] = float(thresh)
+    model.vitmerge = MergeInfo(method=method, r=rs, prop_attn=prop_attn, protected=protected, tokens=tokens,
+                               options=info_opts, pre_r=r)
+    return model
+
+
+def model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
+def patch_embed_fingerprint(model: nn.Module) -> str:
+    """Short hash of the patch-embedding weights: an embedding-space vocabulary only fits these."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (model.patch_embed.proj.weight, model.patch_embed.proj.bias):
+        if t is not None:
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_vocabulary(model: nn.Module, voc, space: Optional[str] = None) -> None:
+    """Raise DataError when the vocabulary was built for something else than this model."""
+    import warnings
+
+    from ..errors import DataError
+    from ..merging import vwt
+
+    rebuild = f"rebuild it with `vitmerge vocab build DATA_DIR -o vocab.pt --model {model_name(model)}`"
+    if voc.space not in vwt.SPACES:
+        raise DataError(f"vocabulary space {voc.space!r} is unknown; {rebuild}")
+    if space is not None and space != voc.space:
+        raise DataError(f"space={space!r} was asked but the vocabulary holds {voc.space} words; {rebuild} --space {space}")
+    pe = model.patch_embed
+    patch = [int(v) for v in pe.patch_size]
+    if voc.space == "pixels":
+        want = int(pe.proj.in_channels) * patch[0] * patch[1]
+        if list(voc.meta.get("patch_size", patch)) != patch or voc.feature_dim != want:
+            raise DataError(
+                f"vocabulary words are {voc.feature_dim}-value pixel patches of size {voc.meta.get('patch_size')}, "
+                f"but this model cuts {patch[0]}x{patch[1]} patches of {pe.proj.in_channels} channels ({want} values); {rebuild}"
+            )
+    else:
+        if voc.feature_dim != int(model.embed_dim):
+            raise DataError(
+                f"vocabulary words have {voc.feature_dim} features but {model_name(model)} embeds patches in "
+                f"{int(model.embed_dim)}; {rebuild} --space embeddings"
+            )
+        if voc.meta.get("model") not in (None, model_name(model)):
+            raise DataError(f"vocabulary was built for {voc.meta.get('model')!r}, not {model_name(model)!r}; {rebuild} --space embeddings")
+        fp = voc.meta.get("weights")
+        if fp is not None and fp != patch_embed_fingerprint(model):
+            raise DataError(
+                "vocabulary was built with other patch-embedding weights (another --checkpoint?): embedding-space "
+                f"words only fit the weights they came from; {rebuild} --space embeddings --checkpoint YOUR_WEIGHTS"
+            )
+    img = voc.meta.get("img_size")
+    if img is not None and [int(v) for v in img] != [int(v) for v in pe.img_size]:
+        warnings.warn(f"vocabulary was built at image size {list(img)}, the model runs at {list(pe.img_size)}: "
+                      "patches see the scene at another scale, so words may match less well", stacklevel=3)
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -93,4 +291,5 @@ def last_source(model: nn.Module):
     return model._vm_state.source
 
 
-__all__ = ["apply", "remove", "MergeInfo", "UnsupportedModelError", "SUPPORTED", "num_tokens", "last_source"]
+__all__ = ["apply", "remove", "MergeInfo", "UnsupportedModelError", "SUPPORTED", "num_tokens", "last_source",
+           "check_vocabulary", "model_name", "patch_embed_fingerprint"]

@@ -10,6 +10,14 @@ Unlike the reference ToMe patch, timm's own pieces stay in the path: LayerScale 
 q_norm/k_norm, scale_norm, gated attention and the fused SDPA kernel (the proportional-attention
 bias goes in as SDPA's additive mask). For plain ViT/DeiT these are identities, so the numbers are
 the reference's.
+
+Methods flag what else they need on their plan function (see ``merging/__init__.py``):
+
+* ``needs_cls_attn`` (importance): merging blocks also return the class token's attention row,
+  computed next to the (still fused) attention as one ``[1 x N]`` row per head;
+* ``slow_fast`` (evo): the step at ``blocks.N.token_merge`` picks the tokens the block computes on,
+  the block runs on them, and ``blocks.N.token_merge.spread`` brings the result back to all N tokens;
+* ``pre_encoder`` (vwt): one grouping step, ``vwt_merge``, between the embeddings and block 0.
 """
 from __future__ import annotations
 
@@ -36,16 +44,34 @@ class MergeState:
     protected: int
     options: Dict[str, Any] = field(default_factory=dict)
     trace_source: bool = False
+    need_cls: bool = False  # the method reads the class-token attention row (importance, evo)
+    slow_fast: bool = False  # evo: blocks run on a plan's slots, then spread back to every token
+    tradeoff: float = 0.5  # evo: weight of a block's class attention in the evolving global one
     size: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None
+    cls_attn: Optional[torch.Tensor] = None  # evo: global class attention [B, N], carried across blocks
 
     def reset(self) -> None:
         self.size = None
         self.source = None
+        self.cls_attn = None
 
 
-def attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]):
-    """timm Attention.forward plus proportional attention; returns (out, keys averaged over heads)."""
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention probabilities of the first token's query (the class token), averaged over heads.
+
+    q, k [B, H, N, hd]; bias [B, 1, 1, N] or None. Returns [B, N]. One [1 x N] row per head: the
+    main attention keeps its fused kernel, and this costs O(N * C) next to its O(N^2 * C).
+    """
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor], need_cls: bool = False):
+    """timm Attention.forward plus proportional attention; returns (out, keys averaged over heads),
+    and with ``need_cls`` also the class-token attention row averaged over heads ([B, N])."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -68,6 +94,8 @@ def attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torch
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
+    if need_cls:
+        return out, k.mean(1), class_attention(q, k, attn.scale, bias)
     return out, k.mean(1)
 
 
@@ -87,11 +115,77 @@ class TokenMerge(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.state.method}, r={self.r}, protected={self.state.protected}"
 
-    def forward(self, x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor]):
+    def forward(self, x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
+                cls_attn: Optional[torch.Tensor] = None):
         st = self.state
         if size is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1)
-        p = merging.plan(st.method, metric, self.r, st.protected, **st.options)
+        extra = {} if cls_attn is None else {"cls_attn": cls_attn}
+        p = merging.plan(st.method, metric, self.r, st.protected, **st.options, **extra)
+        if st.trace_source:
+            st.source = p.merge_source(st.source)
+        return p.merge(x, size)
+
+
+class SlowFastSplit(nn.Module):
+    """Evo's step at ``blocks.N.token_merge``: the slow path's tokens (protected, informative and one
+    representative of the placeholders) as a merge of the block input; ``.spread`` (its child, so
+    its nodes carry ``blocks.N.token_merge.spread``) moves every token by its slot's residual."""
+
+    def __init__(self, state: "MergeState", r: int):
+        super().__init__()
+        self.state = state
+        self.r = int(r)
+        self.spread = SlowFastSpread()
+
+    def extra_repr(self) -> str:
+        return f"method={self.state.method}, r={self.r}, protected={self.state.protected}"
+
+    def forward(self, x: torch.Tensor, cls_attn: torch.Tensor):
+        st = self.state
+        p = merging.plan(st.method, x, self.r, st.protected, cls_attn=cls_attn, **st.options)
+        x_slow, size = p.merge(x, None)
+        return x_slow, size, p.assign, p.keep
+
+
+class SlowFastSpread(nn.Module):
+    def forward(self, x, x_slow, y_slow, assign):
+        from ..merging.evo import spread
+
+        return spread(x, x_slow, y_slow, assign)
+
+
+class VWTMerge(nn.Module):
+    """VWT's grouping before the encoder (``vwt_merge``): (tokens, images, patch embeddings) ->
+    (tokens', size'), ``r`` patches fewer. The vocabulary is a non-persistent buffer: it becomes a
+    constant of the exported graph and leaves the model's state dict unchanged."""
+
+    def __init__(self, state: "MergeState", r: int, mode: str, space: str, patch_size,
+                 centroids: Optional[torch.Tensor] = None, thresh: Optional[float] = None):
+        super().__init__()
+        self.state = state
+        self.r = int(r)
+        self.mode = mode
+        self.space = space
+        self.patch_size = tuple(int(v) for v in patch_size)
+        self.thresh = thresh
+        self.register_buffer("centroids", centroids, persistent=False)
+
+    def extra_repr(self) -> str:
+        words = "" if self.centroids is None else f", words={self.centroids.shape[0]}"
+        return f"mode={self.mode}, space={self.space}, r={self.r}{words}"
+
+    def forward(self, x: torch.Tensor, images: torch.Tensor, emb: torch.Tensor):
+        from ..merging.vwt import pixel_patches, vwt_plan
+
+        st = self.state
+        if self.r <= 0:
+            return x, None  # nothing grouped: the blocks run exactly as unpatched
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        pixels = pixel_patches(images, self.patch_size) if (self.space == "pixels" or self.mode == "intra") else None
+        feats = pixels if self.space == "pixels" else emb
+        p = vwt_plan(feats, self.r, st.protected, mode=self.mode, centroids=self.centroids, pixels=pixels,
+                     thresh=self.thresh)
         if st.trace_source:
             st.source = p.merge_source(st.source)
         return p.merge(x, size)
@@ -107,12 +201,43 @@ class MergeBlockMixin:
         if attn_mask is not None or is_causal:
             raise ValueError("token merging cannot be combined with an attention mask or causal attention")
         st = self._vm_state
-        out, metric = attention_with_metric(self.attn, self.norm1(x), st.size if st.prop_attn else None)
+        if st.slow_fast:
+            return self._slow_fast(x)
+        merging_here = self.token_merge.r > 0
+        if st.need_cls and merging_here:
+            out, metric, cls = attention_with_metric(self.attn, self.norm1(x), st.size if st.prop_attn else None,
+                                                     need_cls=True)
+        else:
+            out, metric = attention_with_metric(self.attn, self.norm1(x), st.size if st.prop_attn else None)
+            cls = None
         x = x + self.drop_path1(self.ls1(out))
-        if self.token_merge.r > 0:
-            x, st.size = self.token_merge(x, metric, st.size)
+        if merging_here:
+            x, st.size = self.token_merge(x, metric, st.size, cls)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+    def _body(self, x: torch.Tensor, size: Optional[torch.Tensor]):
+        """The unmodified block (attention with the prop-attn bias, MLP) plus the class-attention row."""
+        st = self._vm_state
+        out, _, cls = attention_with_metric(self.attn, self.norm1(x), size if st.prop_attn else None, need_cls=True)
+        x = x + self.drop_path1(self.ls1(out))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, cls
+
+    def _slow_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """Evo: full block where r == 0 (or no class attention yet); else the slow path on N - r
+        tokens and the fast update for the placeholders. The token count stays N."""
+        from ..merging.evo import evolve
+
+        st = self._vm_state
+        tm = self.token_merge
+        if tm.r <= 0 or st.cls_attn is None:
+            x, st.cls_attn = self._body(x, None)
+            return x
+        x_slow, size, assign, keep = tm(x, st.cls_attn)
+        y_slow, cls = self._body(x_slow, size)
+        st.cls_attn = evolve(st.cls_attn, cls, keep, st.protected, st.tradeoff)
+        return tm.spread(x, x_slow, y_slow, assign)
 
 
 class MergeModelMixin:
@@ -121,6 +246,27 @@ class MergeModelMixin:
     def forward(self, *args, **kwargs):
         self._vm_state.reset()
         return super().forward(*args, **kwargs)
+
+
+class PreMergeModelMixin(MergeModelMixin):
+    """timm's forward_features with one grouping step (``vwt_merge``) between the embeddings and the
+    blocks. The step sees the input images (pixel patches) and the patch embeddings before the
+    position embedding, and sets the token sizes the blocks' proportional attention uses."""
+
+    vwt_merge: nn.Module
+
+    def forward_features(self, x, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("token merging cannot be combined with an attention mask or causal attention")
+        st = self._vm_state
+        images = x
+        emb = self.patch_embed(x)
+        x = self._pos_embed(emb)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        x, st.size = self.vwt_merge(x, images, emb.reshape(emb.shape[0], -1, emb.shape[-1]))
+        x = self.blocks(x)
+        return self.norm(x)
 
 
 _CLASS_CACHE: Dict[tuple, type] = {}
@@ -136,7 +282,8 @@ def mixed_class(mixin: type, cls: type) -> type:
 
 
 def original_class(cls: type, mixin: type) -> type:
-    return cls.__mro__[2] if issubclass(cls, mixin) else cls
+    """Undo :func:`mixed_class`: its classes are ``type(name, (mixin, original), {})``."""
+    return cls.__bases__[1] if issubclass(cls, mixin) and cls in _CLASS_CACHE.values() else cls
 
 
 def unsupported_reason(model: nn.Module) -> Optional[str]:
@@ -153,17 +300,31 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
-def patch_vit(model: nn.Module, state: MergeState, rs: List[int]) -> None:
+def patch_vit(model: nn.Module, state: MergeState, rs: List[int], pre: Optional[nn.Module] = None) -> None:
+    """Swap classes in place and add the merge modules; ``pre`` (VWT) groups patches before block 0."""
     model._vm_state = state
-    model.__class__ = mixed_class(MergeModelMixin, type(model))
+    mixin = MergeModelMixin if pre is None else PreMergeModelMixin
+    model.__class__ = mixed_class(mixin, type(model))
+    if pre is not None:
+        model.vwt_merge = pre
+    step = SlowFastSplit if state.slow_fast else TokenMerge
     for blk, r in zip(model.blocks, rs):
         blk.__class__ = mixed_class(MergeBlockMixin, type(blk))
         blk._vm_state = state
-        blk.token_merge = TokenMerge(state, r)
+        blk.token_merge = step(state, r)
+
+
+def merge_steps(model: nn.Module) -> List[nn.Module]:
+    """Every module of a patched model that removes tokens, each with an int ``.r`` (0 = off): the
+    pre-encoder ``vwt_merge`` when there is one, then every ``blocks.N.token_merge``."""
+    pre = model._modules.get("vwt_merge")
+    steps = [pre] if pre is not None else []
+    return steps + [b.token_merge for b in getattr(model, "blocks", []) if "token_merge" in b._modules]
 
 
 def unpatch_vit(model: nn.Module) -> None:
     model.__class__ = original_class(type(model), MergeModelMixin)
+    model._modules.pop("vwt_merge", None)
     for blk in model.blocks:
         blk.__class__ = original_class(type(blk), MergeBlockMixin)
         blk.__dict__.pop("_vm_state", None)

@@ -1,0 +1,342 @@
+"""The `vwt` method (Visual-Word Tokenizer) against a float64 loop reference, its vocabulary and CLI."""
+import math
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+import vitmerge
+from vitmerge.cli import app
+from vitmerge.commands.vocab import build_vocabulary, find_images
+from vitmerge.errors import DataError, ScheduleError, UnsupportedModelError
+from vitmerge.exporter import ort_session
+from vitmerge.merging.vwt import (Vocabulary, load_vocabulary, pixel_patches, save_vocabulary, spherical_kmeans,
+                                  vwt_plan)
+
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------ float64 loop reference
+
+def levels_for(P):
+    return min(1024, 2 ** 24 // (2 * P) - 2)
+
+
+def vwt_groups(feats, r, protected, mode, centroids=None, thresh=None):
+    """One image, written from the method's description. feats [P, F]. Returns (order, groups) over
+    protected + P tokens (patch j is token protected + j)."""
+    P = feats.shape[0]
+    L = levels_for(P)
+    f = [feats[j].double() / max(float(feats[j].double().norm()), 1e-12) for j in range(P)]  # all-zero stays zero
+    words = [None] * P
+    if mode == "inter":
+        c = [centroids[v].double() / centroids[v].double().norm() for v in range(centroids.shape[0])]
+        sim, q = [], []
+        for j in range(P):
+            s = [float(f[j] @ cv) for cv in c]
+            best = max(range(len(c)), key=lambda v: (s[v], -v))  # first best word
+            words[j] = best
+            sim.append(s[best])
+            q.append(round(min(max((s[best] + 1) / 2, 0.0), 1.0) * L))
+        leader = {}
+        for j in range(P):  # the best-matching patch of each word; ties -> lower index
+            w = words[j]
+            if w not in leader or q[j] > q[leader[w]]:
+                leader[w] = j
+        tier = [0 if leader[words[j]] == j or (thresh is not None and 1 - sim[j] > thresh) else 1 for j in range(P)]
+        order = sorted(range(P), key=lambda j: (-tier[j], -q[j], j))
+    else:
+        var = [float(feats[j].double().var()) for j in range(P)]
+        vmax = max(max(var), 1e-12)
+        q = [round((1 - var[j] / vmax) * L) for j in range(P)]
+        order = sorted(range(P), key=lambda j: (-q[j], j))
+    away, kept = order[:r], sorted(order[r:])
+    steps = min(512, (2 ** 24 // len(kept) - 1) // 6)  # similarity + same-word bonus 4, quantised
+    groups = {k: [k] for k in kept}
+    for a in away:
+        best, best_s = None, -math.inf
+        for k in kept:  # ascending: the first best (lowest index) wins ties
+            s = float(f[a] @ f[k]) + (4.0 if mode == "inter" and words[a] == words[k] else 0.0)
+            s = round(min(max(s + 1.0, 0.0), 6.0) * steps)
+            if s > best_s:
+                best, best_s = k, s
+        groups[best].append(a)
+    out = [[t] for t in range(protected)] + [[protected + j for j in groups[k]] for k in kept]
+    return list(range(protected)) + [protected + k for k in kept], out
+
+
+def mean_groups(x, groups):
+    return torch.stack([sum(x[i] for i in g) / len(g) for g in groups]), torch.tensor(
+        [float(len(g)) for g in groups], dtype=torch.float64)
+
+
+@torch.no_grad()
+def vwt_forward(model, images, r, mode, centroids=None, prop_attn=True):
+    m = model
+    out = []
+    for img in images:
+        x = m.norm_pre(m._pos_embed(m.patch_embed(img[None])))[0]
+        p = m.num_prefix_tokens
+        feats = pixel_patches(img[None].float(), tuple(m.patch_embed.patch_size))[0]
+        _, groups = vwt_groups(feats, r, p, mode, centroids)
+        x, size = mean_groups(x, groups)
+        for blk in m.blocks:
+            a = blk.attn
+            h = blk.norm1(x)
+            n = h.shape[0]
+            qkv = a.qkv(h).reshape(n, 3, a.num_heads, a.head_dim)
+            heads = []
+            for hh in range(a.num_heads):
+                logits = (qkv[:, 0, hh] @ qkv[:, 1, hh].T) * a.scale
+                if prop_attn:
+                    logits = logits + size.log()[None, :]
+                heads.append(logits.softmax(-1) @ qkv[:, 2, hh])
+            x = x + a.proj(torch.cat(heads, dim=-1))
+            x = x + blk.mlp(blk.norm2(x))
+        out.append(m.forward_head(m.norm(x)[None])[0])
+    return torch.stack(out)
+
+
+def check_plan(plan, feats, r, protected, mode, centroids=None, thresh=None):
+    B, P, _ = feats.shape
+    x = torch.randn(B, protected + P, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    out, size = plan.merge(x, None)
+    assert out.shape == (B, protected + P - r, 3)
+    for b in range(B):
+        order, groups = vwt_groups(feats[b], r, protected, mode, centroids, thresh)
+        assert plan.keep[b].tolist() == order
+        ref, ref_size = mean_groups(x[b], groups)
+        torch.testing.assert_close(out[b], ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(size[b, :, 0], ref_size)
+
+
+# ------------------------------------------------------------------ the grouping step
+
+@pytest.mark.parametrize("P,r,protected,words,thresh", [(16, 6, 1, 5, None), (30, 25, 2, 8, None), (25, 10, 1, 40, 0.9)])
+def test_inter_grouping_matches_reference(P, r, protected, words, thresh):
+    g = torch.Generator().manual_seed(P + r)
+    feats = torch.randn(3, P, 12, generator=g)
+    cent = F.normalize(torch.randn(words, 12, generator=g), dim=-1)
+    plan = vwt_plan(feats, r, protected, mode="inter", centroids=cent, thresh=thresh)
+    check_plan(plan, feats, r, protected, "inter", cent, thresh)
+
+
+@pytest.mark.parametrize("mode", ["inter", "intra"])
+def test_identical_patches_break_ties_by_index(mode):
+    """Flat backgrounds make many patches exactly equal: the choice must still be well defined."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(3, 12, generator=g)
+    pick = torch.randint(0, 3, (2, 20), generator=g)
+    feats = base[pick] * torch.tensor([1.0, 2.0])[:, None, None]  # [2, 20, 12], only 3 distinct patches per image
+    cent = F.normalize(torch.randn(4, 12, generator=g), dim=-1)
+    plan = vwt_plan(feats, 9, 1, mode=mode, centroids=cent)
+    check_plan(plan, feats, 9, 1, mode, cent)
+
+
+def test_intra_grouping_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(2, 16, 48, generator=g) * torch.rand(2, 16, 1, generator=g)
+    check_plan(vwt_plan(feats, 7, 1, mode="intra"), feats, 7, 1, "intra")
+
+
+# ------------------------------------------------------------------ the model
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(img_size=64, depth=2)
+    cfg.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **cfg).eval()
+
+
+def blocky_images(b=2, seed=1, hw=64):
+    """Random images with flat 16x16 regions (identical patches) next to textured ones."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 3, hw, hw, generator=g)
+    flat = torch.rand(b, 1, hw // 16, hw // 16, generator=g) < 0.5
+    levels = torch.randint(0, 2, (b, 3, hw // 16, hw // 16), generator=g).float()
+    mask = flat.repeat_interleave(16, 2).repeat_interleave(16, 3)
+    return torch.where(mask, levels.repeat_interleave(16, 2).repeat_interleave(16, 3), x)
+
+
+def vocab_for(model, words=6, seed=0):
+    feats = pixel_patches(blocky_images(8, seed=seed + 10), tuple(model.patch_embed.patch_size))
+    cent = spherical_kmeans(feats.reshape(-1, feats.shape[-1]), words, seed=seed)
+    return Vocabulary(cent, "pixels", {"patch_size": list(model.patch_embed.patch_size),
+                                       "img_size": list(model.patch_embed.img_size)})
+
+
+@pytest.mark.parametrize("mode", ["inter", "intra"])
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_model_matches_handwritten_reference(mode, prop_attn):
+    model = tiny().double()
+    voc = vocab_for(model)
+    x = blocky_images().double()
+    ref = vwt_forward(model, x, 7, mode, voc.centroids, prop_attn=prop_attn)
+    vitmerge.apply(model, "vwt", r=7, mode=mode, vocab=voc if mode == "inter" else None, prop_attn=prop_attn)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_static_counts_sizes_and_protected_first():
+    model = tiny(reg_tokens=2, depth=3)
+    vitmerge.apply(model, "vwt", r=10, vocab=vocab_for(model), trace_source=True)
+    info = model.vitmerge
+    assert info.pre_r == 10 and info.tokens == [(9, 0, 9)] * 3 and info.r == [0, 0, 0]
+    seen = []
+    for blk in model.blocks:
+        blk.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    with torch.no_grad():
+        model(blocky_images(3))
+    assert seen == [9, 9, 9]
+    size = model._vm_state.size
+    assert torch.equal(size.sum(1)[:, 0], torch.full((3,), 19.0))  # 16 patches + cls + 2 registers
+    assert torch.equal(size[:, :3, 0], torch.ones(3, 3))
+    src = vitmerge.models.last_source(model)
+    assert torch.equal(src.sum(1), torch.ones(3, 19))
+    for t in range(3):
+        assert torch.equal(src[:, t, t], torch.ones(3)) and torch.equal(src[:, t].sum(-1), torch.ones(3))
+
+
+def test_r0_equals_unpatched_and_deterministic():
+    model = tiny()
+    x = blocky_images()
+    with torch.no_grad():
+        ref = model(x)
+        vitmerge.apply(model, "vwt", r=0, mode="intra")
+        assert torch.equal(model(x), ref)
+        vitmerge.apply(model, "vwt", r=6, vocab=vocab_for(model))
+        a = model(x)
+        assert torch.equal(model(x), a) and not torch.equal(a, ref)
+        keys = list(tiny().state_dict())
+        assert list(model.state_dict()) == keys  # the vocabulary is not part of the weights
+        vitmerge.remove(model)
+        assert torch.equal(model(x), ref) and not hasattr(model, "vwt_merge")
+
+
+def test_bad_requests(tmp_path):
+    model = tiny()
+    with pytest.raises(ScheduleError, match="one int r"):
+        vitmerge.apply(model, "vwt", r=[2, 2], mode="intra")
+    with pytest.raises(ScheduleError, match="too large.*r <= 15"):
+        vitmerge.apply(model, "vwt", r=16, mode="intra")
+    with pytest.raises(ScheduleError, match="vocab build"):
+        vitmerge.apply(model, "vwt", r=4)
+    with pytest.raises(DataError, match="does not exist.*vocab build"):
+        vitmerge.apply(model, "vwt", r=4, vocab=tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(DataError, match="not a vitmerge VWT vocabulary"):
+        vitmerge.apply(model, "vwt", r=4, vocab=tmp_path / "other.pt")
+    with pytest.raises(ScheduleError, match="unknown vwt mode"):
+        vitmerge.apply(model, "vwt", r=4, mode="words")
+    with pytest.raises(ScheduleError, match="unknown option"):
+        vitmerge.apply(model, "vwt", r=4, mode="intra", bits=3)
+    with pytest.raises(DataError, match="pixel patches of size"):
+        vitmerge.apply(tiny(patch_size=8), "vwt", r=4, vocab=vocab_for(model))
+    with pytest.raises(UnsupportedModelError, match="plain patch embedding"):
+        vitmerge.apply(tiny(dynamic_img_size=True), "vwt", r=4, mode="intra")
+    assert not hasattr(model, "vitmerge")  # nothing half-applied
+
+
+def test_vocabulary_file_round_trip_and_checks(tmp_path):
+    model = tiny()
+    voc = vocab_for(model)
+    path = save_vocabulary(voc, tmp_path / "v.pt")
+    back = load_vocabulary(path)
+    assert torch.allclose(back.centroids, voc.centroids) and back.space == "pixels"
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        vitmerge.apply(tiny(img_size=96), "vwt", r=4, vocab=path)
+    assert any("image size" in str(x.message) for x in w)
+
+
+def test_spherical_kmeans_finds_separated_words():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    pts = (centres.repeat_interleave(40, 0) + 0.05 * torch.randn(200, 16, generator=g))
+    found = spherical_kmeans(pts, 5, seed=1)
+    best = (found @ centres.T).max(dim=0).values
+    assert (best > 0.99).all()  # every true centre recovered
+    assert torch.equal(found, spherical_kmeans(pts, 5, seed=1))  # deterministic
+    with pytest.raises(DataError, match="cannot make"):
+        spherical_kmeans(pts[:3], 5)
+
+
+def write_images(folder, n=5, size=40):
+    g = np.random.default_rng(0)
+    (folder / "a" / "b").mkdir(parents=True)
+    for i in range(n):
+        arr = (g.random((size, size + 8, 3)) * 255).astype(np.uint8)
+        arr[: size // 2] = 40 * i  # a flat half
+        sub = folder / ("a/b" if i % 2 else "a")
+        Image.fromarray(arr).save(sub / f"im{i}.{'png' if i % 3 else 'jpg'}")
+    (folder / "notes.txt").write_text("not an image")
+
+
+def test_embedding_space_vocabulary_fits_only_its_weights(tmp_path):
+    write_images(tmp_path)
+    model = tiny()
+    voc = build_vocabulary(model, find_images(tmp_path), words=4, space="embeddings")
+    assert voc.feature_dim == 192 and voc.meta["num_images"] == 5 and voc.space == "embeddings"
+    vitmerge.apply(model, "vwt", r=5, vocab=voc)
+    with torch.no_grad():
+        assert model(blocky_images()).shape == (2, 1000)
+    with pytest.raises(DataError, match="other patch-embedding weights"):
+        vitmerge.apply(tiny(seed=1), "vwt", r=5, vocab=voc)
+
+
+def test_cli_vocab_build(tmp_path):
+    write_images(tmp_path / "data")
+    out = tmp_path / "vocab.pt"
+    res = runner.invoke(app, ["vocab", "build", str(tmp_path / "data"), "-o", str(out), "--model",
+                              "vit_tiny_patch16_224", "--img-size", "64", "--words", "8"])
+    assert res.exit_code == 0, res.output
+    voc = load_vocabulary(out)
+    assert voc.num_words == 8 and voc.feature_dim == 768 and voc.space == "pixels"
+    assert voc.meta["num_images"] == 5 and voc.meta["img_size"] == [64, 64] and voc.meta["patch_size"] == [16, 16]
+    assert voc.meta["model"] == "vit_tiny_patch16_224"
+    model = tiny()
+    vitmerge.apply(model, "vwt", r=8, vocab=out)
+    with torch.no_grad():
+        assert model(blocky_images()).shape == (2, 1000)
+    # a model with another patch size (--model-kwargs) and a sample of the images (--num)
+    res = runner.invoke(app, ["vocab", "build", str(tmp_path / "data"), "-o", str(out), "--model",
+                              "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "patch_size": 4}',
+                              "--num", "3", "--words", "4"])
+    assert res.exit_code == 0, res.output
+    voc = load_vocabulary(out)
+    assert voc.feature_dim == 48 and voc.meta["num_images"] == 3 and voc.meta["patch_size"] == [4, 4]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p, "no images found"),
+    (lambda p: p / "missing", "does not exist"),
+])
+def test_cli_vocab_bad_folder(tmp_path, make, message):
+    out = tmp_path / "v.pt"
+    res = runner.invoke(app, ["vocab", "build", str(make(tmp_path)), "-o", str(out)])
+    assert res.exit_code == 2 and message in res.output
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_export_matches_onnx_runtime_on_flat_regions(tmp_path):
+    model = tiny()
+    vitmerge.apply(model, "vwt", r=7, vocab=vocab_for(model))
+    res = vitmerge.export(model, tmp_path / "vwt.onnx", batch_sizes=(1, 3))
+    assert res.verification.ok
+    x = blocky_images(4, seed=3)  # identical patches: ties decided the same way in ONNX Runtime
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = ort_session(tmp_path / "vwt.onnx").run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
+    proto = onnx.load(str(tmp_path / "vwt.onnx"))
+    scopes = {p.value for n in proto.graph.node for p in n.metadata_props if p.key == "namespace"}
+    assert any("vwt_merge" in s for s in scopes)

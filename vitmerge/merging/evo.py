@@ -1,0 +1,91 @@
+"""Evo-ViT-style slow-fast token updating (arXiv 2108.01390), training-free inference form.
+
+Per block with ``r > 0`` (sizes are static: they depend on N and r only):
+
+* the global class attention ``g [B, N]`` carried over from the earlier blocks ranks the unprotected
+  tokens; the ``K = N - protected - r - 1`` best are *informative*, the other ``r + 1`` are
+  *placeholders*;
+* the placeholders are summarised into ONE representative token, their g-weighted average
+  (size ``r + 1``, so proportional attention counts it as the ``r + 1`` tokens it stands for);
+* protected + informative + representative (``N - r`` tokens) run the full block (slow path);
+* every placeholder is then moved by the representative's residual, ``x_p += y_rep - x_rep``
+  (fast path), and the informative tokens take their block outputs. The block returns N tokens in
+  their original order: Evo-ViT keeps the full token set, it only thins what the block computes on.
+* g evolves as in the reference code: a full block sets ``g`` to its class attention; a slow-fast
+  block mixes ``g <- (1 - t) g + t a`` for the informative tokens (``t`` = ``tradeoff``, 0.5) and
+  leaves the placeholders' g as it was.
+
+The summarising step IS a merge (r placeholders merge into the slot of one of them, weighted by g),
+so it is written as a :class:`MergePlan` and shares the gather/scatter mechanics with every other
+method; :func:`spread` is the way back to N tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import MergePlan, batch_gather, identity_plan
+from .importance import MIN_WEIGHT, check_cls_attn
+
+
+def max_r(n_tokens: int, protected: int) -> int:
+    """At least one informative token: r + 1 placeholders out of N - protected - 1."""
+    return max(n_tokens - protected - 2, 0)
+
+
+def clamp_r(n_tokens: int, r: int, protected: int) -> int:
+    return max(min(int(r), max_r(n_tokens, protected)), 0)
+
+
+def evo_plan(metric: torch.Tensor, r: int, protected: int = 1, cls_attn: torch.Tensor | None = None) -> MergePlan:
+    """The slow path's token set as a merge plan.
+
+    metric [B, N, C] is only used for its shape (the choice is by class attention); cls_attn [B, N]
+    is the global class attention g. Output slots: protected tokens, then the K informative tokens in
+    their original order, then the representative (last slot, ``n_out - 1``).
+    """
+    g = check_cls_attn(cls_attn, metric, "evo")
+    B, N, _ = metric.shape
+    r = clamp_r(N, r, protected)
+    if r <= 0:
+        return identity_plan(metric)
+    n_free = N - protected
+    k = n_free - r - 1
+    dev = metric.device
+    with torch.no_grad():
+        order = g[:, protected:].float().topk(n_free, dim=-1, largest=True, sorted=True).indices
+        informative = order[:, :k].topk(k, dim=-1, largest=False, sorted=True).values
+        rep_token = order[:, k : k + 1]  # the best-ranked placeholder holds the representative's slot
+        src = order[:, k + 1 :]
+        keep = torch.cat([
+            torch.arange(protected, device=dev).expand(B, protected),
+            protected + informative,
+            protected + rep_token,
+        ], dim=-1)
+        dst = torch.full_like(src, protected + k)
+    weight = g.detach().clamp_min(MIN_WEIGHT)[..., None].to(metric.dtype)
+    return MergePlan(keep=keep, src=protected + src, dst=dst, weight=weight)
+
+
+evo_plan.needs_cls_attn = True  # type: ignore[attr-defined]
+evo_plan.slow_fast = True  # type: ignore[attr-defined]  # the adapter runs the block on the plan, then spreads back
+
+
+def spread(x: torch.Tensor, x_slow: torch.Tensor, y_slow: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """Back to N tokens: every input token moves by the residual of its slot.
+
+    x [B, N, D] block input; x_slow / y_slow [B, n_out, D] the slow path's input and output;
+    assign [B, N] slot of every token (``MergePlan.assign``). Informative and protected tokens sit
+    alone in their slot, so they get ``y_slow`` (up to rounding); placeholders get ``x + y_rep - x_rep``.
+    """
+    return x + batch_gather(y_slow - x_slow, assign)
+
+
+def evolve(g: torch.Tensor, a_slow: torch.Tensor, keep: torch.Tensor, protected: int, tradeoff: float) -> torch.Tensor:
+    """Global class attention after a slow-fast block.
+
+    g [B, N]; a_slow [B, n_out] the block's class attention over its slots; keep [B, n_out] the plan's
+    kept tokens (the last slot is the representative, whose g stays as it was, like every placeholder).
+    """
+    idx = keep[:, :-1]
+    mixed = (1.0 - tradeoff) * g.gather(1, idx) + tradeoff * a_slow[:, :-1]
+    return g.scatter(1, idx, mixed)
