@@ -129,17 +129,18 @@ def test_bad_inputs_leave_no_output(case, digits_model, digits_onnx, tmp_path):
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile"])
-def test_other_calibration_methods(method, digits_model, digits_onnx, tmp_path):
+@pytest.mark.parametrize("method,num", [("minmax", 48), ("percentile", 48), ("entropy", 50)])
+def test_other_calibration_methods(method, num, digits_model, digits_onnx, tmp_path):
+    """(entropy with 50 images: a count that is not a multiple of the calibration batch size)"""
     from vitmerge.calibration.data import CALIBRATION_SPLITS, data_config, eval_transform, open_dataset
     from vitmerge.calibration.quantize import data_config_for_onnx, quantize
 
     proto = onnx.load(str(digits_onnx["merged"]))
     cfg, warn = data_config_for_onnx(proto, data_config(digits_model.build()))
     assert warn is None and cfg["input_size"] == [3, 32, 32]
-    calib = open_dataset(digits_model.data_dir, transform=eval_transform(cfg), prefer=CALIBRATION_SPLITS, limit=48)
+    calib = open_dataset(digits_model.data_dir, transform=eval_transform(cfg), prefer=CALIBRATION_SPLITS, limit=num)
     res = quantize(digits_onnx["merged"], tmp_path / "q.onnx", calib, method=method)
-    assert res.images == 48 and res.quantized_nodes > 0 and len(res.excluded_nodes) > 0
+    assert res.images == num and res.quantized_nodes > 0 and len(res.excluded_nodes) > 0
     x, y = test_images(digits_model.test_dir)
     fp = ort_session(digits_onnx["merged"]).run(None, {"images": x})[0].argmax(1)
     q = ort_session(res.path).run(None, {"images": x})[0].argmax(1)

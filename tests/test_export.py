@@ -185,7 +185,7 @@ def test_cli_corrupt_checkpoint_and_missing_dir(tmp_path):
 
 @pytest.mark.slow
 def test_cli_demo_small(tmp_path):
-    res = runner.invoke(app, ["demo", "--out-dir", str(tmp_path), "--model", "vit_tiny_patch16_224",
+    res = runner.invoke(app, ["demo", "--latency-only", "--out-dir", str(tmp_path), "--model", "vit_tiny_patch16_224",
                               "--model-kwargs", '{"depth": 2, "img_size": 64}', "--r", "4",
                               "--batch", "1,2", "--rounds", "2", "--iters", "1"])
     assert res.exit_code == 0, res.output
@@ -215,3 +215,27 @@ def test_cli_export_budget_schedule(tmp_path):
     assert merged <= 0.6 * base * 1.01
     res = runner.invoke(app, ["export", "vit_tiny_patch16_224", "--budget", "0.0001", "-o", str(tmp_path / "x.onnx")])
     assert res.exit_code == 2 and "budget" in res.output
+
+
+def test_cli_option_parsing():
+    from vitmerge.commands.export import parse_options
+    from vitmerge.errors import ScheduleError
+
+    assert parse_options(["bits=8", "vocab=v.pt", "mode=inter", "tradeoff=0.5"]) == {
+        "bits": 8, "vocab": "v.pt", "mode": "inter", "tradeoff": 0.5}
+    with pytest.raises(ScheduleError, match="KEY=VALUE"):
+        parse_options(["bits"])
+
+
+@pytest.mark.slow
+def test_cli_export_method_options_and_img_size_in_kwargs(tmp_path):
+    out = tmp_path / "h.onnx"
+    res = runner.invoke(app, ["export", "vit_tiny_patch16_224", "--model-kwargs", '{"depth": 2, "img_size": 64}',
+                              "--method", "hash", "-O", "bits=8", "--r", "6", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["vitmerge.method"] == "hash" and json.loads(meta["vitmerge.options"]) == {"bits": 8}
+    assert json.loads(meta["vitmerge.tokens_out"]) == [11, 5]
+    res = runner.invoke(app, ["export", "vit_tiny_patch16_224", *TINY, "--method", "hash", "-O", "bits=0", "--r", "4",
+                              "-o", str(tmp_path / "bad.onnx")])
+    assert res.exit_code == 2 and "bits" in res.output and not (tmp_path / "bad.onnx").exists()

@@ -281,6 +281,10 @@ def quantize(
             source, preprocessed, excluded = _preprocess(src, stage, must_keep, excluded, notes)
         if exclude_merge and not merge_ops and _reduces_tokens(proto):
             notes.append("no node carries a token_merge name scope: merge steps could not be kept in float")
+        # ORT's histogram calibrators stack the collected activations: every batch must have the same
+        # size, so use the largest batch size <= batch_size that divides the number of images.
+        n_img = len(dataset)
+        batch_size = next(b for b in range(min(batch_size, n_img), 0, -1) if n_img % b == 0)
         reader = _reader_class()(dataset, name, batch_size, on_batch)
         staged = stage / out.name
         extra = {

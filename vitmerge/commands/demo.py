@@ -16,6 +16,10 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_cmd(
         out_dir: Path = typer.Option(Path("vitmerge-demo"), "--out-dir", "-o", help="Folder for the ONNX files and the report"),
+        latency_only: bool = typer.Option(False, "--latency-only", help="Only the ViT latency part: export MODEL unmerged and with ToMe, verify, time"),
+        methods: str = typer.Option("tome,hash", "--methods", help="Merge methods compared on the digits model"),
+        budgets: str = typer.Option("0.75,0.5", "--budgets", help="FLOP fractions of the unmerged model"),
+        no_vit_s: bool = typer.Option(False, "--no-vit-s", help="Skip the ViT-S/16 latency part of the full demo"),
         model_name: str = typer.Option("vit_small_patch16_224", "--model", help="timm model (random weights unless --checkpoint)"),
         checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="Local weights for the model"),
         r: int = typer.Option(16, "--r", help="Tokens merged per block (ToMe)"),
@@ -24,7 +28,10 @@ def register(app: typer.Typer) -> None:
         iters: int = typer.Option(5, "--iters", help="Timed calls per round and model"),
         model_kwargs: str = typer.Option(None, "--model-kwargs", help="Extra timm.create_model arguments as JSON"),
     ):
-        """Export MODEL unmerged (r=0) and with ToMe, verify both in ONNX Runtime, time them side by side."""
+        """End to end, offline: digits ViT -> two methods x two budgets -> verified ONNX -> INT8 -> accuracy and
+        latency in ONNX Runtime -> report with plots; plus ViT-S/16 (random weights) ToMe r=16 latency vs the FLOP bound."""
+        if not latency_only:
+            return _full_demo(out_dir, methods, budgets, batches, rounds, iters, not no_vit_s, model_name, r)
         import numpy as np
 
         import vitmerge
@@ -80,3 +87,27 @@ def register(app: typer.Typer) -> None:
             tmp.write_text(json.dumps(report, indent=2))
             tmp.replace(out_dir / "demo.json")
             console.print(f"report: {out_dir / 'demo.json'}")
+
+
+def _full_demo(out_dir: Path, methods: str, budgets: str, batches: str, rounds: int, iters: int, vit_s: bool,
+               vit_s_model: str, r: int) -> None:
+    from rich.progress import MofNCompleteColumn
+
+    from .. import demo
+    from ._common import fail
+
+    try:
+        budget_list = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise fail(f"--budgets must be comma-separated fractions like 0.75,0.5; got {budgets!r}") from None
+    settings = demo.DemoSettings(out_dir=out_dir, methods=[m.strip() for m in methods.split(",") if m.strip()],
+                                 budgets=budget_list, batches=int_list(batches, "--batch"), rounds=rounds, iters=iters,
+                                 vit_s=vit_s, vit_s_model=vit_s_model, vit_s_r=r)
+    with user_errors(), loud_warnings():
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as prog:
+            result = demo.run(settings, say=console.print, progress=prog)
+    md = result.report_md.read_text()
+    console.print(md[md.find("## Digits"):] if "## Digits" in md else md)
+    console.print(f"[bold green]report:[/] {result.report_md}  (+ {result.report_json.name}, "
+                  f"{len(result.plots)} plots in {result.report_md.parent})")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -59,7 +59,14 @@ def build_merged(model_name: str, checkpoint: Optional[Path], method: str, r, im
     import vitmerge
     from ..models.build import build_model
 
-    model = build_model(model_name, checkpoint, img_size=img_size, num_classes=num_classes, **(model_kwargs or {}))
+    kw = dict(model_kwargs or {})
+    if img_size is not None:
+        kw["img_size"] = img_size  # --img-size wins over the same key in --model-kwargs
+    model = build_model(model_name, checkpoint, num_classes=num_classes, **kw)
+    from ..models.mobilevit import is_mobilevit
+
+    if is_mobilevit(model) and budget is None and r == 0:
+        return model  # the plain mobile baseline: exported as is
     rs = resolve_schedule(model, method, r, schedule, budget)
     vitmerge.apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
     return model
@@ -84,6 +91,24 @@ def resolve_schedule(model, method: str, r, schedule: str = "constant", budget: 
     raise ScheduleError(f"unknown --schedule {schedule!r}; use constant or decreasing")
 
 
+def parse_options(pairs: Optional[List[str]]) -> dict:
+    """['vocab=v.pt', 'bits=8'] -> {'vocab': 'v.pt', 'bits': 8} (values parsed as JSON where they parse)."""
+    import json
+
+    from ..errors import ScheduleError
+
+    out = {}
+    for item in pairs or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ScheduleError(f"--option takes KEY=VALUE (e.g. -O bits=8), got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_cmd(
@@ -97,6 +122,7 @@ def register(app: typer.Typer) -> None:
         img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the model's)"),
         num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size (default: from the checkpoint, else the model's)"),
         model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="Extra timm.create_model arguments as JSON (or a .json file), e.g. '{\"depth\": 6}'"),
+        option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="Method option KEY=VALUE, repeatable (e.g. -O bits=8, -O vocab=vocab.pt)"),
         prop_attn: bool = typer.Option(True, "--prop-attn/--no-prop-attn", help="Proportional attention (log token size added to attention logits)"),
         opset: int = typer.Option(18, "--opset", help="ONNX opset"),
         merge_op: str = typer.Option("standard", "--merge-op", help="Graph form of each merge: standard | native | plugin"),
@@ -118,8 +144,10 @@ def register(app: typer.Typer) -> None:
                 raise ScheduleError(f"unknown --merge-op {merge_op!r}; use standard, native or plugin")
             model = build_merged(model_name, checkpoint, method, r_spec, img_size, prop_attn=prop_attn,
                                  num_classes=num_classes, schedule=schedule, budget=budget,
-                                 model_kwargs=parse_json_option(model_kwargs, "--model-kwargs"))
-            console.print(token_table(model))
+                                 model_kwargs=parse_json_option(model_kwargs, "--model-kwargs"),
+                                 **parse_options(option))
+            if getattr(model, "vitmerge", None) is not None:
+                console.print(token_table(model))
             base, merged, ratio = flop_ratio(model)
             console.print(f"FLOPs/image: unmerged {base / 1e9:.3f} G, merged {merged / 1e9:.3f} G -> "
                           f"[bold]{ratio:.3f}x[/] fewer (the speed-up bound)")

@@ -66,6 +66,13 @@ def metadata(model: nn.Module) -> dict:
             "vitmerge.tokens_in": json.dumps(info.tokens_in),
             "vitmerge.tokens_out": json.dumps(info.tokens_out),
         })
+    try:  # the preprocessing the model expects: calibrate/eval read it from the file
+        from ..calibration.data import data_config
+
+        meta["vitmerge.data_config"] = json.dumps(data_config(model))
+    except Exception:  # not a model timm can describe: calibrate then asks for --config/--model
+        pass
+    if info is not None:
         try:  # method options travel with the graph (the plugin form re-runs the method with them)
             meta["vitmerge.options"] = json.dumps(info.options, sort_keys=True)
         except TypeError:

@@ -335,6 +335,20 @@ def _ones_size(e: _Emitter, x) -> "gs.Variable":
     return e.op("ConstantOfShape", [shape], {"value": one}, dtype=np.float32, shape=[x.shape[0], x.shape[1], 1])
 
 
+# Methods whose merge step is not (x, metric, size) -> (x', size'): evo updates every token through a
+# representative (inputs x, cls_attn; four outputs); vwt groups patches once before the encoder.
+_NO_SURGERY = {
+    "evo": "evo's slow-fast step keeps every token (inputs x and class attention, four outputs), not a TokenMerge",
+    "vwt": "vwt groups patches once before the encoder (vwt_merge), it has no per-block merge steps",
+}
+
+
+def _refuse_stepless(method: str, form: str) -> None:
+    if method in _NO_SURGERY:
+        raise SurgeryError(f"the {form} form does not exist for method {method!r}: {_NO_SURGERY[method]}; "
+                           "use --merge-op standard")
+
+
 def _need(m: MergeSubgraph, form: str) -> tuple[str, int]:
     if m.method is None or m.protected is None:
         raise SurgeryError(
@@ -354,6 +368,7 @@ def plugin_merge(graph, m: MergeSubgraph) -> None:
     import onnx_graphsurgeon as gs
 
     method, protected = _need(m, "plugin")
+    _refuse_stepless(method, "plugin")
     if method != "tome" and not m.options_known:
         raise SurgeryError(
             f"the plugin form re-runs method {method!r} from the node's attributes, but this file does not record "
@@ -448,6 +463,7 @@ def native_merge(graph, m: MergeSubgraph) -> None:
     """Rewrite one ToMe step into plugin-free ops: sums = W @ [x*size, size] (one batched MatMul)
     plus the B tokens at static rows, then x' = sums_x / sums_size."""
     method, protected = _need(m, "native")
+    _refuse_stepless(method, "native")
     if method != "tome":
         raise SurgeryError(
             f"the native form is implemented for method 'tome'; this graph uses {method!r}: "
@@ -570,6 +586,7 @@ def rewrite(in_path: str | Path, out_path: str | Path, form: str, check: bool = 
         with staged_output(out) as stage:
             _copy(src, out, stage)
         return RewriteResult(path=out, form=form, merges=0)
+    _refuse_stepless(graph.model_metadata.get("vitmerge.method", ""), form)
     merges = find_merges(graph)
     if not merges:
         r = json.loads(graph.model_metadata.get("vitmerge.r", "0") or "0")

@@ -67,6 +67,12 @@ def apply(
     if method not in merging.METHODS:
         raise ScheduleError(f"unknown merge method {method!r}; available: {', '.join(merging.available_methods())}")
     plan_fn = merging.METHODS[method][0]
+    check = getattr(plan_fn, "check_options", None)
+    if check is not None:
+        try:
+            check(**options)  # bad option values fail here, not at the first forward
+        except TypeError as e:  # an option name the method does not know
+            raise ScheduleError(f"method {method!r} got an unknown option ({e}); see docs/methods/{method}.md") from None
     if getattr(plan_fn, "pre_encoder", False):
         return _apply_pre_encoder(model, method, r, prop_attn, trace_source, options)
     if getattr(plan_fn, "needs_cls_attn", False):

@@ -7,8 +7,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    h, w = model.patch_embed.img_size
-    return (model.patch_embed.proj.in_channels, int(h), int(w))
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:  # MobileViT and other models without a ViT patch embedding: their configured size
+        from ..models.mobilevit import input_shape as configured_input_shape
+
+        return configured_input_shape(model)
+    h, w = pe.img_size
+    return (pe.proj.in_channels, int(h), int(w))
 
 
 @torch.no_grad()
@@ -41,12 +46,15 @@ def flop_ratio(model: nn.Module) -> tuple[int, int, float]:
     merged = count_flops(model)
     if info is None:
         return merged, merged, 1.0
-    saved = [b.token_merge.r for b in model.blocks]
+    from ..models.vit import merge_steps
+
+    steps = merge_steps(model)  # every blocks.N.token_merge, and vwt's pre-encoder step
+    saved = [s.r for s in steps]
     try:
-        for b in model.blocks:
-            b.token_merge.r = 0
+        for s in steps:
+            s.r = 0
         base = count_flops(model)
     finally:
-        for b, r in zip(model.blocks, saved):
-            b.token_merge.r = r
+        for s, r in zip(steps, saved):
+            s.r = r
     return base, merged, base / merged

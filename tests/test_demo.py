@@ -1,0 +1,31 @@
+"""The README's main job (`vitmerge demo`), end to end on a small setting."""
+import json
+
+import pytest
+
+from vitmerge import demo
+
+
+@pytest.mark.slow
+def test_full_demo_small(digits_model, tmp_path):
+    settings = demo.DemoSettings(out_dir=tmp_path / "report", methods=["tome"], budgets=[0.5], batches=[1, 2],
+                                 rounds=1, iters=1, calib_images=40, vit_s=False,
+                                 cache_root=digits_model.dir.parent)
+    res = demo.run(settings, say=lambda s: None)
+    data = json.loads(res.report_json.read_text())["data"]
+    rows = data["digits"]
+    assert set(rows) == {"unmerged", "tome@0.5", "unmerged int8", "tome@0.5 int8"}
+    # ONNX Runtime scores the exported unmerged model exactly as PyTorch scored it after training
+    assert rows["unmerged"]["top1"] == pytest.approx(digits_model.test_top1, abs=1 / 449 + 1e-9)
+    assert rows["unmerged"]["agreement"] == 1.0
+    assert rows["tome@0.5"]["flop_fraction"] <= 0.5 + 1e-6
+    assert rows["tome@0.5"]["top1"] >= rows["unmerged"]["top1"] - 0.05
+    for k in ("unmerged int8", "tome@0.5 int8"):
+        assert abs(rows[k]["top1"] - rows[k.replace(" int8", "")]["top1"]) <= 0.03
+        assert rows[k]["quantized_nodes"] > 0
+    for row in rows.values():
+        assert set(map(str, row["p50_ms"])) == {"1", "2"} and all(v > 0 for v in row["p50_ms"].values())
+    assert "energy: not measured" in res.report_md.read_text()
+    assert len(res.plots) == 2
+    for p in res.plots:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000

@@ -1,0 +1,180 @@
+"""The end-to-end demo behind `vitmerge demo` (README's main command): offline, CPU, a few minutes.
+
+1. the digits ViT (trained here on scikit-learn's bundled handwritten digits, cached);
+2. two merge methods at two FLOP budgets, each exported to ONNX and verified against PyTorch;
+3. top-1 of every variant in ONNX Runtime on the held-out digits (same images for all);
+4. INT8 QDQ calibration (unmerged and one merged model) and their accuracy;
+5. ONNX Runtime latency at batch 1 and 8, interleaved;
+6. a merge visualisation on a real photo (scikit-image's astronaut) with ViT-S/16;
+7. ViT-S/16 (random weights, said so): unmerged vs ToMe r=16 latency next to the FLOP bound;
+then report.json + report.md + PNG plots in one folder.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+@dataclass
+class DemoSettings:
+    out_dir: Path
+    methods: Sequence[str] = ("tome", "hash")
+    budgets: Sequence[float] = (0.75, 0.5)
+    batches: Sequence[int] = (1, 8)
+    rounds: int = 6
+    iters: int = 5
+    calib_images: int = 200
+    vit_s: bool = True  # the ViT-S/16 latency part (issue 2's embedded default)
+    vit_s_model: str = "vit_small_patch16_224"
+    vit_s_r: int = 16
+    cache_root: Optional[Path] = None
+
+
+@dataclass
+class DemoResult:
+    report_md: Path
+    report_json: Path
+    plots: List[Path]
+    data: Dict[str, Any] = field(default_factory=dict)
+
+
+def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=None) -> DemoResult:
+    import torch
+
+    import vitmerge
+    from .calibration import digits
+    from .calibration.data import open_dataset, transform_for, CALIBRATION_SPLITS
+    from .calibration.quantize import quantize
+    from .profiling.accuracy import budget_schedule, evaluate, ort_runner
+    from .profiling.flops import flop_ratio
+    from .profiling.plots import ParetoPoint, plot_latency_vs_r, plot_pareto
+    from .profiling.report import md_table, write_report
+    from .profiling.runtimes import ort_target, profile_targets
+
+    out = Path(settings.out_dir)
+    onnx_dir = out / "onnx"
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    data: Dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(settings).items()}}
+    sections: List[tuple] = []
+    plots: List[Path] = []
+
+    # 1. the digits model -------------------------------------------------------------------------
+    say("digits ViT: training on scikit-learn's handwritten digits (cached after the first run)")
+    dm = digits.cached(root=settings.cache_root)
+    say(f"  {dm.model_name} {dm.kwargs}: test top-1 {dm.test_top1:.2%} "
+        f"({'cached' if dm.cached else f'trained in {dm.train_seconds:.0f} s'})")
+    data["digits_model"] = {"name": dm.model_name, "kwargs": dm.kwargs, "test_top1_torch": dm.test_top1,
+                            "checkpoint": str(dm.checkpoint)}
+
+    # 2. methods x budgets -> verified ONNX files --------------------------------------------------
+    variants: Dict[str, Dict[str, Any]] = {}
+    base_model = dm.build()
+    res = vitmerge.export(base_model, onnx_dir / "digits_unmerged.onnx")
+    variants["unmerged"] = {"method": "none", "budget": 1.0, "r": [0] * len(base_model.blocks), "flop_fraction": 1.0,
+                            "path": res.path, "max_abs_diff": res.verification.max_abs_diff}
+    for method in settings.methods:
+        for budget in settings.budgets:
+            model = dm.build()
+            rs = budget_schedule(model, budget, method)
+            vitmerge.apply(model, method=method, r=rs)
+            base, merged, ratio = flop_ratio(model)
+            name = f"{method}@{budget:g}"
+            res = vitmerge.export(model, onnx_dir / f"digits_{method}_{int(budget * 100)}.onnx")
+            variants[name] = {"method": method, "budget": budget, "r": model.vitmerge.r, "flop_fraction": merged / base,
+                              "tokens_out": model.vitmerge.tokens_out, "path": res.path,
+                              "max_abs_diff": res.verification.max_abs_diff}
+            say(f"  exported {name}: r={model.vitmerge.r}, FLOPs {merged / base:.2f} of unmerged, "
+                f"ORT vs PyTorch max|diff| {res.verification.max_abs_diff:.1e}")
+
+    # 3. INT8 ---------------------------------------------------------------------------------------
+    tf = transform_for(base_model)
+    calib = open_dataset(dm.data_dir, prefer=CALIBRATION_SPLITS, transform=tf, limit=settings.calib_images)
+    test = open_dataset(dm.test_dir, transform=tf)
+    int8_of = ["unmerged", f"{settings.methods[0]}@{settings.budgets[-1]:g}"]
+    for name in int8_of:
+        src = Path(variants[name]["path"])
+        q = quantize(src, src.with_name(src.stem + ".int8.onnx"), calib, method="entropy")
+        variants[f"{name} int8"] = {**variants[name], "path": q.path, "precision": "int8",
+                                    "quantized_nodes": q.quantized_nodes}
+        say(f"  INT8 QDQ {name}: {q.quantized_nodes} quantized nodes, {q.images} calibration images")
+
+    # 4. accuracy in ONNX Runtime, every variant on the same images ---------------------------------
+    ev = evaluate({k: ort_runner(v["path"]) for k, v in variants.items()}, test, batch_size=64,
+                  progress=progress if progress is not None else False, description="ORT accuracy")
+    for k, acc in ev.models.items():
+        variants[k]["top1"] = acc.top1
+        variants[k]["agreement"] = acc.agreement
+
+    # 5. latency -------------------------------------------------------------------------------------
+    targets = [ort_target(v["path"], label=k) for k, v in variants.items()]
+    prof = profile_targets(targets, settings.batches, rounds=settings.rounds, iters=settings.iters)
+    for row in prof.rows:
+        variants[row.label].setdefault("p50_ms", {})[row.batch] = row.stats.p50
+        variants[row.label].setdefault("speedup", {})[row.batch] = row.speedup
+    data["digits"] = {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()} for k, v in variants.items()}
+    data["digits_test_images"] = ev.images
+
+    b0 = settings.batches[0]
+    rows = [[k, v.get("precision", "fp32"), str(v["r"]), v["flop_fraction"], 100 * v["top1"], 100 * v["agreement"],
+             *[v["p50_ms"][b] for b in settings.batches], *[v["speedup"][b] for b in settings.batches]]
+            for k, v in variants.items()]
+    sections.append(("Digits ViT: accuracy and ONNX Runtime latency", (
+        f"{ev.images} held-out digits images, the same for every row; latency: ONNX Runtime CPU medians, "
+        f"interleaved ({settings.rounds}x{settings.iters} calls per batch size).\n\n"
+        + md_table(["variant", "precision", "r per block", "FLOPs vs unmerged", "top-1 %", "agrees with unmerged %",
+                    *[f"p50 ms b={b}" for b in settings.batches], *[f"speed-up b={b}" for b in settings.batches]],
+                   rows))))
+    pts = [ParetoPoint(label=k, method=v["method"] + (" int8" if v.get("precision") else ""),
+                       latency_ms=v["p50_ms"][b0], accuracy=100 * v["top1"]) for k, v in variants.items()]
+    plots.append(plot_pareto(pts, out / "pareto_digits.png", title=f"Digits ViT: top-1 vs ORT latency (batch {b0})",
+                             accuracy_label="top-1 %"))
+
+    # 6. visualisation on a real photo ----------------------------------------------------------------
+    from .models.build import build_model
+    from .profiling.visualize import load_image, render, visualize_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vis_model = build_model(settings.vit_s_model)
+    vis = visualize_model(vis_model, load_image("skimage:astronaut"), method="tome", r=8)
+    plots.append(render(vis, out / "merge_astronaut.png",
+                        title=f"ToMe r=8 on {settings.vit_s_model} (random weights): {vis.n_groups} groups"))
+
+    # 7. ViT-S latency (random weights) ---------------------------------------------------------------
+    if settings.vit_s:
+        say(f"{settings.vit_s_model} (RANDOM weights: no hub downloads): unmerged vs ToMe r={settings.vit_s_r}")
+        vs = {}
+        for rr in (0, settings.vit_s_r):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m = build_model(settings.vit_s_model)
+            vitmerge.apply(m, r=rr)
+            _, _, bound = flop_ratio(m)
+            res = vitmerge.export(m, onnx_dir / f"{settings.vit_s_model}_r{rr}.onnx")
+            vs[f"r={rr}"] = {"path": res.path, "flop_bound": bound, "max_abs_diff": res.verification.max_abs_diff}
+            say(f"  exported r={rr}: ORT vs PyTorch max|diff| {res.verification.max_abs_diff:.1e}")
+        prof_s = profile_targets([ort_target(v["path"], label=k) for k, v in vs.items()], settings.batches,
+                                 rounds=settings.rounds, iters=settings.iters)
+        lat_rows = []
+        for row in prof_s.rows:
+            v = vs[row.label]
+            v.setdefault("p50_ms", {})[row.batch] = row.stats.p50
+            v.setdefault("speedup", {})[row.batch] = row.speedup
+            lat_rows.append({"runtime": "ORT CPU", "r": int(row.label[2:]), "p50_ms": row.stats.p50, "batch": row.batch})
+        data["vit_s"] = {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()} for k, v in vs.items()}
+        bound = vs[f"r={settings.vit_s_r}"]["flop_bound"]
+        sections.append((f"{settings.vit_s_model}: ToMe r={settings.vit_s_r} vs unmerged (random weights)", md_table(
+            ["batch", "unmerged p50 ms", f"r={settings.vit_s_r} p50 ms", "speed-up", "FLOP bound", "of bound"],
+            [[b, vs["r=0"]["p50_ms"][b], vs[f"r={settings.vit_s_r}"]["p50_ms"][b],
+              vs[f"r={settings.vit_s_r}"]["speedup"][b], bound, vs[f"r={settings.vit_s_r}"]["speedup"][b] / bound]
+             for b in settings.batches])))
+        plots.append(plot_latency_vs_r(lat_rows, out / "latency_vit_s.png", title=f"{settings.vit_s_model}: ORT CPU latency vs r"))
+
+    sections.append(("Energy", "energy: not measured (the demo times ONNX Runtime on the CPU; "
+                               "`vitmerge profile --energy` reads NVML/RAPL counters where the machine exposes them)"))
+    paths = write_report(out, "vitmerge demo", data, sections, plots=plots)
+    return DemoResult(report_md=paths.markdown, report_json=paths.json, plots=plots, data=data)
