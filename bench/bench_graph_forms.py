@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -34,13 +33,9 @@ from vitmerge.profiling.latency import interleaved
 
 
 def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from vitmerge.profiling.report import _cpu_model
+
+    return _cpu_model()
 
 
 def export_forms(model_name: str, r: int, out: Path, reuse: bool) -> tuple[dict, float, tuple]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import warnings
@@ -34,13 +33,9 @@ from reference_style import RefStyleViT  # noqa: E402
 
 
 def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from vitmerge.profiling.report import _cpu_model
+
+    return _cpu_model()
 
 
 def main():

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 
 
 @dataclass
@@ -43,7 +42,6 @@ class DemoResult:
 
 
 def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=None) -> DemoResult:
-    import torch
 
     import vitmerge
     from .calibration import digits

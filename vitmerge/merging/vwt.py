@@ -32,7 +32,6 @@ patches are identical (flat background), where a float sort's tie order is unspe
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional

@@ -9,8 +9,6 @@ Every function writes atomically (temporary file + rename) and returns the path 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,21 +28,15 @@ def _figure(width: float = 6.4, height: float = 4.2):
 
 
 def save_png(fig, path: PathLike) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        from .report import _umask
+    """Render ``fig`` as PNG and write it atomically (temporary file + rename)."""
+    import io
 
-        os.chmod(tmp, 0o666 & ~_umask())
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .report import atomic_write
+
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(path, buf.getvalue())
     return path
 
 
