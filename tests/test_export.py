@@ -239,3 +239,25 @@ def test_cli_export_method_options_and_img_size_in_kwargs(tmp_path):
     res = runner.invoke(app, ["export", "vit_tiny_patch16_224", *TINY, "--method", "hash", "-O", "bits=0", "--r", "4",
                               "-o", str(tmp_path / "bad.onnx")])
     assert res.exit_code == 2 and "bits" in res.output and not (tmp_path / "bad.onnx").exists()
+
+
+def test_budget_latency_schedule(tmp_path):
+    from vitmerge.commands.export import resolve_schedule
+    from vitmerge.errors import ScheduleError
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, img_size=64)  # 17 tokens
+    table = tmp_path / "lat.json"
+    table.write_text(json.dumps({str(n): float(n) for n in (1, 17)}))  # block latency linear in tokens
+    rs = resolve_schedule(model, "tome", 0, budget=0.6, budget_latency=table)
+    vitmerge.apply(model, r=rs)
+    # the same cost model, computed here by hand: mean of the latency at tokens in and out
+    cost = sum(n_in if e == 0 else 0.5 * (n_in + n_out) for n_in, e, n_out in model.vitmerge.tokens)
+    assert cost <= 0.6 * 4 * 17 and sum(rs) > 0
+    with pytest.raises(ScheduleError, match="needs --budget"):
+        resolve_schedule(model, "tome", 0, budget_latency=table)
+    table.write_text("[1, 2]")
+    with pytest.raises(ScheduleError, match="JSON object"):
+        resolve_schedule(model, "tome", 0, budget=0.5, budget_latency=table)
+    res = runner.invoke(app, ["export", "vit_tiny_patch16_224", *TINY, "--budget", "0.5", "--budget-latency",
+                              str(tmp_path / "none.json"), "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 2 and "does not exist" in res.output

@@ -54,7 +54,8 @@ def parse_json_option(text: Optional[str], what: str) -> dict:
 
 def build_merged(model_name: str, checkpoint: Optional[Path], method: str, r, img_size: Optional[int],
                  prop_attn: bool = True, num_classes: Optional[int] = None, schedule: str = "constant",
-                 budget: Optional[float] = None, model_kwargs: Optional[dict] = None, **options):
+                 budget: Optional[float] = None, model_kwargs: Optional[dict] = None,
+                 budget_latency: Optional[Path] = None, **options):
     """Build the timm model (local checkpoint or random), apply the method, return it."""
     import vitmerge
     from ..models.build import build_model
@@ -67,15 +68,42 @@ def build_merged(model_name: str, checkpoint: Optional[Path], method: str, r, im
 
     if is_mobilevit(model) and budget is None and r == 0:
         return model  # the plain mobile baseline: exported as is
-    rs = resolve_schedule(model, method, r, schedule, budget)
+    rs = resolve_schedule(model, method, r, schedule, budget, budget_latency)
     vitmerge.apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
     return model
 
 
-def resolve_schedule(model, method: str, r, schedule: str = "constant", budget: Optional[float] = None):
-    """--r / --schedule / --budget -> what ``vitmerge.apply`` takes."""
+def load_latency_table(path: Path) -> dict:
+    """A measured per-block latency table: JSON {"tokens": ms, ...} (e.g. {"197": 1.9, "99": 0.9})."""
+    import json
+
+    from ..errors import ScheduleError
+
+    try:
+        raw = json.loads(Path(path).read_text())
+        table = {int(k): float(v) for k, v in raw.items()}
+    except FileNotFoundError:
+        raise ScheduleError(f"--budget-latency table {str(path)!r} does not exist") from None
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ScheduleError(f"--budget-latency table {str(path)!r} must be a JSON object "
+                            f"{{\"token count\": milliseconds per block, ...}}: {e}") from None
+    if len(table) < 2:
+        raise ScheduleError(f"--budget-latency table {str(path)!r} needs at least two token counts to interpolate")
+    return table
+
+
+def resolve_schedule(model, method: str, r, schedule: str = "constant", budget: Optional[float] = None,
+                     budget_latency: Optional[Path] = None):
+    """--r / --schedule / --budget [--budget-latency TABLE] -> what ``vitmerge.apply`` takes."""
     from ..errors import ScheduleError
     from ..merging import schedule as sched
+    from ..models import num_tokens
+
+    if budget_latency is not None:
+        if budget is None:
+            raise ScheduleError("--budget-latency TABLE needs --budget F (the latency fraction to meet)")
+        return sched.solve_budget_latency(load_latency_table(budget_latency), budget, len(model.blocks),
+                                          num_tokens(model), int(model.num_prefix_tokens), method)
 
     if budget is not None:
         solve = getattr(sched, "solve_budget", None)
@@ -119,6 +147,7 @@ def register(app: typer.Typer) -> None:
         r: str = typer.Option("16", "--r", help="Tokens merged per block: one int, or one per block comma-separated; 0 = the plain model"),
         schedule: str = typer.Option("constant", "--schedule", help="constant | decreasing (ToMe's inflection schedule, mean r per block)"),
         budget: Optional[float] = typer.Option(None, "--budget", help="Target FLOP fraction of the unmerged model (e.g. 0.5); solves per-block r"),
+        budget_latency: Optional[Path] = typer.Option(None, "--budget-latency", help="With --budget: meet it in measured latency, from a JSON table {token count: ms per block}"),
         img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the model's)"),
         num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size (default: from the checkpoint, else the model's)"),
         model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="Extra timm.create_model arguments as JSON (or a .json file), e.g. '{\"depth\": 6}'"),
@@ -144,7 +173,7 @@ def register(app: typer.Typer) -> None:
                 raise ScheduleError(f"unknown --merge-op {merge_op!r}; use standard, native or plugin")
             model = build_merged(model_name, checkpoint, method, r_spec, img_size, prop_attn=prop_attn,
                                  num_classes=num_classes, schedule=schedule, budget=budget,
-                                 model_kwargs=parse_json_option(model_kwargs, "--model-kwargs"),
+                                 budget_latency=budget_latency, model_kwargs=parse_json_option(model_kwargs, "--model-kwargs"),
                                  **parse_options(option))
             if getattr(model, "vitmerge", None) is not None:
                 console.print(token_table(model))
