@@ -24,6 +24,18 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """On a shared, busy CPU two OpenMP threads spinning against other processes run these small
+    models several times slower than one; restored for the other test modules."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def digits_model(tmp_path_factory):
     from vitmerge.calibration import digits

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import pytest
-import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from vitmerge.calibration.quantize import merge_nodes
@@ -17,26 +14,10 @@ from vitmerge.exporter.verify import ort_session
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared, busy CPU two OpenMP threads spinning against other processes run these small
-    models several times slower than one; restored for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_images(test_dir):
-    """Independent reference input: PNGs read with PIL, scaled to [-1, 1] by hand."""
-    xs, ys = [], []
-    for cls_dir in sorted(test_dir.iterdir()):
-        for f in sorted(cls_dir.glob("*.png")):
-            a = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0
-            xs.append(((a - 0.5) / 0.5).transpose(2, 0, 1))
-            ys.append(int(cls_dir.name))
-    return np.stack(xs), np.array(ys)
-
+from plain_digits import load_digit_pngs as test_images  # noqa: E402
 
 test_images.__test__ = False  # a helper, not a test
 

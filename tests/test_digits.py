@@ -4,10 +4,8 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vitmerge
 from vitmerge.calibration import digits
@@ -15,30 +13,15 @@ from vitmerge.calibration.data import open_dataset, transform_for
 from vitmerge.profiling.accuracy import achieved_fraction, budget_schedule
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared, busy CPU two OpenMP threads spinning against other processes run these small
-    models several times slower than one; restored for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def load_test_images_plainly(test_dir):
-    """Independent of vitmerge's loaders: read the PNGs with PIL, scale to [-1, 1] by hand."""
-    xs, ys = [], []
-    for cls_dir in sorted(test_dir.iterdir()):
-        for f in sorted(cls_dir.glob("*.png")):
-            a = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0
-            xs.append(torch.from_numpy(((a - 0.5) / 0.5).transpose(2, 0, 1).copy()))
-            ys.append(int(cls_dir.name))
-    return torch.stack(xs), torch.tensor(ys)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def test_images(digits_model):
-    return load_test_images_plainly(digits_model.test_dir)
+    from plain_digits import load_digit_pngs
+
+    x, y = load_digit_pngs(digits_model.test_dir)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 @pytest.fixture(scope="module")

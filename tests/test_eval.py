@@ -17,14 +17,7 @@ from vitmerge.profiling.accuracy import evaluate, ort_runner, torch_runner
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared, busy CPU two OpenMP threads spinning against other processes run these small
-    models several times slower than one; restored for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def plain_top1_top5(model, test_dir):
