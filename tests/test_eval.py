@@ -5,9 +5,9 @@ import json
 import shutil
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from vitmerge.calibration.data import open_dataset, transform_for
@@ -22,15 +22,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def plain_top1_top5(model, test_dir):
     """Reference: PNGs read with PIL, scaled by hand, top-k counted with numpy."""
-    xs, ys = [], []
-    for cls_dir in sorted(test_dir.iterdir()):
-        for f in sorted(cls_dir.glob("*.png")):
-            a = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0
-            xs.append(((a - 0.5) / 0.5).transpose(2, 0, 1))
-            ys.append(int(cls_dir.name))
+    from plain_digits import load_digit_pngs
+
+    x, y = load_digit_pngs(test_dir)
     with torch.no_grad():
-        logits = model(torch.from_numpy(np.stack(xs))).numpy()
-    y = np.array(ys)
+        logits = model(torch.from_numpy(x)).numpy()
     order = np.argsort(-logits, axis=1)
     return float((order[:, 0] == y).mean()), float((order[:, :5] == y[:, None]).any(1).mean()), len(y)
 
