@@ -283,12 +283,9 @@ def train(output: str | Path, cfg: Optional[DigitsConfig] = None, force: bool = 
     meta = _read(out)
     if not force and _complete(out, meta, cfg.hash):
         return _result(out, meta, cached=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputPathError(f"cannot create {str(out)!r}: {e.strerror or e}") from None
-    if not os.access(out, os.W_OK):
-        raise OutputPathError(f"{str(out)!r} is not writable")
+    from .._io import writable_dir
+
+    writable_dir(out, "--output")
 
     stage = out / f".partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)

@@ -298,15 +298,9 @@ def package(
         raise ScheduleError(f"instance kind must be auto, cpu or gpu; got {instance_kind!r}")
     if instances < 1:
         raise ScheduleError(f"--instances must be >= 1; got {instances}")
-    repo = Path(repo)
-    if repo.exists() and not repo.is_dir():
-        raise OutputPathError(f"--repo {str(repo)!r} exists and is not a folder")
-    try:
-        repo.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputPathError(f"cannot create --repo {str(repo)!r}: {e.strerror or e}") from None
-    if not os.access(repo, os.W_OK):
-        raise OutputPathError(f"--repo {str(repo)!r} is not writable")
+    from .._io import writable_dir
+
+    repo = writable_dir(repo, "--repo")
     final = repo / name
     if final.exists() and not overwrite:
         raise OutputPathError(f"{str(final)!r} already exists; pass --overwrite to replace it, or choose another --name")

@@ -18,7 +18,6 @@ from importlib import metadata as _md
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..errors import OutputPathError
 
 Section = Tuple[str, str]  # (heading, markdown body)
 
@@ -213,16 +212,9 @@ def atomic_write(path: Path, data: Union[str, bytes]) -> None:
 
 def prepare_dir(directory: Union[str, Path]) -> Path:
     """Create the report folder (and parents); clear error when that is not possible."""
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise OutputPathError(f"report folder {str(d)!r} exists and is not a folder; choose another --report-dir")
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputPathError(f"cannot create report folder {str(d)!r}: {e.strerror or e}") from None
-    if not os.access(d, os.W_OK):
-        raise OutputPathError(f"report folder {str(d)!r} is not writable")
-    return d
+    from .._io import writable_dir
+
+    return writable_dir(directory, "report folder")
 
 
 @dataclasses.dataclass
