@@ -38,9 +38,10 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
 from ..errors import VitmergeError
+from .verify import CUSTOM_DOMAIN
 
 FORMS = ("standard", "native", "plugin")
-DOMAIN = "vitmerge"  # custom-op domain of the TokenMerge node
+DOMAIN = CUSTOM_DOMAIN  # custom-op domain of the TokenMerge node
 OP_TYPE = "TokenMerge"  # (x, metric, size) -> (x', size')
 OP_TYPE_CLS = "TokenMergeCls"  # (x, metric, size, cls_attn) -> (x', size'): methods that read class attention
 PLUGIN_OPS = (OP_TYPE, OP_TYPE_CLS)

@@ -56,7 +56,9 @@ def uses_custom_ops(path: str | Path) -> bool:
     return any(o.domain == CUSTOM_DOMAIN for o in proto.opset_import)
 
 
-def ort_session(path: str | Path, threads: int = 0, optimization: str = "all"):
+def ort_session(path: str | Path, threads: int = 0, optimization: str = "all", providers=None):
+    """An ONNX Runtime session (CPU unless ``providers`` says otherwise); the vitmerge::TokenMerge
+    kernels are registered when the graph holds such nodes."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -73,7 +75,7 @@ def ort_session(path: str | Path, threads: int = 0, optimization: str = "all"):
         from .. import plugins
 
         plugins.register_ort(so)  # the vitmerge::TokenMerge kernel for ONNX Runtime
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def check_onnx(path: str | Path) -> None:

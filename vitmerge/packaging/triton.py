@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from ..errors import ModelNotFoundError, OutputPathError, RuntimeMissingError, ScheduleError
+from ..exporter.verify import CUSTOM_DOMAIN
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 TRT_PLATFORM = "tensorrt_plan"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-CUSTOM_DOMAIN = "vitmerge"
 
 # ONNX TensorProto element type -> Triton DataType
 ONNX_TO_TRITON = {

@@ -32,7 +32,6 @@ from .latency import LatencyStats, interleaved
 RUNTIMES = ("torch", "ort", "ort-cuda", "trt")
 TIMM_PREFIX = "timm:"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-CUSTOM_DOMAIN = "vitmerge"
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -78,17 +77,6 @@ class Target:
 # ------------------------------------------------------------------------------------- helpers
 
 
-def custom_node_count(path: str | Path) -> int:
-    """Number of nodes in the vitmerge custom domain (``vitmerge::TokenMerge``), functions included."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    nodes = list(model.graph.node)
-    for fn in model.functions:
-        nodes += list(fn.node)
-    return sum(1 for n in nodes if n.domain == CUSTOM_DOMAIN)
-
-
 def onnx_info(path: str | Path) -> Dict[str, Any]:
     """The merge schedule vitmerge stored in the file's metadata (empty for foreign files)."""
     import onnx
@@ -118,42 +106,13 @@ def _check_file(path: Path, what: str) -> None:
         raise ModelNotFoundError(f"{what} {str(path)!r} is not a file")
 
 
-def _register_custom_ops(so, path: Path) -> None:
-    """Graphs with vitmerge::TokenMerge nodes need the plugin kernels registered on the session."""
-    try:
-        from .. import plugins
-    except ImportError:
-        plugins = None
-    hook = getattr(plugins, "register_ort", None) if plugins is not None else None
-    if hook is None:
-        raise RuntimeMissingError(
-            f"{path.name} contains vitmerge::TokenMerge custom nodes, but this vitmerge has no ONNX Runtime "
-            "kernel for them (vitmerge.plugins.register_ort). Profile the plain export instead "
-            "(vitmerge export --merge-op standard or native)."
-        )
-    hook(so)
-
-
 def make_ort_session(path: str | Path, providers: Sequence[Any], threads: int = 0):
     """An ONNX Runtime session for ``path``; TokenMerge custom ops registered when the graph has them."""
-    import onnxruntime as ort
-
     from ..exporter.verify import ort_session
 
     path = Path(path)
-    custom = custom_node_count(path)
-    plain_cpu = [p if isinstance(p, str) else p[0] for p in providers] == ["CPUExecutionProvider"]
     try:
-        if not custom and plain_cpu:
-            return ort_session(path, threads=threads)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        if custom:
-            _register_custom_ops(so, path)
-        return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+        return ort_session(path, threads=threads, providers=providers)
     except VitmergeError:
         raise
     except Exception as e:
@@ -629,6 +588,6 @@ def write_profile_report(result: ProfileResult, report_dir, title: str = "vitmer
 
 __all__ = [
     "RUNTIMES", "Target", "open_target", "ort_target", "torch_target", "trt_target", "make_ort_session",
-    "custom_node_count", "onnx_info", "profile_targets", "profile_sections", "ProfileResult", "ProfileRow",
+    "onnx_info", "profile_targets", "profile_sections", "ProfileResult", "ProfileRow",
     "engine_metadata_path", "load_engine_metadata", "plugin_libraries", "default_runtime", "write_profile_report",
 ]
