@@ -56,7 +56,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
     out = Path(settings.out_dir)
     onnx_dir = out / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    data: Dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(settings).items()}}
+    data: Dict[str, Any] = {"settings": vars(settings)}
     sections: List[tuple] = []
     plots: List[Path] = []
 
@@ -113,7 +113,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
     for row in prof.rows:
         variants[row.label].setdefault("p50_ms", {})[row.batch] = row.stats.p50
         variants[row.label].setdefault("speedup", {})[row.batch] = row.speedup
-    data["digits"] = {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()} for k, v in variants.items()}
+    data["digits"] = variants  # write_report turns paths and numbers into JSON
     data["digits_test_images"] = ev.images
 
     b0 = settings.batches[0]
@@ -145,34 +145,54 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
     # 7. ViT-S latency (random weights) ---------------------------------------------------------------
     if settings.vit_s:
         say(f"{settings.vit_s_model} (RANDOM weights: no hub downloads): unmerged vs ToMe r={settings.vit_s_r}")
-        vs = {}
-        for rr in (0, settings.vit_s_r):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                m = build_model(settings.vit_s_model)
-            vitmerge.apply(m, r=rr)
-            _, _, bound = flop_ratio(m)
-            res = vitmerge.export(m, onnx_dir / f"{settings.vit_s_model}_r{rr}.onnx")
-            vs[f"r={rr}"] = {"path": res.path, "flop_bound": bound, "max_abs_diff": res.verification.max_abs_diff}
-            say(f"  exported r={rr}: ORT vs PyTorch max|diff| {res.verification.max_abs_diff:.1e}")
-        prof_s = profile_targets([ort_target(v["path"], label=k) for k, v in vs.items()], settings.batches,
-                                 rounds=settings.rounds, iters=settings.iters)
-        lat_rows = []
-        for row in prof_s.rows:
-            v = vs[row.label]
-            v.setdefault("p50_ms", {})[row.batch] = row.stats.p50
-            v.setdefault("speedup", {})[row.batch] = row.speedup
-            lat_rows.append({"runtime": "ORT CPU", "r": int(row.label[2:]), "p50_ms": row.stats.p50, "batch": row.batch})
-        data["vit_s"] = {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()} for k, v in vs.items()}
-        bound = vs[f"r={settings.vit_s_r}"]["flop_bound"]
-        sections.append((f"{settings.vit_s_model}: ToMe r={settings.vit_s_r} vs unmerged (random weights)", md_table(
-            ["batch", "unmerged p50 ms", f"r={settings.vit_s_r} p50 ms", "speed-up", "FLOP bound", "of bound"],
-            [[b, vs["r=0"]["p50_ms"][b], vs[f"r={settings.vit_s_r}"]["p50_ms"][b],
-              vs[f"r={settings.vit_s_r}"]["speedup"][b], bound, vs[f"r={settings.vit_s_r}"]["speedup"][b] / bound]
-             for b in settings.batches])))
-        plots.append(plot_latency_vs_r(lat_rows, out / "latency_vit_s.png", title=f"{settings.vit_s_model}: ORT CPU latency vs r"))
+        lat = vit_latency(settings.vit_s_model, settings.vit_s_r, settings.batches, onnx_dir,
+                          rounds=settings.rounds, iters=settings.iters, say=say)
+        data["vit_s"] = lat
+        rr = settings.vit_s_r
+        sections.append((f"{settings.vit_s_model}: ToMe r={rr} vs unmerged (random weights)", md_table(
+            ["batch", "unmerged p50 ms", f"r={rr} p50 ms", "speed-up", "FLOP bound", "of bound"],
+            [[row["batch"], row["unmerged_p50_ms"], row["merged_p50_ms"], row["speedup"], lat["flop_ratio"],
+              row["fraction_of_bound"]] for row in lat["latency"]])))
+        plot_rows = [{"runtime": "ORT CPU", "r": r_, "p50_ms": row[key], "batch": row["batch"]}
+                     for row in lat["latency"] for r_, key in ((0, "unmerged_p50_ms"), (rr, "merged_p50_ms"))]
+        plots.append(plot_latency_vs_r(plot_rows, out / "latency_vit_s.png",
+                                       title=f"{settings.vit_s_model}: ORT CPU latency vs r"))
 
     sections.append(("Energy", "energy: not measured (the demo times ONNX Runtime on the CPU; "
                                "`vitmerge profile --energy` reads NVML/RAPL counters where the machine exposes them)"))
     paths = write_report(out, "vitmerge demo", data, sections, plots=plots)
     return DemoResult(report_md=paths.markdown, report_json=paths.json, plots=plots, data=data)
+
+
+def vit_latency(model_name: str, r: int, batches: Sequence[int], onnx_dir: Path, rounds: int = 6, iters: int = 5,
+                checkpoint: Optional[Path] = None, model_kwargs: Optional[dict] = None,
+                say: Callable[[str], None] = print, on_round: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
+    """Export ``model_name`` unmerged and with ToMe r (both verified), time them interleaved in ONNX
+    Runtime CPU per batch size; returns the numbers next to the FLOP bound."""
+    import vitmerge
+    from .models.build import build_model
+    from .profiling.flops import flop_ratio
+    from .profiling.runtimes import ort_target, profile_targets
+
+    paths, bound = {}, 1.0
+    for name, rr in (("unmerged", 0), (f"tome_r{r}", r)):
+        model = build_model(model_name, checkpoint, **(model_kwargs or {}))
+        vitmerge.apply(model, method="tome", r=rr)
+        if rr:
+            _, _, bound = flop_ratio(model)
+        res = vitmerge.export(model, Path(onnx_dir) / f"{model_name}_{name}.onnx")
+        v = res.verification
+        say(f"  exported {name}: tokens {model.vitmerge.tokens_in[0]} -> {model.vitmerge.tokens_out[-1]}, "
+            f"ORT vs PyTorch max|diff| {v.max_abs_diff:.1e}, top-1 agreement {v.top1_agreement:.0%}")
+        paths[name] = res.path
+    prof = profile_targets([ort_target(p, label=k) for k, p in paths.items()], batches, rounds=rounds, iters=iters,
+                           on_round=on_round)
+    p50 = {(row.label, row.batch): row.stats.p50 for row in prof.rows}
+    rows = []
+    for b in batches:
+        base, merged = p50[("unmerged", b)], p50[(f"tome_r{r}", b)]
+        rows.append({"batch": b, "unmerged_p50_ms": base, "merged_p50_ms": merged, "speedup": base / merged,
+                     "fraction_of_bound": base / merged / bound})
+    return {"model": model_name, "r": r, "flop_ratio": bound,
+            "weights": str(checkpoint) if checkpoint else "random (no --checkpoint)",
+            "onnx": {k: str(p) for k, p in paths.items()}, "latency": rows}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, List
+from pathlib import Path
+from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -64,4 +65,49 @@ def int_list(text: str, what: str = "value") -> List[int]:
         raise fail(f"{what} must be comma-separated integers like 1,8,64; got {text!r}") from None
     if not out:
         raise fail(f"{what} is empty; give comma-separated integers like 1,8,64")
+    return out
+
+
+def parse_r_option(text: str):
+    """'16' -> 16; '8,8,4,...' -> per-block list."""
+    text = text.strip()
+    if "," in text:
+        return int_list(text, "--r")
+    try:
+        return int(text)
+    except ValueError:
+        raise fail(f"--r must be an integer or one integer per block separated by commas; got {text!r}") from None
+
+
+def parse_json_option(text: Optional[str], what: str) -> dict:
+    """'{"depth": 4}' -> dict, or the contents of a .json file."""
+    import json
+
+    if not text:
+        return {}
+    src = Path(text).read_text() if text.endswith(".json") and Path(text).is_file() else text
+    try:
+        out = json.loads(src)
+    except json.JSONDecodeError as e:
+        raise VitmergeError(f"{what} must be a JSON object like '{{\"depth\": 6}}' or a .json file; {e}") from None
+    if not isinstance(out, dict):
+        raise VitmergeError(f"{what} must be a JSON object, got {type(out).__name__}")
+    return out
+
+
+def parse_options(pairs: Optional[List[str]]) -> dict:
+    """['vocab=v.pt', 'bits=8'] -> {'vocab': 'v.pt', 'bits': 8} (values parsed as JSON where they parse)."""
+    import json
+
+    from ..errors import ScheduleError
+
+    out = {}
+    for item in pairs or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ScheduleError(f"--option takes KEY=VALUE (e.g. -O bits=8), got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
     return out

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 import typer
@@ -32,60 +31,27 @@ def register(app: typer.Typer) -> None:
         latency in ONNX Runtime -> report with plots; plus ViT-S/16 (random weights) ToMe r=16 latency vs the FLOP bound."""
         if not latency_only:
             return _full_demo(out_dir, methods, budgets, batches, rounds, iters, not no_vit_s, model_name, r)
-        import numpy as np
 
-        import vitmerge
-        from ..exporter.verify import ort_session
-        from ..models.build import build_model
-        from ..profiling.flops import flop_ratio, input_shape
-        from ..profiling.latency import interleaved
-
-        from .export import parse_json_option
+        from .. import demo
+        from ..profiling.report import atomic_write
+        from ._common import parse_json_option
 
         bs = int_list(batches, "--batch")
         with user_errors(), loud_warnings():
             kw = parse_json_option(model_kwargs, "--model-kwargs")
             out_dir.mkdir(parents=True, exist_ok=True)
-            paths, ratio = {}, 1.0
-            for name, rr in (("unmerged", 0), (f"tome_r{r}", r)):
-                model = build_model(model_name, checkpoint, **kw)
-                vitmerge.apply(model, method="tome", r=rr)
-                if rr:
-                    _, _, ratio = flop_ratio(model)
-                with console.status(f"exporting {name}") as st:
-                    res = vitmerge.export(model, out_dir / f"{model_name}_{name}.onnx",
-                                          on_step=lambda s: st.update(f"{name}: {s}"))
-                v = res.verification
-                console.print(f"[green]✓[/] {res.path}  tokens {model.vitmerge.tokens_in[0]} -> "
-                              f"{model.vitmerge.tokens_out[-1]}, ORT vs PyTorch max|diff| {v.max_abs_diff:.1e}, "
-                              f"top-1 agreement {v.top1_agreement:.0%}")
-                paths[name] = res.path
-            shape = input_shape(model)
-            sessions = {k: ort_session(p) for k, p in paths.items()}
-            rows = []
             with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as prog:
-                for b in bs:
-                    x = np.random.default_rng(0).standard_normal((b, *shape), dtype=np.float32)
-                    task = prog.add_task(f"ONNX Runtime CPU, batch {b}", total=rounds)
-                    stats = interleaved({k: (lambda s=s: s.run(None, {"images": x})) for k, s in sessions.items()},
-                                        rounds=rounds, iters=iters, progress=lambda: prog.advance(task))
-                    base, merged = stats["unmerged"], stats[f"tome_r{r}"]
-                    rows.append({"batch": b, "unmerged_p50_ms": base.p50, "merged_p50_ms": merged.p50,
-                                 "speedup": base.p50 / merged.p50, "flop_ratio": ratio,
-                                 "fraction_of_bound": base.p50 / merged.p50 / ratio})
+                task = prog.add_task("ONNX Runtime CPU, interleaved", total=rounds * len(bs))
+                lat = demo.vit_latency(model_name, r, bs, out_dir, rounds=rounds, iters=iters, checkpoint=checkpoint,
+                                       model_kwargs=kw, say=console.print, on_round=lambda: prog.advance(task))
             t = Table(title=f"{model_name}: ToMe r={r} vs unmerged, ONNX Runtime CPU (medians, interleaved)")
             for col in ("batch", "unmerged p50 ms", f"r={r} p50 ms", "speed-up", "FLOP bound", "of bound"):
                 t.add_column(col, justify="right")
-            for row in rows:
+            for row in lat["latency"]:
                 t.add_row(str(row["batch"]), f"{row['unmerged_p50_ms']:.1f}", f"{row['merged_p50_ms']:.1f}",
-                          f"{row['speedup']:.2f}x", f"{ratio:.2f}x", f"{row['fraction_of_bound']:.0%}")
+                          f"{row['speedup']:.2f}x", f"{lat['flop_ratio']:.2f}x", f"{row['fraction_of_bound']:.0%}")
             console.print(t)
-            report = {"model": model_name, "weights": str(checkpoint) if checkpoint else "random (no --checkpoint)",
-                      "r": r, "flop_ratio": ratio, "machine": platform.processor() or platform.machine(),
-                      "onnx": {k: str(p) for k, p in paths.items()}, "latency": rows}
-            tmp = out_dir / ".demo.json.tmp"
-            tmp.write_text(json.dumps(report, indent=2))
-            tmp.replace(out_dir / "demo.json")
+            atomic_write(out_dir / "demo.json", json.dumps(lat, indent=2))
             console.print(f"report: {out_dir / 'demo.json'}")
 
 

@@ -23,7 +23,7 @@ def resolve_model(model_name: Optional[str], checkpoint: Optional[Path], config:
     options win over it.
     """
     from ..errors import VitmergeError
-    from .export import parse_json_option
+    from ._common import parse_json_option
 
     kwargs: Dict[str, Any] = {}
     data_dir = None
@@ -42,12 +42,10 @@ def resolve_model(model_name: Optional[str], checkpoint: Optional[Path], config:
 
 
 def _schedule(model, method: str, r: Optional[str], schedule: str, budget: Optional[float], options: dict):
-    from ..profiling.accuracy import budget_schedule
-    from .export import parse_r_option, resolve_schedule
+    from ._common import parse_r_option
+    from .export import resolve_schedule
 
-    if budget is not None:
-        return budget_schedule(model, budget, method, **options)
-    return resolve_schedule(model, method, parse_r_option(r), schedule, None)
+    return resolve_schedule(model, method, parse_r_option(r) if budget is None else 0, schedule, budget, **options)
 
 
 def accuracy_table(result, flops: Dict[str, Dict[str, float]]) -> Table:
@@ -149,7 +147,7 @@ def register(app: typer.Typer) -> None:
             flops = {"unmerged": {"flops": count_flops(model), "fraction": 1.0}}
             info, opts, r_used = None, {}, None
             if r is not None or budget is not None:
-                from .export import parse_options
+                from ._common import parse_options
 
                 opts = parse_options(option)
                 merged = copy.deepcopy(model)

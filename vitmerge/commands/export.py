@@ -8,20 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, int_list, loud_warnings, user_errors
-
-
-def parse_r_option(text: str):
-    """'16' -> 16; '8,8,4,...' -> per-block list."""
-    text = text.strip()
-    if "," in text:
-        return int_list(text, "--r")
-    try:
-        return int(text)
-    except ValueError:
-        from ._common import fail
-
-        raise fail(f"--r must be an integer or one integer per block separated by commas; got {text!r}") from None
+from ._common import console, int_list, loud_warnings, parse_json_option, parse_options, parse_r_option, user_errors
 
 
 def token_table(model) -> Table:
@@ -32,24 +19,6 @@ def token_table(model) -> Table:
     for i, ((n_in, removed, n_out), asked) in enumerate(zip(info.tokens, info.r)):
         t.add_row(str(i), str(n_in), str(asked), str(removed), str(n_out))
     return t
-
-
-def parse_json_option(text: Optional[str], what: str) -> dict:
-    """'{"depth": 4}' -> dict, or the contents of a .json file."""
-    import json
-
-    from ..errors import VitmergeError
-
-    if not text:
-        return {}
-    src = Path(text).read_text() if text.endswith(".json") and Path(text).is_file() else text
-    try:
-        out = json.loads(src)
-    except json.JSONDecodeError as e:
-        raise VitmergeError(f"{what} must be a JSON object like '{{\"depth\": 6}}' or a .json file; {e}") from None
-    if not isinstance(out, dict):
-        raise VitmergeError(f"{what} must be a JSON object, got {type(out).__name__}")
-    return out
 
 
 def build_merged(model_name: str, checkpoint: Optional[Path], method: str, r, img_size: Optional[int],
@@ -68,7 +37,7 @@ def build_merged(model_name: str, checkpoint: Optional[Path], method: str, r, im
 
     if is_mobilevit(model) and budget is None and r == 0:
         return model  # the plain mobile baseline: exported as is
-    rs = resolve_schedule(model, method, r, schedule, budget, budget_latency)
+    rs = resolve_schedule(model, method, r, schedule, budget, budget_latency, **options)
     vitmerge.apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
     return model
 
@@ -93,7 +62,7 @@ def load_latency_table(path: Path) -> dict:
 
 
 def resolve_schedule(model, method: str, r, schedule: str = "constant", budget: Optional[float] = None,
-                     budget_latency: Optional[Path] = None):
+                     budget_latency: Optional[Path] = None, **options):
     """--r / --schedule / --budget [--budget-latency TABLE] -> what ``vitmerge.apply`` takes."""
     from ..errors import ScheduleError
     from ..merging import schedule as sched
@@ -106,35 +75,12 @@ def resolve_schedule(model, method: str, r, schedule: str = "constant", budget: 
                                           num_tokens(model), int(model.num_prefix_tokens), method)
 
     if budget is not None:
-        solve = getattr(sched, "solve_budget", None)
-        if solve is None:
-            raise ScheduleError("--budget needs the budget solver, which this build does not have")
-        return solve(model, budget, method=method)
+        from ..profiling.accuracy import budget_schedule
+
+        return budget_schedule(model, budget, method, **options)
     if schedule == "constant":
-        return r
-    if schedule == "decreasing":
-        if not isinstance(r, int):
-            raise ScheduleError("--schedule decreasing takes one --r (the mean r per block), not a list")
-        return (r, -1.0)
-    raise ScheduleError(f"unknown --schedule {schedule!r}; use constant or decreasing")
-
-
-def parse_options(pairs: Optional[List[str]]) -> dict:
-    """['vocab=v.pt', 'bits=8'] -> {'vocab': 'v.pt', 'bits': 8} (values parsed as JSON where they parse)."""
-    import json
-
-    from ..errors import ScheduleError
-
-    out = {}
-    for item in pairs or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ScheduleError(f"--option takes KEY=VALUE (e.g. -O bits=8), got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+        return r  # as given: an int, or one r per block (vwt takes its single r as is)
+    return sched.parse_schedule(len(model.blocks), r, schedule)
 
 
 def register(app: typer.Typer) -> None:

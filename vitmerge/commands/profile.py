@@ -7,13 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, int_list, loud_warnings, user_errors
-
-
-def _r_spec(text: str):
-    from .export import parse_r_option
-
-    return parse_r_option(text)
+from ._common import console, err_console, fail, int_list, loud_warnings, parse_r_option, user_errors
 
 
 def _ms(v: float) -> str:
@@ -70,7 +64,7 @@ def register(app: typer.Typer) -> None:
 
         batches = int_list(batch, "--batch")
         runtimes = [s.strip() for s in runtime.split(",") if s.strip()] if runtime else [None]
-        r_spec = _r_spec(r)
+        r_spec = parse_r_option(r)
         if device not in ("auto", "cpu", "cuda"):
             raise fail(f"--device must be auto, cpu or cuda; got {device!r}")
         if energy_seconds <= 0:

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         """Draw which patches merged into the same final token (ToMe-style: each group in its mean colour, outlined)."""
         from ..models.build import build_model
         from ..profiling.visualize import load_image, render, visualize_model
-        from .export import parse_r_option
+        from ._common import parse_r_option
 
         r_spec = parse_r_option(r)
         name = model_name[len("timm:"):] if model_name.startswith("timm:") else model_name

@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
                 raise ScheduleError(f"--num must be at least 1, got {num}")
             if max_patches < words:
                 raise ScheduleError(f"--max-patches ({max_patches}) must be at least --words ({words})")
-            from .export import parse_json_option
+            from ._common import parse_json_option
 
             kwargs = parse_json_option(model_kwargs, "--model-kwargs")
             if img_size is not None:

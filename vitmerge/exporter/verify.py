@@ -73,8 +73,14 @@ def ort_session(path: str | Path, threads: int = 0, optimization: str = "all", p
     so.log_severity_level = 3
     if uses_custom_ops(path):
         from .. import plugins
+        from ..errors import RuntimeMissingError
 
-        plugins.register_ort(so)  # the vitmerge::TokenMerge kernel for ONNX Runtime
+        register = getattr(plugins, "register_ort", None)
+        if register is None:
+            raise RuntimeMissingError(
+                f"{Path(path).name} contains vitmerge::TokenMerge custom nodes, but this vitmerge has no ONNX Runtime "
+                "kernel for them (vitmerge.plugins.register_ort); use a standard or native export instead")
+        register(so)  # the vitmerge::TokenMerge kernel for ONNX Runtime
     return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or ["CPUExecutionProvider"]))
 
 

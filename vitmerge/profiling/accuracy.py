@@ -207,13 +207,8 @@ def budget_schedule(model: nn.Module, fraction: float, method: str = "tome", **o
     """
     from ..merging import schedule as sched
 
-    solve = getattr(sched, "solve_budget", None)
-    if solve is not None and not _pre_encoder(method):
-        try:
-            return list(solve(model, fraction, method=method))
-        except ScheduleError as e:
-            if "budget" in str(e) and "fraction" in str(e):
-                raise  # a bad fraction: the same for any solver
+    if method in sched.MATCH_FLOPS and not _pre_encoder(method):
+        return list(sched.solve_budget(model, fraction, method=method))
     return constant_r_for_budget(model, fraction, method, **options)
 
 
