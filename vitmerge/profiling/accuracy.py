@@ -282,16 +282,10 @@ def constant_r_for_budget(model: nn.Module, fraction: float, method: str = "tome
 
 def achieved_fraction(model: nn.Module) -> float:
     """FLOPs of the merged model over the unmerged one, both counted by running them (batch 1)."""
-    import copy
+    from .flops import flop_ratio
 
-    import vitmerge
-    from .flops import count_flops
-
-    merged = count_flops(model)
-    if getattr(model, "vitmerge", None) is None:
-        return 1.0
-    plain = vitmerge.remove(copy.deepcopy(model))
-    return merged / count_flops(plain)
+    base, merged, _ = flop_ratio(model)
+    return merged / base
 
 
 __all__ = ["Runner", "torch_runner", "ort_runner", "ModelAccuracy", "EvalResult", "evaluate", "check_classes",
