@@ -36,10 +36,11 @@ import torch  # noqa: E402
 
 import vitmerge  # noqa: E402
 from vitmerge import merging  # noqa: E402
-from vitmerge.calibration.data import CALIBRATION_SPLITS, open_dataset, transform_for  # noqa: E402
+from vitmerge.data import CALIBRATION_SPLITS, open_dataset, transform_for  # noqa: E402
 from vitmerge.errors import VitmergeError  # noqa: E402
-from vitmerge.profiling.accuracy import (achieved_fraction, budget_schedule, check_classes, evaluate,  # noqa: E402
-                                         torch_runner)
+from vitmerge.backends import TorchRunner  # noqa: E402
+from vitmerge.models.budget import achieved_fraction, budget_schedule  # noqa: E402
+from vitmerge.profiling.accuracy import check_classes, evaluate  # noqa: E402
 
 BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
 
@@ -49,7 +50,7 @@ def vwt_vocabulary(model, calib_root: Optional[Path], words: int):
     if calib_root is None:
         return None, "no separate calibration split (train/) to build a vocabulary from"
     try:
-        from vitmerge.commands.vocab import build_vocabulary, find_images
+        from vitmerge.calibration.vocabulary import build_vocabulary, find_images
     except ImportError as e:
         return None, f"vocabulary builder not available ({e})"
     files = find_images(calib_root)
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     from vitmerge.models.build import build_model
 
     if args.model is None:
-        from vitmerge.calibration import digits
+        from vitmerge.demo import digits
 
         t0 = time.perf_counter()
         dm = digits.cached()
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         label = (f"digits ViT ({name}, {kwargs['img_size']} px, patch {kwargs['patch_size']}, depth {kwargs['depth']}, "
                  f"dim {kwargs['embed_dim']})")
     else:
-        from vitmerge.commands.export import parse_json_option
+        from vitmerge.commands._common import parse_json_option
 
         if args.data is None:
             ap.error("--data is required with --model")
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------ models at each target
     wanted = args.methods.split(",") if args.methods else sorted(merging.available_methods(), key=lambda m: (m != "tome", m))
-    runners = {"unmerged": torch_runner(base)}
+    runners = {"unmerged": TorchRunner(base, device="cpu")}
     rows, skipped = [], []
     for method in wanted:
         if method not in merging.METHODS:
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
                 except (VitmergeError, ValueError, TypeError, RuntimeError) as e:
                     skipped.append((key, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
                     continue
-                runners[key] = torch_runner(m)
+                runners[key] = TorchRunner(m, device="cpu")
                 info = m.vitmerge
                 rows.append({"key": key, "method": method, "variant": vlabel, "target": f, "r": r,
                              "tokens_last_block": info.tokens_out[-1], "tokens_in": info.tokens_in[0],

@@ -6,7 +6,7 @@ Exports the model unmerged (r=0) and merged (standard form), rewrites the merged
 native and plugin forms (vitmerge.exporter.surgery), checks that all three forms give the same
 logits, then times all four graphs in interleaved rounds (each round runs every graph in turn, so
 machine noise hits them alike). Prints medians, the speed-up over the unmerged model and the
-fraction of the FLOP bound (vitmerge.profiling.flops.flop_ratio) each form reaches.
+fraction of the FLOP bound (vitmerge.models.flops.flop_ratio) each form reaches.
 
 The plugin form runs its TokenMerge nodes through onnxruntime-extensions' Python-op bridge, which
 copies every output through Python lists: it measures that bridge, not what a compiled kernel could do.
@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 import vitmerge
-from vitmerge.exporter import ort_session
-from vitmerge.exporter.surgery import compare, rewrite
+from vitmerge.backends.ort import session as ort_session
+from vitmerge.exporter.surgery import rewrite
+from vitmerge.exporter.verify import compare_files as compare
 from vitmerge.models.build import build_model
-from vitmerge.profiling.flops import flop_ratio, input_shape
+from vitmerge.models import input_shape
+from vitmerge.models.flops import flop_ratio
 from vitmerge.profiling.latency import interleaved
 
 

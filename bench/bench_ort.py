@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import vitmerge  # noqa: E402
-from vitmerge.exporter import ort_session  # noqa: E402
+from vitmerge.backends.ort import session as ort_session  # noqa: E402
 from vitmerge.exporter.onnx_export import export_onnx_program  # noqa: E402
 from vitmerge.exporter.verify import verify  # noqa: E402
 from vitmerge.models.build import build_model  # noqa: E402
-from vitmerge.profiling.flops import count_flops, flop_ratio  # noqa: E402
+from vitmerge.models.flops import count_flops, flop_ratio  # noqa: E402
 from vitmerge.profiling.latency import interleaved  # noqa: E402
 from reference_style import RefStyleViT  # noqa: E402
 

@@ -11,7 +11,7 @@ token features and of the logits with the unmerged model, and top-1 agreement. W
 the class attention carries no meaning, so this measures only how much each method perturbs the
 computation, not whether it keeps what matters.
 
-Part ``digits``: the project's digits ViT (``vitmerge.calibration.digits``: 32 px, patch 4, 64
+Part ``digits``: the project's digits ViT (``vitmerge.demo.digits``: 32 px, patch 4, 64
 patches, dim 96, depth 4, trained on scikit-learn's handwritten digits, cached in the temp folder,
 never committed) on its 449 test images. Reported: test top-1 per method at matched FLOPs, and top-1
 agreement with the unmerged model. Real (if small) learned attention: the part that can say whether
@@ -34,8 +34,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vitmerge  # noqa: E402
-from vitmerge.merging.vwt import Vocabulary, pixel_patches, spherical_kmeans  # noqa: E402
-from vitmerge.profiling.flops import count_flops  # noqa: E402
+from vitmerge.merging.vwt import pixel_patches, spherical_kmeans  # noqa: E402
+from vitmerge.models.vocabulary import Vocabulary  # noqa: E402
+from vitmerge.models.flops import count_flops  # noqa: E402
 
 TARGETS = (0.75, 0.5)
 
@@ -141,8 +142,8 @@ def part_random():
 def part_digits():
     import numpy as np
 
-    from vitmerge.calibration import digits
-    from vitmerge.commands.vocab import build_vocabulary, find_images
+    from vitmerge.demo import digits
+    from vitmerge.calibration.vocabulary import build_vocabulary, find_images
 
     dm = digits.cached()  # the project's digits ViT (trained once, cached in the temp folder)
     model = dm.build()
@@ -173,7 +174,7 @@ def part_evo():
     """evo settings on the digits model next to tome (the second table of docs/methods/evo.md)."""
     import numpy as np
 
-    from vitmerge.calibration import digits
+    from vitmerge.demo import digits
 
     dm = digits.cached()
     model = dm.build()

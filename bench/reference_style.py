@@ -69,7 +69,7 @@ class RefStyleViT(nn.Module):
         self.blocks = nn.ModuleList(RefStyleBlock(b, r) for b in vit.blocks)
 
     @property
-    def patch_embed(self):  # input size lookups (vitmerge.profiling.flops.input_shape)
+    def patch_embed(self):  # input size lookups (vitmerge.models.input_shape)
         return self.vit.patch_embed
 
     def forward(self, images):

@@ -4,7 +4,7 @@
 tokens + class token, depth 4, dim 96) trained on scikit-learn's handwritten digits. Trained once
 (about a minute on one CPU core) and cached by configuration hash under the system temp folder
 (``$VITMERGE_TEST_CACHE`` to choose the folder; ``VITMERGE_TEST_CACHE=fresh`` trains into this
-session's temp folder). It is a :class:`vitmerge.calibration.digits.DigitsModel`:
+session's temp folder). It is a :class:`vitmerge.demo.digits.DigitsModel`:
 
     digits_model.model_name, digits_model.kwargs   # timm.create_model(name, **kwargs) / build_model
     digits_model.checkpoint                         # .pth state dict
@@ -38,7 +38,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def digits_model(tmp_path_factory):
-    from vitmerge.calibration import digits
+    from vitmerge.demo import digits
 
     where = os.environ.get("VITMERGE_TEST_CACHE")
     if where == "fresh":

@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from vitmerge.calibration.quantize import merge_nodes
+
 from vitmerge.cli import app
-from vitmerge.exporter.verify import ort_session
+from vitmerge.backends.ort import session as ort_session
 
 runner = CliRunner()
 
@@ -113,8 +114,9 @@ def test_bad_inputs_leave_no_output(case, digits_model, digits_onnx, tmp_path):
 @pytest.mark.parametrize("method,num", [("minmax", 48), ("percentile", 48), ("entropy", 50)])
 def test_other_calibration_methods(method, num, digits_model, digits_onnx, tmp_path):
     """(entropy with 50 images: a count that is not a multiple of the calibration batch size)"""
-    from vitmerge.calibration.data import CALIBRATION_SPLITS, data_config, eval_transform, open_dataset
-    from vitmerge.calibration.quantize import data_config_for_onnx, quantize
+    from vitmerge.data import CALIBRATION_SPLITS, data_config, eval_transform, open_dataset
+    from vitmerge.calibration.quantize import quantize
+    from vitmerge.data import data_config_for_onnx
 
     proto = onnx.load(str(digits_onnx["merged"]))
     cfg, warn = data_config_for_onnx(proto, data_config(digits_model.build()))

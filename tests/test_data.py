@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitmerge.calibration.data import (LAYOUTS, BatchStats, CALIBRATION_SPLITS, EVAL_SPLITS, batches, data_config,
+from vitmerge.data import (LAYOUTS, BatchStats, CALIBRATION_SPLITS, EVAL_SPLITS, batches, data_config,
                                        eval_transform, open_dataset)
 from vitmerge.errors import DataError
 

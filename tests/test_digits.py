@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import vitmerge
-from vitmerge.calibration import digits
-from vitmerge.calibration.data import open_dataset, transform_for
-from vitmerge.profiling.accuracy import achieved_fraction, budget_schedule
+from vitmerge.demo import digits
+from vitmerge.data import open_dataset, transform_for
+from vitmerge.models.budget import achieved_fraction, budget_schedule
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -10,9 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vitmerge.calibration.data import open_dataset, transform_for
+from vitmerge.data import open_dataset, transform_for
+
 from vitmerge.cli import app
-from vitmerge.profiling.accuracy import evaluate, ort_runner, torch_runner
+from vitmerge.backends import OrtRunner, TorchRunner
+from vitmerge.profiling.accuracy import evaluate
 
 runner = CliRunner()
 
@@ -119,8 +121,8 @@ def test_ort_runner_scores_like_pytorch(digits_model, digits_onnx, reference):
     model = digits_model.build()
     merged = vitmerge.apply(digits_model.build(), method="tome", r=digits_onnx["r"])
     ds = open_dataset(digits_model.data_dir, transform=transform_for(model))
-    res = evaluate({"torch unmerged": torch_runner(model), "ort unmerged": ort_runner(digits_onnx["unmerged"]),
-                    "torch merged": torch_runner(merged), "ort merged": ort_runner(digits_onnx["merged"])},
+    res = evaluate({"torch unmerged": TorchRunner(model, device="cpu"), "ort unmerged": OrtRunner(digits_onnx["unmerged"]),
+                    "torch merged": TorchRunner(merged, device="cpu"), "ort merged": OrtRunner(digits_onnx["merged"])},
                    ds, batch_size=128, progress=False)
     m = res.models
     assert m["torch unmerged"].top1 == pytest.approx(reference[0], abs=1e-9)

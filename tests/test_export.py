@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import vitmerge
 from vitmerge.cli import app
 from vitmerge.errors import CheckpointError, OutputPathError, VerificationError
-from vitmerge.exporter import ort_session
+from vitmerge.backends.ort import session as ort_session
 from vitmerge.models.build import build_model
 
 runner = CliRunner()
@@ -207,7 +207,7 @@ def test_cli_export_budget_schedule(tmp_path):
     rs = json.loads(meta["vitmerge.r"])
     assert len(rs) == 3 and sum(rs) > 0
     # the solved schedule really meets the budget when counted op by op
-    from vitmerge.profiling.flops import flop_ratio
+    from vitmerge.models.flops import flop_ratio
 
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, img_size=96)
     vitmerge.apply(m, r=rs)
@@ -218,7 +218,7 @@ def test_cli_export_budget_schedule(tmp_path):
 
 
 def test_cli_option_parsing():
-    from vitmerge.commands.export import parse_options
+    from vitmerge.commands._common import parse_options
     from vitmerge.errors import ScheduleError
 
     assert parse_options(["bits=8", "vocab=v.pt", "mode=inter", "tradeoff=0.5"]) == {
@@ -242,7 +242,7 @@ def test_cli_export_method_options_and_img_size_in_kwargs(tmp_path):
 
 
 def test_budget_latency_schedule(tmp_path):
-    from vitmerge.commands.export import resolve_schedule
+    from vitmerge.models.budget import resolve_schedule
     from vitmerge.errors import ScheduleError
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, img_size=64)  # 17 tokens

@@ -10,7 +10,7 @@ import torch
 import vitmerge
 from vitmerge import merging
 from vitmerge.errors import ScheduleError, UnsupportedModelError
-from vitmerge.exporter import ort_session
+from vitmerge.backends.ort import session as ort_session
 from vitmerge.merging.importance import importance_plan
 
 

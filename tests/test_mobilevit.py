@@ -6,8 +6,9 @@ import torch
 
 import vitmerge
 from vitmerge.errors import UnsupportedModelError
-from vitmerge.exporter import ort_session
-from vitmerge.models.mobilevit import input_shape, is_mobilevit, transformer_flop_share
+from vitmerge.backends.ort import session as ort_session
+from vitmerge.models import input_shape
+from vitmerge.models.mobilevit import is_mobilevit, transformer_flop_share
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_input_shape_and_transformer_share(mobilevit):
 
 
 def test_flop_count_at_the_configured_size(mobilevit):
-    from vitmerge.profiling.flops import count_flops
+    from vitmerge.models.flops import count_flops
 
     assert abs(count_flops(mobilevit) / 1e9 - 0.815) < 0.01  # 2 x MACs of one 256 x 256 image, attention explicit
 

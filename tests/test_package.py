@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 import vitmerge
 from vitmerge.cli import app
-from vitmerge.errors import ModelNotFoundError, OutputPathError, RuntimeMissingError, ScheduleError
-from vitmerge.exporter import ort_session
+from vitmerge.errors import ModelNotFoundError, OutputPathError, PackagingError, RuntimeMissingError
+from vitmerge.backends.ort import session as ort_session
 from vitmerge.packaging import package
 
 runner = CliRunner()
@@ -242,7 +242,7 @@ def test_engine_repository_from_metadata(tmp_path):
     assert [(t.name, dtype_name(t), list(t.dims)) for t in cfg.input] == [("images", "TYPE_FP16", [3, 224, 224])]
     assert [(t.name, dtype_name(t), list(t.dims)) for t in cfg.output] == [("logits", "TYPE_FP32", [1000])]
     assert cfg.instance_group[0].kind == 1  # KIND_GPU
-    with pytest.raises(ScheduleError, match="max batch 64"):
+    with pytest.raises(PackagingError, match="max batch 64"):
         package(eng, tmp_path / "repo", name="big", max_batch=128)
 
 
@@ -267,7 +267,7 @@ def test_engine_metadata_as_vitmerge_build_writes_it(tmp_path, vit_onnx):
     eng = tmp_path / "vit.engine"
     eng.write_bytes(b"engine")
     (tmp_path / "vit.json").write_text(json.dumps(meta))
-    with pytest.raises(ScheduleError, match="max batch 16"):
+    with pytest.raises(PackagingError, match="max batch 16"):
         package(eng, tmp_path / "repo", max_batch=32)
     res = package(eng, tmp_path / "repo", max_batch=16)
     cfg = parse_config(res.config_path)

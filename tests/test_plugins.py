@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from vitmerge import merging
+
 from vitmerge.cli import app
 from vitmerge.errors import RuntimeMissingError
 from vitmerge.merging.base import MergePlan
@@ -73,7 +74,7 @@ def _token_merge_model(N, C, D, r, protected, method="tome", cls=False):
 @pytest.mark.skipif(not HAS_ORTX, reason="onnxruntime-extensions not installed")
 @pytest.mark.parametrize("B,N,r,protected", CASES)
 def test_ort_custom_op_matches_loop_reference(tmp_path, B, N, r, protected):
-    from vitmerge.exporter import ort_session
+    from vitmerge.backends.ort import session as ort_session
 
     C, D = 8, 24
     path = tmp_path / "tm.onnx"
@@ -91,7 +92,7 @@ def test_ort_custom_op_matches_loop_reference(tmp_path, B, N, r, protected):
 @pytest.mark.skipif(not HAS_ORTX, reason="onnxruntime-extensions not installed")
 def test_ort_custom_op_runs_any_method_with_class_attention(tmp_path):
     """TokenMergeCls carries the class-attention row: the importance method through the ORT kernel."""
-    from vitmerge.exporter import ort_session
+    from vitmerge.backends.ort import session as ort_session
 
     B, N, C, D, r = 2, 17, 8, 16, 5
     path = tmp_path / "tmc.onnx"
@@ -285,7 +286,7 @@ def test_build_rejects_bad_paths(tmp_path):
     model = tmp_path / "m.onnx"
     _tiny_images_model(model)
     res = runner.invoke(app, ["build", str(tmp_path / "none.onnx"), "--output", str(tmp_path / "m.engine")])
-    assert res.exit_code == 2 and "no ONNX file" in res.output
+    assert res.exit_code == 2 and "none.onnx" in res.output and "does not exist" in res.output
     res = runner.invoke(app, ["build", str(model), "--output", str(tmp_path / "m.onnx2")])
     assert res.exit_code == 2 and ".engine" in res.output
     res = runner.invoke(app, ["build", str(model), "--output", str(tmp_path / "no" / "m.engine")])

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 import vitmerge
 from vitmerge.cli import app
-from vitmerge.errors import RuntimeMissingError, ScheduleError
+from vitmerge.backends import Runner, open_runner as open_target, timm_runner as torch_target
+from vitmerge.backends.ort import session as ort_session
+from vitmerge.errors import ModelFileError, RuntimeMissingError, UsageError
 from vitmerge.profiling import energy as en
 from vitmerge.profiling import latency
-from vitmerge.profiling.runtimes import (
-    Target, make_ort_session, open_target, profile_sections, profile_targets, torch_target,
-)
+from vitmerge.profiling.profile import profile_sections, profile_targets
 
 runner = CliRunner()
 
@@ -41,9 +41,19 @@ def onnx_pair(tmp_path_factory):
     return tiny_onnx(tmp_path_factory, 0), tiny_onnx(tmp_path_factory, 4)
 
 
+class FakeRunner(Runner):
+    """A runner whose timed call is ``fn`` (a workload with known timing)."""
+
+    def __init__(self, label, fn, device="cpu"):
+        super().__init__(label=label, spec=label, runtime="fake", device=device, input_shape=(1,), info={"r_mean": 0.0})
+        self.fn = fn
+
+    def _prepare(self, batch):
+        return self.fn
+
+
 def fake_target(label, fn, device="cpu"):
-    return Target(label=label, spec=label, runtime="fake", device=device, input_shape=(1,),
-                  make_runner=lambda b: fn, info={"r_mean": 0.0})
+    return FakeRunner(label, fn, device)
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -151,8 +161,10 @@ def test_ort_target_runs_the_model(onnx_pair):
     t = open_target(str(b))
     assert t.runtime == "ort" and t.device == "cpu" and t.input_shape == (3, 64, 64)
     assert t.info["method"] == "tome" and t.info["r"] == [4, 4] and t.info["r_mean"] == 4.0
-    out = t.runner(3)()
+    out = t.timed(3)()
     assert out[0].shape == (3, 1000)
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(t(x).numpy(), ort_session(b).run(None, {"images": x})[0])  # host path, same file
     res = profile_targets([open_target(str(a)), t, open_target(str(a))], [1, 2], rounds=2, iters=2, warmup=1)
     labels = [r.label for r in res.rows[:3]]
     assert len(set(labels)) == 3  # the same file twice still gets its own row
@@ -163,7 +175,7 @@ def test_torch_target_merges_and_runs():
     with pytest.warns(UserWarning, match="RANDOM weights"):  # no checkpoint: said loudly
         t = torch_target("vit_tiny_patch16_224", r=2, img_size=32, device="cpu")
     assert t.runtime == "torch" and t.info["method"] == "tome" and t.info["r"] == [2] * 12
-    assert t.runner(2)().shape == (2, 1000)
+    assert t.timed(2)().shape == (2, 1000)
     with pytest.warns(UserWarning, match="RANDOM weights"):
         assert open_target("timm:vit_tiny_patch16_224", img_size=32).info["r_mean"] == 0.0
 
@@ -208,29 +220,37 @@ def _custom_op_model(path):
     return path
 
 
-def test_custom_nodes_need_the_plugin_hook(tmp_path, monkeypatch):
-    import vitmerge.plugins as plugins
-
-    path = _custom_op_model(tmp_path / "c.onnx")
-    monkeypatch.delattr(plugins, "register_ort", raising=False)
-    with pytest.raises(RuntimeMissingError, match="TokenMerge"):
-        make_ort_session(path, ["CPUExecutionProvider"])
-    seen = []
-    monkeypatch.setattr(plugins, "register_ort", lambda so: seen.append(so), raising=False)
-    with pytest.raises(Exception):  # the fake hook registers nothing, so ORT still cannot resolve the op
-        make_ort_session(path, ["CPUExecutionProvider"])
+def test_custom_nodes_get_the_kernel_registered(tmp_path, monkeypatch):
+    """A graph importing the vitmerge domain gets the TokenMerge kernel registered before ORT loads it; a
+    node that does not fit the kernel's signature (one input instead of three) fails as a ModelFileError
+    carrying ONNX Runtime's reason, not as a raw ORT exception."""
     import onnxruntime as ort
 
+    from vitmerge.plugins import ort_tokenmerge
+
+    seen = []
+    real = ort_tokenmerge.register_ort
+    monkeypatch.setattr(ort_tokenmerge, "register_ort", lambda so: (seen.append(so), real(so)))
+    path = _custom_op_model(tmp_path / "c.onnx")
+    with pytest.raises(ModelFileError, match="ONNX Runtime could not load c.onnx: .*TokenMerge"):
+        ort_session(path, ["CPUExecutionProvider"])
     assert len(seen) == 1 and isinstance(seen[0], ort.SessionOptions)
+    plain = tmp_path / "plain.onnx"
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["images"], ["logits"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 18)]), plain)
+    ort_session(plain)
+    assert len(seen) == 1  # no custom domain: nothing registered
 
 
 def test_runtime_errors(onnx_pair, tmp_path):
     a, _ = onnx_pair
-    with pytest.raises(ScheduleError, match="build an engine"):
+    with pytest.raises(UsageError, match="build an engine"):
         open_target(str(a), "trt")
-    with pytest.raises(ScheduleError, match="runtime torch"):
+    with pytest.raises(UsageError, match="runtime torch"):
         open_target("timm:vit_tiny_patch16_224", "ort")
-    with pytest.raises(ScheduleError, match="unknown runtime"):
+    with pytest.raises(UsageError, match="unknown runtime"):
         open_target(str(a), "tvm")
     import onnxruntime as ort
 

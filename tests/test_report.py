@@ -11,9 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vitmerge.errors import OutputPathError
+
 from vitmerge.profiling import plots
 from vitmerge.profiling.energy import EnergyResult
-from vitmerge.profiling.report import atomic_write, md_table, machine_info, write_report
+from vitmerge._io import atomic_write
+from vitmerge.profiling.report import md_table, machine_info, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,11 +7,9 @@ import torch
 
 import vitmerge
 from vitmerge.errors import ScheduleError
-from vitmerge.merging.schedule import (
-    constant, decreasing, parse_r, parse_schedule, schedule_flops, solve_budget, solve_budget_latency,
-    token_counts,
-)
-from vitmerge.profiling.flops import count_flops
+from vitmerge.merging.schedule import constant, decreasing, parse_r, parse_schedule, solve_budget_latency, token_counts
+from vitmerge.models.budget import schedule_flops, solve_budget
+from vitmerge.models.flops import count_flops
 
 
 def tome_cap(n, r, p):
@@ -118,9 +116,13 @@ def test_budget_errors(vit):
 
 
 def test_budget_needs_a_cost_model(vit, monkeypatch):
+    """A registered method whose spec has no matching-cost model cannot get an analytic FLOP budget."""
+    import dataclasses
+
     from vitmerge import merging
 
-    monkeypatch.setitem(merging.METHODS, "unmodelled", merging.METHODS["tome"])
+    spec = dataclasses.replace(merging.METHODS["tome"], name="unmodelled", match_flops=None)
+    monkeypatch.setitem(merging.METHODS, "unmodelled", spec)
     with pytest.raises(ScheduleError, match="no FLOP model for method 'unmodelled'.*explicit r"):
         solve_budget(vit, 0.5, method="unmodelled")
 

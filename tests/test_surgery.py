@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 
 import vitmerge
 from vitmerge.cli import app
-from vitmerge.exporter import ort_session, surgery
-from vitmerge.exporter.surgery import SurgeryError, find_merges, load, rewrite
+from vitmerge.backends.ort import session as ort_session
+from vitmerge.exporter import surgery
+from vitmerge.errors import SurgeryError
+from vitmerge.exporter.surgery import find_merges, load, rewrite
 
 from reference_tome import bipartite_groups, merge_rows
 

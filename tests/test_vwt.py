@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 import vitmerge
 from vitmerge.cli import app
-from vitmerge.commands.vocab import build_vocabulary, find_images
+from vitmerge.calibration.vocabulary import build_vocabulary, find_images
 from vitmerge.errors import DataError, ScheduleError, UnsupportedModelError
-from vitmerge.exporter import ort_session
-from vitmerge.merging.vwt import (Vocabulary, load_vocabulary, pixel_patches, save_vocabulary, spherical_kmeans,
-                                  vwt_plan)
+from vitmerge.backends.ort import session as ort_session
+from vitmerge.merging.vwt import pixel_patches, spherical_kmeans, vwt_plan
+from vitmerge.models.vocabulary import Vocabulary, load_vocabulary, save_vocabulary
 
 runner = CliRunner()
 

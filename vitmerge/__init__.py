@@ -5,9 +5,8 @@
     vitmerge.apply(model, method="tome", r=16)       # in place; model.vitmerge holds the schedule
     vitmerge.export(model, "vit_s_r16.onnx")          # static token counts, dynamic batch, verified
 """
+from ._version import __version__
 from .models import apply, remove
-
-__version__ = "0.1.0"
 
 
 def merge(model, method: str = "tome", schedule=16, **kwargs):
@@ -16,7 +15,8 @@ def merge(model, method: str = "tome", schedule=16, **kwargs):
 
 
 def export(model, output, **kwargs):
-    from .exporter import export as _export
+    """Export ``model`` to ONNX with static token counts, verified in ONNX Runtime (see :func:`vitmerge.exporter.export`)."""
+    from .exporter import export as _export  # the exporter pulls in onnx/onnxruntime: only when exporting
 
     return _export(model, output, **kwargs)
 

@@ -1,14 +1,26 @@
-"""Small filesystem helpers shared by every command that writes a folder."""
+"""Filesystem helpers shared by every writer: a writable-folder check and the one staged writer.
+
+Every file or folder vitmerge writes for the user (ONNX files, engines, reports, vocabularies,
+Triton repositories, the digits model) goes through :func:`staged`: it is written under its final
+name inside a private staging folder next to the target, and renamed into place only when the
+whole job succeeded. A failure or an interrupt leaves no half-written output behind, and an old
+output of the same name stays untouched until the new one is complete.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 from .errors import OutputPathError
 
+PathLike = Union[str, Path]
 
-def writable_dir(path: Union[str, Path], what: str) -> Path:
+
+def writable_dir(path: PathLike, what: str) -> Path:
     """Create ``path`` (and parents) if needed and check it is a writable folder.
 
     ``what`` names it in the error, e.g. "--repo" or "report folder".
@@ -23,3 +35,81 @@ def writable_dir(path: Union[str, Path], what: str) -> Path:
     if not os.access(d, os.W_OK):
         raise OutputPathError(f"{what} {str(d)!r} is not writable")
     return d
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _put(src: Path, dst: Path) -> None:
+    """Rename ``src`` onto ``dst``; a folder replaces a folder whole (the old one is moved aside first)."""
+    if dst.is_dir() and not dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        _remove(old)
+        os.replace(dst, old)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old, dst)  # put the previous output back
+            raise
+        _remove(old)
+    else:
+        os.replace(src, dst)
+
+
+@contextlib.contextmanager
+def staged(*targets: PathLike) -> Iterator[Path]:
+    """Stage outputs and move them into place only on success.
+
+    ``targets``: the final paths (files or folders), all in one folder. Yields a private staging
+    folder next to them; the caller writes each target there *under its own name*
+    (``stage / target.name``), plus any scratch files it likes. When the block ends without an
+    exception, the targets that were written are renamed into place in the order given (so list a
+    completion marker, e.g. a model file whose weights sit in a side file, last) and the staging
+    folder is removed with whatever else it holds. On an exception nothing is moved and the
+    staging folder is removed: no half-written output, and the old outputs stay as they were.
+    """
+    if not targets:
+        raise ValueError("staged() needs at least one target path")
+    paths = [Path(t) for t in targets]
+    parent = paths[0].parent
+    if any(p.parent != parent for p in paths):
+        raise ValueError(f"staged targets must share one folder, got {[str(p) for p in paths]}")
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{paths[-1].name}.partial-", dir=parent))
+    except OSError as e:
+        raise OutputPathError(f"cannot write into {str(parent)!r}: {e.strerror or e}") from None
+    try:
+        yield stage
+        for p in paths:
+            src = stage / p.name
+            if src.exists() or src.is_symlink():
+                if src.is_file():
+                    os.chmod(src, 0o666 & ~_umask())  # mkstemp-style 0600 files become ordinary ones
+                _put(src, p)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def atomic_write(path: PathLike, data: Union[str, bytes]) -> Path:
+    """Write ``data`` to ``path`` through :func:`staged` (flushed to disk before the rename)."""
+    path = Path(path)
+    with staged(path) as stage:
+        with open(stage / path.name, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+__all__ = ["writable_dir", "staged", "atomic_write"]

@@ -18,17 +18,20 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
+import onnx
 
-from ..errors import DataError, OutputPathError, VerificationError, VitmergeError
-from .data import ImageDataset, batches, eval_transform
+from .. import metadata as md
+from .._io import staged
+from ..backends.ort import session as ort_session
+from ..data.datasets import BatchStats, ImageDataset, batches
+from ..errors import DataError, ModelFileError, OutputPathError, UsageError, VerificationError, VitmergeError
 
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 DEFAULT_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -57,59 +60,6 @@ class QuantizeResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _load(path: Path):
-    import onnx
-
-    if not path.is_file():
-        raise VitmergeError(f"ONNX file {str(path)!r} does not exist")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise VitmergeError(f"cannot read {str(path)!r} as ONNX ({type(e).__name__}: {e})") from None
-
-
-def metadata(proto) -> Dict[str, str]:
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def input_info(proto) -> tuple[str, tuple[int, int, int]]:
-    """(input name, static (C, H, W)) of an image model, from the graph or vitmerge metadata."""
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise VitmergeError(f"expected an image model with one input, found {len(inputs)}: "
-                            f"{', '.join(i.name for i in inputs)}")
-    inp = inputs[0]
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-    meta = metadata(proto)
-    if len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in dims[1:]):
-        return inp.name, (int(dims[1]), int(dims[2]), int(dims[3]))
-    if "vitmerge.input_shape" in meta:
-        c, h, w = json.loads(meta["vitmerge.input_shape"])
-        return inp.name, (int(c), int(h), int(w))
-    raise VitmergeError(f"input {inp.name!r} has shape {dims}: need a static [batch, C, H, W] image input")
-
-
-def data_config_for_onnx(proto, given: Optional[dict] = None) -> tuple[dict, Optional[str]]:
-    """(data config sized to the graph's input, warning or None)."""
-    from timm.data import resolve_data_config
-
-    _, shape = input_info(proto)
-    meta = metadata(proto)
-    warn = None
-    if given:
-        cfg = dict(given)
-    elif "vitmerge.data_config" in meta:
-        cfg = json.loads(meta["vitmerge.data_config"])
-    else:
-        cfg = dict(resolve_data_config({}))
-        warn = ("the ONNX file names no preprocessing (no vitmerge.data_config metadata) and none was given: "
-                "using timm's ImageNet defaults (mean/std, crop 0.875). Give --config model.json or "
-                "--model NAME for the model's own preprocessing.")
-    cfg["input_size"] = list(shape)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}, warn
-
-
 def merge_nodes(proto) -> List[str]:
     """Names of the nodes a merge step exported (name scope ``blocks.N.token_merge`` or ``vwt_merge``)."""
     out = []
@@ -122,13 +72,18 @@ def merge_nodes(proto) -> List[str]:
 
 def _reduces_tokens(proto) -> bool:
     """Whether vitmerge's metadata says the graph merges tokens (any r > 0, or fewer tokens out)."""
-    meta = metadata(proto)
+    meta = md.read(proto)
     try:
-        rs = json.loads(meta.get("vitmerge.r", "[]"))
-        t_in, t_out = json.loads(meta.get("vitmerge.tokens_in", "[]")), json.loads(meta.get("vitmerge.tokens_out", "[]"))
+        rs = json.loads(meta.get(md.R, "[]"))
+        t_in, t_out = json.loads(meta.get(md.TOKENS_IN, "[]")), json.loads(meta.get(md.TOKENS_OUT, "[]"))
     except ValueError:
         return False
     return any(int(v) > 0 for v in rs) or (bool(t_in) and bool(t_out) and t_out != t_in)
+
+
+def is_merged(proto) -> bool:
+    """Whether the graph merges tokens (merge-step nodes, or vitmerge's metadata says so)."""
+    return bool(merge_nodes(proto)) or _reduces_tokens(proto)
 
 
 def quantized_node_count(proto) -> int:
@@ -155,8 +110,6 @@ def _reader_class():
             self._it: Optional[Iterator] = None
 
         def _batches(self):
-            from .data import BatchStats
-
             stats = BatchStats()
             for x, _ in batches(self.dataset, self.batch_size, 0, stats):
                 self.unreadable = list(stats.unreadable)
@@ -202,7 +155,6 @@ def _preprocess(src: Path, stage: Path, must_keep: set, excluded: List[str], not
     works on this graph and keeps every merge-step MatMul by name (so they can still be excluded).
 
     Returns (model to quantize, pre-processed?, names of nodes to keep in float)."""
-    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = stage / "pre.onnx"
@@ -239,8 +191,8 @@ def check_output(output: Path, source: Path) -> Path:
 
 
 def quantize(
-    model: str | Path,
-    output: str | Path,
+    model: Union[str, Path],
+    output: Union[str, Path],
     dataset: ImageDataset,
     method: str = "entropy",
     per_channel: bool = True,
@@ -251,29 +203,25 @@ def quantize(
     on_batch=None,
 ) -> QuantizeResult:
     """Calibrate on ``dataset`` (already subset to the images to use, with its transform) and write
-    an INT8 QDQ model to ``output`` atomically (staging folder, ONNX checker, ORT load, rename)."""
-    import onnx
+    an INT8 QDQ model to ``output`` (staged: ONNX checker and an ONNX Runtime load before the rename)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     src = Path(model)
-    proto = _load(src)
+    proto = md.load_proto(src)
     out = check_output(Path(output), src)
-    name, _ = input_info(proto)
+    name, _ = md.input_info(proto)
     if method not in CALIBRATION_METHODS:
-        raise VitmergeError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+        raise UsageError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
     if len(dataset) == 0:
         raise DataError("no calibration images")
     if any(o.domain.startswith("vitmerge") for o in proto.opset_import):
-        raise VitmergeError("the model holds vitmerge custom TokenMerge nodes (--merge-op plugin); quantize the "
-                            "standard or native export instead")
+        raise ModelFileError("the model holds vitmerge custom TokenMerge nodes (--merge-op plugin); quantize the "
+                             "standard or native export instead")
     cm = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
           "percentile": CalibrationMethod.Percentile}[method]
     notes: List[str] = []
     t0 = time.perf_counter()
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
+    with staged(out) as stage:  # also the scratch folder of ORT's pre-processing
         merge_ops = [n for n in proto.graph.node if n.name in set(merge_nodes(proto))] if exclude_merge else []
         must_keep = {n.name for n in merge_ops if n.op_type in op_types}
         source, preprocessed, excluded = src, False, [n.name for n in merge_ops]
@@ -286,7 +234,7 @@ def quantize(
         n_img = len(dataset)
         batch_size = next(b for b in range(min(batch_size, n_img), 0, -1) if n_img % b == 0)
         reader = _reader_class()(dataset, name, batch_size, on_batch)
-        staged = stage / out.name
+        written = stage / out.name
         extra = {
             "ActivationSymmetric": True,  # TensorRT's explicit quantization takes symmetric INT8 only
             "WeightSymmetric": True,
@@ -299,7 +247,7 @@ def quantize(
         try:
             with _quiet():
                 quantize_static(
-                    str(source), str(staged), reader,
+                    str(source), str(written), reader,
                     quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(op_types),
                     per_channel=per_channel,
@@ -317,29 +265,19 @@ def quantize(
             raise DataError(f"none of the {len(dataset)} calibration images could be read")
         if reader.unreadable:
             notes.append(f"{len(reader.unreadable)} calibration images could not be read and were skipped")
-        qproto = onnx.load(str(staged))
-        for k, v in metadata(proto).items():  # carry vitmerge's metadata over
-            if k not in metadata(qproto):
-                e = qproto.metadata_props.add()
-                e.key, e.value = k, v
-        for k, v in {"vitmerge.quantization": "int8-qdq", "vitmerge.calibration": method,
-                     "vitmerge.calibration_images": str(reader.used)}.items():
-            e = qproto.metadata_props.add()
-            e.key, e.value = k, v
-        onnx.save(qproto, str(staged))
+        qproto = onnx.load(str(written))
+        carried = {k: v for k, v in md.read(proto).items() if k not in md.read(qproto)}  # vitmerge's metadata
+        md.write(qproto, {**carried, md.QUANTIZATION: "int8-qdq", md.CALIBRATION: method,
+                          md.CALIBRATION_IMAGES: str(reader.used)})
+        onnx.save(qproto, str(written))
         try:
-            onnx.checker.check_model(str(staged))
-            from ..exporter.verify import ort_session
-
-            ort_session(staged)
+            onnx.checker.check_model(str(written))
+            ort_session(written)
         except Exception as e:
             raise VerificationError(f"the quantized model does not load: {type(e).__name__}: {e}") from None
         count = quantized_node_count(qproto)
         if count == 0:
             raise VerificationError("quantization produced no INT8 nodes (no MatMul/Gemm/Conv outside merge steps?)")
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return QuantizeResult(path=out, method=method, images=reader.used, quantized_nodes=count,
                           excluded_nodes=excluded, preprocessed=preprocessed, seconds=time.perf_counter() - t0,
                           notes=notes)
@@ -367,5 +305,5 @@ def calibration_and_eval_sets(dataset_for_calib: ImageDataset, dataset_for_eval:
     return calib, dataset_for_eval.subset(eval_limit, seed)
 
 
-__all__ = ["quantize", "QuantizeResult", "CALIBRATION_METHODS", "data_config_for_onnx", "input_info",
-           "merge_nodes", "quantized_node_count", "calibration_and_eval_sets", "eval_transform"]
+__all__ = ["quantize", "QuantizeResult", "CALIBRATION_METHODS", "merge_nodes", "quantized_node_count",
+           "calibration_and_eval_sets", "check_output", "is_merged"]

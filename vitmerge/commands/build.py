@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
     ):
         """Build a TensorRT engine (needs TensorRT 10 and an NVIDIA GPU). Graphs with vitmerge::TokenMerge
         nodes load the TokenMerge plugin (Triton kernel)."""
-        from ..plugins.tensorrt_build import BuildRequest, build_engine
+        from ..backends.trt import BuildRequest, build_engine
 
         req = BuildRequest(onnx_path=model, output=output, fp16=fp16, int8=int8, calib_dir=calib_dir,
                            min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_gb=workspace_gb)

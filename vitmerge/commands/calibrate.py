@@ -11,9 +11,9 @@ from ._common import console, err_console, loud_warnings, user_errors
 
 
 def _is_merged(proto) -> bool:
-    from ..calibration.quantize import _reduces_tokens, merge_nodes
+    from ..calibration.quantize import is_merged
 
-    return bool(merge_nodes(proto)) or _reduces_tokens(proto)
+    return is_merged(proto)
 
 
 def _default_baseline_output(output: Path, baseline: Path) -> Path:
@@ -25,7 +25,7 @@ def _preprocessing(config: Optional[Path], model_name: Optional[str], model_kwar
     """The timm data config of the model the ONNX file came from, when the user names it."""
     if config is None and model_name is None:
         return None, None
-    from ..calibration.data import data_config
+    from ..data import data_config
     from ..models.build import build_model
     from .eval import resolve_model
 
@@ -62,22 +62,23 @@ def register(app: typer.Typer) -> None:
         """Quantize MODEL.onnx to INT8 (static, QDQ) from real images; report FP32 vs INT8 top-1 on held-out images."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from ..calibration.data import CALIBRATION_SPLITS, EVAL_SPLITS, eval_transform, open_dataset
-        from ..calibration.quantize import (CALIBRATION_METHODS, calibration_and_eval_sets, data_config_for_onnx,
-                                            quantize, check_output, _load)
+        from .. import metadata as md
+        from ..backends import OrtRunner
+        from ..calibration.quantize import CALIBRATION_METHODS, calibration_and_eval_sets, check_output, quantize
+        from ..data import CALIBRATION_SPLITS, EVAL_SPLITS, data_config_for_onnx, eval_transform, open_dataset
         from ..errors import DataError, VitmergeError
-        from ..profiling.accuracy import evaluate, ort_runner
+        from ..profiling.accuracy import evaluate
 
         with user_errors(), loud_warnings():
             if method not in CALIBRATION_METHODS:
                 raise VitmergeError(f"unknown --method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
             if batch_size <= 0:
                 raise DataError(f"--batch-size must be positive, got {batch_size}")
-            proto = _load(model)
+            proto = md.load_proto(model)
             check_output(output, model)
             base_out = None
             if baseline is not None:
-                _load(baseline)
+                md.load_proto(baseline)
                 base_out = baseline_output or _default_baseline_output(output, baseline)
                 check_output(base_out, baseline)
                 paths = [p.resolve() for p in (model, baseline, output, base_out)]
@@ -127,13 +128,13 @@ def register(app: typer.Typer) -> None:
             if ev is not None and len(ev):
                 runners = {}
                 if baseline is not None:
-                    runners["unmerged FP32"] = ort_runner(baseline)
-                    runners["unmerged INT8"] = ort_runner(base_out)
+                    runners["unmerged FP32"] = OrtRunner(baseline)
+                    runners["unmerged INT8"] = OrtRunner(base_out)
                     tag = "merged " if _is_merged(proto) else "model "
                 else:
                     tag = ""
-                runners[f"{tag}FP32"] = ort_runner(model)
-                runners[f"{tag}INT8"] = ort_runner(output)
+                runners[f"{tag}FP32"] = OrtRunner(model)
+                runners[f"{tag}INT8"] = OrtRunner(output)
                 acc = evaluate(runners, ev, batch_size=max(batch_size, 32), description="scoring FP32 vs INT8")
                 t = Table(title=f"ONNX Runtime CPU, {acc.images} held-out images ({ev.describe()})")
                 for col in ("model", "top-1", f"top-{next(iter(acc.models.values())).k}", "top-1 agreement with first row"):

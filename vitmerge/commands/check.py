@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
         nodes run with the custom-op kernel registered.
         """
         from ..errors import VerificationError
-        from ..exporter.surgery import compare, graph_form
+        from ..exporter.surgery import graph_form
+        from ..exporter.verify import compare_files as compare
 
         bs = int_list(batches, "--batch")
         with user_errors():

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
             return _full_demo(out_dir, methods, budgets, batches, rounds, iters, not no_vit_s, model_name, r)
 
         from .. import demo
-        from ..profiling.report import atomic_write
+        from .._io import atomic_write
         from ._common import parse_json_option
 
         bs = int_list(batches, "--batch")

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         """Train the digits ViT (about a minute on 2 CPU cores) and write it with its test/train image folders."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from ..calibration import digits
+        from ..demo import digits
 
         with user_errors():
             cfg = digits.DigitsConfig()

@@ -28,7 +28,7 @@ def resolve_model(model_name: Optional[str], checkpoint: Optional[Path], config:
     kwargs: Dict[str, Any] = {}
     data_dir = None
     if config is not None:
-        from ..calibration import digits
+        from ..demo import digits
 
         cfg = digits.load(config)
         model_name = model_name or cfg.model_name
@@ -43,7 +43,7 @@ def resolve_model(model_name: Optional[str], checkpoint: Optional[Path], config:
 
 def _schedule(model, method: str, r: Optional[str], schedule: str, budget: Optional[float], options: dict):
     from ._common import parse_r_option
-    from .export import resolve_schedule
+    from ..models.budget import resolve_schedule
 
     return resolve_schedule(model, method, parse_r_option(r) if budget is None else 0, schedule, budget, **options)
 
@@ -112,11 +112,12 @@ def register(app: typer.Typer) -> None:
     ):
         """Score the unmerged and the merged model on the same images: top-1, top-5, agreement, FLOPs."""
         import vitmerge
-        from ..calibration.data import open_dataset, transform_for
+        from ..backends import OrtRunner, TorchRunner
+        from ..data import open_dataset, transform_for
         from ..errors import DataError, ScheduleError, VitmergeError
         from ..models.build import build_model
-        from ..profiling.accuracy import check_classes, evaluate, ort_runner, torch_runner
-        from ..profiling.flops import count_flops
+        from ..models.flops import count_flops
+        from ..profiling.accuracy import check_classes, evaluate
 
         with user_errors(), loud_warnings():
             if runtime not in RUNTIMES:
@@ -167,9 +168,9 @@ def register(app: typer.Typer) -> None:
                         with console.status(f"exporting {key} to ONNX") as st:
                             res = vitmerge.export(m, Path(tmp) / f"{key}.onnx",
                                                   on_step=lambda s, k=key: st.update(f"{k}: {s}"))
-                        runners[key] = ort_runner(res.path)
+                        runners[key] = OrtRunner(res.path)
                 else:
-                    runners = {k: torch_runner(m) for k, m in models.items()}
+                    runners = {k: TorchRunner(m, label=k, device="cpu") for k, m in models.items()}
                 result = evaluate(runners, ds, batch_size=batch_size, progress=True, workers=workers,
                                   description=f"scoring ({runtime})")
             console.print(accuracy_table(result, flops))

@@ -27,6 +27,7 @@ def build_merged(model_name: str, checkpoint: Optional[Path], method: str, r, im
                  budget_latency: Optional[Path] = None, **options):
     """Build the timm model (local checkpoint or random), apply the method, return it."""
     import vitmerge
+    from ..models.budget import resolve_schedule
     from ..models.build import build_model
 
     kw = dict(model_kwargs or {})
@@ -40,47 +41,6 @@ def build_merged(model_name: str, checkpoint: Optional[Path], method: str, r, im
     rs = resolve_schedule(model, method, r, schedule, budget, budget_latency, **options)
     vitmerge.apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
     return model
-
-
-def load_latency_table(path: Path) -> dict:
-    """A measured per-block latency table: JSON {"tokens": ms, ...} (e.g. {"197": 1.9, "99": 0.9})."""
-    import json
-
-    from ..errors import ScheduleError
-
-    try:
-        raw = json.loads(Path(path).read_text())
-        table = {int(k): float(v) for k, v in raw.items()}
-    except FileNotFoundError:
-        raise ScheduleError(f"--budget-latency table {str(path)!r} does not exist") from None
-    except (ValueError, AttributeError, TypeError) as e:
-        raise ScheduleError(f"--budget-latency table {str(path)!r} must be a JSON object "
-                            f"{{\"token count\": milliseconds per block, ...}}: {e}") from None
-    if len(table) < 2:
-        raise ScheduleError(f"--budget-latency table {str(path)!r} needs at least two token counts to interpolate")
-    return table
-
-
-def resolve_schedule(model, method: str, r, schedule: str = "constant", budget: Optional[float] = None,
-                     budget_latency: Optional[Path] = None, **options):
-    """--r / --schedule / --budget [--budget-latency TABLE] -> what ``vitmerge.apply`` takes."""
-    from ..errors import ScheduleError
-    from ..merging import schedule as sched
-    from ..models import num_tokens
-
-    if budget_latency is not None:
-        if budget is None:
-            raise ScheduleError("--budget-latency TABLE needs --budget F (the latency fraction to meet)")
-        return sched.solve_budget_latency(load_latency_table(budget_latency), budget, len(model.blocks),
-                                          num_tokens(model), int(model.num_prefix_tokens), method)
-
-    if budget is not None:
-        from ..profiling.accuracy import budget_schedule
-
-        return budget_schedule(model, budget, method, **options)
-    if schedule == "constant":
-        return r  # as given: an int, or one r per block (vwt takes its single r as is)
-    return sched.parse_schedule(len(model.blocks), r, schedule)
 
 
 def register(app: typer.Typer) -> None:
@@ -107,7 +67,7 @@ def register(app: typer.Typer) -> None:
         """Export a timm ViT with token merging to ONNX: static per-block token counts, dynamic batch, verified in ONNX Runtime."""
         from ..exporter import export as do_export
         from ..exporter.onnx_export import check_output_path
-        from ..profiling.flops import flop_ratio
+        from ..models.flops import flop_ratio
 
         r_spec = parse_r_option(r)
         batches = int_list(verify_batches, "--verify-batch")

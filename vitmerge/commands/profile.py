@@ -60,7 +60,8 @@ def register(app: typer.Typer) -> None:
         """Latency p50/p90/p99, throughput and energy per image for each batch size; models interleaved so ratios are fair."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from ..profiling.runtimes import open_target, profile_targets, write_profile_report
+        from ..backends import open_runner as open_target
+        from ..profiling.profile import profile_targets, write_profile_report
 
         batches = int_list(batch, "--batch")
         runtimes = [s.strip() for s in runtime.split(",") if s.strip()] if runtime else [None]

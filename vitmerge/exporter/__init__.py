@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from torch import nn
 
+from .._io import staged
+from ..backends.ort import OrtRunner
 from ..errors import VerificationError
 from .onnx_export import (
     DEFAULT_OPSET,
@@ -15,10 +17,11 @@ from .onnx_export import (
     check_output_path,
     export_onnx_program,
     metadata,
+    output_files,
     save_program,
-    staged_output,
 )
-from .verify import VerifyReport, check_onnx, ort_session, verify
+from .surgery import rewrite
+from .verify import VerifyReport, check_onnx, compare_files, verify
 
 
 @dataclass
@@ -29,7 +32,7 @@ class ExportResult:
 
 def export(
     model: nn.Module,
-    output: str | Path,
+    output: Union[str, Path],
     opset: int = DEFAULT_OPSET,
     check: bool = True,
     batch_sizes: Sequence[int] = (1, 4),
@@ -49,23 +52,20 @@ def export(
     """
     step = on_step or (lambda s: None)
     out = check_output_path(output)
-    with staged_output(out) as stage:
+    with staged(*output_files(out)) as stage:
         step("tracing with torch.export and translating to ONNX")
         program = export_onnx_program(model, opset=opset)
         step("writing")
-        staged = save_program(program, model, stage, out.name)
+        written = save_program(program, model, stage, out.name)
         if merge_op != "standard":
-            from .surgery import rewrite
-
             step(f"graph surgery: merge steps -> {merge_op} form")
-            rewrite(staged, staged, merge_op)
+            rewrite(written, written, merge_op)
         report = None
         if check:
             step("ONNX checker")
-            check_onnx(staged)
+            check_onnx(written)
             step("ONNX Runtime vs PyTorch")
-            report = verify(model, staged, batch_sizes=batch_sizes, atol=atol, rtol=rtol,
-                            session=ort_session(staged))
+            report = verify(model, written, batch_sizes=batch_sizes, atol=atol, rtol=rtol, runner=OrtRunner(written))
             report.path = str(out)
             if not report.ok:
                 bad = [c for c in report.checks if not c.ok]
@@ -78,6 +78,6 @@ def export(
 
 
 __all__ = [
-    "export", "ExportResult", "verify", "VerifyReport", "check_onnx", "ort_session",
+    "export", "ExportResult", "verify", "VerifyReport", "check_onnx", "compare_files", "rewrite",
     "export_onnx_program", "metadata", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET",
 ]

@@ -12,19 +12,21 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
+from typing import Union
 
-
+import onnx
 import torch
 from torch import nn
 
+from .. import metadata as md
+from ..data.transforms import data_config
 from ..errors import OutputPathError
-from ..profiling.flops import input_shape
+from ..models import input_shape
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
+INPUT_NAME = md.INPUT_NAME
+OUTPUT_NAME = md.OUTPUT_NAME
 DEFAULT_OPSET = 18
 LARGE_MODEL_BYTES = 1_800_000_000  # above this the weights go to an external-data file (2 GB protobuf cap)
 
@@ -40,7 +42,7 @@ class _Entry(nn.Module):
         return self.model(images)
 
 
-def check_output_path(output: str | Path) -> Path:
+def check_output_path(output: Union[str, Path]) -> Path:
     out = Path(output)
     if out.suffix != ".onnx":
         raise OutputPathError(f"output {str(out)!r} must end in .onnx")
@@ -54,27 +56,25 @@ def check_output_path(output: str | Path) -> Path:
 
 
 def metadata(model: nn.Module) -> dict:
-    """What the graph was built with, stored in the ONNX file's metadata_props."""
+    """What the graph was built with, stored in the ONNX file's metadata_props (keys: vitmerge.metadata)."""
     info = getattr(model, "vitmerge", None)
-    meta = {"vitmerge.input_shape": json.dumps(list(input_shape(model)))}
+    meta = {md.INPUT_SHAPE: json.dumps(list(input_shape(model)))}
     if info is not None:
         meta.update({
-            "vitmerge.method": info.method,
-            "vitmerge.r": json.dumps(info.r),
-            "vitmerge.prop_attn": json.dumps(info.prop_attn),
-            "vitmerge.protected": str(info.protected),
-            "vitmerge.tokens_in": json.dumps(info.tokens_in),
-            "vitmerge.tokens_out": json.dumps(info.tokens_out),
+            md.METHOD: info.method,
+            md.R: json.dumps(info.r),
+            md.PROP_ATTN: json.dumps(info.prop_attn),
+            md.PROTECTED: str(info.protected),
+            md.TOKENS_IN: json.dumps(info.tokens_in),
+            md.TOKENS_OUT: json.dumps(info.tokens_out),
         })
     try:  # the preprocessing the model expects: calibrate/eval read it from the file
-        from ..calibration.data import data_config
-
-        meta["vitmerge.data_config"] = json.dumps(data_config(model))
+        meta[md.DATA_CONFIG] = json.dumps(data_config(model))
     except Exception:  # not a model timm can describe: calibrate then asks for --config/--model
         pass
     if info is not None:
         try:  # method options travel with the graph (the plugin form re-runs the method with them)
-            meta["vitmerge.options"] = json.dumps(info.options, sort_keys=True)
+            meta[md.OPTIONS] = json.dumps(info.options, sort_keys=True)
         except TypeError:
             pass
     return meta
@@ -109,35 +109,20 @@ def _param_bytes(model: nn.Module) -> int:
 
 def save_program(program, model: nn.Module, workdir: Path, name: str) -> Path:
     """Write the program into ``workdir/name`` (+ external data for very large models) with metadata."""
-    import onnx
-
     path = workdir / name
     large = _param_bytes(model) > LARGE_MODEL_BYTES
     program.save(str(path), external_data=large)
     proto = onnx.load(str(path), load_external_data=False)
-    for k, v in metadata(model).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    md.write(proto, metadata(model))
     proto.producer_name = "vitmerge"
     onnx.save(proto, str(path))
     return path
 
 
-@contextlib.contextmanager
-def staged_output(output: Path):
-    """Yield a private folder next to ``output``; on success its files replace the final paths.
+def output_files(output: Path) -> tuple:
+    """Every file an export to ``output`` may write, the .onnx last: the targets of :func:`vitmerge._io.staged`.
 
-    A failed or interrupted run removes the folder and leaves no (half-written) output behind.
+    Large models keep their weights in external-data files next to the .onnx (the exporter names
+    them after it); they are moved into place before the .onnx, so the model appears only complete.
     """
-    stage = output.parent / f".{output.name}.partial-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir()
-    try:
-        yield stage
-        # External data first, the .onnx last: the model file appears only when complete.
-        files = sorted(stage.iterdir(), key=lambda f: f.name == output.name)
-        for f in files:
-            os.replace(f, output.parent / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    return (output.with_name(output.name + ".data"), output)  # onnxscript names it <name>.onnx.data

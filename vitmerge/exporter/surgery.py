@@ -29,32 +29,24 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
 
-if TYPE_CHECKING:
-    import onnx
-    import onnx_graphsurgeon as gs
-
-from ..errors import VitmergeError
-from .verify import CUSTOM_DOMAIN
+from .. import metadata as md
+from .._io import staged
+from ..errors import SurgeryError
+from ..merging import METHODS
+from ..plugins import DOMAIN, DOMAIN_VERSION, OP_TYPE, OP_TYPE_CLS, OP_TYPES as PLUGIN_OPS
 
 FORMS = ("standard", "native", "plugin")
-DOMAIN = CUSTOM_DOMAIN  # custom-op domain of the TokenMerge node
-OP_TYPE = "TokenMerge"  # (x, metric, size) -> (x', size')
-OP_TYPE_CLS = "TokenMergeCls"  # (x, metric, size, cls_attn) -> (x', size'): methods that read class attention
-PLUGIN_OPS = (OP_TYPE, OP_TYPE_CLS)
-DOMAIN_VERSION = 1
-FORM_KEY = "vitmerge.merge_op"  # model metadata: which form the file holds
+FORM_KEY = md.MERGE_OP  # model metadata: which form the file holds
 
 _SCOPE = re.compile(r"(?:^|[/.:\s])(blocks\.(\d+)\.token_merge):")
 _INDEX_OPS = {"TopK", "ArgMax", "ArgMin", "NonZero", *PLUGIN_OPS}
 _FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
-
-
-class SurgeryError(VitmergeError):
-    """A graph whose merge steps cannot be found or rewritten."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,9 +57,6 @@ class SurgeryError(VitmergeError):
 def import_graph(model) -> "gs.Graph":
     """``onnx.ModelProto`` -> ``gs.Graph`` with node metadata (``node.metadata``) and the model's
     ``vitmerge.*`` metadata (``graph.model_metadata``) attached; shapes inferred if missing."""
-    import onnx
-    import onnx_graphsurgeon as gs
-
     if not model.graph.value_info:
         model = onnx.shape_inference.infer_shapes(model)
     graph = gs.import_onnx(model)
@@ -78,10 +67,8 @@ def import_graph(model) -> "gs.Graph":
     return graph
 
 
-def load(path: str | Path) -> "gs.Graph":
+def load(path: Union[str, Path]) -> "gs.Graph":
     """Read an ONNX file into a ``gs.Graph`` ready for :func:`find_merges`."""
-    import onnx
-
     path = Path(path)
     if not path.is_file():
         raise SurgeryError(f"no ONNX file at {str(path)!r}: export one with `vitmerge export`")
@@ -94,9 +81,6 @@ def load(path: str | Path) -> "gs.Graph":
 
 def export_graph(graph) -> "onnx.ModelProto":
     """``gs.Graph`` -> ``onnx.ModelProto`` with node and model metadata restored."""
-    import onnx
-    import onnx_graphsurgeon as gs
-
     model = gs.export_onnx(graph)
     by_name = {n.name: getattr(n, "metadata", None) for n in graph.nodes}
     for proto in model.graph.node:
@@ -196,8 +180,6 @@ def _reaches_index_op(start, inside: set) -> bool:
 
 def _roles(block: int, nodes: list, graph, method: Optional[str]) -> dict:
     """Boundary tensors of one step: which input is x, metric, size (cls_attn); which output is x', size'."""
-    import onnx_graphsurgeon as gs
-
     inside = {id(n) for n in nodes}
     produced = {id(t) for n in nodes for t in n.outputs}
     ins, outs = [], []
@@ -259,9 +241,9 @@ def find_merges(graph) -> List[MergeSubgraph]:
     exactly one subgraph per merging block, none for blocks with r = 0 (they have no merge step).
     """
     meta = getattr(graph, "model_metadata", {}) or {}
-    method = meta.get("vitmerge.method")
-    protected = int(meta["vitmerge.protected"]) if "vitmerge.protected" in meta else None
-    options = json.loads(meta.get("vitmerge.options", "{}") or "{}")
+    method = meta.get(md.METHOD)
+    protected = int(meta[md.PROTECTED]) if md.PROTECTED in meta else None
+    options = json.loads(meta.get(md.OPTIONS, "{}") or "{}")
     groups: Dict[int, list] = {}
     scopes: Dict[int, str] = {}
     for node in graph.nodes:
@@ -274,7 +256,7 @@ def find_merges(graph) -> List[MergeSubgraph]:
         roles = _roles(block, groups[block], graph, method)
         merges.append(MergeSubgraph(block=block, scope=scopes[block], nodes=groups[block], method=method,
                                     protected=protected, options=dict(options),
-                                    options_known="vitmerge.options" in meta, **roles))
+                                    options_known=md.OPTIONS in meta, **roles))
     return merges
 
 
@@ -297,15 +279,11 @@ class _Emitter:
         return f"{self.prefix}_{what}_{self.count}"
 
     def const(self, value, what: str = "const"):
-        import onnx_graphsurgeon as gs
-
         return gs.Constant(self._name(what), np.asarray(value))
 
     def op(self, op: str, inputs: list, attrs: Optional[dict] = None, outputs: int | list = 1,
            dtype=None, shape=None, domain: Optional[str] = None):
         """Append one node; returns its output variable (or the list, for several outputs)."""
-        import onnx_graphsurgeon as gs
-
         if isinstance(outputs, int):
             outputs = [gs.Variable(self._name(op.lower()), dtype=dtype, shape=shape) for _ in range(outputs)]
         node = gs.Node(op=op, name=self._name(op), attrs=attrs or {}, inputs=list(inputs), outputs=outputs)
@@ -328,25 +306,23 @@ def _detach(m: MergeSubgraph) -> None:
 
 def _ones_size(e: _Emitter, x) -> "gs.Variable":
     """size = ones [B, N, 1] for the first merge step (the batch comes from x at run time)."""
-    import onnx_graphsurgeon as gs
-
     bn = e.op("Shape", [x], {"start": 0, "end": 2}, dtype=np.int64, shape=[2])
     shape = e.op("Concat", [bn, e.i64(1)], {"axis": 0}, dtype=np.int64, shape=[3])
     one = gs.Constant(e._name("one"), np.ones(1, np.float32))
     return e.op("ConstantOfShape", [shape], {"value": one}, dtype=np.float32, shape=[x.shape[0], x.shape[1], 1])
 
 
-# Methods whose merge step is not (x, metric, size) -> (x', size'): evo updates every token through a
-# representative (inputs x, cls_attn; four outputs); vwt groups patches once before the encoder.
+# Method forms whose merge step is not (x, metric, size) -> (x', size') (see merging.spec.FORMS).
 _NO_SURGERY = {
-    "evo": "evo's slow-fast step keeps every token (inputs x and class attention, four outputs), not a TokenMerge",
-    "vwt": "vwt groups patches once before the encoder (vwt_merge), it has no per-block merge steps",
+    "slow_fast": "its slow-fast step keeps every token (inputs x and class attention, four outputs), not a TokenMerge",
+    "pre_encoder": "it groups patches once before the encoder (vwt_merge), it has no per-block merge steps",
 }
 
 
 def _refuse_stepless(method: str, form: str) -> None:
-    if method in _NO_SURGERY:
-        raise SurgeryError(f"the {form} form does not exist for method {method!r}: {_NO_SURGERY[method]}; "
+    ms = METHODS.get(method)
+    if ms is not None and ms.form in _NO_SURGERY:
+        raise SurgeryError(f"the {form} form does not exist for method {method!r}: {_NO_SURGERY[ms.form]}; "
                            "use --merge-op standard")
 
 
@@ -366,8 +342,6 @@ def _need(m: MergeSubgraph, form: str) -> tuple[str, int]:
 
 def plugin_merge(graph, m: MergeSubgraph) -> None:
     """Replace one merge step by a single ``vitmerge::TokenMerge(x, metric, size) -> (x', size')``."""
-    import onnx_graphsurgeon as gs
-
     method, protected = _need(m, "plugin")
     _refuse_stepless(method, "plugin")
     if method != "tome" and not m.options_known:
@@ -523,32 +497,30 @@ class RewriteResult:
     merges: int  # merge steps rewritten (0: the file was copied unchanged)
 
 
-def graph_form(path: str | Path) -> str:
+def graph_form(path: Union[str, Path]) -> str:
     """The form a file holds: ``plugin`` / ``native`` / ``standard`` (from metadata and nodes)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    meta = {e.key: e.value for e in model.metadata_props}
+    model = md.load_proto(path)
     if any(o.domain == DOMAIN for o in model.opset_import):
         return "plugin"
-    return meta.get(FORM_KEY, "standard")
+    return md.read(model).get(FORM_KEY, "standard")
 
 
 def _save(model, out: Path, stage: Path) -> Path:
-    import onnx
-
-    staged = stage / out.name
+    path = stage / out.name
     if model.ByteSize() > 1_800_000_000:  # over the protobuf cap: weights in a side file
-        onnx.save(model, str(staged), save_as_external_data=True, location=f"{out.name}.data")
+        onnx.save(model, str(path), save_as_external_data=True, location=_data_file(out).name)
     else:
-        onnx.save(model, str(staged))
-    return staged
+        onnx.save(model, str(path))
+    return path
+
+
+def _data_file(out: Path) -> Path:
+    """The external-data file that goes with ``out`` when its weights exceed the protobuf cap."""
+    return out.with_name(f"{out.name}.data")
 
 
 def _copy(src: Path, out: Path, stage: Path) -> None:
     """Unchanged copy (with its external weights, if any) into the staging folder."""
-    import onnx
-
     if src.resolve() == out.resolve():
         return
     proto = onnx.load(str(src), load_external_data=False)
@@ -558,17 +530,13 @@ def _copy(src: Path, out: Path, stage: Path) -> None:
         shutil.copyfile(src, stage / out.name)
 
 
-def rewrite(in_path: str | Path, out_path: str | Path, form: str, check: bool = True) -> RewriteResult:
+def rewrite(in_path: Union[str, Path], out_path: Union[str, Path], form: str, check: bool = True) -> RewriteResult:
     """Write ``in_path`` with every merge step in ``form`` ("standard", "native" or "plugin") to ``out_path``.
 
     ``standard`` copies the file. A graph with no merge steps is copied unchanged in any form.
     ``in_path`` may equal ``out_path``. The result goes through the ONNX checker in a staging folder
     and replaces ``out_path`` only when complete: a failure leaves no (half-written) output.
     """
-    import onnx
-
-    from .onnx_export import staged_output
-
     if form not in FORMS:
         raise SurgeryError(f"unknown graph form {form!r}; use one of: {', '.join(FORMS)}")
     src, out = Path(in_path), Path(out_path)
@@ -584,85 +552,35 @@ def rewrite(in_path: str | Path, out_path: str | Path, form: str, check: bool = 
         if current != "standard":
             raise SurgeryError(f"{src} holds the {current} form; the standard form cannot be rebuilt from it: "
                                "export the model again")
-        with staged_output(out) as stage:
+        with staged(_data_file(out), out) as stage:
             _copy(src, out, stage)
         return RewriteResult(path=out, form=form, merges=0)
-    _refuse_stepless(graph.model_metadata.get("vitmerge.method", ""), form)
+    _refuse_stepless(graph.model_metadata.get(md.METHOD, ""), form)
     merges = find_merges(graph)
     if not merges:
-        r = json.loads(graph.model_metadata.get("vitmerge.r", "0") or "0")
+        r = json.loads(graph.model_metadata.get(md.R, "0") or "0")
         if any(v > 0 for v in (r if isinstance(r, list) else [r])):
-            method = graph.model_metadata.get("vitmerge.method", "?")
+            method = graph.model_metadata.get(md.METHOD, "?")
             raise SurgeryError(f"{src} merges tokens (method {method}) but has no blocks.N.token_merge steps to "
                                f"rewrite: the {form} form does not exist for this method; use the standard form")
-    with staged_output(out) as stage:
+    with staged(_data_file(out), out) as stage:
         if not merges or form == current:
             _copy(src, out, stage)
             n = 0
         else:
             n = PASSES[form](graph)
             graph.model_metadata[FORM_KEY] = form
-            staged = _save(export_graph(graph), out, stage)
+            written = _save(export_graph(graph), out, stage)
             if check:
                 try:
-                    onnx.checker.check_model(str(staged), full_check=True)
+                    onnx.checker.check_model(str(written), full_check=True)
                 except Exception as e:
                     raise SurgeryError(f"the {form} form of {src} fails the ONNX checker: {e}") from None
     return RewriteResult(path=out, form=form, merges=n)
 
 
-# --------------------------------------------------------------------------------------------
-# Comparing two graph forms in ONNX Runtime
-# --------------------------------------------------------------------------------------------
-
-
-def input_shape(path: str | Path, name: str = "images") -> tuple:
-    """(C, H, W) of the model's image input, from the graph (static beyond the batch axis)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    for i in model.graph.input:
-        if i.name == name:
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
-            if len(dims) != 4 or any(d is None for d in dims[1:]):
-                raise SurgeryError(f"{path}: input {name!r} has shape {dims}; expected [batch, C, H, W] with static C, H, W")
-            return tuple(dims[1:])
-    raise SurgeryError(f"{path} has no input named {name!r}: export it with `vitmerge export`")
-
-
-def compare(a: str | Path, b: str | Path, batch_sizes=(1, 4), atol: float = 1e-4, rtol: float = 1e-3,
-            seed: int = 0, threads: int = 0) -> list:
-    """Run ``a`` and ``b`` in ONNX Runtime (CPU) on the same random images; ``a`` is the reference.
-
-    Returns one ``BatchCheck`` per batch size (max |diff|, top-1 agreement, tolerance
-    atol + rtol * max |a|). Graphs with TokenMerge nodes get the custom-op kernel registered.
-    """
-    from .verify import BatchCheck, ort_session
-
-    for p in (a, b):
-        if not Path(p).is_file():
-            raise SurgeryError(f"no ONNX file at {str(p)!r}")
-    shape = input_shape(a)
-    if input_shape(b) != shape:
-        raise SurgeryError(f"the two graphs take different inputs: {a} {shape}, {b} {input_shape(b)}")
-    sa, sb = ort_session(a, threads=threads), ort_session(b, threads=threads)
-    rng = np.random.default_rng(seed)
-    checks = []
-    for n in batch_sizes:
-        x = rng.standard_normal((int(n), *shape), dtype=np.float32)
-        ra = sa.run(None, {"images": x})[0]
-        rb = sb.run(None, {"images": x})[0]
-        if ra.shape != rb.shape:
-            raise SurgeryError(f"output shapes differ at batch {n}: {ra.shape} vs {rb.shape}")
-        scale = float(np.abs(ra).max())
-        diff = float(np.abs(ra - rb).max())
-        agree = float((ra.argmax(-1) == rb.argmax(-1)).mean())
-        checks.append(BatchCheck(int(n), diff, scale, agree, atol + rtol * scale))
-    return checks
-
-
 __all__ = [
     "FORMS", "DOMAIN", "OP_TYPE", "OP_TYPE_CLS", "PLUGIN_OPS", "SurgeryError", "MergeSubgraph", "RewriteResult", "load", "import_graph",
     "export_graph", "find_merges", "plugin_merge", "native_merge", "to_plugin", "to_native", "rewrite",
-    "graph_form", "compare", "input_shape",
+    "graph_form",
 ]

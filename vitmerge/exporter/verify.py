@@ -1,17 +1,25 @@
-"""Check an exported file: ONNX checker, then ONNX Runtime vs PyTorch on the same random batches."""
+"""Check an exported file: ONNX checker, then ONNX Runtime vs PyTorch on the same random batches;
+and compare two files (two graph forms of one model) in ONNX Runtime.
+
+The check is max |diff| of the outputs against a tolerance of ``atol + rtol * max |reference|``,
+and top-1 agreement is reported next to it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
-from ..errors import VerificationError
-from ..profiling.flops import input_shape
-from .onnx_export import INPUT_NAME
+from ..backends.ort import OrtRunner
+from ..errors import SurgeryError, VerificationError
+from ..models import input_shape
+
+PathLike = Union[str, Path]
 
 
 @dataclass
@@ -45,48 +53,8 @@ class VerifyReport:
         return min(c.top1_agreement for c in self.checks)
 
 
-CUSTOM_DOMAIN = "vitmerge"
-
-
-def uses_custom_ops(path: str | Path) -> bool:
-    """Whether the graph holds vitmerge custom nodes (``vitmerge::TokenMerge``)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return any(o.domain == CUSTOM_DOMAIN for o in proto.opset_import)
-
-
-def ort_session(path: str | Path, threads: int = 0, optimization: str = "all", providers=None):
-    """An ONNX Runtime session (CPU unless ``providers`` says otherwise); the vitmerge::TokenMerge
-    kernels are registered when the graph holds such nodes."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[optimization]
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    if uses_custom_ops(path):
-        from .. import plugins
-        from ..errors import RuntimeMissingError
-
-        register = getattr(plugins, "register_ort", None)
-        if register is None:
-            raise RuntimeMissingError(
-                f"{Path(path).name} contains vitmerge::TokenMerge custom nodes, but this vitmerge has no ONNX Runtime "
-                "kernel for them (vitmerge.plugins.register_ort); use a standard or native export instead")
-        register(so)  # the vitmerge::TokenMerge kernel for ONNX Runtime
-    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or ["CPUExecutionProvider"]))
-
-
-def check_onnx(path: str | Path) -> None:
-    import onnx
-
+def check_onnx(path: PathLike) -> None:
+    """The ONNX checker with full shape inference; :class:`VerificationError` when it rejects the file."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
@@ -94,32 +62,61 @@ def check_onnx(path: str | Path) -> None:
 
 
 @torch.no_grad()
+def batch_check(batch: int, ref: np.ndarray, out: np.ndarray, atol: float, rtol: float) -> BatchCheck:
+    """Compare one batch of outputs with the reference: max |diff|, top-1 agreement, tolerance."""
+    if out.shape != ref.shape:
+        raise VerificationError(f"output shape {out.shape} != reference {ref.shape} at batch {batch}")
+    ref, out = ref.astype(np.float64), out.astype(np.float64)
+    scale = float(np.abs(ref).max())
+    diff = float(np.abs(out - ref).max())
+    agree = float((out.argmax(-1) == ref.argmax(-1)).mean())
+    return BatchCheck(int(batch), diff, scale, agree, atol + rtol * scale)
+
+
+@torch.no_grad()
 def verify(
     model: nn.Module,
-    path: str | Path,
+    path: PathLike,
     batch_sizes: Sequence[int] = (1, 4),
     seed: int = 0,
     atol: float = 1e-4,
     rtol: float = 1e-3,
-    session=None,
+    runner: Optional[OrtRunner] = None,
 ) -> VerifyReport:
     """Run the same random images through PyTorch and ONNX Runtime; max |diff| and top-1 agreement.
 
     Tolerance per batch: atol + rtol * max|reference output|.
     """
     model = model.eval()
-    sess = session or ort_session(path)
+    run = runner or OrtRunner(path)
     gen = torch.Generator().manual_seed(seed)
     shape = input_shape(model)
     report = VerifyReport(path=str(path))
     for b in batch_sizes:
         x = torch.randn(b, *shape, generator=gen)
-        ref = model(x).float().numpy()
-        out = sess.run(None, {INPUT_NAME: x.numpy()})[0]
-        if out.shape != ref.shape:
-            raise VerificationError(f"ONNX output shape {out.shape} != PyTorch {ref.shape} at batch {b}")
-        diff = float(np.abs(out - ref).max())
-        scale = float(np.abs(ref).max())
-        agree = float((out.argmax(-1) == ref.argmax(-1)).mean())
-        report.checks.append(BatchCheck(b, diff, scale, agree, atol + rtol * scale))
+        report.checks.append(batch_check(b, model(x).float().numpy(), run(x).numpy(), atol, rtol))
     return report
+
+
+def compare_files(a: PathLike, b: PathLike, batch_sizes: Sequence[int] = (1, 4), atol: float = 1e-4,
+                  rtol: float = 1e-3, seed: int = 0, threads: int = 0) -> List[BatchCheck]:
+    """Run ``a`` and ``b`` in ONNX Runtime (CPU) on the same random images; ``a`` is the reference.
+
+    Returns one :class:`BatchCheck` per batch size (max |diff|, top-1 agreement, tolerance
+    atol + rtol * max |a|). Graphs with TokenMerge nodes get the custom-op kernel registered.
+    """
+    for p in (a, b):
+        if not Path(p).is_file():
+            raise SurgeryError(f"no ONNX file at {str(p)!r}")
+    ra, rb = OrtRunner(a, threads=threads), OrtRunner(b, threads=threads)
+    if ra.input_shape != rb.input_shape:
+        raise SurgeryError(f"the two graphs take different inputs: {a} {ra.input_shape}, {b} {rb.input_shape}")
+    rng = np.random.default_rng(seed)
+    checks = []
+    for n in batch_sizes:
+        x = rng.standard_normal((int(n), *ra.input_shape), dtype=np.float32)
+        checks.append(batch_check(n, ra(x).numpy(), rb(x).numpy(), atol, rtol))
+    return checks
+
+
+__all__ = ["BatchCheck", "VerifyReport", "batch_check", "verify", "compare_files", "check_onnx"]

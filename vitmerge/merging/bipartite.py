@@ -14,6 +14,7 @@ import math
 import torch
 
 from .base import MergePlan, identity_plan
+from .spec import MethodSpec, clamp
 
 
 def max_r(n_tokens: int, protected: int) -> int:
@@ -21,8 +22,9 @@ def max_r(n_tokens: int, protected: int) -> int:
     return max((n_tokens - protected) // 2, 0)
 
 
-def clamp_r(n_tokens: int, r: int, protected: int) -> int:
-    return max(min(int(r), max_r(n_tokens, protected)), 0)
+def match_flops(n: int, protected: int, metric_dim: int, r: int = 0) -> int:
+    """FLOPs of the matching step: the A x B score matrix."""
+    return 2 * ((n + 1) // 2) * (n // 2) * metric_dim
 
 
 def _static_indices(T: int, r: int, protected: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +45,7 @@ def _static_indices(T: int, r: int, protected: int, device) -> tuple[torch.Tenso
 def bipartite_plan(metric: torch.Tensor, r: int, protected: int = 1) -> MergePlan:
     """Plan one ToMe merge step. metric [B, T, C] (ToMe: attention keys averaged over heads)."""
     B, T, _ = metric.shape
-    r = clamp_r(T, r, protected)
+    r = clamp(r, max_r(T, protected))
     if r <= 0:
         return identity_plan(metric)
     t1, t2 = (T + 1) // 2, T // 2
@@ -76,3 +78,13 @@ def bipartite_plan(metric: torch.Tensor, r: int, protected: int = 1) -> MergePla
             b_keep.expand(B, t2 - pb),
         ], dim=-1)
     return MergePlan(keep=keep, src=2 * src_idx, dst=slot_b[dst_idx])
+
+
+SPEC = MethodSpec(
+    name="tome",
+    plan=bipartite_plan,
+    max_r=max_r,
+    summary="ToMe bipartite soft matching, faithful to the reference (r <= half the unprotected tokens)",
+    match_flops=match_flops,
+    invariance="alternating",
+)

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ScheduleError
 from .base import MergePlan, batch_gather, identity_plan
 from .importance import MIN_WEIGHT, check_cls_attn
+from .spec import MethodSpec, clamp
 
 
 def max_r(n_tokens: int, protected: int) -> int:
@@ -32,8 +34,9 @@ def max_r(n_tokens: int, protected: int) -> int:
     return max(n_tokens - protected - 2, 0)
 
 
-def clamp_r(n_tokens: int, r: int, protected: int) -> int:
-    return max(min(int(r), max_r(n_tokens, protected)), 0)
+def check_options(tradeoff: float = 0.5) -> None:
+    if isinstance(tradeoff, bool) or not isinstance(tradeoff, (int, float)) or not 0.0 <= float(tradeoff) <= 1.0:
+        raise ScheduleError(f"tradeoff must be a number in [0, 1], got {tradeoff!r}")
 
 
 def evo_plan(metric: torch.Tensor, r: int, protected: int = 1, cls_attn: torch.Tensor | None = None) -> MergePlan:
@@ -45,7 +48,7 @@ def evo_plan(metric: torch.Tensor, r: int, protected: int = 1, cls_attn: torch.T
     """
     g = check_cls_attn(cls_attn, metric, "evo")
     B, N, _ = metric.shape
-    r = clamp_r(N, r, protected)
+    r = clamp(r, max_r(N, protected))
     if r <= 0:
         return identity_plan(metric)
     n_free = N - protected
@@ -66,8 +69,17 @@ def evo_plan(metric: torch.Tensor, r: int, protected: int = 1, cls_attn: torch.T
     return MergePlan(keep=keep, src=protected + src, dst=dst, weight=weight)
 
 
-evo_plan.needs_cls_attn = True  # type: ignore[attr-defined]
-evo_plan.slow_fast = True  # type: ignore[attr-defined]  # the adapter runs the block on the plan, then spreads back
+SPEC = MethodSpec(
+    name="evo",
+    plan=evo_plan,
+    max_r=max_r,
+    summary="Evo-ViT slow-fast updating, training-free (opt-in: measured weak without training)",
+    form="slow_fast",  # the adapter runs the block on the plan's slots, then spreads back to all N tokens
+    needs_cls_attn=True,
+    options={"tradeoff": 0.5},
+    validate=check_options,
+    invariance="any",
+)
 
 
 def spread(x: torch.Tensor, x_slow: torch.Tensor, y_slow: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch
 
 from ..errors import ScheduleError
 from .base import MergePlan, identity_plan
+from .spec import MethodSpec, clamp
 
 DEFAULT_BITS = 16
 DEFAULT_ROUNDS = 2
@@ -73,8 +74,12 @@ def max_r(n_tokens: int, protected: int) -> int:
     return max(n_tokens - protected - 1, 0)
 
 
-def clamp_r(n_tokens: int, r: int, protected: int) -> int:
-    return max(min(int(r), max_r(n_tokens, protected)), 0)
+def match_flops(n: int, protected: int, metric_dim: int, r: int = 0, bits: int = DEFAULT_BITS,
+                rounds: int = DEFAULT_ROUNDS, seed: int = DEFAULT_SEED) -> int:
+    """FLOPs of the matching step: the projections (a matrix product) plus one dot product per
+    neighbour in each hash order."""
+    u = n - protected
+    return 2 * n * metric_dim * bits * rounds + 2 * rounds * max(u - 1, 0) * metric_dim
 
 
 def projection(channels: int, bits: int = DEFAULT_BITS, rounds: int = DEFAULT_ROUNDS, seed: int = DEFAULT_SEED,
@@ -174,7 +179,7 @@ def hash_plan(
     """Plan one hash merge step. metric [B, N, C]; removes ``min(r, N - protected - 1)`` tokens."""
     check_options(bits, rounds, seed)
     B, N, _ = metric.shape
-    r = clamp_r(N, r, protected)
+    r = clamp(r, max_r(N, protected))
     if r <= 0:
         return identity_plan(metric)
     U = N - protected
@@ -228,8 +233,16 @@ def hash_plan(
     return MergePlan(keep=keep, src=src + protected, dst=dst)
 
 
-# For the model adapter: lets ``apply`` reject bad options up front instead of at the first forward.
-hash_plan.check_options = check_options  # type: ignore[attr-defined]
+SPEC = MethodSpec(
+    name="hash",
+    plan=hash_plan,
+    max_r=max_r,
+    summary="SimHash orders + neighbour matching: O(N) match step for long sequences; r may exceed N/2",
+    options={"bits": DEFAULT_BITS, "rounds": DEFAULT_ROUNDS, "seed": DEFAULT_SEED},
+    validate=check_options,
+    match_flops=match_flops,
+    invariance="any",
+)
 
-__all__ = ["hash_plan", "clamp_r", "max_r", "projection", "hash_orders", "check_options",
+__all__ = ["hash_plan", "max_r", "match_flops", "SPEC", "projection", "hash_orders", "check_options",
            "DEFAULT_BITS", "DEFAULT_ROUNDS", "DEFAULT_SEED"]

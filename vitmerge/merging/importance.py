@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ScheduleError
 from .base import MergePlan, identity_plan
+from .spec import MethodSpec, clamp
 
 # Importance is a softmax probability; an underflowed 0 would give a kept token no weight at all
 # (and a 0/0 slot when nothing merges into it). A floor far below any real attention value fixes that.
@@ -31,8 +32,10 @@ def max_r(n_tokens: int, protected: int) -> int:
     return max(n_tokens - protected - 1, 0)
 
 
-def clamp_r(n_tokens: int, r: int, protected: int) -> int:
-    return max(min(int(r), max_r(n_tokens, protected)), 0)
+def match_flops(n: int, protected: int, metric_dim: int, r: int = 0) -> int:
+    """FLOPs of the matching step: similarities of the r merged tokens to the kept ones."""
+    u = n - protected
+    return 2 * r * (u - r) * metric_dim
 
 
 def check_cls_attn(cls_attn, metric: torch.Tensor, method: str) -> torch.Tensor:
@@ -55,7 +58,7 @@ def importance_plan(metric: torch.Tensor, r: int, protected: int = 1, cls_attn: 
     """
     cls_attn = check_cls_attn(cls_attn, metric, "importance")
     B, N, _ = metric.shape
-    r = clamp_r(N, r, protected)
+    r = clamp(r, max_r(N, protected))
     if r <= 0:
         return identity_plan(metric)
     n_free = N - protected
@@ -79,5 +82,12 @@ def importance_plan(metric: torch.Tensor, r: int, protected: int = 1, cls_attn: 
     return MergePlan(keep=keep, src=protected + src, dst=dst, weight=weight)
 
 
-# Read by the model adapter: this method needs the class-token attention row of each merging block.
-importance_plan.needs_cls_attn = True  # type: ignore[attr-defined]
+SPEC = MethodSpec(
+    name="importance",
+    plan=importance_plan,
+    max_r=max_r,
+    summary="class-attention importance decides what stays; the rest merges into its most similar kept token",
+    needs_cls_attn=True,
+    match_flops=match_flops,
+    invariance="any",
+)

@@ -1,10 +1,15 @@
-"""Per-layer token reduction schedules. Token counts depend only on the schedule, never on data."""
+"""Per-layer token reduction schedules. Token counts depend only on the schedule, never on data.
+
+Pure integer code: named schedules, the static token simulation, and the budget solver over any
+cost function (:func:`solve`). FLOP cost models that read a model's structure live in
+:mod:`vitmerge.models.budget`.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from ..errors import ScheduleError
+from .registry import spec
 
 RSpec = Union[int, Sequence[int], tuple]
 
@@ -72,7 +77,7 @@ def parse_schedule(num_layers: int, r=None, schedule: str = "constant", inflecti
     ``constant``: ``r`` every block (``r`` may also be a list with one r per block);
     ``decreasing``: ToMe's inflection schedule around a mean of ``r`` (``inflection`` in [-1, 1]:
     -1 front-loads from 2r down to 0, 0 is constant, +1 back-loads). For a FLOP or latency budget
-    use :func:`solve_budget` / :func:`solve_budget_latency` instead.
+    use :func:`vitmerge.models.budget.solve_budget` / :func:`solve_budget_latency` instead.
     """
     if num_layers < 1:
         raise ScheduleError(f"num_layers must be >= 1, got {num_layers}")
@@ -103,7 +108,7 @@ def _check_fraction(fraction, what: str) -> float:
     return f
 
 
-def _solve(
+def solve(
     num_layers: int,
     n_tokens: int,
     protected: int,
@@ -166,140 +171,6 @@ def _solve(
     return rs
 
 
-@dataclass
-class BlockFlops:
-    """Analytic FLOPs (2 x multiply-adds) of one timm ViT block as a function of its token counts.
-
-    Counted like :func:`vitmerge.profiling.flops.count_flops` counts the real module: matrix
-    products only (qkv, the two attention products, proj, the MLP linears, the merge's own
-    products); norms, softmax and elementwise ops are left out.
-    """
-
-    attn_linear: int  # per token: qkv + proj (+ gate) = sum of 2 * in * out
-    attn_dim: int  # heads * head_dim: each of q @ k^T and attn @ v costs 2 * N^2 * attn_dim
-    mlp_linear: int  # per token: 2 * in * out summed over the MLP's linears
-    metric_dim: int  # width of the merge metric (keys averaged over heads: head_dim)
-
-    def attention(self, n: int) -> int:
-        return self.attn_linear * n + 4 * n * n * self.attn_dim
-
-    def mlp(self, n: int) -> int:
-        return self.mlp_linear * n
-
-
-def _linear_flops(module) -> int:
-    from torch import nn
-
-    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-
-def model_flops_parts(model) -> tuple[int, list[BlockFlops]]:
-    """(FLOPs outside the blocks per image, one :class:`BlockFlops` per block) of a timm ViT."""
-    from torch import nn
-
-    from ..errors import UnsupportedModelError
-    from ..models.vit import unsupported_reason
-
-    reason = unsupported_reason(model)
-    if reason is not None:
-        raise UnsupportedModelError(f"cannot solve a FLOP budget for this model: {reason}")
-    pe = model.patch_embed.proj
-    if not isinstance(pe, nn.Conv2d):
-        raise UnsupportedModelError(f"patch embedding {type(pe).__name__} is not a Conv2d")
-    fixed = 2 * int(model.patch_embed.num_patches) * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] \
-        * pe.out_channels // pe.groups
-    fixed += _linear_flops(model.head) if isinstance(model.head, nn.Module) else 0
-    blocks = []
-    for blk in model.blocks:
-        a = blk.attn
-        blocks.append(BlockFlops(attn_linear=_linear_flops(a), attn_dim=a.num_heads * a.head_dim,
-                                 mlp_linear=_linear_flops(blk.mlp), metric_dim=a.head_dim))
-    return fixed, blocks
-
-
-def _tome_match_flops(n: int, protected: int, metric_dim: int, **options) -> int:
-    return 2 * ((n + 1) // 2) * (n // 2) * metric_dim  # the A x B score matrix
-
-
-def _hash_match_flops(n: int, protected: int, metric_dim: int, **options) -> int:
-    from . import hashing
-
-    bits = int(options.get("bits", hashing.DEFAULT_BITS))
-    rounds = int(options.get("rounds", hashing.DEFAULT_ROUNDS))
-    u = n - protected
-    # projections (a matrix product, counted by count_flops) + one dot product per order neighbour
-    return 2 * n * metric_dim * bits * rounds + 2 * rounds * max(u - 1, 0) * metric_dim
-
-
-def _importance_match_flops(n: int, protected: int, metric_dim: int, r: int = 0, **options) -> int:
-    u = n - protected
-    return 2 * r * (u - r) * metric_dim  # similarities of the r merged tokens to the kept ones
-
-
-# Methods whose blocks work as the budget model assumes (attention on N_in tokens, r tokens removed,
-# MLP on N_in - r) -> FLOPs of their matching step. Other methods change the block differently and
-# need their own entry before a budget can be solved for them.
-MATCH_FLOPS: dict = {"tome": _tome_match_flops, "hash": _hash_match_flops, "importance": _importance_match_flops}
-
-
-def merge_flops(method: str, n: int, protected: int, metric_dim: int, r: int = 0, **options) -> int:
-    """FLOPs of one merge step's matching on ``n`` tokens removing ``r``."""
-    try:
-        fn = MATCH_FLOPS[method]
-    except KeyError:
-        raise ScheduleError(
-            f"no FLOP model for method {method!r}: budgets can be solved for {', '.join(sorted(MATCH_FLOPS))}; "
-            f"give {method!r} an explicit r per block instead"
-        ) from None
-    return int(fn(n, protected, metric_dim, r=r, **options))
-
-
-def schedule_flops(model, rs: Sequence[int], method: str = "tome", protected: Optional[int] = None,
-                   **options) -> int:
-    """Analytic FLOPs of one image through ``model`` merged with per-block ``rs`` (see BlockFlops)."""
-    from .. import merging
-    from ..models import num_tokens
-
-    fixed, blocks = model_flops_parts(model)
-    p = int(model.num_prefix_tokens) if protected is None else int(protected)
-    rows = token_counts(num_tokens(model), list(rs), p, lambda t, r, pp: merging.effective_r(method, t, r, pp))
-    return fixed + _blocks_cost(blocks, rows, method, p, options)
-
-
-def _blocks_cost(blocks, rows, method, protected, options) -> int:
-    total = 0
-    for bf, (n_in, removed, n_out) in zip(blocks, rows):
-        total += bf.attention(n_in) + bf.mlp(n_out)
-        if removed:
-            total += merge_flops(method, n_in, protected, bf.metric_dim, r=removed, **options)
-    return total
-
-
-def solve_budget(model, fraction: float, method: str = "tome", protected: Optional[int] = None,
-                 **options) -> list[int]:
-    """Per-block r for ``model`` (a timm ViT, patched or not) whose FLOPs are at most ``fraction``
-    of the unmerged model's, as close to that as possible.
-
-    FLOPs come from an analytic model of each block (:class:`BlockFlops`: linears linear in the
-    token count, attention quadratic, plus the method's matching cost); the schedule is found by
-    :func:`_solve` (largest constant r that fits, then tokens given back from the last blocks).
-    ``options``: the method's options that change its cost (``hash``: bits, rounds).
-    """
-    from .. import merging
-    from ..models import num_tokens
-
-    merging.effective_r(method, 2, 0, 0)  # unknown method -> ScheduleError listing the methods
-    merge_flops(method, 2, 0, 1)  # a method without a FLOP model -> ScheduleError
-    fixed, blocks = model_flops_parts(model)
-    p = int(model.num_prefix_tokens) if protected is None else int(protected)
-    return _solve(
-        len(blocks), num_tokens(model), p,
-        lambda t, r, pp: merging.effective_r(method, t, r, pp),
-        lambda rows: fixed + _blocks_cost(blocks, rows, method, p, options),
-        fraction, "FLOP", method,
-    )
-
-
 LatencyTable = Union[Mapping[int, float], Callable[[int], float]]
 
 
@@ -352,9 +223,7 @@ def solve_budget_latency(
     ``n_out``); ``overhead`` is the latency outside the blocks (patch embedding, head), which no
     schedule changes. Same solver as :func:`solve_budget`.
     """
-    from .. import merging
-
-    merging.effective_r(method, 2, 0, 0)
+    clamp = spec(method).clamp_r  # unknown method -> ScheduleError listing the methods
     if num_layers < 1 or n_tokens < 1 or not 0 <= protected <= n_tokens:
         raise ScheduleError(f"need num_layers >= 1, n_tokens >= 1 and 0 <= protected <= n_tokens, got "
                             f"{num_layers}, {n_tokens}, {protected}")
@@ -363,5 +232,4 @@ def solve_budget_latency(
     def cost(rows) -> float:
         return overhead + sum(lat(a) if e == 0 else 0.5 * (lat(a) + lat(b)) for a, e, b in rows)
 
-    return _solve(num_layers, n_tokens, protected, lambda t, r, p: merging.effective_r(method, t, r, p),
-                  cost, fraction, "latency", method)
+    return solve(num_layers, n_tokens, protected, clamp, cost, fraction, "latency", method)

@@ -32,18 +32,15 @@ patches are identical (flat background), where a float sort's tie order is unspe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, ScheduleError
 from .base import MergePlan, identity_plan
+from .spec import MethodSpec, clamp
 
-VOCAB_FORMAT = "vitmerge-vwt-vocabulary"
-VOCAB_VERSION = 1
 SPACES = ("pixels", "embeddings")
 MODES = ("inter", "intra")
 SAME_WORD_BONUS = 4.0  # added to cosine similarity (in [-1, 1]) for a kept patch of the same word
@@ -54,8 +51,13 @@ def max_r(n_tokens: int, protected: int) -> int:
     return max(n_tokens - protected - 1, 0)
 
 
-def clamp_r(n_tokens: int, r: int, protected: int) -> int:
-    return max(min(int(r), max_r(n_tokens, protected)), 0)
+def check_options(mode: str = "inter", vocab=None, space=None, thresh=None) -> None:
+    if mode not in MODES:
+        raise ScheduleError(f"unknown vwt mode {mode!r}; use one of {', '.join(MODES)}")
+    if space is not None and space not in SPACES:
+        raise ScheduleError(f"unknown vwt space {space!r}; use one of {', '.join(SPACES)}")
+    if thresh is not None and (isinstance(thresh, bool) or not isinstance(thresh, (int, float)) or not 0 <= thresh <= 2):
+        raise ScheduleError(f"thresh is a cosine distance in [0, 2], got {thresh!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,63 +75,8 @@ def pixel_patches(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Te
 
 
 # ----------------------------------------------------------------------------------------------
-# Vocabulary
+# Visual words (the vocabulary itself is data: vitmerge.models.vocabulary)
 # ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Vocabulary:
-    """Visual words: unit-norm centroids [V, F] in a feature space, with what they were built for."""
-
-    centroids: torch.Tensor
-    space: str = "pixels"
-    meta: Dict[str, Any] = field(default_factory=dict)  # model, embed_dim, img_size, patch_size, ...
-
-    @property
-    def num_words(self) -> int:
-        return int(self.centroids.shape[0])
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.centroids.shape[1])
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"format": VOCAB_FORMAT, "version": VOCAB_VERSION, "space": self.space,
-                "centroids": self.centroids.detach().float().cpu().contiguous(), **self.meta}
-
-
-def save_vocabulary(vocab: Vocabulary, path: str | Path) -> Path:
-    """Write atomically: a temp file in the same folder, renamed on success."""
-    import os
-
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        torch.save(vocab.to_dict(), tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-def load_vocabulary(path: str | Path) -> Vocabulary:
-    p = Path(path)
-    hint = "build one with: vitmerge vocab build DATA_DIR -o vocab.pt --model MODEL_NAME"
-    if not p.is_file():
-        raise DataError(f"vocabulary file {str(p)!r} does not exist; {hint}")
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"could not read vocabulary {str(p)!r} ({type(e).__name__}); {hint}") from None
-    if not isinstance(obj, dict) or obj.get("format") != VOCAB_FORMAT:
-        raise DataError(f"{str(p)!r} is not a vitmerge VWT vocabulary; {hint}")
-    if obj.get("version") != VOCAB_VERSION:
-        raise DataError(f"vocabulary {str(p)!r} has version {obj.get('version')}, this vitmerge reads {VOCAB_VERSION}; rebuild it")
-    c = obj.get("centroids")
-    if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[0] < 1:
-        raise DataError(f"vocabulary {str(p)!r} has no [words, features] centroid tensor; rebuild it")
-    meta = {k: v for k, v in obj.items() if k not in ("format", "version", "space", "centroids")}
-    return Vocabulary(centroids=F.normalize(c.float(), dim=-1), space=str(obj.get("space", "pixels")), meta=meta)
-
 
 def spherical_kmeans(
     x: torch.Tensor, k: int, iters: int = 30, seed: int = 0, chunk: int = 65536, progress=None
@@ -219,7 +166,7 @@ def group_plan(
     """
     B, P, _ = features.shape
     N = protected + P
-    r = clamp_r(N, r, protected)
+    r = clamp(r, max_r(N, protected))
     if r <= 0:
         return identity_plan(features.new_zeros(B, N, 1))
     n_keep = P - r
@@ -307,10 +254,18 @@ def vwt_plan(
     return group_plan(metric, r, protected, rank, words)
 
 
-vwt_plan.pre_encoder = True  # type: ignore[attr-defined]  # runs once before the blocks, not in them
+SPEC = MethodSpec(
+    name="vwt",
+    plan=vwt_plan,  # metric: per-patch features [B, P, F] (no protected rows); plan over protected + P tokens
+    max_r=max_r,
+    summary="Visual-word tokenizer: patches grouped once before the encoder (inter: vocabulary, intra: none)",
+    form="pre_encoder",  # runs once before the blocks, not in them
+    options={"mode": "inter", "vocab": None, "space": None, "thresh": None},
+    validate=check_options,
+)
 
 
 __all__ = [
-    "Vocabulary", "save_vocabulary", "load_vocabulary", "spherical_kmeans", "pixel_patches",
-    "vwt_plan", "group_plan", "inter_rank", "intra_rank", "clamp_r", "max_r", "SPACES", "MODES",
+    "spherical_kmeans", "pixel_patches",
+    "vwt_plan", "group_plan", "inter_rank", "intra_rank", "max_r", "check_options", "SPEC", "SPACES", "MODES",
 ]

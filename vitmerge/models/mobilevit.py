@@ -7,14 +7,16 @@ positions, e.g. 256, 64, 16 at 256 px), then *folds every token back* into the f
 convolutions that follow. Merging would therefore need an unmerge before the fold (ToMe-for-SD
 style), the convolutions would not get cheaper, and the transformers are only about half of the FLOPs (45-52 %).
 
-What it does get: ``input_shape`` for models without ``patch_embed`` (export, verification, FLOP
-counting and latency all start from it), and a clear :class:`UnsupportedModelError` from ``apply``.
+What it does get: its configured input size (:func:`vitmerge.models.shapes.input_shape`: export,
+verification, FLOP counting and latency all start from it), and a clear :class:`UnsupportedModelError` from ``apply``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 from torch import nn
+
+from .flops import flop_counter
 
 REASON = (
     "MobileViT folds every transformer token back into a convolutional feature map, so its blocks need "
@@ -36,44 +38,12 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     return REASON if is_mobilevit(model) else None
 
 
-def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of one input image for models without a ``patch_embed``
-    (MobileViT, other timm CNN-style models): the model's configured input size."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size")
-    if not size or len(size) != 3:
-        from ..errors import UnsupportedModelError
-
-        raise UnsupportedModelError(
-            f"cannot tell the input size of {type(model).__name__}: it has no patch_embed and no "
-            "pretrained_cfg['input_size']"
-        )
-    return (int(size[0]), int(size[1]), int(size[2]))
-
-
 def transformer_flop_share(model: nn.Module, shape: Optional[tuple[int, int, int]] = None) -> float:
     """Fraction of one image's FLOPs spent inside MobileViT's transformer stacks."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    shape = shape or input_shape(model)
-    was = model.training
-    model.eval()
-    # Count attention in its explicit matmul form, as vitmerge's count_flops does: FlopCounterMode
-    # misses the fused CPU attention kernel.
-    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
-    try:
-        for m, _ in fused:
-            m.fused_attn = False
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *shape))
-    finally:
-        for m, f in fused:
-            m.fused_attn = f
-        model.train(was)
+    counter = flop_counter(model, shape)
     total = counter.get_total_flops()
     inside = sum(sum(v.values()) for k, v in counter.get_flop_counts().items() if k.endswith(".transformer"))
     return inside / total if total else 0.0
 
 
-__all__ = ["is_mobilevit", "unsupported_reason", "input_shape", "transformer_flop_share", "REASON"]
+__all__ = ["is_mobilevit", "unsupported_reason", "transformer_flop_share", "REASON"]

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import merging
+from ..merging.evo import evolve, spread
+from ..merging.vwt import pixel_patches, vwt_plan
 
 
 def _exporting() -> bool:
@@ -150,8 +152,6 @@ class SlowFastSplit(nn.Module):
 
 class SlowFastSpread(nn.Module):
     def forward(self, x, x_slow, y_slow, assign):
-        from ..merging.evo import spread
-
         return spread(x, x_slow, y_slow, assign)
 
 
@@ -176,8 +176,6 @@ class VWTMerge(nn.Module):
         return f"mode={self.mode}, space={self.space}, r={self.r}{words}"
 
     def forward(self, x: torch.Tensor, images: torch.Tensor, emb: torch.Tensor):
-        from ..merging.vwt import pixel_patches, vwt_plan
-
         st = self.state
         if self.r <= 0:
             return x, None  # nothing grouped: the blocks run exactly as unpatched
@@ -227,8 +225,6 @@ class MergeBlockMixin:
     def _slow_fast(self, x: torch.Tensor) -> torch.Tensor:
         """Evo: full block where r == 0 (or no class attention yet); else the slow path on N - r
         tokens and the fast update for the placeholders. The token count stays N."""
-        from ..merging.evo import evolve
-
         st = self._vm_state
         tm = self.token_merge
         if tm.r <= 0 or st.cls_attn is None:

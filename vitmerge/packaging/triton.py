@@ -26,19 +26,24 @@ interrupted run never leaves a half-written model that Triton would try to load.
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
-from ..errors import ModelNotFoundError, OutputPathError, RuntimeMissingError, ScheduleError
-from ..exporter.verify import CUSTOM_DOMAIN
+import onnx
+from onnx.external_data_helper import uses_external_data
+
+from .. import metadata as md
+from .._io import staged, writable_dir
+from ..backends.base import ENGINE_SUFFIXES
+from ..backends.trt import engine_metadata_path, load_engine_metadata, plugin_libraries
+from ..errors import ModelFileError, ModelNotFoundError, OutputPathError, PackagingError, RuntimeMissingError
+from ..plugins import DOMAIN
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 TRT_PLATFORM = "tensorrt_plan"
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 # ONNX TensorProto element type -> Triton DataType
 ONNX_TO_TRITON = {
@@ -95,29 +100,24 @@ class PackageResult:
 def _onnx_dims(value_info) -> List[int]:
     t = value_info.type.tensor_type
     if not t.HasField("shape"):
-        raise ModelNotFoundError(f"tensor {value_info.name!r} has no shape in the graph; re-export the model")
+        raise ModelFileError(f"tensor {value_info.name!r} has no shape in the graph; re-export the model")
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in t.shape.dim]
 
 
 def _onnx_type(value_info) -> str:
     elem = value_info.type.tensor_type.elem_type
     if elem not in ONNX_TO_TRITON:
-        raise ModelNotFoundError(f"tensor {value_info.name!r} has ONNX element type {elem}, which Triton has no type for")
+        raise ModelFileError(f"tensor {value_info.name!r} has ONNX element type {elem}, which Triton has no type for")
     return ONNX_TO_TRITON[elem]
 
 
-def onnx_signature(path: str | Path) -> Signature:
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise ModelNotFoundError(f"{str(path)!r} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+def onnx_signature(path: Union[str, Path]) -> Signature:
+    model = md.load_proto(path)
     inits = {i.name for i in model.graph.initializer}
     inputs = [TensorSpec(v.name, _onnx_type(v), _onnx_dims(v)) for v in model.graph.input if v.name not in inits]
     outputs = [TensorSpec(v.name, _onnx_type(v), _onnx_dims(v)) for v in model.graph.output]
     nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-    custom = sum(1 for n in nodes if n.domain == CUSTOM_DOMAIN)
+    custom = sum(1 for n in nodes if n.domain == DOMAIN)
     return Signature(inputs, outputs, custom_nodes=custom)
 
 
@@ -128,14 +128,14 @@ def _named_type(text: Any) -> str:
     key = s.lower().split(".")[-1]  # "DataType.FLOAT", "torch.float16", "float32"
     if key in _NAMED_TYPES:
         return _NAMED_TYPES[key]
-    raise ModelNotFoundError(f"engine metadata names data type {text!r}, which vitmerge cannot map to a Triton type")
+    raise ModelFileError(f"engine metadata names data type {text!r}, which vitmerge cannot map to a Triton type")
 
 
 def _meta_tensors(items: Any, what: str, meta_path: Path) -> List[TensorSpec]:
     if isinstance(items, dict):  # {"images": {"dtype": ..., "shape": [...]}}
         items = [{"name": k, **v} for k, v in items.items()]
     if not isinstance(items, list) or not items:
-        raise ModelNotFoundError(f"engine metadata {meta_path.name} lists no {what}; rebuild with vitmerge build")
+        raise ModelFileError(f"engine metadata {meta_path.name} lists no {what}; rebuild with vitmerge build")
     out = []
     for it in items:
         try:
@@ -143,22 +143,20 @@ def _meta_tensors(items: Any, what: str, meta_path: Path) -> List[TensorSpec]:
             out.append(TensorSpec(str(it["name"]), _named_type(it.get("dtype", it.get("data_type", "float32"))),
                                   [int(d) if int(d) > 0 else -1 for d in shape]))
         except (KeyError, TypeError, ValueError):
-            raise ModelNotFoundError(
+            raise ModelFileError(
                 f"engine metadata {meta_path.name}: each of {what} needs name, dtype and shape (got {it!r})"
             ) from None
     return out
 
 
-def engine_signature(path: str | Path, onnx_source: Optional[str | Path] = None) -> Signature:
+def engine_signature(path: Union[str, Path], onnx_source: Optional[Union[str, Path]] = None) -> Signature:
     """Names, types and shapes of an engine: from the metadata JSON ``vitmerge build`` writes next to it
     (``inputs``/``outputs`` lists, or the source ``onnx`` path it records), or from ``onnx_source``."""
-    from ..profiling.runtimes import engine_metadata_path, load_engine_metadata, plugin_libraries
-
     path = Path(path)
     meta_path = engine_metadata_path(path)
     if meta_path is None:
         raise ModelNotFoundError(
-            f"no metadata for engine {path.name}: expected {path.stem}.json (or {path.name}.json) next to it, as "
+            f"no metadata for engine {path.name}: expected {path.name}.json (or {path.stem}.json) next to it, as "
             "`vitmerge build` writes. Rebuild the engine with vitmerge build, or package the .onnx instead"
         )
     meta = load_engine_metadata(path) or {}
@@ -235,27 +233,8 @@ def config_text(name: str, platform: str, sig: Signature, max_batch_size: int, d
 # ------------------------------------------------------------------------------------ packaging
 
 
-def _default_ort_library() -> Optional[str]:
-    """The TokenMerge ONNX Runtime custom-op library of vitmerge.plugins, when it provides one."""
-    try:
-        from .. import plugins
-    except ImportError:
-        return None
-    fn = getattr(plugins, "ort_library_path", None)
-    if fn is None:
-        return None
-    try:
-        p = fn()
-    except Exception:
-        return None
-    return str(p) if p and Path(p).is_file() else None
-
-
 def _external_data_files(path: Path) -> List[str]:
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    model = onnx.load(str(path), load_external_data=False)
+    model = md.load_proto(path)
     files = set()
     for t in model.graph.initializer:
         if uses_external_data(t):
@@ -266,19 +245,19 @@ def _external_data_files(path: Path) -> List[str]:
 
 
 def package(
-    model: str | Path,
-    repo: str | Path,
+    model: Union[str, Path],
+    repo: Union[str, Path],
     name: Optional[str] = None,
     max_batch: int = 32,
     version: int = 1,
-    plugin_lib: Optional[str | Path] = None,
+    plugin_lib: Optional[Union[str, Path]] = None,
     server_repo: Optional[str] = None,
     instance_kind: str = "auto",
     instances: int = 1,
     queue_delay_us: int = 0,
     dynamic_batching: bool = True,
     overwrite: bool = False,
-    onnx_source: Optional[str | Path] = None,
+    onnx_source: Optional[Union[str, Path]] = None,
 ) -> PackageResult:
     """Write ``repo/name`` (config.pbtxt + version folder) for ``model`` (.onnx or TensorRT engine)."""
     src = Path(model)
@@ -291,15 +270,13 @@ def package(
     if not _NAME_OK.match(name) or name in (".", ".."):
         raise OutputPathError(f"model name {name!r} may only use letters, digits, '_', '-' and '.'")
     if version < 1:
-        raise ScheduleError(f"--version must be >= 1 (Triton ignores version folders named 0); got {version}")
+        raise PackagingError(f"--version must be >= 1 (Triton ignores version folders named 0); got {version}")
     if max_batch < 0:
-        raise ScheduleError(f"--max-batch must be >= 0; got {max_batch}")
+        raise PackagingError(f"--max-batch must be >= 0; got {max_batch}")
     if instance_kind not in ("auto", "cpu", "gpu"):
-        raise ScheduleError(f"instance kind must be auto, cpu or gpu; got {instance_kind!r}")
+        raise PackagingError(f"instance kind must be auto, cpu or gpu; got {instance_kind!r}")
     if instances < 1:
-        raise ScheduleError(f"--instances must be >= 1; got {instances}")
-    from .._io import writable_dir
-
+        raise PackagingError(f"--instances must be >= 1; got {instances}")
     repo = writable_dir(repo, "--repo")
     final = repo / name
     if final.exists() and not overwrite:
@@ -308,12 +285,12 @@ def package(
     sig = engine_signature(src, onnx_source) if is_engine else onnx_signature(src)
     platform = TRT_PLATFORM if is_engine else ONNX_PLATFORM
     if is_engine and instance_kind == "cpu":
-        raise ScheduleError("TensorRT engines run on GPUs only: use --instance-kind gpu or auto")
+        raise PackagingError("TensorRT engines run on GPUs only: use --instance-kind gpu or auto")
     notes: List[str] = []
     comments = [f"Triton model configuration written by vitmerge for {src.name}"]
     if sig.dynamic_batch and max_batch > 0:
         if sig.batch_limit is not None and max_batch > sig.batch_limit:
-            raise ScheduleError(
+            raise PackagingError(
                 f"--max-batch {max_batch} exceeds the engine's optimisation profile (max batch {sig.batch_limit}); "
                 f"use --max-batch {sig.batch_limit} or rebuild the engine with a larger --max-batch"
             )
@@ -334,9 +311,6 @@ def package(
             libs = [Path(plugin_lib)]
         elif is_engine:
             libs = [Path(p) for p in sig.plugin_libraries]
-        else:
-            found = _default_ort_library()
-            libs = [Path(found)] if found else []
         for lib in libs:
             if not lib.is_file():
                 raise ModelNotFoundError(f"plugin library {str(lib)!r} does not exist")
@@ -373,12 +347,9 @@ def package(
                        instance_kind="gpu" if (is_engine and instance_kind == "auto") else instance_kind,
                        instances=instances, op_libraries=op_libraries, comments=comments)
 
-    stage = repo / f".{name}.partial-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    old = repo / f".{name}.old-{os.getpid()}"
-    try:
-        vdir = stage / str(version)
+    with staged(final) as stage:  # the model folder appears whole, replacing an --overwrite'n one at once
+        folder = stage / name
+        vdir = folder / str(version)
         vdir.mkdir(parents=True)
         target = vdir / ("model.plan" if is_engine else "model.onnx")
         shutil.copyfile(src, target)
@@ -386,27 +357,14 @@ def package(
             for rel in _external_data_files(src):
                 data = src.parent / rel
                 if not data.is_file():
-                    raise ModelNotFoundError(f"{src.name} keeps weights in {rel}, which is missing next to it")
+                    raise ModelFileError(f"{src.name} keeps weights in {rel}, which is missing next to it")
                 (vdir / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(data, vdir / rel)
         if libs:
-            (stage / "plugins").mkdir()
+            (folder / "plugins").mkdir()
             for lib in libs:
-                shutil.copyfile(lib, stage / "plugins" / lib.name)
-        (stage / "config.pbtxt").write_text(text)
-        swapped = False
-        if final.exists():  # --overwrite: move the old folder aside, put the new one in, then drop the old
-            os.replace(final, old)
-            swapped = True
-        try:
-            os.replace(stage, final)
-        except BaseException:
-            if swapped:
-                os.replace(old, final)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+                shutil.copyfile(lib, folder / "plugins" / lib.name)
+        (folder / "config.pbtxt").write_text(text)
     return PackageResult(model_dir=final, config_path=final / "config.pbtxt", model_file=final / str(version) / target.name,
                          config=text, platform=platform, max_batch_size=mbs, notes=notes, launch=launch)
 

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .. import merging
 from ..errors import RuntimeMissingError
 
 _REGISTERED = False
@@ -33,8 +34,6 @@ def token_merge(x: np.ndarray, metric: np.ndarray, size: np.ndarray, r: int, pro
     ``cls_attn [B, N]``: the class-token attention row, for methods that read it (TokenMergeCls).
     """
     import torch
-
-    from .. import merging
 
     opts = json.loads(options) if options else {}
     # ONNX Runtime's own threads are busy around this call: PyTorch's thread pool on top of them

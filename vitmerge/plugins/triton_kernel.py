@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import merging
 from ..errors import RuntimeMissingError
 
 _KERNELS: dict = {}
@@ -118,8 +119,6 @@ def triton_merge(plan, x: torch.Tensor, size: Optional[torch.Tensor] = None,
 def merge_tokens(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor], r: int, protected: int,
                  method: str = "tome", out=None, **options):
     """The whole TokenMerge step: plan in PyTorch (matching + TopK), merge in the Triton kernel."""
-    from .. import merging
-
     with torch.no_grad():
         plan = merging.plan(method, metric, int(r), int(protected), **options)
         return triton_merge(plan, x, size, out=out)

@@ -1,5 +1,5 @@
-"""Latency, FLOPs (and later energy and accuracy) measured on the real model."""
-from .flops import count_flops, flop_ratio
+"""Measurement on the real model: latency (interleaved), energy (hardware counters), accuracy (the
+same images for every model), and the reports (JSON, Markdown, PNG) people paste into reviews."""
 from .latency import LatencyStats, interleaved
 
-__all__ = ["count_flops", "flop_ratio", "LatencyStats", "interleaved"]
+__all__ = ["LatencyStats", "interleaved"]

@@ -1,52 +1,23 @@
 """Top-1 / top-5 accuracy of several models on the same labelled images, in one pass over the data.
 
-A *runner* maps a batch of preprocessed images [B, C, H, W] to logits [B, classes]; PyTorch
-modules and ONNX Runtime sessions both become runners, so the unmerged model, the merged model,
-their ONNX files and INT8 versions are all compared on exactly the same inputs. The first runner
-is the reference: every other model's top-1 agreement with it is reported too.
+Each model is a :class:`vitmerge.backends.Runner` (or any callable mapping a batch of preprocessed
+images [B, C, H, W] to logits [B, classes]): PyTorch modules, ONNX files in ONNX Runtime and TensorRT
+engines alike, so the unmerged model, the merged model, their ONNX files and INT8 versions are all
+compared on exactly the same inputs. The first runner is the reference: every other model's top-1
+agreement with it is reported too.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Union
 
-import numpy as np
 import torch
-from torch import nn
 
-from ..calibration.data import BatchStats, ImageDataset, batches
-from ..errors import DataError, ScheduleError
+from ..data.datasets import BatchStats, ImageDataset, batches
+from ..errors import DataError
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
-
-
-def torch_runner(model: nn.Module) -> Runner:
-    model.eval()
-
-    @torch.no_grad()
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return model(x).float()
-
-    return run
-
-
-def ort_runner(session_or_path: Any, input_name: Optional[str] = None) -> Runner:
-    """Runner over an ONNX Runtime session (or the path of an .onnx file, opened on the CPU)."""
-    if isinstance(session_or_path, (str, Path)):
-        from ..exporter.verify import ort_session
-
-        sess = ort_session(session_or_path)
-    else:
-        sess = session_or_path
-    name = input_name or sess.get_inputs()[0].name
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        out = sess.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0]
-        return torch.from_numpy(np.asarray(out, dtype=np.float32))
-
-    return run
+Runner = Callable[[torch.Tensor], torch.Tensor]  # images -> logits; every backends.Runner is one
 
 
 @dataclass
@@ -185,108 +156,4 @@ def evaluate(
                       notes=list(dataset.notes), seconds=time.perf_counter() - t0)
 
 
-# --------------------------------------------------------------------------------------------
-# Schedules at a FLOP budget
-# --------------------------------------------------------------------------------------------
-
-
-def _pre_encoder(method: str) -> bool:
-    from .. import merging
-
-    fn = merging.METHODS.get(method, (None,))[0]
-    return bool(getattr(fn, "pre_encoder", False))
-
-
-def budget_schedule(model: nn.Module, fraction: float, method: str = "tome", **options):
-    """The r to give :func:`vitmerge.apply` so the FLOPs are at most ``fraction`` of the unmerged model.
-
-    Uses the project's budget solver (``merging.schedule.solve_budget``, per-block r from an analytic
-    FLOP model) where it covers the method; otherwise the smallest constant r (for methods that
-    group once before the encoder, such as vwt: the one r) whose FLOPs, counted by running the
-    model, meet the budget. ``options`` are the method's options (passed to ``apply`` in the search).
-    """
-    from ..merging import schedule as sched
-
-    if method in sched.MATCH_FLOPS and not _pre_encoder(method):
-        return list(sched.solve_budget(model, fraction, method=method))
-    return constant_r_for_budget(model, fraction, method, **options)
-
-
-def constant_r_for_budget(model: nn.Module, fraction: float, method: str = "tome", **options):
-    """Fallback solver: binary search of one r, FLOPs counted by running the model (batch 1).
-
-    Returns one r per block, or a single int for methods that merge once before the encoder.
-    """
-    import copy
-
-    import vitmerge
-    from ..models import num_tokens
-
-    try:
-        fraction = float(fraction)
-    except (TypeError, ValueError):
-        raise ScheduleError(f"the FLOP budget must be a fraction in (0, 1], got {fraction!r}") from None
-    if not 0.0 < fraction <= 1.0:
-        raise ScheduleError(f"the FLOP budget must be a fraction in (0, 1], got {fraction}")
-    single = _pre_encoder(method)
-    depth = len(model.blocks)
-    probe = copy.deepcopy(model)
-    if getattr(probe, "vitmerge", None) is not None:
-        vitmerge.remove(probe)
-    base = None
-
-    def spec(r: int):
-        return r if single else [r] * depth
-
-    def frac(r: int) -> float:
-        nonlocal base
-        from .flops import count_flops
-
-        if base is None:
-            base = count_flops(probe)
-        vitmerge.apply(probe, method=method, r=spec(r), **options)
-        try:
-            return count_flops(probe) / base
-        finally:
-            vitmerge.remove(probe)
-
-    def accepted(r: int):
-        try:
-            return frac(r)
-        except ScheduleError:
-            return None
-
-    hi = num_tokens(model) - int(model.num_prefix_tokens) - 1
-    f_hi = accepted(hi)
-    if f_hi is None:  # the largest r the method accepts (binary search; r=0 always is)
-        ok, bad = 0, hi
-        while bad - ok > 1:
-            mid = (ok + bad) // 2
-            if accepted(mid) is None:
-                bad = mid
-            else:
-                ok = mid
-        hi, f_hi = ok, accepted(ok)
-    if f_hi > fraction:
-        raise ScheduleError(f"{method}: a FLOP budget of {fraction} cannot be met with one r "
-                            f"(r={hi} gives {f_hi:.3f}); ask for a larger fraction")
-    lo = 0
-    while lo < hi:  # smallest r that meets the budget
-        mid = (lo + hi) // 2
-        if frac(mid) <= fraction:
-            hi = mid
-        else:
-            lo = mid + 1
-    return spec(lo)
-
-
-def achieved_fraction(model: nn.Module) -> float:
-    """FLOPs of the merged model over the unmerged one, both counted by running them (batch 1)."""
-    from .flops import flop_ratio
-
-    base, merged, _ = flop_ratio(model)
-    return merged / base
-
-
-__all__ = ["Runner", "torch_runner", "ort_runner", "ModelAccuracy", "EvalResult", "evaluate", "check_classes",
-           "budget_schedule", "constant_r_for_budget", "achieved_fraction"]
+__all__ = ["Runner", "ModelAccuracy", "EvalResult", "evaluate", "check_classes"]

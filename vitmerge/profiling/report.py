@@ -13,11 +13,12 @@ import json
 import math
 import os
 import platform
-import tempfile
 from importlib import metadata as _md
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .._io import atomic_write, writable_dir
+from .._version import __version__
 
 Section = Tuple[str, str]  # (heading, markdown body)
 
@@ -89,8 +90,6 @@ def machine_info() -> Dict[str, Any]:
         if v is not None:
             info[dist.replace("-", "_")] = v
     try:
-        from .. import __version__
-
         info["vitmerge"] = __version__
     except Exception:
         pass
@@ -185,35 +184,8 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, data: Union[str, bytes]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def prepare_dir(directory: Union[str, Path]) -> Path:
     """Create the report folder (and parents); clear error when that is not possible."""
-    from .._io import writable_dir
-
     return writable_dir(directory, "report folder")
 
 

@@ -15,6 +15,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import DataError, OutputPathError
+from ..models import apply, last_source
 
 SKIMAGE_PREFIX = "skimage:"
 #: Colour photographs that scikit-image ships inside its package (no download).
@@ -137,10 +138,7 @@ def visualize_model(model, image: np.ndarray, method: str = "tome", r=16, **opti
     """Patch ``model`` (in place) with source tracking, run ``image`` through it, return the groups."""
     import torch
 
-    import vitmerge
-    from ..models import last_source
-
-    vitmerge.apply(model, method=method, r=r, trace_source=True, **options)
+    apply(model, method=method, r=r, trace_source=True, **options)
     shown, x = prepare(image, model)
     with torch.inference_mode():
         model.eval()(x)

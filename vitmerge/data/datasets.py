@@ -374,39 +374,8 @@ def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str]) -> Ima
 
 
 # --------------------------------------------------------------------------------------------
-# Preprocessing and batching
+# Batching
 # --------------------------------------------------------------------------------------------
-
-
-def data_config(model: torch.nn.Module) -> dict:
-    """timm's eval data config for ``model``, with the input size the model was really built with
-    (timm's pretrained config keeps the original resolution when img_size is overridden)."""
-    from timm.data import resolve_data_config
-
-    cfg = dict(resolve_data_config({}, model=model))
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None) is not None:
-        h, w = pe.img_size
-        c = pe.proj.in_channels if hasattr(pe, "proj") else cfg["input_size"][0]
-        cfg["input_size"] = (int(c), int(h), int(w))
-    return json_safe(cfg)
-
-
-def json_safe(cfg: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-
-
-def eval_transform(cfg: dict) -> Callable:
-    """torchvision transform for a data config (resize, centre crop, to tensor, normalise)."""
-    from timm.data import create_transform
-
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    kw = {k: (tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]) for k in keys if k in cfg}
-    return create_transform(**kw, is_training=False)
-
-
-def transform_for(model: torch.nn.Module) -> Callable:
-    return eval_transform(data_config(model))
 
 
 @dataclass
@@ -441,6 +410,6 @@ def batches(ds: ImageDataset, batch_size: int = 64, workers: int = 0,
 
 
 __all__ = [
-    "ImageDataset", "open_dataset", "data_config", "eval_transform", "transform_for", "batches", "BatchStats",
+    "ImageDataset", "open_dataset", "batches", "BatchStats",
     "LAYOUTS", "EVAL_SPLITS", "CALIBRATION_SPLITS", "IMAGE_SUFFIXES",
 ]

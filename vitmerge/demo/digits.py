@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._io import writable_dir
 from ..errors import CheckpointError, DataError, OutputPathError
+from ..models.build import build_model
 
 TRAINING_CODE_VERSION = 1  # bump when the training procedure changes, so cached models are rebuilt
 
@@ -115,8 +117,6 @@ class DigitsModel:
 
     def build(self):
         """The trained model as a plain (unmerged) timm model in eval mode."""
-        from ..models.build import build_model
-
         return build_model(self.model_name, self.checkpoint, **json.loads(json.dumps(self.kwargs)))
 
 
@@ -283,8 +283,6 @@ def train(output: str | Path, cfg: Optional[DigitsConfig] = None, force: bool = 
     meta = _read(out)
     if not force and _complete(out, meta, cfg.hash):
         return _result(out, meta, cached=True)
-    from .._io import writable_dir
-
     writable_dir(out, "--output")
 
     stage = out / f".partial-{os.getpid()}"

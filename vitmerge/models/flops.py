@@ -1,30 +1,27 @@
 """FLOP counts measured by running the model under torch's FlopCounterMode (batch 1)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-
-def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    pe = getattr(model, "patch_embed", None)
-    if pe is None:  # MobileViT and other models without a ViT patch embedding: their configured size
-        from ..models.mobilevit import input_shape as configured_input_shape
-
-        return configured_input_shape(model)
-    h, w = pe.img_size
-    return (pe.proj.in_channels, int(h), int(w))
+from .shapes import input_shape
+from .vit import merge_steps
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, shape: tuple[int, int, int] | None = None) -> int:
-    """Total FLOPs (2 x multiply-adds) of one image through ``model``, counted op by op."""
+def flop_counter(model: nn.Module, shape: Optional[tuple[int, int, int]] = None) -> FlopCounterMode:
+    """Run one image (zeros) through ``model`` under a FlopCounterMode and return the counter.
+
+    Attention is counted in its explicit matmul form: FlopCounterMode does not count every fused
+    attention kernel (the CPU flash kernel is missed, the masked path is counted as bmm).
+    """
     shape = shape or input_shape(model)
     was_training = model.training
     model.eval()
     x = torch.zeros(1, *shape)
-    # FlopCounterMode does not count every fused attention kernel (the CPU flash kernel is missed,
-    # the masked path is counted as bmm): count all attention in its explicit matmul form.
     fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
     try:
         for m, _ in fused:
@@ -35,19 +32,19 @@ def count_flops(model: nn.Module, shape: tuple[int, int, int] | None = None) -> 
         for m, f in fused:
             m.fused_attn = f
         model.train(was_training)
-    return int(counter.get_total_flops())
+    return counter
+
+
+def count_flops(model: nn.Module, shape: Optional[tuple[int, int, int]] = None) -> int:
+    """Total FLOPs (2 x multiply-adds) of one image through ``model``, counted op by op."""
+    return int(flop_counter(model, shape).get_total_flops())
 
 
 def flop_ratio(model: nn.Module) -> tuple[int, int, float]:
     """(unmerged FLOPs, merged FLOPs, ratio unmerged/merged) for a model patched by vitmerge.apply."""
-    from ..models import MergeInfo
-
-    info: MergeInfo | None = getattr(model, "vitmerge", None)
     merged = count_flops(model)
-    if info is None:
+    if getattr(model, "vitmerge", None) is None:
         return merged, merged, 1.0
-    from ..models.vit import merge_steps
-
     steps = merge_steps(model)  # every blocks.N.token_merge, and vwt's pre-encoder step
     saved = [s.r for s in steps]
     try:
@@ -58,3 +55,6 @@ def flop_ratio(model: nn.Module) -> tuple[int, int, float]:
         for s, r in zip(steps, saved):
             s.r = r
     return base, merged, base / merged
+
+
+__all__ = ["count_flops", "flop_counter", "flop_ratio"]

@@ -16,6 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from ..backends import OrtRunner
+from ..calibration.quantize import quantize
+from ..data import CALIBRATION_SPLITS, open_dataset, transform_for
+from ..exporter import export
+from ..models import apply
+from ..models.budget import budget_schedule
+from ..models.build import build_model
+from ..models.flops import flop_ratio
+from ..profiling.accuracy import evaluate
+from ..profiling.plots import ParetoPoint, plot_latency_vs_r, plot_pareto
+from ..profiling.profile import profile_targets
+from ..profiling.report import md_table, write_report
+from ..profiling.visualize import load_image, render, visualize_model
+from . import digits
 
 
 @dataclass
@@ -42,17 +56,6 @@ class DemoResult:
 
 
 def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=None) -> DemoResult:
-
-    import vitmerge
-    from .calibration import digits
-    from .calibration.data import open_dataset, transform_for, CALIBRATION_SPLITS
-    from .calibration.quantize import quantize
-    from .profiling.accuracy import budget_schedule, evaluate, ort_runner
-    from .profiling.flops import flop_ratio
-    from .profiling.plots import ParetoPoint, plot_latency_vs_r, plot_pareto
-    from .profiling.report import md_table, write_report
-    from .profiling.runtimes import ort_target, profile_targets
-
     out = Path(settings.out_dir)
     onnx_dir = out / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)
@@ -71,17 +74,17 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
     # 2. methods x budgets -> verified ONNX files --------------------------------------------------
     variants: Dict[str, Dict[str, Any]] = {}
     base_model = dm.build()
-    res = vitmerge.export(base_model, onnx_dir / "digits_unmerged.onnx")
+    res = export(base_model, onnx_dir / "digits_unmerged.onnx")
     variants["unmerged"] = {"method": "none", "budget": 1.0, "r": [0] * len(base_model.blocks), "flop_fraction": 1.0,
                             "path": res.path, "max_abs_diff": res.verification.max_abs_diff}
     for method in settings.methods:
         for budget in settings.budgets:
             model = dm.build()
             rs = budget_schedule(model, budget, method)
-            vitmerge.apply(model, method=method, r=rs)
+            apply(model, method=method, r=rs)
             base, merged, ratio = flop_ratio(model)
             name = f"{method}@{budget:g}"
-            res = vitmerge.export(model, onnx_dir / f"digits_{method}_{int(budget * 100)}.onnx")
+            res = export(model, onnx_dir / f"digits_{method}_{int(budget * 100)}.onnx")
             variants[name] = {"method": method, "budget": budget, "r": model.vitmerge.r, "flop_fraction": merged / base,
                               "tokens_out": model.vitmerge.tokens_out, "path": res.path,
                               "max_abs_diff": res.verification.max_abs_diff}
@@ -101,14 +104,14 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
         say(f"  INT8 QDQ {name}: {q.quantized_nodes} quantized nodes, {q.images} calibration images")
 
     # 4. accuracy in ONNX Runtime, every variant on the same images ---------------------------------
-    ev = evaluate({k: ort_runner(v["path"]) for k, v in variants.items()}, test, batch_size=64,
+    ev = evaluate({k: OrtRunner(v["path"], label=k) for k, v in variants.items()}, test, batch_size=64,
                   progress=progress if progress is not None else False, description="ORT accuracy")
     for k, acc in ev.models.items():
         variants[k]["top1"] = acc.top1
         variants[k]["agreement"] = acc.agreement
 
     # 5. latency -------------------------------------------------------------------------------------
-    targets = [ort_target(v["path"], label=k) for k, v in variants.items()]
+    targets = [OrtRunner(v["path"], label=k) for k, v in variants.items()]
     prof = profile_targets(targets, settings.batches, rounds=settings.rounds, iters=settings.iters)
     for row in prof.rows:
         variants[row.label].setdefault("p50_ms", {})[row.batch] = row.stats.p50
@@ -132,9 +135,6 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
                              accuracy_label="top-1 %"))
 
     # 6. visualisation on a real photo ----------------------------------------------------------------
-    from .models.build import build_model
-    from .profiling.visualize import load_image, render, visualize_model
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         vis_model = build_model(settings.vit_s_model)
@@ -169,23 +169,18 @@ def vit_latency(model_name: str, r: int, batches: Sequence[int], onnx_dir: Path,
                 say: Callable[[str], None] = print, on_round: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """Export ``model_name`` unmerged and with ToMe r (both verified), time them interleaved in ONNX
     Runtime CPU per batch size; returns the numbers next to the FLOP bound."""
-    import vitmerge
-    from .models.build import build_model
-    from .profiling.flops import flop_ratio
-    from .profiling.runtimes import ort_target, profile_targets
-
     paths, bound = {}, 1.0
     for name, rr in (("unmerged", 0), (f"tome_r{r}", r)):
         model = build_model(model_name, checkpoint, **(model_kwargs or {}))
-        vitmerge.apply(model, method="tome", r=rr)
+        apply(model, method="tome", r=rr)
         if rr:
             _, _, bound = flop_ratio(model)
-        res = vitmerge.export(model, Path(onnx_dir) / f"{model_name}_{name}.onnx")
+        res = export(model, Path(onnx_dir) / f"{model_name}_{name}.onnx")
         v = res.verification
         say(f"  exported {name}: tokens {model.vitmerge.tokens_in[0]} -> {model.vitmerge.tokens_out[-1]}, "
             f"ORT vs PyTorch max|diff| {v.max_abs_diff:.1e}, top-1 agreement {v.top1_agreement:.0%}")
         paths[name] = res.path
-    prof = profile_targets([ort_target(p, label=k) for k, p in paths.items()], batches, rounds=rounds, iters=iters,
+    prof = profile_targets([OrtRunner(p, label=k) for k, p in paths.items()], batches, rounds=rounds, iters=iters,
                            on_round=on_round)
     p50 = {(row.label, row.batch): row.stats.p50 for row in prof.rows}
     rows = []

@@ -1,0 +1,89 @@
+"""PyTorch eager: a module (plain or merged with ``vitmerge.apply``) behind the runner interface."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import RuntimeMissingError, UsageError
+from ..models import apply, input_shape
+from ..models.build import build_model
+from .base import TIMM_PREFIX, Runner
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device not in DEVICES:
+        raise UsageError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeMissingError("--device cuda: PyTorch sees no CUDA GPU here (CPU-only build or no driver); "
+                                  "use --device cpu")
+    return device
+
+
+def _r_text(r) -> str:
+    if isinstance(r, list) and r and all(v == r[0] for v in r):
+        return str(r[0])
+    return str(r)
+
+
+class TorchRunner(Runner):
+    """``model`` in PyTorch eager on ``device`` (inference mode); CUDA work is synchronised by ``sync``."""
+
+    def __init__(self, model: nn.Module, label: str = "torch", spec: Optional[str] = None, device: str = "auto",
+                 info: Optional[Dict[str, Any]] = None):
+        device = resolve_device(device)
+        mi = getattr(model, "vitmerge", None)
+        if info is None:
+            info = {"method": None, "r": None, "r_mean": 0.0}
+            if mi is not None:
+                info = {"method": mi.method, "r": list(mi.r), "r_mean": sum(mi.r) / len(mi.r),
+                        "tokens_out": mi.tokens_out}
+        super().__init__(label=label, spec=spec or label, runtime="torch", device=device,
+                         input_shape=tuple(input_shape(model)), info=info)
+        self.model = model.eval().to(device)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(x)
+
+    def _infer(self, images: np.ndarray) -> np.ndarray:
+        return self._run(torch.from_numpy(images).to(self.device)).float().cpu().numpy()
+
+    def __call__(self, images) -> torch.Tensor:  # no numpy round trip for torch inputs
+        if isinstance(images, torch.Tensor):
+            self.check_batch(int(images.shape[0]))
+            return self._run(images.to(self.device, torch.float32)).float().cpu()
+        return super().__call__(images)
+
+    def _prepare(self, batch: int) -> Callable[[], object]:
+        x = torch.from_numpy(self.example(batch)).to(self.device)
+        return lambda: self._run(x)
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def timm_runner(name: str, checkpoint: Optional[Union[str, Path]] = None, method: str = "tome", r: Any = 0,
+                img_size: Optional[int] = None, num_classes: Optional[int] = None, device: str = "auto",
+                threads: int = 0, prop_attn: bool = True, label: Optional[str] = None) -> TorchRunner:
+    """timm model ``name`` (local checkpoint or random weights), merged when r != 0, in PyTorch eager."""
+    device = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    model = build_model(name, checkpoint, img_size=img_size, num_classes=num_classes)
+    if r != 0:
+        apply(model, method=method, r=r, prop_attn=prop_attn)
+    mi = getattr(model, "vitmerge", None)
+    tag = name + (f" {mi.method} r={_r_text(list(mi.r))}" if mi is not None else "")
+    return TorchRunner(model, label=label or tag, spec=f"{TIMM_PREFIX}{name}", device=device)
+
+
+__all__ = ["TorchRunner", "timm_runner", "resolve_device", "TIMM_PREFIX", "DEVICES"]

@@ -1,0 +1,62 @@
+"""The preprocessing a model expects (timm's data config) and the transform that applies it.
+
+One data config per model, from timm (``resolve_data_config``), with the input size the model was
+really built with; exported files carry it as ``vitmerge.data_config`` metadata so that calibration
+and evaluation of a bare ``.onnx`` file preprocess exactly as the model was trained.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable, Mapping, Optional, Tuple
+
+import torch
+from timm.data import create_transform, resolve_data_config
+
+from .. import metadata as md
+from ..models.shapes import input_shape
+
+
+def json_safe(cfg: Mapping) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def data_config(model: torch.nn.Module) -> dict:
+    """timm's eval data config for ``model``, with the input size the model was really built with
+    (timm's pretrained config keeps the original resolution when img_size is overridden)."""
+    cfg = dict(resolve_data_config({}, model=model))
+    if getattr(model, "patch_embed", None) is not None:
+        cfg["input_size"] = input_shape(model)
+    return json_safe(cfg)
+
+
+def data_config_for_onnx(proto, given: Optional[dict] = None) -> Tuple[dict, Optional[str]]:
+    """(data config sized to the graph's input, warning or None) for an exported file: ``given``,
+    else the file's ``vitmerge.data_config``, else timm's ImageNet defaults (with a warning)."""
+    _, shape = md.input_info(proto)
+    meta = md.read(proto)
+    warn = None
+    if given:
+        cfg = dict(given)
+    elif md.DATA_CONFIG in meta:
+        cfg = json.loads(meta[md.DATA_CONFIG])
+    else:
+        cfg = dict(resolve_data_config({}))
+        warn = ("the ONNX file names no preprocessing (no vitmerge.data_config metadata) and none was given: "
+                "using timm's ImageNet defaults (mean/std, crop 0.875). Give --config model.json or "
+                "--model NAME for the model's own preprocessing.")
+    cfg["input_size"] = list(shape)
+    return json_safe(cfg), warn
+
+
+def eval_transform(cfg: Mapping) -> Callable:
+    """torchvision transform for a data config (resize, centre crop, to tensor, normalise)."""
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    kw = {k: (tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]) for k in keys if k in cfg}
+    return create_transform(**kw, is_training=False)
+
+
+def transform_for(model: torch.nn.Module) -> Callable:
+    return eval_transform(data_config(model))
+
+
+__all__ = ["data_config", "data_config_for_onnx", "eval_transform", "transform_for", "json_safe"]

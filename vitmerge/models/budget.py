@@ -1,0 +1,244 @@
+"""FLOP and latency budgets -> per-block r. The cost models here read a model's structure, so they
+live with the models; the solver itself is integer code (:func:`vitmerge.merging.schedule.solve`).
+
+* :func:`solve_budget`: analytic FLOPs per block (:class:`BlockFlops`) + the method's matching
+  cost from its spec; per-block r for a FLOP fraction.
+* :func:`budget_schedule`: that where it applies, otherwise :func:`constant_r_for_budget` (one r,
+  FLOPs counted by running the model): what ``--budget F`` means for any method.
+* :func:`resolve_schedule`: ``--r`` / ``--schedule`` / ``--budget`` / ``--budget-latency`` -> what
+  :func:`vitmerge.apply` takes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from torch import nn
+
+from ..errors import ScheduleError, UnsupportedModelError
+from ..merging import METHODS, spec as method_spec
+from ..merging.schedule import parse_schedule, solve, solve_budget_latency, token_counts
+from .apply import apply, remove
+from .flops import count_flops, flop_ratio
+from .shapes import num_tokens
+from .vit import unsupported_reason
+
+
+@dataclass
+class BlockFlops:
+    """Analytic FLOPs (2 x multiply-adds) of one timm ViT block as a function of its token counts.
+
+    Counted like :func:`vitmerge.models.flops.count_flops` counts the real module: matrix
+    products only (qkv, the two attention products, proj, the MLP linears, the merge's own
+    products); norms, softmax and elementwise ops are left out.
+    """
+
+    attn_linear: int  # per token: qkv + proj (+ gate) = sum of 2 * in * out
+    attn_dim: int  # heads * head_dim: each of q @ k^T and attn @ v costs 2 * N^2 * attn_dim
+    mlp_linear: int  # per token: 2 * in * out summed over the MLP's linears
+    metric_dim: int  # width of the merge metric (keys averaged over heads: head_dim)
+
+    def attention(self, n: int) -> int:
+        return self.attn_linear * n + 4 * n * n * self.attn_dim
+
+    def mlp(self, n: int) -> int:
+        return self.mlp_linear * n
+
+
+def _linear_flops(module) -> int:
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def model_flops_parts(model) -> tuple[int, list[BlockFlops]]:
+    """(FLOPs outside the blocks per image, one :class:`BlockFlops` per block) of a timm ViT."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise UnsupportedModelError(f"cannot solve a FLOP budget for this model: {reason}")
+    pe = model.patch_embed.proj
+    if not isinstance(pe, nn.Conv2d):
+        raise UnsupportedModelError(f"patch embedding {type(pe).__name__} is not a Conv2d")
+    fixed = 2 * int(model.patch_embed.num_patches) * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] \
+        * pe.out_channels // pe.groups
+    fixed += _linear_flops(model.head) if isinstance(model.head, nn.Module) else 0
+    blocks = []
+    for blk in model.blocks:
+        a = blk.attn
+        blocks.append(BlockFlops(attn_linear=_linear_flops(a), attn_dim=a.num_heads * a.head_dim,
+                                 mlp_linear=_linear_flops(blk.mlp), metric_dim=a.head_dim))
+    return fixed, blocks
+
+
+def merge_flops(method: str, n: int, protected: int, metric_dim: int, r: int = 0, **options) -> int:
+    """FLOPs of one merge step's matching on ``n`` tokens removing ``r`` (the method's spec says how)."""
+    fn = method_spec(method).match_flops
+    if fn is None:
+        modelled = [m for m, s in METHODS.items() if s.match_flops is not None]
+        raise ScheduleError(
+            f"no FLOP model for method {method!r}: budgets can be solved for {', '.join(modelled)}; "
+            f"give {method!r} an explicit r per block instead"
+        )
+    return int(fn(n, protected, metric_dim, r=r, **options))
+
+
+def schedule_flops(model, rs: Sequence[int], method: str = "tome", protected: Optional[int] = None,
+                   **options) -> int:
+    """Analytic FLOPs of one image through ``model`` merged with per-block ``rs`` (see BlockFlops)."""
+    fixed, blocks = model_flops_parts(model)
+    p = int(model.num_prefix_tokens) if protected is None else int(protected)
+    rows = token_counts(num_tokens(model), list(rs), p, method_spec(method).clamp_r)
+    return fixed + _blocks_cost(blocks, rows, method, p, options)
+
+
+def _blocks_cost(blocks, rows, method, protected, options) -> int:
+    total = 0
+    for bf, (n_in, removed, n_out) in zip(blocks, rows):
+        total += bf.attention(n_in) + bf.mlp(n_out)
+        if removed:
+            total += merge_flops(method, n_in, protected, bf.metric_dim, r=removed, **options)
+    return total
+
+
+def solve_budget(model, fraction: float, method: str = "tome", protected: Optional[int] = None,
+                 **options) -> list[int]:
+    """Per-block r for ``model`` (a timm ViT, patched or not) whose FLOPs are at most ``fraction``
+    of the unmerged model's, as close to that as possible.
+
+    FLOPs come from an analytic model of each block (:class:`BlockFlops`: linears linear in the
+    token count, attention quadratic, plus the method's matching cost); the schedule is found by
+    :func:`vitmerge.merging.schedule.solve` (smallest constant r that fits, then tokens given back
+    from the last blocks). ``options``: the method's options that change its cost (``hash``: bits, rounds).
+    """
+    ms = method_spec(method)  # unknown method -> ScheduleError listing the methods
+    merge_flops(method, 2, 0, 1)  # a method without a FLOP model -> ScheduleError
+    fixed, blocks = model_flops_parts(model)
+    p = int(model.num_prefix_tokens) if protected is None else int(protected)
+    return solve(
+        len(blocks), num_tokens(model), p, ms.clamp_r,
+        lambda rows: fixed + _blocks_cost(blocks, rows, method, p, options),
+        fraction, "FLOP", method,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Any method: one r found by counting FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def budget_schedule(model: nn.Module, fraction: float, method: str = "tome", **options):
+    """The r to give :func:`vitmerge.apply` so the FLOPs are at most ``fraction`` of the unmerged model.
+
+    Uses :func:`solve_budget` (per-block r from the analytic FLOP model) where the method's spec has
+    a matching-cost model and merges inside the blocks; otherwise the smallest constant r (for
+    methods that group once before the encoder, such as vwt: the one r) whose FLOPs, counted by
+    running the model, meet the budget. ``options`` are the method's options.
+    """
+    ms = method_spec(method)
+    if ms.match_flops is not None and ms.form == "block":
+        return list(solve_budget(model, fraction, method=method))
+    return constant_r_for_budget(model, fraction, method, **options)
+
+
+def constant_r_for_budget(model: nn.Module, fraction: float, method: str = "tome", **options):
+    """Fallback solver: binary search of one r, FLOPs counted by running the model (batch 1).
+
+    Returns one r per block, or a single int for methods that merge once before the encoder.
+    """
+    try:
+        fraction = float(fraction)
+    except (TypeError, ValueError):
+        raise ScheduleError(f"the FLOP budget must be a fraction in (0, 1], got {fraction!r}") from None
+    if not 0.0 < fraction <= 1.0:
+        raise ScheduleError(f"the FLOP budget must be a fraction in (0, 1], got {fraction}")
+    single = method_spec(method).form == "pre_encoder"
+    depth = len(model.blocks)
+    probe = copy.deepcopy(model)
+    if getattr(probe, "vitmerge", None) is not None:
+        remove(probe)
+    base = count_flops(probe)
+
+    def spec(r: int):
+        return r if single else [r] * depth
+
+    def frac(r: int) -> float:
+        apply(probe, method=method, r=spec(r), **options)
+        try:
+            return count_flops(probe) / base
+        finally:
+            remove(probe)
+
+    def accepted(r: int):
+        try:
+            return frac(r)
+        except ScheduleError:
+            return None
+
+    hi = num_tokens(model) - int(model.num_prefix_tokens) - 1
+    f_hi = accepted(hi)
+    if f_hi is None:  # the largest r the method accepts (binary search; r=0 always is)
+        ok, bad = 0, hi
+        while bad - ok > 1:
+            mid = (ok + bad) // 2
+            if accepted(mid) is None:
+                bad = mid
+            else:
+                ok = mid
+        hi, f_hi = ok, accepted(ok)
+    if f_hi > fraction:
+        raise ScheduleError(f"{method}: a FLOP budget of {fraction} cannot be met with one r "
+                            f"(r={hi} gives {f_hi:.3f}); ask for a larger fraction")
+    lo = 0
+    while lo < hi:  # smallest r that meets the budget
+        mid = (lo + hi) // 2
+        if frac(mid) <= fraction:
+            hi = mid
+        else:
+            lo = mid + 1
+    return spec(lo)
+
+
+def achieved_fraction(model: nn.Module) -> float:
+    """FLOPs of the merged model over the unmerged one, both counted by running them (batch 1)."""
+    base, merged, _ = flop_ratio(model)
+    return merged / base
+
+
+# --------------------------------------------------------------------------------------------
+# The options users give -> what apply takes
+# --------------------------------------------------------------------------------------------
+
+
+def load_latency_table(path: Union[str, Path]) -> dict:
+    """A measured per-block latency table: JSON {"tokens": ms, ...} (e.g. {"197": 1.9, "99": 0.9})."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        table = {int(k): float(v) for k, v in raw.items()}
+    except FileNotFoundError:
+        raise ScheduleError(f"--budget-latency table {str(path)!r} does not exist") from None
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ScheduleError(f"--budget-latency table {str(path)!r} must be a JSON object "
+                            f"{{\"token count\": milliseconds per block, ...}}: {e}") from None
+    if len(table) < 2:
+        raise ScheduleError(f"--budget-latency table {str(path)!r} needs at least two token counts to interpolate")
+    return table
+
+
+def resolve_schedule(model: nn.Module, method: str, r, schedule: str = "constant", budget: Optional[float] = None,
+                     budget_latency: Optional[Union[str, Path]] = None, **options):
+    """--r / --schedule / --budget [--budget-latency TABLE] -> what ``vitmerge.apply`` takes."""
+    if budget_latency is not None:
+        if budget is None:
+            raise ScheduleError("--budget-latency TABLE needs --budget F (the latency fraction to meet)")
+        return solve_budget_latency(load_latency_table(budget_latency), budget, len(model.blocks),
+                                    num_tokens(model), int(model.num_prefix_tokens), method)
+    if budget is not None:
+        return budget_schedule(model, budget, method, **options)
+    if schedule == "constant":
+        return r  # as given: an int, or one r per block (vwt takes its single r as is)
+    return parse_schedule(len(model.blocks), r, schedule)
+
+
+__all__ = ["BlockFlops", "model_flops_parts", "merge_flops", "schedule_flops", "solve_budget", "budget_schedule",
+           "constant_r_for_budget", "achieved_fraction", "load_latency_table", "resolve_schedule"]
