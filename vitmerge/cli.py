@@ -10,7 +10,8 @@ import pkgutil
 
 import typer
 
-from . import __version__, commands
+from . import commands
+from ._version import __version__
 
 app = typer.Typer(
     name="vitmerge",

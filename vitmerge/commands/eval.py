@@ -111,11 +111,12 @@ def register(app: typer.Typer) -> None:
         report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Write report.json and report.md here"),
     ):
         """Score the unmerged and the merged model on the same images: top-1, top-5, agreement, FLOPs."""
-        import vitmerge
         from ..backends import OrtRunner, TorchRunner
         from ..data import open_dataset, transform_for
         from ..errors import DataError, ScheduleError, VitmergeError
         from ..models.build import build_model
+        from ..exporter import export
+        from ..models import apply
         from ..models.flops import count_flops
         from ..profiling.accuracy import check_classes, evaluate
 
@@ -153,7 +154,7 @@ def register(app: typer.Typer) -> None:
                 opts = parse_options(option)
                 merged = copy.deepcopy(model)
                 rs = _schedule(merged, method, r, schedule, budget, opts)
-                vitmerge.apply(merged, method=method, r=rs, prop_attn=prop_attn, **opts)
+                apply(merged, method=method, r=rs, prop_attn=prop_attn, **opts)
                 info, r_used = merged.vitmerge, rs
                 f = count_flops(merged)
                 flops["merged"] = {"flops": f, "fraction": f / flops["unmerged"]["flops"]}
@@ -166,7 +167,7 @@ def register(app: typer.Typer) -> None:
                     runners = {}
                     for key, m in models.items():
                         with console.status(f"exporting {key} to ONNX") as st:
-                            res = vitmerge.export(m, Path(tmp) / f"{key}.onnx",
+                            res = export(m, Path(tmp) / f"{key}.onnx",
                                                   on_step=lambda s, k=key: st.update(f"{k}: {s}"))
                         runners[key] = OrtRunner(res.path)
                 else:

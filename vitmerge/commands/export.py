@@ -26,7 +26,7 @@ def build_merged(model_name: str, checkpoint: Optional[Path], method: str, r, im
                  budget: Optional[float] = None, model_kwargs: Optional[dict] = None,
                  budget_latency: Optional[Path] = None, **options):
     """Build the timm model (local checkpoint or random), apply the method, return it."""
-    import vitmerge
+    from ..models import apply
     from ..models.budget import resolve_schedule
     from ..models.build import build_model
 
@@ -39,7 +39,7 @@ def build_merged(model_name: str, checkpoint: Optional[Path], method: str, r, im
     if is_mobilevit(model) and budget is None and r == 0:
         return model  # the plain mobile baseline: exported as is
     rs = resolve_schedule(model, method, r, schedule, budget, budget_latency, **options)
-    vitmerge.apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
+    apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
     return model
 
 

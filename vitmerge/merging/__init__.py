@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .base import MergePlan, batch_gather, batch_scatter_add, identity_plan
-from .registry import METHODS, available_methods, spec
+from .registry import METHODS, available_methods, method_spec
 from .spec import MethodSpec
 
 
@@ -20,7 +20,7 @@ def plan(method: str, metric: torch.Tensor, r: int, protected: int = 1, **option
     protected: the first ``protected`` tokens (class, distillation, registers) never merge.
     Returns a plan whose ``.merge(x, size)`` gives ``(x_merged, size_merged)`` with N - r tokens.
     """
-    s = spec(method)
+    s = method_spec(method)
     if metric.dim() != 3:
         raise ValueError(f"metric must be [B, N, C], got shape {tuple(metric.shape)}")
     if protected < 0 or protected > metric.shape[1]:
@@ -30,8 +30,8 @@ def plan(method: str, metric: torch.Tensor, r: int, protected: int = 1, **option
 
 def effective_r(method: str, n_tokens: int, r: int, protected: int) -> int:
     """How many tokens ``method`` really removes from ``n_tokens`` when asked for ``r``."""
-    return spec(method).clamp_r(n_tokens, r, protected)
+    return method_spec(method).clamp_r(n_tokens, r, protected)
 
 
 __all__ = ["MergePlan", "MethodSpec", "batch_gather", "batch_scatter_add", "identity_plan", "plan", "effective_r",
-           "available_methods", "spec", "METHODS"]
+           "available_methods", "method_spec", "METHODS"]

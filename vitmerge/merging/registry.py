@@ -25,7 +25,7 @@ def available_methods() -> list[str]:
     return list(METHODS)
 
 
-def spec(method: str) -> MethodSpec:
+def method_spec(method: str) -> MethodSpec:
     """The spec of ``method``, or a :class:`ScheduleError` listing the methods there are."""
     try:
         return METHODS[method]
@@ -33,4 +33,4 @@ def spec(method: str) -> MethodSpec:
         raise ScheduleError(f"unknown merge method {method!r}; available: {', '.join(available_methods())}") from None
 
 
-__all__ = ["METHODS", "available_methods", "spec"]
+__all__ = ["METHODS", "available_methods", "method_spec"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from ..errors import ScheduleError
-from .registry import spec
+from .registry import method_spec
 
 RSpec = Union[int, Sequence[int], tuple]
 
@@ -223,7 +223,7 @@ def solve_budget_latency(
     ``n_out``); ``overhead`` is the latency outside the blocks (patch embedding, head), which no
     schedule changes. Same solver as :func:`solve_budget`.
     """
-    clamp = spec(method).clamp_r  # unknown method -> ScheduleError listing the methods
+    clamp = method_spec(method).clamp_r  # unknown method -> ScheduleError listing the methods
     if num_layers < 1 or n_tokens < 1 or not 0 <= protected <= n_tokens:
         raise ScheduleError(f"need num_layers >= 1, n_tokens >= 1 and 0 <= protected <= n_tokens, got "
                             f"{num_layers}, {n_tokens}, {protected}")

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 
 from ..errors import ScheduleError, UnsupportedModelError
-from ..merging import spec as method_spec, vwt
+from ..merging import method_spec, vwt
 from ..merging.schedule import RSpec, parse_r, token_counts
 from .mobilevit import unsupported_reason as mobilevit_reason
 from .shapes import num_tokens

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 from torch import nn
 
 from ..errors import ScheduleError, UnsupportedModelError
-from ..merging import METHODS, spec as method_spec
+from ..merging import METHODS, method_spec
 from ..merging.schedule import parse_schedule, solve, solve_budget_latency, token_counts
 from .apply import apply, remove
 from .flops import count_flops, flop_ratio
@@ -159,11 +159,11 @@ def constant_r_for_budget(model: nn.Module, fraction: float, method: str = "tome
         remove(probe)
     base = count_flops(probe)
 
-    def spec(r: int):
+    def r_spec(r: int):
         return r if single else [r] * depth
 
     def frac(r: int) -> float:
-        apply(probe, method=method, r=spec(r), **options)
+        apply(probe, method=method, r=r_spec(r), **options)
         try:
             return count_flops(probe) / base
         finally:
@@ -196,7 +196,7 @@ def constant_r_for_budget(model: nn.Module, fraction: float, method: str = "tome
             hi = mid
         else:
             lo = mid + 1
-    return spec(lo)
+    return r_spec(lo)
 
 
 def achieved_fraction(model: nn.Module) -> float:
