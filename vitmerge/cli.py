@@ -12,6 +12,7 @@ import typer
 
 from . import commands
 from ._version import __version__
+from .commands._common import set_verbosity
 
 app = typer.Typer(
     name="vitmerge",
@@ -31,8 +32,12 @@ def _version(value: bool):
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="More detail: -v logs what the library decides, -vv also debug lines and tracebacks"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and warnings (no progress, no tables)"),
 ):
     """vitmerge: export, build, calibrate, profile, eval and package token-merged ViTs."""
+    set_verbosity(verbose, quiet)
 
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")):

@@ -25,7 +25,8 @@ TOKENS_IN = "vitmerge.tokens_in"
 TOKENS_OUT = "vitmerge.tokens_out"
 OPTIONS = "vitmerge.options"  # the method's options (JSON object): the plugin form re-runs the method with them
 DATA_CONFIG = "vitmerge.data_config"  # timm data config: the preprocessing the model expects
-MERGE_OP = "vitmerge.merge_op"  # graph form: standard | native | plugin
+MERGE_OP = "vitmerge.merge_op"  # graph form: one of MERGE_OPS
+MERGE_OPS = ("standard", "native", "plugin")  # the graph forms a merge step can take (docs/surgery.md)
 QUANTIZATION = "vitmerge.quantization"  # e.g. int8-qdq
 CALIBRATION = "vitmerge.calibration"
 CALIBRATION_IMAGES = "vitmerge.calibration_images"
@@ -110,6 +111,6 @@ def input_info(proto, name: str | None = None) -> Tuple[str, Tuple[int, int, int
 
 __all__ = [
     "PREFIX", "INPUT_SHAPE", "METHOD", "R", "PROP_ATTN", "PROTECTED", "TOKENS_IN", "TOKENS_OUT", "OPTIONS",
-    "DATA_CONFIG", "MERGE_OP", "QUANTIZATION", "CALIBRATION", "CALIBRATION_IMAGES", "INPUT_NAME", "OUTPUT_NAME",
+    "DATA_CONFIG", "MERGE_OP", "MERGE_OPS", "QUANTIZATION", "CALIBRATION", "CALIBRATION_IMAGES", "INPUT_NAME", "OUTPUT_NAME",
     "SCHEDULE_KEYS", "load_proto", "read", "write", "parsed", "input_info",
 ]

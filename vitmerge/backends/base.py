@@ -22,6 +22,7 @@ from ..errors import UsageError
 
 #: every runtime a Runner exists for
 RUNTIMES = ("torch", "ort", "ort-cuda", "trt")
+DEVICES = ("auto", "cpu", "cuda")  # where PyTorch runs a timm model
 TIMM_PREFIX = "timm:"  # a model spec naming a timm model (run in PyTorch)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # serialized TensorRT engines
 
@@ -86,4 +87,4 @@ class Runner:
         return x.astype(self.input_dtype)
 
 
-__all__ = ["Runner", "RUNTIMES", "TIMM_PREFIX", "ENGINE_SUFFIXES"]
+__all__ = ["Runner", "RUNTIMES", "DEVICES", "TIMM_PREFIX", "ENGINE_SUFFIXES"]

@@ -6,6 +6,7 @@ exactly when a graph needs it and load failures read the same everywhere.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -17,6 +18,8 @@ from ..plugins import DOMAIN
 from .base import Runner
 
 PathLike = Union[str, Path]
+
+log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -59,6 +62,10 @@ def session(path: PathLike, providers: Optional[Sequence[Any]] = None, threads: 
         from ..plugins.ort_tokenmerge import register_ort
 
         register_ort(so)  # the vitmerge::TokenMerge kernel for ONNX Runtime (CPU)
+        log.info("%s holds vitmerge::TokenMerge nodes: registered the CPU kernel (onnxruntime-extensions)",
+                 Path(path).name)
+    log.debug("ONNX Runtime session for %s: providers %s, threads %s, optimization %s", Path(path).name,
+              list(providers or [CPU]), threads or "default", optimization)
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or [CPU]))
     except VitmergeError:

@@ -11,9 +11,7 @@ from torch import nn
 from ..errors import RuntimeMissingError, UsageError
 from ..models import apply, input_shape
 from ..models.build import build_model
-from .base import TIMM_PREFIX, Runner
-
-DEVICES = ("auto", "cpu", "cuda")
+from .base import DEVICES, TIMM_PREFIX, Runner
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -32,8 +32,8 @@ from .._io import staged
 from ..backends.ort import session as ort_session
 from ..data.datasets import BatchStats, ImageDataset, batches
 from ..errors import DataError, ModelFileError, OutputPathError, UsageError, VerificationError, VitmergeError
+from . import CALIBRATION_METHODS
 
-CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 DEFAULT_OP_TYPES = ("Conv", "MatMul", "Gemm")
 MERGE_SCOPES = ("token_merge", "vwt_merge")  # name scopes of merge steps: per block, and vwt's pre-encoder one
 

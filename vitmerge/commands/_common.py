@@ -1,21 +1,41 @@
-"""What every command shares: the console, error reporting, int-list parsing."""
+"""What every command shares: the console, verbosity, error reporting, option parsing."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 
-from ..errors import VitmergeError
+from ..errors import ScheduleError, UsageError, VerificationError, VitmergeError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # errors stay one greppable line
 
 EXIT_USAGE = 2  # bad input (model name, checkpoint, r, paths, data layout)
 EXIT_FAILED = 1  # the work ran but its result failed a check (e.g. verification)
+
+log = logging.getLogger("vitmerge")
+
+
+def set_verbosity(verbose: int = 0, quiet: bool = False) -> None:
+    """``-q``: errors and warnings only (no progress, no tables); default: the command's output and
+    library warnings; ``-v``: plus the library's INFO log (what it decided and why); ``-vv``: DEBUG,
+    and tracebacks behind the one-line errors."""
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    log.setLevel(level)
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        handler = RichHandler(console=err_console, show_path=verbose >= 2, show_time=verbose >= 2,
+                              rich_tracebacks=True, markup=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    console.quiet = quiet
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
@@ -25,14 +45,15 @@ def fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix into one red line and a non-zero exit (no traceback)."""
-    from ..errors import VerificationError
-
+    """Turn the errors a user can fix into one red line and a non-zero exit (no traceback; ``-vv``
+    logs it at DEBUG level)."""
     try:
         yield
     except VerificationError as e:
+        log.debug("traceback", exc_info=True)
         raise fail(str(e), EXIT_FAILED) from None
     except VitmergeError as e:
+        log.debug("traceback", exc_info=True)
         raise fail(str(e)) from None
 
 
@@ -68,6 +89,17 @@ def int_list(text: str, what: str = "value") -> List[int]:
     return out
 
 
+def float_list(text: str, what: str = "value") -> List[float]:
+    """'0.75,0.5' -> [0.75, 0.5] with a clear error."""
+    try:
+        out = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise fail(f"{what} must be comma-separated numbers like 0.75,0.5; got {text!r}") from None
+    if not out:
+        raise fail(f"{what} is empty; give comma-separated numbers like 0.75,0.5")
+    return out
+
+
 def parse_r_option(text: str):
     """'16' -> 16; '8,8,4,...' -> per-block list."""
     text = text.strip()
@@ -81,26 +113,20 @@ def parse_r_option(text: str):
 
 def parse_json_option(text: Optional[str], what: str) -> dict:
     """'{"depth": 4}' -> dict, or the contents of a .json file."""
-    import json
-
     if not text:
         return {}
     src = Path(text).read_text() if text.endswith(".json") and Path(text).is_file() else text
     try:
         out = json.loads(src)
     except json.JSONDecodeError as e:
-        raise VitmergeError(f"{what} must be a JSON object like '{{\"depth\": 6}}' or a .json file; {e}") from None
+        raise UsageError(f"{what} must be a JSON object like '{{\"depth\": 6}}' or a .json file; {e}") from None
     if not isinstance(out, dict):
-        raise VitmergeError(f"{what} must be a JSON object, got {type(out).__name__}")
+        raise UsageError(f"{what} must be a JSON object, got {type(out).__name__}")
     return out
 
 
 def parse_options(pairs: Optional[List[str]]) -> dict:
     """['vocab=v.pt', 'bits=8'] -> {'vocab': 'v.pt', 'bits': 8} (values parsed as JSON where they parse)."""
-    import json
-
-    from ..errors import ScheduleError
-
     out = {}
     for item in pairs or []:
         key, sep, value = item.partition("=")

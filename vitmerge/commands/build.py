@@ -10,7 +10,7 @@ from ._common import console, loud_warnings, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("build")
+    @app.command("build", short_help="TensorRT engine from an exported ONNX file (needs TensorRT and an NVIDIA GPU).")
     def build_cmd(
         model: Path = typer.Argument(..., metavar="MODEL.onnx", help="ONNX file from `vitmerge export` (any graph form)"),
         output: Path = typer.Option(..., "--output", "-o", help="Where to write the engine (.engine); metadata goes to <name>.json"),

@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Annotated, Any, Dict, Optional
 
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, loud_warnings, user_errors
-
-
-def _is_merged(proto) -> bool:
-    from ..calibration.quantize import is_merged
-
-    return is_merged(proto)
+from ._common import console, err_console, loud_warnings, parse_json_option, user_errors
+from ._options import CalibrationMethod, ConfigOpt, DataOpt, LabelsOpt, ModelKwargsOpt, ReportDirOpt, value
 
 
 def _default_baseline_output(output: Path, baseline: Path) -> Path:
@@ -21,57 +16,49 @@ def _default_baseline_output(output: Path, baseline: Path) -> Path:
     return output.parent / f"{stem}.int8.onnx"
 
 
-def _preprocessing(config: Optional[Path], model_name: Optional[str], model_kwargs: Optional[str]):
-    """The timm data config of the model the ONNX file came from, when the user names it."""
-    if config is None and model_name is None:
-        return None, None
-    from ..data import data_config
-    from ..models.build import build_model
-    from .eval import resolve_model
-
-    import warnings
-
-    name, _, kwargs, data_dir = resolve_model(model_name, None, config, model_kwargs)
-    with warnings.catch_warnings():  # random weights are fine: only the data config is read
-        warnings.simplefilter("ignore")
-        model = build_model(name, None, **kwargs)
-    return data_config(model), data_dir
-
-
 def register(app: typer.Typer) -> None:
-    @app.command("calibrate")
+    @app.command("calibrate", short_help="INT8 Q/DQ quantization from real images; FP32 vs INT8 accuracy.")
     def calibrate_cmd(
-        model: Path = typer.Argument(..., metavar="MODEL.onnx", help="FP32 ONNX file from `vitmerge export` (merged or not)"),
-        output: Path = typer.Option(..., "--output", "-o", help="Where to write the INT8 QDQ .onnx file"),
-        data: Optional[Path] = typer.Option(None, "--data", "-d", help="Labelled image folder (layouts as for `vitmerge eval`); a train/ split is used for calibration, val/ or test/ for accuracy"),
-        num: int = typer.Option(256, "--num", "-n", help="Calibration images"),
-        method: str = typer.Option("entropy", "--method", help="Calibration: entropy | minmax | percentile"),
-        baseline: Optional[Path] = typer.Option(None, "--baseline", help="The unmerged model's FP32 .onnx: also quantized, giving the four corners (merged/unmerged x FP32/INT8)"),
-        baseline_output: Optional[Path] = typer.Option(None, "--baseline-output", help="Where the baseline's INT8 file goes (default: next to --output, NAME.int8.onnx)"),
-        config: Optional[Path] = typer.Option(None, "--config", help="model.json from `vitmerge digits train`: preprocessing and default --data"),
-        model_name: Optional[str] = typer.Option(None, "--model", help="timm model name the file came from (its preprocessing: mean/std, resize, crop)"),
-        model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="timm.create_model arguments for --model (JSON or .json file)"),
-        labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file for a flat folder of images"),
-        eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Images scored for FP32 vs INT8 accuracy (default: all not used for calibration)"),
-        no_eval: bool = typer.Option(False, "--no-eval", help="Only quantize; skip the accuracy comparison"),
-        batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per calibration / scoring batch"),
-        per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Weight scales per output channel"),
-        keep_merge_float: bool = typer.Option(True, "--keep-merge-float/--quantize-merge", help="Leave the token-merge subgraphs in float (their MatMul decides which tokens merge)"),
-        report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Write report.json and report.md here"),
+        model: Annotated[Path, typer.Argument(metavar="MODEL.onnx", help="FP32 ONNX file from `vitmerge export` (merged or not)")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the INT8 QDQ .onnx file")],
+        data: DataOpt = None,
+        num: Annotated[int, typer.Option("--num", "-n", help="Calibration images (a train/ split is used when there is one)")] = 256,
+        method: Annotated[CalibrationMethod, typer.Option("--method", case_sensitive=False, help="ONNX Runtime's calibrator")] = "entropy",
+        baseline: Annotated[Optional[Path], typer.Option(
+            "--baseline", help="The unmerged model's FP32 .onnx: also quantized, giving the four corners "
+                               "(merged/unmerged x FP32/INT8)")] = None,
+        baseline_output: Annotated[Optional[Path], typer.Option(
+            "--baseline-output", help="Where the baseline's INT8 file goes (default: next to --output, NAME.int8.onnx)")] = None,
+        config: ConfigOpt = None,
+        model_name: Annotated[Optional[str], typer.Option(
+            "--model", help="timm model name the file came from (its preprocessing: mean/std, resize, crop), when the "
+                            "file does not record it")] = None,
+        model_kwargs: ModelKwargsOpt = None,
+        labels: LabelsOpt = None,
+        eval_limit: Annotated[Optional[int], typer.Option(
+            "--eval-limit", help="Images scored for FP32 vs INT8 accuracy (default: all not used for calibration)")] = None,
+        no_eval: Annotated[bool, typer.Option("--no-eval", help="Only quantize; skip the accuracy comparison")] = False,
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per calibration / scoring batch")] = 16,
+        per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel")] = True,
+        keep_merge_float: Annotated[bool, typer.Option(
+            "--keep-merge-float/--quantize-merge",
+            help="Leave the token-merge subgraphs in float (their MatMul decides which tokens merge)")] = True,
+        report_dir: ReportDirOpt = None,
     ):
         """Quantize MODEL.onnx to INT8 (static, QDQ) from real images; report FP32 vs INT8 top-1 on held-out images."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from .. import metadata as md
         from ..backends import OrtRunner
-        from ..calibration.quantize import CALIBRATION_METHODS, calibration_and_eval_sets, check_output, quantize
+        from ..calibration.quantize import calibration_and_eval_sets, check_output, is_merged, quantize
         from ..data import CALIBRATION_SPLITS, EVAL_SPLITS, data_config_for_onnx, eval_transform, open_dataset
-        from ..errors import DataError, VitmergeError
+        from ..data.transforms import data_config_for_name
+        from ..errors import DataError, UsageError
+        from ..models.build import resolve_model
         from ..profiling.accuracy import evaluate
 
         with user_errors(), loud_warnings():
-            if method not in CALIBRATION_METHODS:
-                raise VitmergeError(f"unknown --method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+            method = value(method)
             if batch_size <= 0:
                 raise DataError(f"--batch-size must be positive, got {batch_size}")
             proto = md.load_proto(model)
@@ -83,13 +70,17 @@ def register(app: typer.Typer) -> None:
                 check_output(base_out, baseline)
                 paths = [p.resolve() for p in (model, baseline, output, base_out)]
                 if len(set(paths)) != 4:
-                    raise VitmergeError("MODEL, --baseline, --output and --baseline-output must be four different "
+                    raise UsageError("MODEL, --baseline, --output and --baseline-output must be four different "
                                         "files (the FP32 files are kept for the comparison)")
             if report_dir is not None:
                 from ..profiling.report import prepare_dir
 
                 prepare_dir(report_dir)
-            given, default_data = _preprocessing(config, model_name, model_kwargs)
+            given, default_data = None, None
+            if config is not None or model_name is not None:  # the preprocessing of the model the file came from
+                name, _, kwargs, default_data = resolve_model(model_name, None, config,
+                                                              parse_json_option(model_kwargs, "--model-kwargs"))
+                given = data_config_for_name(name, **kwargs)
             cfg, warn = data_config_for_onnx(proto, given)
             if warn:
                 err_console.print(f"[bold yellow]warning:[/] {warn}")
@@ -130,7 +121,7 @@ def register(app: typer.Typer) -> None:
                 if baseline is not None:
                     runners["unmerged FP32"] = OrtRunner(baseline)
                     runners["unmerged INT8"] = OrtRunner(base_out)
-                    tag = "merged " if _is_merged(proto) else "model "
+                    tag = "merged " if is_merged(proto) else "model "
                 else:
                     tag = ""
                 runners[f"{tag}FP32"] = OrtRunner(model)

@@ -10,7 +10,7 @@ from ._common import console, int_list, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("check")
+    @app.command("check", short_help="Run two graph forms of a model in ONNX Runtime: max |diff|, top-1 agreement.")
     def check_cmd(
         reference: Path = typer.Argument(..., metavar="A.onnx", help="Reference graph (e.g. the standard form)"),
         candidate: Path = typer.Argument(..., metavar="B.onnx", help="Graph to compare (e.g. the native or plugin form)"),

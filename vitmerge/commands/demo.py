@@ -12,7 +12,7 @@ from ._common import console, int_list, loud_warnings, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("demo")
+    @app.command("demo", short_help="The embedded default job: offline, end to end, report with plots.")
     def demo_cmd(
         out_dir: Path = typer.Option(Path("vitmerge-demo"), "--out-dir", "-o", help="Folder for the ONNX files and the report"),
         latency_only: bool = typer.Option(False, "--latency-only", help="Only the ViT latency part: export MODEL unmerged and with ToMe, verify, time"),

@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     digits_app = typer.Typer(help="The offline demo model: a small timm ViT trained on scikit-learn's handwritten digits.",
                              no_args_is_help=True)
 
-    @digits_app.command("train")
+    @digits_app.command("train", short_help="Train (or reuse) the offline digits demo ViT.")
     def train_cmd(
         output: Path = typer.Option(Path("vitmerge-digits"), "--output", "-o", help="Folder for model.pth, model.json and the PNG image folders"),
         epochs: int = typer.Option(None, "--epochs", help="Training epochs (default: the fixed recipe's)"),

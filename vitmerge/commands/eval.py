@@ -2,50 +2,16 @@
 from __future__ import annotations
 
 import copy
-import json
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, Optional
 
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, loud_warnings, user_errors
-
-RUNTIMES = ("torch", "ort")
-
-
-def resolve_model(model_name: Optional[str], checkpoint: Optional[Path], config: Optional[Path],
-                  model_kwargs: Optional[str]) -> tuple[str, Optional[Path], Dict[str, Any], Optional[Path]]:
-    """(timm name, checkpoint, create_model kwargs, default data folder) from the options.
-
-    ``--config model.json`` (written by ``vitmerge digits train``) supplies all of them; explicit
-    options win over it.
-    """
-    from ..errors import VitmergeError
-    from ._common import parse_json_option
-
-    kwargs: Dict[str, Any] = {}
-    data_dir = None
-    if config is not None:
-        from ..demo import digits
-
-        cfg = digits.load(config)
-        model_name = model_name or cfg.model_name
-        checkpoint = checkpoint or cfg.checkpoint
-        kwargs.update(json.loads(json.dumps(cfg.kwargs)))
-        data_dir = cfg.data_dir if cfg.data_dir.is_dir() else None
-    kwargs.update(parse_json_option(model_kwargs, "--model-kwargs"))
-    if not model_name:
-        raise VitmergeError("give a timm MODEL name (e.g. vit_small_patch16_224) or --config model.json")
-    return model_name, checkpoint, kwargs, data_dir
-
-
-def _schedule(model, method: str, r: Optional[str], schedule: str, budget: Optional[float], options: dict):
-    from ._common import parse_r_option
-    from ..models.budget import resolve_schedule
-
-    return resolve_schedule(model, method, parse_r_option(r) if budget is None else 0, schedule, budget, **options)
+from ._common import (console, err_console, log, loud_warnings, parse_json_option, parse_options, parse_r_option,
+                      user_errors)
+from ._options import (MERGE_PANEL, BudgetOpt, CheckpointOpt, ConfigOpt, DataOpt, EvalRuntime, ImgSizeOpt, LabelsOpt,
+                       MethodOpt, ModelKwargsOpt, OptionOpt, PropAttnOpt, ReportDirOpt, ScheduleOpt, value)
 
 
 def accuracy_table(result, flops: Dict[str, Dict[str, float]]) -> Table:
@@ -88,51 +54,54 @@ def markdown_sections(data: Dict[str, Any]) -> list:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("eval")
+    @app.command("eval", short_help="Top-1/top-5 of the unmerged vs the merged model on the same labelled images.")
     def eval_cmd(
-        model_name: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="timm model name (optional with --config)"),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights (.pth/.pt/.safetensors); the classifier size follows them"),
-        data: Optional[Path] = typer.Option(None, "--data", "-d", help="Labelled image folder: ImageFolder, ImageNet val, CIFAR-100 pickles or Oxford-IIIT Pet (default: the --config model's test images)"),
-        config: Optional[Path] = typer.Option(None, "--config", help="model.json from `vitmerge digits train` (model name, kwargs, checkpoint, data)"),
-        model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="Extra timm.create_model arguments as JSON or a .json file"),
-        method: str = typer.Option("tome", "--method", "-m", help="Merge method"),
-        option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="Method option KEY=VALUE, repeatable (e.g. -O bits=8, -O mode=intra, -O vocab=vocab.pt)"),
-        r: Optional[str] = typer.Option(None, "--r", help="Tokens merged per block: one int or one per block; without --r/--budget only the unmerged model is scored"),
-        schedule: str = typer.Option("constant", "--schedule", help="constant | decreasing (with --r)"),
-        budget: Optional[float] = typer.Option(None, "--budget", help="Target FLOP fraction of the unmerged model (e.g. 0.75); solves per-block r"),
-        runtime: str = typer.Option("torch", "--runtime", help="torch (PyTorch eager) or ort (export both models to ONNX and score them in ONNX Runtime)"),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Score this many images, chosen by a fixed seed (default: all)"),
-        batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch"),
-        split: Optional[str] = typer.Option(None, "--split", help="Which split of a multi-split folder (default: val, then test)"),
-        labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv)"),
-        img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the model's)"),
-        prop_attn: bool = typer.Option(True, "--prop-attn/--no-prop-attn", help="Proportional attention in the merged model"),
-        workers: int = typer.Option(0, "--workers", help="Image decoding processes (0: in the main process)"),
-        report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Write report.json and report.md here"),
+        model_name: Annotated[Optional[str], typer.Argument(
+            metavar="[MODEL]", help="timm model name (optional with --config)")] = None,
+        data: DataOpt = None,
+        config: ConfigOpt = None,
+        checkpoint: CheckpointOpt = None,
+        model_kwargs: ModelKwargsOpt = None,
+        img_size: ImgSizeOpt = None,
+        method: MethodOpt = "tome",
+        option: OptionOpt = None,
+        r: Annotated[Optional[str], typer.Option(
+            "--r", rich_help_panel=MERGE_PANEL,
+            help="Tokens merged per block: one int or one per block; without --r/--budget only the unmerged "
+                 "model is scored")] = None,
+        schedule: ScheduleOpt = "constant",
+        budget: BudgetOpt = None,
+        prop_attn: PropAttnOpt = True,
+        runtime: Annotated[EvalRuntime, typer.Option(
+            "--runtime", case_sensitive=False,
+            help="torch (PyTorch eager) or ort (export both models to ONNX, verify, score them in ONNX Runtime)")] = "torch",
+        limit: Annotated[Optional[int], typer.Option(
+            "--limit", help="Score this many images, chosen by a fixed seed (default: all)")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch")] = 64,
+        split: Annotated[Optional[str], typer.Option(
+            "--split", help="Which split of a multi-split folder (default: val, then test)")] = None,
+        labels: LabelsOpt = None,
+        workers: Annotated[int, typer.Option("--workers", help="Image decoding processes (0: in the main process)")] = 0,
+        report_dir: ReportDirOpt = None,
     ):
         """Score the unmerged and the merged model on the same images: top-1, top-5, agreement, FLOPs."""
-        from ..backends import OrtRunner, TorchRunner
         from ..data import open_dataset, transform_for
-        from ..errors import DataError, ScheduleError, VitmergeError
-        from ..models.build import build_model
-        from ..exporter import export
+        from ..errors import DataError, ScheduleError
         from ..models import apply
-        from ..models.flops import count_flops
-        from ..profiling.accuracy import check_classes, evaluate
+        from ..models.budget import resolve_schedule
+        from ..models.build import build_model, resolve_model
+        from ..profiling.accuracy import check_classes, score_models
+        from ..profiling.report import prepare_dir, write_report
 
         with user_errors(), loud_warnings():
-            if runtime not in RUNTIMES:
-                raise VitmergeError(f"unknown --runtime {runtime!r}; eval supports {', '.join(RUNTIMES)} "
-                                    "(TensorRT engines: profile them with `vitmerge profile`)")
             if r is not None and budget is not None:
                 raise ScheduleError("give either --r or --budget, not both")
             if batch_size <= 0:
                 raise DataError(f"--batch-size must be positive, got {batch_size}")
             if report_dir is not None:
-                from ..profiling.report import prepare_dir
-
                 prepare_dir(report_dir)  # fail before the work
-            name, ckpt, kwargs, default_data = resolve_model(model_name, checkpoint, config, model_kwargs)
+            name, ckpt, kwargs, default_data = resolve_model(model_name, checkpoint, config,
+                                                             parse_json_option(model_kwargs, "--model-kwargs"))
             data = data or default_data
             if data is None:
                 raise DataError("give the labelled images with --data DIR")
@@ -146,34 +115,22 @@ def register(app: typer.Typer) -> None:
                 console.print(f"  [dim]{n}[/]")
 
             models = {"unmerged": model}
-            flops = {"unmerged": {"flops": count_flops(model), "fraction": 1.0}}
             info, opts, r_used = None, {}, None
             if r is not None or budget is not None:
-                from ._common import parse_options
-
                 opts = parse_options(option)
                 merged = copy.deepcopy(model)
-                rs = _schedule(merged, method, r, schedule, budget, opts)
-                apply(merged, method=method, r=rs, prop_attn=prop_attn, **opts)
-                info, r_used = merged.vitmerge, rs
-                f = count_flops(merged)
-                flops["merged"] = {"flops": f, "fraction": f / flops["unmerged"]["flops"]}
+                r_used = resolve_schedule(merged, value(method), parse_r_option(r) if budget is None else 0,
+                                          value(schedule), budget, **opts)
+                apply(merged, method=value(method), r=r_used, prop_attn=prop_attn, **opts)
+                info = merged.vitmerge
                 models["merged"] = merged
-                console.print(f"merged: {method}, r {r_used}, tokens {info.tokens_in[0]} -> "
+            if value(runtime) == "ort":
+                console.print("exporting each model to ONNX (verified against PyTorch) to score it in ONNX Runtime")
+            result, flops = score_models(models, ds, value(runtime), batch_size=batch_size, workers=workers,
+                                         progress=not console.quiet, on_export=log.info)
+            if info is not None:
+                console.print(f"merged: {value(method)}, r {r_used}, tokens {info.tokens_in[0]} -> "
                               f"{info.tokens_out[-1]}, FLOPs {flops['merged']['fraction']:.3f} of unmerged")
-
-            with tempfile.TemporaryDirectory(prefix="vitmerge-eval-") as tmp:
-                if runtime == "ort":
-                    runners = {}
-                    for key, m in models.items():
-                        with console.status(f"exporting {key} to ONNX") as st:
-                            res = export(m, Path(tmp) / f"{key}.onnx",
-                                                  on_step=lambda s, k=key: st.update(f"{k}: {s}"))
-                        runners[key] = OrtRunner(res.path)
-                else:
-                    runners = {k: TorchRunner(m, label=k, device="cpu") for k, m in models.items()}
-                result = evaluate(runners, ds, batch_size=batch_size, progress=True, workers=workers,
-                                  description=f"scoring ({runtime})")
             console.print(accuracy_table(result, flops))
             if result.unreadable:
                 err_console.print(f"[bold yellow]warning:[/] {len(result.unreadable)} images could not be read and "
@@ -187,8 +144,8 @@ def register(app: typer.Typer) -> None:
                 "weights": str(ckpt) if ckpt else "random (no --checkpoint)",
                 "model_kwargs": kwargs,
                 "data": str(data),
-                "runtime": runtime,
-                "method": method if info else None,
+                "runtime": value(runtime),
+                "method": value(method) if info else None,
                 "options": {k: str(v) for k, v in opts.items()} if info else None,
                 "r": r_used,
                 "tokens_out": info.tokens_out if info else None,
@@ -197,7 +154,5 @@ def register(app: typer.Typer) -> None:
                 "eval": result.to_dict(),
             }
             if report_dir is not None:
-                from ..profiling.report import write_report
-
                 paths = write_report(report_dir, "vitmerge eval", payload, markdown_sections(payload))
                 console.print(f"[bold green]wrote[/] {paths.json} and {paths.markdown}")

@@ -7,10 +7,11 @@ from typing import Optional
 import typer
 
 from ._common import console, user_errors
+from ._options import InstanceKind, value
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("package")
+    @app.command("package", short_help="Triton Inference Server model repository from an .onnx file or an engine.")
     def package_cmd(
         model: Path = typer.Argument(..., metavar="MODEL", help="MODEL.onnx, or a TensorRT engine (.engine/.plan) with its metadata JSON next to it"),
         repo: Path = typer.Option(..., "--repo", help="Model repository folder (created if missing)"),
@@ -19,7 +20,7 @@ def register(app: typer.Typer) -> None:
         version: int = typer.Option(1, "--version", help="Version folder to write the model into"),
         plugin_lib: Optional[Path] = typer.Option(None, "--plugin-lib", help="Custom-op / plugin shared library for graphs with vitmerge::TokenMerge nodes"),
         server_repo: Optional[str] = typer.Option(None, "--server-repo", help="Where the server sees --repo (e.g. /models in a container); used for library paths"),
-        instance_kind: str = typer.Option("auto", "--instance-kind", help="auto | cpu | gpu (instance_group kind)"),
+        instance_kind: InstanceKind = typer.Option("auto", "--instance-kind", case_sensitive=False, help="instance_group kind (auto: gpu for engines, cpu for ONNX)"),
         instances: int = typer.Option(1, "--instances", help="Model instances (per GPU for gpu)"),
         queue_delay_us: int = typer.Option(0, "--queue-delay-us", help="Dynamic batching: max microseconds a request waits for a fuller batch"),
         no_dynamic_batching: bool = typer.Option(False, "--no-dynamic-batching", help="Do not enable dynamic batching"),
@@ -31,7 +32,7 @@ def register(app: typer.Typer) -> None:
 
         with user_errors():
             res = package(model, repo, name=name, max_batch=max_batch, version=version, plugin_lib=plugin_lib,
-                          server_repo=server_repo, instance_kind=instance_kind, instances=instances,
+                          server_repo=server_repo, instance_kind=value(instance_kind), instances=instances,
                           queue_delay_us=queue_delay_us, dynamic_batching=not no_dynamic_batching, overwrite=overwrite,
                           onnx_source=onnx_source)
             console.print(f"[bold green]wrote[/] {res.model_dir} ({res.platform}, max_batch_size {res.max_batch_size})")

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.table import Table
 
 from ._common import console, err_console, fail, int_list, loud_warnings, parse_r_option, user_errors
+from ._options import Device, Method, ReportDirOpt, Runtime, ThreadsOpt, value
+
+TIMM_PANEL = "timm:NAME models (PyTorch eager)"
+MEASURE_PANEL = "Measurement"
 
 
 def _ms(v: float) -> str:
@@ -39,52 +43,67 @@ def energy_lines(result) -> List[str]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("profile")
+    @app.command("profile", short_help="Latency percentiles, throughput and energy per image, models interleaved.")
     def profile_cmd(
-        models: List[str] = typer.Argument(..., metavar="MODEL...", help="MODEL.onnx, MODEL.engine or timm:NAME; several are interleaved and compared with the first"),
-        batch: str = typer.Option("1,8", "--batch", "-b", help="Batch sizes, comma-separated"),
-        runtime: Optional[str] = typer.Option(None, "--runtime", help="torch | ort | ort-cuda | trt, or several comma-separated (default: ort for .onnx, trt for engines, torch for timm:NAME)"),
-        iters: int = typer.Option(5, "--iters", help="Timed calls per model in each round"),
-        warmup: int = typer.Option(3, "--warmup", help="Untimed calls per model before timing"),
-        rounds: int = typer.Option(10, "--rounds", help="Interleaved rounds (models take turns each round)"),
-        report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Write report.json, report.md and plots here"),
-        energy: bool = typer.Option(True, "--energy/--no-energy", help="Energy per image from NVML (GPU) or RAPL (CPU) where readable"),
-        energy_seconds: float = typer.Option(2.0, "--energy-seconds", help="Length of each energy window (and of the idle baseline)"),
-        threads: int = typer.Option(0, "--threads", help="CPU threads for ORT/PyTorch (0: the runtime's default)"),
-        device: str = typer.Option("auto", "--device", help="PyTorch device for timm:NAME: auto | cpu | cuda"),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for timm:NAME (random without)"),
-        method: str = typer.Option("tome", "--method", "-m", help="Merge method for timm:NAME"),
-        r: str = typer.Option("0", "--r", help="Tokens merged per block for timm:NAME (0 = unmerged)"),
-        img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution for timm:NAME"),
+        models: Annotated[List[str], typer.Argument(
+            metavar="MODEL...", help="MODEL.onnx, MODEL.engine or timm:NAME; several are interleaved and compared "
+                                     "with the first")],
+        runtime: Annotated[Optional[List[Runtime]], typer.Option(
+            "--runtime", case_sensitive=False,
+            help="Runtime(s) to run every model in, repeatable (--runtime ort --runtime ort-cuda); default: ort for "
+                 ".onnx, trt for engines, torch for timm:NAME")] = None,
+        threads: ThreadsOpt = 0,
+        batch: Annotated[str, typer.Option("--batch", "-b", rich_help_panel=MEASURE_PANEL,
+                                           help="Batch sizes, comma-separated")] = "1,8",
+        iters: Annotated[int, typer.Option("--iters", rich_help_panel=MEASURE_PANEL,
+                                           help="Timed calls per model in each round")] = 5,
+        warmup: Annotated[int, typer.Option("--warmup", rich_help_panel=MEASURE_PANEL,
+                                            help="Untimed calls per model before timing")] = 3,
+        rounds: Annotated[int, typer.Option("--rounds", rich_help_panel=MEASURE_PANEL,
+                                            help="Interleaved rounds (models take turns each round)")] = 10,
+        energy: Annotated[bool, typer.Option("--energy/--no-energy", rich_help_panel=MEASURE_PANEL,
+                                             help="Energy per image from NVML (GPU) or RAPL (CPU) where readable")] = True,
+        energy_seconds: Annotated[float, typer.Option(
+            "--energy-seconds", rich_help_panel=MEASURE_PANEL,
+            help="Length of each energy window (and of the idle baseline)")] = 2.0,
+        report_dir: ReportDirOpt = None,
+        checkpoint: Annotated[Optional[Path], typer.Option(
+            "--checkpoint", "-c", rich_help_panel=TIMM_PANEL, help="Local weights for timm:NAME (random without)")] = None,
+        method: Annotated[Method, typer.Option("--method", "-m", rich_help_panel=TIMM_PANEL, case_sensitive=False,
+                                                   help="Merge method for timm:NAME")] = "tome",
+        r: Annotated[str, typer.Option("--r", rich_help_panel=TIMM_PANEL,
+                                       help="Tokens merged per block for timm:NAME (0 = unmerged)")] = "0",
+        img_size: Annotated[Optional[int], typer.Option("--img-size", rich_help_panel=TIMM_PANEL,
+                                                        help="Input resolution for timm:NAME")] = None,
+        device: Annotated[Device, typer.Option("--device", rich_help_panel=TIMM_PANEL, case_sensitive=False,
+                                               help="PyTorch device for timm:NAME")] = "auto",
     ):
-        """Latency p50/p90/p99, throughput and energy per image for each batch size; models interleaved so ratios are fair."""
+        """Latency p50/p90/p99, throughput and energy per image for each batch size; models interleaved so
+        ratios are fair. Options for timm:NAME models apply only to those."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from ..backends import open_runner as open_target
+        from ..backends import open_runner
         from ..profiling.profile import profile_targets, write_profile_report
+        from ..profiling.report import prepare_dir
 
         batches = int_list(batch, "--batch")
-        runtimes = [s.strip() for s in runtime.split(",") if s.strip()] if runtime else [None]
+        runtimes = [value(rt) for rt in runtime] if runtime else [None]
         r_spec = parse_r_option(r)
-        if device not in ("auto", "cpu", "cuda"):
-            raise fail(f"--device must be auto, cpu or cuda; got {device!r}")
         if energy_seconds <= 0:
             raise fail("--energy-seconds must be > 0")
         with user_errors(), loud_warnings():
             if report_dir is not None:
-                from ..profiling.report import prepare_dir
-
                 prepare_dir(report_dir)  # fail before minutes of measuring
             targets = []
             with console.status("loading models") as st:
                 for spec in models:
                     for rt in runtimes:
                         st.update(f"loading {spec}" + (f" ({rt})" if rt else ""))
-                        targets.append(open_target(spec, rt, checkpoint=checkpoint, method=method, r=r_spec,
-                                                   img_size=img_size, device=device, threads=threads))
+                        targets.append(open_runner(spec, rt, checkpoint=checkpoint, method=value(method), r=r_spec,
+                                                   img_size=img_size, device=value(device), threads=threads))
             total = rounds * len(batches)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=err_console, transient=True) as progress:
+                          console=err_console, transient=True, disable=console.quiet) as progress:
                 task = progress.add_task("profiling", total=total)
                 result = profile_targets(
                     targets, batches, rounds=rounds, iters=iters, warmup=warmup, energy=energy,

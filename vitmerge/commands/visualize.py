@@ -2,29 +2,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
-from ._common import console, loud_warnings, user_errors
+from ._common import console, loud_warnings, parse_options, parse_r_option, user_errors
+from ._options import MERGE_PANEL, CheckpointOpt, ImgSizeOpt, MethodOpt, NumClassesOpt, OptionOpt, value
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("visualize")
+    @app.command("visualize", short_help="PNG of which image patches merged into the same token.")
     def visualize_cmd(
-        model_name: str = typer.Argument(..., metavar="MODEL", help="timm model name (or timm:NAME), e.g. vit_small_patch16_224"),
-        image: str = typer.Option("skimage:astronaut", "--image", "-i", help="Image file, or a photo shipped with scikit-image: skimage:astronaut | skimage:chelsea | skimage:coffee"),
-        output: Path = typer.Option(..., "--output", "-o", help="Where to write the .png"),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights (random without: groups then follow no meaning)"),
-        method: str = typer.Option("tome", "--method", "-m", help="Merge method"),
-        r: str = typer.Option("8", "--r", help="Tokens merged per block: one int, or one per block comma-separated"),
-        img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the model's)"),
-        num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size (default: from the checkpoint)"),
+        model_name: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name (or timm:NAME), e.g. vit_small_patch16_224")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .png")],
+        image: Annotated[str, typer.Option(
+            "--image", "-i", help="Image file, or a photo shipped with scikit-image: skimage:astronaut | "
+                                  "skimage:chelsea | skimage:coffee")] = "skimage:astronaut",
+        checkpoint: CheckpointOpt = None,
+        method: MethodOpt = "tome",
+        r: Annotated[str, typer.Option("--r", rich_help_panel=MERGE_PANEL,
+                                       help="Tokens merged per block: one int, or one per block comma-separated")] = "8",
+        option: OptionOpt = None,
+        img_size: ImgSizeOpt = None,
+        num_classes: NumClassesOpt = None,
     ):
         """Draw which patches merged into the same final token (ToMe-style: each group in its mean colour, outlined)."""
         from ..models.build import build_model
         from ..profiling.visualize import load_image, render, visualize_model
-        from ._common import parse_r_option
 
         r_spec = parse_r_option(r)
         name = model_name[len("timm:"):] if model_name.startswith("timm:") else model_name
@@ -38,7 +42,7 @@ def register(app: typer.Typer) -> None:
             picture = load_image(image)
             model = build_model(name, checkpoint, img_size=img_size, num_classes=num_classes)
             with console.status("running the model with source tracking"):
-                vis = visualize_model(model, picture, method=method, r=r_spec)
+                vis = visualize_model(model, picture, method=value(method), r=r_spec, **parse_options(option))
             path = render(vis, output, title=f"{name} — {image}")
             console.print(f"{vis.groups.size} patches -> {vis.n_groups} groups "
                           f"({vis.tokens_final} final tokens, {vis.protected} protected)")

@@ -13,23 +13,24 @@ import typer
 
 from ..calibration.vocabulary import DEFAULT_MAX_PATCHES, build_vocabulary, find_images, sample_files
 from ._common import console, loud_warnings, user_errors
+from ._options import CheckpointOpt, ImgSizeOpt, ModelKwargsOpt, Space, value
 
 
 def register(app: typer.Typer) -> None:
     vocab_app = typer.Typer(help="Visual-word vocabularies for the vwt method.", no_args_is_help=True)
     app.add_typer(vocab_app, name="vocab")
 
-    @vocab_app.command("build")
+    @vocab_app.command("build", short_help="Cluster image patches into visual words for --method vwt.")
     def build_cmd(
         data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Folder of images, searched recursively (jpg, png, bmp, webp, tif, ...)"),
         output: Path = typer.Option(..., "--output", "-o", help="Where to write the vocabulary (.pt)"),
         model_name: str = typer.Option("vit_small_patch16_224", "--model", help="timm model the vocabulary is for (patch size, input size, normalisation)"),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights; needed for --space embeddings, where words live in the model's patch-embedding space"),
+        checkpoint: CheckpointOpt = None,
         words: int = typer.Option(256, "--words", "-k", help="Number of visual words (k-means centroids)"),
         num: Optional[int] = typer.Option(None, "--num", "-n", help="Use at most this many images (a fixed-seed sample over all subfolders); default all"),
-        space: str = typer.Option("pixels", "--space", help="pixels (raw patches, as in the VWT paper; independent of the weights) | embeddings (patch embeddings of these weights)"),
-        img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the model's)"),
-        model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="Extra timm.create_model arguments as JSON (or a .json file), e.g. '{\"patch_size\": 4}'"),
+        space: Space = typer.Option("pixels", "--space", case_sensitive=False, help="pixels (raw patches, as in the VWT paper; independent of the weights) or embeddings (patch embeddings of these weights: needs --checkpoint)"),
+        img_size: ImgSizeOpt = None,
+        model_kwargs: ModelKwargsOpt = None,
         max_patches: int = typer.Option(DEFAULT_MAX_PATCHES, "--max-patches", help="Patches clustered at most (spread evenly over the images)"),
         iters: int = typer.Option(30, "--iters", help="k-means iterations at most"),
         seed: int = typer.Option(0, "--seed", help="Seed of the patch sample and the k-means initialisation"),
@@ -52,6 +53,7 @@ def register(app: typer.Typer) -> None:
                 raise ScheduleError(f"--max-patches ({max_patches}) must be at least --words ({words})")
             from ._common import parse_json_option
 
+            space = value(space)
             kwargs = parse_json_option(model_kwargs, "--model-kwargs")
             if img_size is not None:
                 kwargs["img_size"] = img_size

@@ -15,6 +15,7 @@ Preprocessing comes from the timm model's own data config (resize, crop, mean/st
 from __future__ import annotations
 
 import csv
+import logging
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_NAMES = ("train", "val", "validation", "test")
@@ -318,6 +321,7 @@ def open_dataset(
     if len(ds) == 0:
         raise _layout_error(f"no images found in {str(p)!r} (layout looked like {ds.layout})")
     ds.transform = transform
+    log.info("data %s: %s", p, ds.describe())
     return ds.subset(limit)
 
 

@@ -10,7 +10,6 @@ import json
 from typing import Callable, Mapping, Optional, Tuple
 
 import torch
-from timm.data import create_transform, resolve_data_config
 
 from .. import metadata as md
 from ..models.shapes import input_shape
@@ -23,15 +22,30 @@ def json_safe(cfg: Mapping) -> dict:
 def data_config(model: torch.nn.Module) -> dict:
     """timm's eval data config for ``model``, with the input size the model was really built with
     (timm's pretrained config keeps the original resolution when img_size is overridden)."""
+    from timm.data import resolve_data_config  # timm takes seconds to import: only when used
+
     cfg = dict(resolve_data_config({}, model=model))
     if getattr(model, "patch_embed", None) is not None:
         cfg["input_size"] = input_shape(model)
     return json_safe(cfg)
 
 
+def data_config_for_name(name: str, **kwargs) -> dict:
+    """The data config of timm model ``name`` (built with random weights: only its config is read)."""
+    import warnings
+
+    from ..models.build import build_model
+
+    with warnings.catch_warnings():  # random weights are fine here, and not worth a warning
+        warnings.simplefilter("ignore")
+        return data_config(build_model(name, None, **kwargs))
+
+
 def data_config_for_onnx(proto, given: Optional[dict] = None) -> Tuple[dict, Optional[str]]:
     """(data config sized to the graph's input, warning or None) for an exported file: ``given``,
     else the file's ``vitmerge.data_config``, else timm's ImageNet defaults (with a warning)."""
+    from timm.data import resolve_data_config
+
     _, shape = md.input_info(proto)
     meta = md.read(proto)
     warn = None
@@ -50,6 +64,8 @@ def data_config_for_onnx(proto, given: Optional[dict] = None) -> Tuple[dict, Opt
 
 def eval_transform(cfg: Mapping) -> Callable:
     """torchvision transform for a data config (resize, centre crop, to tensor, normalise)."""
+    from timm.data import create_transform
+
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     kw = {k: (tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]) for k in keys if k in cfg}
     return create_transform(**kw, is_training=False)
@@ -59,4 +75,4 @@ def transform_for(model: torch.nn.Module) -> Callable:
     return eval_transform(data_config(model))
 
 
-__all__ = ["data_config", "data_config_for_onnx", "eval_transform", "transform_for", "json_safe"]
+__all__ = ["data_config", "data_config_for_name", "data_config_for_onnx", "eval_transform", "transform_for", "json_safe"]

@@ -25,15 +25,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .._io import writable_dir
-from ..errors import CheckpointError, DataError, OutputPathError
-from ..models.build import build_model
+from ..errors import DataError, OutputPathError
+from ..models.build import build_model, load_model_config
 
 TRAINING_CODE_VERSION = 1  # bump when the training procedure changes, so cached models are rebuilt
 
@@ -269,7 +269,7 @@ def _result(out: Path, meta: dict, cached: bool) -> DigitsModel:
                        train_seconds=float(meta["metrics"]["train_seconds"]), cached=cached)
 
 
-def train(output: str | Path, cfg: Optional[DigitsConfig] = None, force: bool = False,
+def train(output: Union[str, Path], cfg: Optional[DigitsConfig] = None, force: bool = False,
           on_step: Optional[Callable[[int, int, float], None]] = None) -> DigitsModel:
     """Train (or reuse) the digits model in ``output``; see the module docstring for the files.
 
@@ -322,21 +322,11 @@ def train(output: str | Path, cfg: Optional[DigitsConfig] = None, force: bool = 
     return _result(out, meta, cached=False)
 
 
-def load(config: str | Path) -> DigitsModel:
+def load(config: Union[str, Path]) -> DigitsModel:
     """Read a ``model.json`` written by :func:`train` (or a folder holding one)."""
+    meta = dict(load_model_config(config).meta)
     p = Path(config).expanduser()
-    if p.is_dir():
-        p = p / "model.json"
-    meta = _read(p.parent) if p.name == "model.json" else None
-    if meta is None:
-        try:
-            meta = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read model config {str(p)!r}: {e}") from None
-    for key in ("model", "kwargs", "checkpoint"):
-        if key not in meta:
-            raise CheckpointError(f"{str(p)!r} is not a model config: no {key!r} entry "
-                                  "(expected the model.json written by `vitmerge digits train`)")
+    p = p / "model.json" if p.is_dir() else p
     meta.setdefault("data", "data")
     meta.setdefault("metrics", {"test_top1": float("nan"), "train_seconds": float("nan")})
     return _result(p.parent, meta, cached=True)
@@ -348,7 +338,7 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("VITMERGE_CACHE", Path(tempfile.gettempdir()) / "vitmerge-cache"))
 
 
-def cached(cfg: Optional[DigitsConfig] = None, root: Optional[str | Path] = None,
+def cached(cfg: Optional[DigitsConfig] = None, root: Optional[Union[str, Path]] = None,
            on_step: Optional[Callable[[int, int, float], None]] = None) -> DigitsModel:
     """The digits model for ``cfg`` under ``root/digits-<hash>``, trained on first use.
 

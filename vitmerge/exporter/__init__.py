@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import logging
+
 from torch import nn
 
 from .._io import staged
@@ -22,6 +24,9 @@ from .onnx_export import (
 )
 from .surgery import rewrite
 from .verify import VerifyReport, check_onnx, compare_files, verify
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,7 +55,11 @@ def export(
     merge_op: the graph form of every merge step: ``standard`` (as exported), ``native`` (rewritten
     into plugin-free ops runtimes execute well) or ``plugin`` (one ``vitmerge::TokenMerge`` node each).
     """
-    step = on_step or (lambda s: None)
+    def step(what: str) -> None:
+        log.info("export %s: %s", Path(output).name, what)
+        if on_step is not None:
+            on_step(what)
+
     out = check_output_path(output)
     with staged(*output_files(out)) as stage:
         step("tracing with torch.export and translating to ONNX")

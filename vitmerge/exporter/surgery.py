@@ -41,7 +41,7 @@ from ..errors import SurgeryError
 from ..merging import METHODS
 from ..plugins import DOMAIN, DOMAIN_VERSION, OP_TYPE, OP_TYPE_CLS, OP_TYPES as PLUGIN_OPS
 
-FORMS = ("standard", "native", "plugin")
+FORMS = md.MERGE_OPS
 FORM_KEY = md.MERGE_OP  # model metadata: which form the file holds
 
 _SCOPE = re.compile(r"(?:^|[/.:\s])(blocks\.(\d+)\.token_merge):")

@@ -5,6 +5,7 @@ What the method needs (block form, class-attention row, options) comes from its
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -17,6 +18,8 @@ from .mobilevit import unsupported_reason as mobilevit_reason
 from .shapes import num_tokens
 from .vit import MergeState, VWTMerge, patch_vit, unpatch_vit, unsupported_reason
 from .vocabulary import Vocabulary, check_vocabulary, load_vocabulary
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = (
     "timm VisionTransformer models with standard blocks: vit_* (any size, patch size and image size), "
@@ -91,6 +94,8 @@ def apply(
     _install(model, state, rs)
     model.vitmerge = MergeInfo(method=method, r=rs, prop_attn=prop_attn, protected=protected,
                                tokens=tokens, options=dict(options))
+    log.info("%s: r per block %s, tokens %d -> %d (%d protected)", method, rs, n0, tokens[-1][2] if tokens else n0,
+             protected)
     return model
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -25,6 +26,8 @@ from .apply import apply, remove
 from .flops import count_flops, flop_ratio
 from .shapes import num_tokens
 from .vit import unsupported_reason
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,11 +118,13 @@ def solve_budget(model, fraction: float, method: str = "tome", protected: Option
     merge_flops(method, 2, 0, 1)  # a method without a FLOP model -> ScheduleError
     fixed, blocks = model_flops_parts(model)
     p = int(model.num_prefix_tokens) if protected is None else int(protected)
-    return solve(
+    rs = solve(
         len(blocks), num_tokens(model), p, ms.clamp_r,
         lambda rows: fixed + _blocks_cost(blocks, rows, method, p, options),
         fraction, "FLOP", method,
     )
+    log.info("FLOP budget %g with %s: r per block %s (analytic block model)", float(fraction), method, rs)
+    return rs
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,16 +1,23 @@
-"""Build a timm model by name and load a local checkpoint (never a hub download)."""
+"""Build a timm model by name and load a local checkpoint (never a hub download); read a model.json
+description; build and merge in one call (what ``vitmerge export`` and ``eval`` do with their options)."""
 from __future__ import annotations
 
+import copy
 import difflib
+import json
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, ModelNotFoundError
+from .apply import apply
+from .budget import resolve_schedule
+from .mobilevit import is_mobilevit
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -36,7 +43,7 @@ def check_model_name(name: str) -> None:
     raise ModelNotFoundError(msg)
 
 
-def load_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
+def load_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     """Read a .pth/.pt/.bin (torch) or .safetensors checkpoint: a state dict, or one under
     'model' / 'state_dict' / 'model_ema'. Only tensors are loaded (weights_only, no pickled code)."""
     p = Path(path)
@@ -78,7 +85,7 @@ def _head_classes(sd: Dict[str, torch.Tensor]) -> Optional[int]:
 
 def build_model(
     name: str,
-    checkpoint: Optional[str | Path] = None,
+    checkpoint: Optional[Union[str, Path]] = None,
     img_size: Optional[int] = None,
     num_classes: Optional[int] = None,
     **kwargs,
@@ -124,3 +131,88 @@ def build_model(
             stacklevel=2,
         )
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# model.json: a model described by name, kwargs, checkpoint (and its data folder)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """What a ``model.json`` (written by ``vitmerge digits train``) describes."""
+
+    path: Path  # the model.json
+    name: str  # timm model name
+    kwargs: Dict[str, Any]  # timm.create_model arguments
+    checkpoint: Path
+    data_dir: Optional[Path]  # the labelled images that go with it, when present
+    meta: Dict[str, Any] = field(default_factory=dict)  # everything else in the file (metrics, split, ...)
+
+    def build(self) -> nn.Module:
+        """The model as a plain (unmerged) timm model in eval mode."""
+        return build_model(self.name, self.checkpoint, **copy.deepcopy(self.kwargs))
+
+
+def load_model_config(config: Union[str, Path]) -> ModelConfig:
+    """Read a ``model.json`` (or the folder holding one): keys ``model``, ``kwargs``, ``checkpoint``
+    (relative to the file), optional ``data`` (a folder, relative to the file)."""
+    p = Path(config).expanduser()
+    if p.is_dir():
+        p = p / "model.json"
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read model config {str(p)!r}: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{str(p)!r} is not a model config (expected a JSON object)")
+    for key in ("model", "kwargs", "checkpoint"):
+        if key not in meta:
+            raise CheckpointError(f"{str(p)!r} is not a model config: no {key!r} entry "
+                                  "(expected the model.json written by `vitmerge digits train`)")
+    data = p.parent / meta.get("data", "data")
+    return ModelConfig(path=p, name=str(meta["model"]), kwargs=dict(meta["kwargs"]),
+                       checkpoint=p.parent / meta["checkpoint"], data_dir=data if data.is_dir() else None, meta=meta)
+
+
+def resolve_model(model_name: Optional[str], checkpoint: Optional[Path], config: Optional[Path],
+                  model_kwargs: Optional[Dict[str, Any]] = None
+                  ) -> Tuple[str, Optional[Path], Dict[str, Any], Optional[Path]]:
+    """(timm name, checkpoint, create_model kwargs, default data folder) from a name and/or a
+    ``model.json``; what the caller gives explicitly wins over the file."""
+    kwargs: Dict[str, Any] = {}
+    data_dir = None
+    if config is not None:
+        cfg = load_model_config(config)
+        model_name = model_name or cfg.name
+        checkpoint = checkpoint or cfg.checkpoint
+        kwargs.update(copy.deepcopy(cfg.kwargs))
+        data_dir = cfg.data_dir
+    kwargs.update(model_kwargs or {})
+    if not model_name:
+        raise ModelNotFoundError("give a timm MODEL name (e.g. vit_small_patch16_224) or --config model.json")
+    return model_name, checkpoint, kwargs, data_dir
+
+
+def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None, method: str = "tome", r: Any = 16,
+                 img_size: Optional[int] = None, prop_attn: bool = True, num_classes: Optional[int] = None,
+                 schedule: str = "constant", budget: Optional[float] = None,
+                 model_kwargs: Optional[Dict[str, Any]] = None,
+                 budget_latency: Optional[Union[str, Path]] = None, **options) -> nn.Module:
+    """Build the timm model (local checkpoint or random weights) and merge it as asked.
+
+    ``r`` / ``schedule`` / ``budget`` / ``budget_latency`` as in :func:`vitmerge.models.budget.resolve_schedule`;
+    ``r=0`` without a budget gives the plain model (MobileViT: the plain mobile baseline, never merged).
+    """
+    kw = dict(model_kwargs or {})
+    if img_size is not None:
+        kw["img_size"] = img_size  # wins over the same key in model_kwargs
+    model = build_model(model_name, checkpoint, num_classes=num_classes, **kw)
+    if is_mobilevit(model) and budget is None and r == 0:
+        return model
+    rs = resolve_schedule(model, method, r, schedule, budget, budget_latency, **options)
+    return apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
+
+
+__all__ = ["build_model", "load_state_dict", "check_model_name", "CHECKPOINT_SUFFIXES", "ModelConfig",
+           "load_model_config", "resolve_model", "build_merged"]

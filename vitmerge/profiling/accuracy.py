@@ -8,14 +8,19 @@ agreement with it is reported too.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
 import torch
 
+from ..backends import OrtRunner, TorchRunner
 from ..data.datasets import BatchStats, ImageDataset, batches
-from ..errors import DataError
+from ..errors import DataError, UsageError
+from ..exporter import export
+from ..models.flops import count_flops
 
 Runner = Callable[[torch.Tensor], torch.Tensor]  # images -> logits; every backends.Runner is one
 
@@ -156,4 +161,30 @@ def evaluate(
                       notes=list(dataset.notes), seconds=time.perf_counter() - t0)
 
 
-__all__ = ["Runner", "ModelAccuracy", "EvalResult", "evaluate", "check_classes"]
+def score_models(models: Mapping[str, "torch.nn.Module"], dataset: ImageDataset, runtime: str = "torch",
+                 batch_size: int = 64, workers: int = 0, progress: Union[bool, Any] = True,
+                 on_export: Any = None) -> Tuple[EvalResult, Dict[str, Dict[str, float]]]:
+    """Top-1/top-5 of PyTorch ``models`` on ``dataset`` in ``runtime`` ("torch", or "ort": each model
+    exported to ONNX, verified, and scored in ONNX Runtime), plus each model's FLOPs per image and its
+    fraction of the first model's. The first model is the reference for top-1 agreement."""
+    if runtime not in ("torch", "ort"):
+        raise UsageError(f"unknown runtime {runtime!r} for accuracy; use torch or ort "
+                         "(TensorRT engines: score them with a TrtRunner, or profile them with `vitmerge profile`)")
+    flops = {k: float(count_flops(m)) for k, m in models.items()}
+    first = next(iter(flops.values()))
+    fl = {k: {"flops": f, "fraction": f / first} for k, f in flops.items()}
+    with tempfile.TemporaryDirectory(prefix="vitmerge-eval-") as tmp:
+        if runtime == "ort":
+            runners = {}
+            for key, m in models.items():
+                res = export(m, Path(tmp) / f"{key.replace(' ', '_')}.onnx",
+                             on_step=(lambda s, k=key: on_export(f"{k}: {s}")) if on_export else None)
+                runners[key] = OrtRunner(res.path, label=key)
+        else:
+            runners = {k: TorchRunner(m, label=k, device="cpu") for k, m in models.items()}
+        result = evaluate(runners, dataset, batch_size=batch_size, progress=progress, workers=workers,
+                          description=f"scoring ({runtime})")
+    return result, fl
+
+
+__all__ = ["Runner", "ModelAccuracy", "EvalResult", "evaluate", "check_classes", "score_models"]

@@ -7,6 +7,7 @@ per image (:mod:`.energy`).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -17,6 +18,8 @@ from . import energy as en
 from . import plots
 from .latency import LatencyStats, interleaved
 from .report import md_table, prepare_dir, write_report
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- profile
@@ -96,6 +99,7 @@ def profile_targets(
         fns = {t.label: t.timed(b) for t in targets}
         runners.update({(label, b): fn for label, fn in fns.items()})
         status(f"batch {b}: {len(fns)} model(s) interleaved")
+        log.info("batch %d: %s interleaved, %d rounds x %d calls", b, ", ".join(fns), rounds, iters)
         stats = interleaved(fns, rounds=rounds, iters=iters, warmup=warmup, sync=sync_all, progress=on_round)
         first = stats[targets[0].label].p50
         for t in targets:

@@ -1,0 +1,101 @@
+"""Option definitions shared by the commands (one definition each), and the choices as Enums.
+
+Choices are Enums built from the library's own lists (the method registry, the graph forms, the
+runtimes, ...), so ``--help`` lists them, a typo fails before any work starts, and a method added to
+the registry appears here without an edit. Commands take ``Method`` etc. and pass ``.value`` on.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Iterable, List, Optional
+
+import typer
+
+
+from ..backends.base import DEVICES, RUNTIMES
+from ..calibration import CALIBRATION_METHODS
+from ..merging import available_methods
+from ..merging.schedule import SCHEDULES
+from ..metadata import MERGE_OPS
+
+
+def choices(name: str, values: Iterable[str]) -> type:
+    """A str Enum whose members are ``values`` (typer shows them in --help and rejects anything else)."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
+
+
+Method = choices("Method", available_methods())
+MergeOp = choices("MergeOp", MERGE_OPS)
+Runtime = choices("Runtime", RUNTIMES)
+EvalRuntime = choices("EvalRuntime", ("torch", "ort"))
+Schedule = choices("Schedule", SCHEDULES)
+Device = choices("Device", DEVICES)
+CalibrationMethod = choices("CalibrationMethod", CALIBRATION_METHODS)
+InstanceKind = choices("InstanceKind", ("auto", "cpu", "gpu"))
+Space = choices("Space", ("pixels", "embeddings"))
+
+
+def value(choice) -> Optional[str]:
+    """The plain string of an Enum choice (None stays None)."""
+    return None if choice is None else getattr(choice, "value", choice)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+MODEL_PANEL = "Model"
+MERGE_PANEL = "Token merging"
+
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", "-c", rich_help_panel=MODEL_PANEL,
+    help="Local weights (.pth/.pt/.bin/.safetensors: a state dict or {'model': ...}); random weights without it "
+         "(said loudly: accuracy is then meaningless)")]
+ImgSizeOpt = Annotated[Optional[int], typer.Option(
+    "--img-size", rich_help_panel=MODEL_PANEL, help="Input resolution (default: the model's)")]
+NumClassesOpt = Annotated[Optional[int], typer.Option(
+    "--num-classes", rich_help_panel=MODEL_PANEL,
+    help="Classifier size (default: from the checkpoint, else the model's)")]
+ModelKwargsOpt = Annotated[Optional[str], typer.Option(
+    "--model-kwargs", rich_help_panel=MODEL_PANEL,
+    help="Extra timm.create_model arguments as JSON, or a .json file, e.g. '{\"depth\": 6}'")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", rich_help_panel=MODEL_PANEL,
+    help="model.json from `vitmerge digits train` (model name, kwargs, checkpoint, data folder)")]
+
+# ---------------------------------------------------------------------------------------------- merging
+
+MethodOpt = Annotated[Method, typer.Option(
+    "--method", "-m", rich_help_panel=MERGE_PANEL, case_sensitive=False,
+    help="Merge method (docs/methods/); tome is faithful ToMe")]
+OptionOpt = Annotated[Optional[List[str]], typer.Option(
+    "--option", "-O", rich_help_panel=MERGE_PANEL,
+    help="Method option KEY=VALUE, repeatable (e.g. -O bits=8, -O mode=intra, -O vocab=vocab.pt)")]
+ScheduleOpt = Annotated[Schedule, typer.Option(
+    "--schedule", rich_help_panel=MERGE_PANEL, case_sensitive=False,
+    help="How --r spreads over blocks: constant, or decreasing (ToMe's inflection schedule, mean r per block)")]
+BudgetOpt = Annotated[Optional[float], typer.Option(
+    "--budget", rich_help_panel=MERGE_PANEL,
+    help="Target FLOP fraction of the unmerged model (e.g. 0.5): solves the per-block r")]
+PropAttnOpt = Annotated[bool, typer.Option(
+    "--prop-attn/--no-prop-attn", rich_help_panel=MERGE_PANEL,
+    help="Proportional attention (log token size added to the attention logits)")]
+
+# ---------------------------------------------------------------------------------------------- data / output
+
+DataOpt = Annotated[Optional[Path], typer.Option(
+    "--data", "-d", help="Labelled image folder: ImageFolder, ImageNet val, CIFAR-100 pickles or Oxford-IIIT Pet "
+                         "(see docs/data.md)")]
+LabelsOpt = Annotated[Optional[Path], typer.Option(
+    "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv)")]
+ReportDirOpt = Annotated[Optional[Path], typer.Option(
+    "--report-dir", help="Write report.json and report.md (and plots) into this folder")]
+ThreadsOpt = Annotated[int, typer.Option(
+    "--threads", help="CPU threads for ONNX Runtime / PyTorch (0: the runtime's default)")]
+
+
+__all__ = [
+    "choices", "value", "Method", "MergeOp", "Runtime", "EvalRuntime", "Schedule", "Device", "CalibrationMethod",
+    "InstanceKind", "Space", "CheckpointOpt", "ImgSizeOpt", "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
+    "MethodOpt", "OptionOpt", "ScheduleOpt", "BudgetOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",
+    "ThreadsOpt",
+]
