@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
+import torch
 
 from .. import metadata as md
 from .._io import staged
@@ -98,7 +99,6 @@ def calibration_images(folder: Path) -> List[Path]:
 
 def _image_batches(files: List[Path], shape, batch: int, limit: int):
     """Calibration batches [batch, C, H, W] float32: resize + centre crop, ImageNet mean/std (timm default)."""
-    import numpy as np
     from PIL import Image
 
     mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
@@ -125,8 +125,6 @@ def _image_batches(files: List[Path], shape, batch: int, limit: int):
 def _calibrator(trt, files, shape, batch: int, limit: int, cache: Path):
     """Implicit INT8 entropy calibrator fed from a local image folder (deprecated in TensorRT >= 10.1;
     prefer Q/DQ graphs)."""
-    import torch
-
     class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
             super().__init__()
@@ -155,8 +153,6 @@ def _calibrator(trt, files, shape, batch: int, limit: int, cache: Path):
 
 def gpu_name() -> str:
     try:
-        import torch
-
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(0)
     except Exception:
@@ -295,8 +291,6 @@ class TrtRunner(Runner):
         if not path.is_file():
             raise ModelNotFoundError(f"TensorRT engine {str(path)!r} does not exist")
         trt = require_tensorrt()
-        import torch
-
         if not torch.cuda.is_available():
             raise RuntimeMissingError("TensorRT engines run on an NVIDIA GPU, and PyTorch sees none here")
         meta = load_engine_metadata(path)
@@ -350,8 +344,6 @@ class TrtRunner(Runner):
     def _bind(self, x):
         """A fresh execution context bound to input ``x`` and new output buffers (one per batch
         size, so runners of different batch sizes never share shapes or addresses)."""
-        import torch
-
         ctx = self.engine.create_execution_context()
         x = x.to(self._torch_dtype.get(self.engine.get_tensor_dtype(self.input_name), torch.float32)).cuda()
         ctx.set_input_shape(self.input_name, tuple(x.shape))
@@ -369,16 +361,12 @@ class TrtRunner(Runner):
             raise EngineBuildError(f"TensorRT failed to run {self.path.name} at batch {batch}")
 
     def _infer(self, images):
-        import torch
-
         ctx, x, outs = self._bind(torch.from_numpy(images))
         self._execute(ctx, images.shape[0])
         self.stream.synchronize()
         return outs[0].float().cpu().numpy()
 
     def _prepare(self, batch: int):
-        import torch
-
         ctx, x, outs = self._bind(torch.from_numpy(self.example(batch)))
         keep = (ctx, x, outs)  # the context and buffers live as long as the callable
 

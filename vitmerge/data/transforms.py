@@ -7,11 +7,13 @@ and evaluation of a bare ``.onnx`` file preprocess exactly as the model was trai
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Callable, Mapping, Optional, Tuple
 
 import torch
 
 from .. import metadata as md
+from ..models.build import build_model
 from ..models.shapes import input_shape
 
 
@@ -32,10 +34,6 @@ def data_config(model: torch.nn.Module) -> dict:
 
 def data_config_for_name(name: str, **kwargs) -> dict:
     """The data config of timm model ``name`` (built with random weights: only its config is read)."""
-    import warnings
-
-    from ..models.build import build_model
-
     with warnings.catch_warnings():  # random weights are fine here, and not worth a warning
         warnings.simplefilter("ignore")
         return data_config(build_model(name, None, **kwargs))

@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +29,10 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 import torch.nn.functional as F
 
-from .._io import writable_dir
+from .._io import staged, writable_dir
 from ..errors import DataError, OutputPathError
 from ..models.build import build_model, load_model_config
 
@@ -155,8 +156,6 @@ def to_tensor(u8: np.ndarray) -> torch.Tensor:
 
 
 def write_image_folder(root: Path, u8: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
-    from PIL import Image
-
     for c in range(10):
         (root / str(c)).mkdir(parents=True, exist_ok=True)
     for i in indices:
@@ -273,8 +272,8 @@ def train(output: Union[str, Path], cfg: Optional[DigitsConfig] = None, force: b
           on_step: Optional[Callable[[int, int, float], None]] = None) -> DigitsModel:
     """Train (or reuse) the digits model in ``output``; see the module docstring for the files.
 
-    Written atomically: everything goes to a staging folder first, model.json is moved in last,
-    so an interrupted run never looks like a finished one.
+    Written through :func:`vitmerge._io.staged`: everything goes to a staging folder first, model.json
+    is moved in last, so an interrupted run never looks like a finished one.
     """
     cfg = cfg or DigitsConfig()
     out = Path(output).expanduser()
@@ -285,17 +284,15 @@ def train(output: Union[str, Path], cfg: Optional[DigitsConfig] = None, force: b
         return _result(out, meta, cached=True)
     writable_dir(out, "--output")
 
-    stage = out / f".partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
+    names = ("data", "model.pth", "model_kwargs.json", "model.json")  # model.json (the completion marker) last
+    with staged(*(out / n for n in names)) as stage:
         model, top1, seconds = fit(cfg, on_step)
         u8, labels = load_arrays(int(cfg.kwargs["img_size"]))
         tr, te = split_indices(len(labels), float(cfg.train["test_fraction"]), int(cfg.train["seed"]))
         write_image_folder(stage / "data" / "train", u8, labels, tr)
         write_image_folder(stage / "data" / "test", u8, labels, te)
         torch.save(model.state_dict(), stage / "model.pth")
-        import timm
+        import timm  # for its version (importing it takes seconds, so only here)
 
         meta = {
             "model": cfg.model,
@@ -312,13 +309,6 @@ def train(output: Union[str, Path], cfg: Optional[DigitsConfig] = None, force: b
         }
         (stage / "model_kwargs.json").write_text(json.dumps(cfg.kwargs, indent=2) + "\n")
         (stage / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for name in ("data", "model.pth", "model_kwargs.json", "model.json"):  # model.json last
-            dst = out / name
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            os.replace(stage / name, dst)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return _result(out, meta, cached=False)
 
 
@@ -333,8 +323,6 @@ def load(config: Union[str, Path]) -> DigitsModel:
 
 
 def default_cache_root() -> Path:
-    import tempfile
-
     return Path(os.environ.get("VITMERGE_CACHE", Path(tempfile.gettempdir()) / "vitmerge-cache"))
 
 

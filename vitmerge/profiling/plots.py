@@ -9,10 +9,13 @@ Every function writes atomically (temporary file + rename) and returns the path 
 """
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .._io import atomic_write
 
 PathLike = Union[str, Path]
 
@@ -29,10 +32,6 @@ def _figure(width: float = 6.4, height: float = 4.2):
 
 def save_png(fig, path: PathLike) -> Path:
     """Render ``fig`` as PNG and write it atomically (temporary file + rename)."""
-    import io
-
-    from .report import atomic_write
-
     path = Path(path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
+import torch
+from PIL import Image
 
 from ..errors import DataError, OutputPathError
 from ..models import apply, last_source
+from .plots import _figure, save_png
 
 SKIMAGE_PREFIX = "skimage:"
 #: Colour photographs that scikit-image ships inside its package (no download).
@@ -40,7 +43,6 @@ def load_image(spec: Union[str, Path]) -> np.ndarray:
         if not path.is_file():
             raise DataError(f"image {spec!r} does not exist; give a local image file or e.g. skimage:astronaut")
         try:
-            from PIL import Image
 
             with Image.open(path) as im:
                 img = np.asarray(im.convert("RGB"))
@@ -55,9 +57,6 @@ def load_image(spec: Union[str, Path]) -> np.ndarray:
 
 def prepare(image: np.ndarray, model) -> Tuple[np.ndarray, Any]:
     """Centre square crop, bicubic resize to the model's input size; (display uint8, normalised [1,3,H,W])."""
-    import torch
-    from PIL import Image
-
     h, w = (int(v) for v in model.patch_embed.img_size)
     H, W = image.shape[:2]
     side = min(H, W)
@@ -136,8 +135,6 @@ class MergeVisualization:
 
 def visualize_model(model, image: np.ndarray, method: str = "tome", r=16, **options) -> MergeVisualization:
     """Patch ``model`` (in place) with source tracking, run ``image`` through it, return the groups."""
-    import torch
-
     apply(model, method=method, r=r, trace_source=True, **options)
     shown, x = prepare(image, model)
     with torch.inference_mode():
@@ -160,8 +157,6 @@ def visualize_model(model, image: np.ndarray, method: str = "tome", r=16, **opti
 def render(vis: MergeVisualization, output: Union[str, Path], title: Optional[str] = None,
            border_colour=(255, 255, 255)) -> Path:
     """Original | merged groups side by side, as a PNG (written atomically)."""
-    from .plots import _figure, save_png
-
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise OutputPathError(f"output {str(out)!r} must end in .png")
