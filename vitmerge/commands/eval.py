@@ -104,7 +104,8 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, "--limit", help="Score this many images, chosen by a fixed seed (default: all)"),
         batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch"),
         split: Optional[str] = typer.Option(None, "--split", help="Which split of a multi-split folder (default: val, then test)"),
-        labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv)"),
+        labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv), or the ImageNet devkit (ILSVRC2012_devkit_t12.tar.gz or its folder)"),
+        class_order: str = typer.Option("sorted", "--class-order", help="ImageNet class indices: sorted (sorted WordNet ids, as timm/torchvision checkpoints) or devkit (ILSVRC2012_ID order; needs the devkit)"),
         img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the model's)"),
         prop_attn: bool = typer.Option(True, "--prop-attn/--no-prop-attn", help="Proportional attention in the merged model"),
         workers: int = typer.Option(0, "--workers", help="Image decoding processes (0: in the main process)"),
@@ -113,6 +114,7 @@ def register(app: typer.Typer) -> None:
         """Score the unmerged and the merged model on the same images: top-1, top-5, agreement, FLOPs."""
         from ..backends import OrtRunner, TorchRunner
         from ..data import open_dataset, transform_for
+        from ..data.imagenet import order_mismatch_hint
         from ..errors import DataError, ScheduleError, VitmergeError
         from ..models.build import build_model
         from ..exporter import export
@@ -139,7 +141,8 @@ def register(app: typer.Typer) -> None:
             if img_size is not None:
                 kwargs["img_size"] = img_size
             model = build_model(name, ckpt, **kwargs)
-            ds = open_dataset(data, split=split, labels=labels, transform=transform_for(model), limit=limit)
+            ds = open_dataset(data, split=split, labels=labels, transform=transform_for(model), limit=limit,
+                              class_order=class_order)
             check_classes(ds, int(model.num_classes), f"{name} ({'checkpoint ' + str(ckpt) if ckpt else 'random weights'})")
             console.print(f"data: {ds.describe()}")
             for n in ds.notes:
@@ -175,6 +178,10 @@ def register(app: typer.Typer) -> None:
                 result = evaluate(runners, ds, batch_size=batch_size, progress=True, workers=workers,
                                   description=f"scoring ({runtime})")
             console.print(accuracy_table(result, flops))
+            hint = ckpt and order_mismatch_hint(ds.class_order, int(model.num_classes),
+                                                result.models["unmerged"].top1, result.images)
+            if hint:
+                err_console.print(f"[bold yellow]warning:[/] {hint}")
             if result.unreadable:
                 err_console.print(f"[bold yellow]warning:[/] {len(result.unreadable)} images could not be read and "
                                   f"were skipped, e.g. {result.unreadable[0]}")
