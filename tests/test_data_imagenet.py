@@ -159,11 +159,12 @@ def test_devkit_class_order_is_explicit_and_loud(tmp_path):
         open_dataset(val, labels=kit.archive, class_order="wnid")
 
 
-def test_class_folders_renumbered_to_devkit_order_only_with_a_devkit(tmp_path):
+def test_class_folders_renumbered_to_devkit_order_only_with_a_devkit(tmp_path, monkeypatch):
     kit = make_kit(tmp_path, seed=4)
     folders = tmp_path / "val"
     for i, w in enumerate(kit.wnids):
-        Image.new("RGB", (8, 8), (i, 0, 0)).save((folders / w).mkdir(parents=True) or folders / w / f"{i}.png")
+        (folders / w).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folders / w / f"{i}.png")
     ds = open_dataset(folders)  # torchvision's ImageFolder: sorted wnids
     assert ds.classes == sorted(kit.wnids) and "sorted WordNet ids" in ds.describe()
     with pytest.raises(DataError, match="needs the ImageNet devkit"):
@@ -172,8 +173,14 @@ def test_class_folders_renumbered_to_devkit_order_only_with_a_devkit(tmp_path):
         ds = open_dataset(folders, labels=kit.archive, class_order="devkit")
     assert ds.classes == kit.wnids
     assert {Path(r).parent.name: y for r, y in ds.items} == {w: i for i, w in enumerate(kit.wnids)}
+    shutil.copytree(kit.folder, folders / "ILSVRC2012_devkit_t12")  # the extracted devkit among the classes
+    assert open_dataset(folders).classes == sorted(kit.wnids)  # is not a class
+    monkeypatch.chdir(folders)
+    with pytest.warns(UserWarning):  # given relative to the working folder: still recognised as the devkit
+        assert open_dataset(folders, labels="ILSVRC2012_devkit_t12", class_order="devkit").classes == kit.wnids
     plain = tmp_path / "plain"
-    Image.new("RGB", (8, 8)).save((plain / "cat").mkdir(parents=True) or plain / "cat" / "0.png")
+    (plain / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(plain / "cat" / "0.png")
     with pytest.raises(DataError, match="applies to ImageNet labels"):
         open_dataset(plain, labels=kit.archive, class_order="devkit")
 

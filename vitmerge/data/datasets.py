@@ -46,10 +46,10 @@ LABEL_FILES = ("val.txt", "labels.txt", "val_labels.txt", "LOC_val_solution.csv"
 DEVKIT_LAYOUT = "imagenet-val (flat + devkit)"
 
 LAYOUTS = """\
-Supported layouts (local folders only; nothing is downloaded):
-  ImageFolder / ImageNet val in class folders   DIR/<class name>/<image>.jpg|png|...  (torchvision ImageFolder: classes sorted by name)
-  ImageNet val, flat + devkit                   DIR/ILSVRC2012_val_*.JPEG + DIR/ILSVRC2012_devkit_t12.tar.gz (or extracted,
-                                                 or give it with --labels)
+Supported layouts (local folders only; nothing is downloaded; details in docs/data.md):
+  ImageFolder / ImageNet val in class folders   DIR/<class name>/<image>.jpg|png|...  (classes sorted by name)
+  ImageNet val, flat + devkit                   DIR/ILSVRC2012_val_*.JPEG + DIR/ILSVRC2012_devkit_t12.tar.gz
+                                                 (or the devkit extracted, or given with --labels)
   ImageNet val, flat + labels file              DIR/*.JPEG + DIR/val.txt ('<file name> <class index>' per line)
                                                  or DIR/LOC_val_solution.csv (or give the file with --labels)
   CIFAR-100 (official python version)           DIR/cifar-100-python/{test,meta} or DIR/{test,meta}
@@ -264,23 +264,28 @@ def open_pets(d: Path, split: str = "test") -> ImageDataset:
 
 
 class _VisibleImageFolder(ImageFolder):
-    """torchvision's ImageFolder, except that hidden sub-folders are not classes."""
+    """torchvision's ImageFolder, except that hidden sub-folders (and ``skip``) are not classes."""
+
+    def __init__(self, root: str, skip: Sequence[str] = (), **kwargs):
+        self.skip = set(skip)
+        super().__init__(root, **kwargs)
 
     def find_classes(self, directory):
-        classes = [c for c in find_classes(directory)[0] if not _hidden(c)]
+        classes = [c for c in find_classes(directory)[0] if not _hidden(c) and c not in self.skip]
         return classes, {c: i for i, c in enumerate(classes)}
 
 
-def open_image_folder(p: Path) -> ImageDataset:
+def open_image_folder(p: Path, skip: Sequence[str] = ()) -> ImageDataset:
+    """``skip``: sub-folders that are not classes (the ImageNet devkit beside the class folders)."""
     root = str(p)
 
     def visible_image(path: str) -> bool:
         rel = os.path.relpath(path, root).split(os.sep)
         return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(_hidden(part) for part in rel)
 
-    tv = _VisibleImageFolder(root, loader=pil_loader, is_valid_file=visible_image, allow_empty=True)
-    classes, notes = list(tv.classes), []
-    empty = [c for i, c in enumerate(classes) if i not in set(tv.targets)]
+    tv = _VisibleImageFolder(root, skip, loader=pil_loader, is_valid_file=visible_image, allow_empty=True)
+    classes, notes, used = list(tv.classes), [], set(tv.targets)
+    empty = [c for i, c in enumerate(classes) if i not in used]
     if empty and tv.samples:
         notes.append(f"{len(empty)} class folders hold no images (kept as classes, so the others keep their "
                      f"index): {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}")
@@ -388,9 +393,10 @@ def open_flat_labelled(p: Path, labels_file: Path, files: List[Path]) -> ImageDa
 
 def _set_class_order(ds: ImageDataset, class_order: str, devkit: Optional[Path]) -> ImageDataset:
     """Labels named by WordNet id: say the order; for ``devkit``, renumber by ILSVRC2012_ID."""
-    wnids = bool(ds.classes) and all(WNID.fullmatch(c) for c in ds.classes)
-    if ds.layout == DEVKIT_LAYOUT or not wnids:
-        if class_order == "devkit" and ds.layout != DEVKIT_LAYOUT:
+    if ds.layout == DEVKIT_LAYOUT:
+        return ds  # numbered in the asked order by open_devkit_val
+    if not (ds.classes and all(WNID.fullmatch(c) for c in ds.classes)):
+        if class_order == "devkit":
             raise DataError(f"--class-order devkit applies to ImageNet labels named by WordNet id (n########); "
                             f"{ds.layout} has classes like {', '.join(ds.classes[:3])}")
         return ds
@@ -468,8 +474,10 @@ def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str], class_
     if pets is not None:
         return open_pets(pets, "train" if want == "train" else "test"), devkit
 
+    kit = devkit.resolve() if devkit is not None else None
+    skip = [kit.name] if kit is not None and kit.parent == p.resolve() else []  # the devkit is no class or split
     try:
-        entries = sorted(e for e in p.iterdir() if not _hidden(e.name) and not (devkit and e == devkit))
+        entries = sorted(e for e in p.iterdir() if not _hidden(e.name) and e.name not in skip)
     except PermissionError:
         raise DataError(f"cannot list {str(p)!r}: permission denied") from None
     subdirs = [e for e in entries if e.is_dir()]
@@ -498,7 +506,7 @@ def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str], class_
         return open_flat_labelled(p, lf, files if files else _images_in(p)), devkit
 
     if subdirs:
-        ds = open_image_folder(p)
+        ds = open_image_folder(p, skip)
         if len(ds) == 0:
             raise _layout_error(
                 f"no images found in {str(p)!r} or its {len(subdirs)} sub-folders "
@@ -508,7 +516,8 @@ def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str], class_
     if not entries:
         raise _layout_error(f"data folder {str(p)!r} is empty")
     raise _layout_error(
-        f"no images found in {str(p)!r} (it holds {len(entries)} entries; image types read: {', '.join(IMAGE_SUFFIXES)})"
+        f"no images found in {str(p)!r} (it holds {len(entries)} entries; "
+        f"image types read: {', '.join(IMAGE_SUFFIXES)})"
     )
 
 

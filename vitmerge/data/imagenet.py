@@ -128,8 +128,8 @@ def order_mismatch_hint(class_order: Optional[str], num_classes: int, top1: floa
     if class_order is None or num_classes < 100 or images < 100 or not top1 < 5.0 / num_classes:
         return None
     return (f"top-1 is {top1:.2%}, near chance (1/{num_classes}) on {images} images: if the checkpoint is an "
-            f"ImageNet model, its class order probably differs from the labels' ({class_order}); "
-            "see --class-order and docs/data.md")
+            f"ImageNet model, its class order probably differs from the labels'. Labels: {class_order}. "
+            "See --class-order and docs/data.md")
 
 
 __all__ = ["CLASS_ORDERS", "DEVKIT_ARCHIVE", "Devkit", "find_devkit", "is_devkit", "read_devkit", "val_number",
