@@ -15,6 +15,7 @@ import typer
 
 from ..backends.base import DEVICES, RUNTIMES
 from ..calibration import CALIBRATION_METHODS
+from ..data.imagenet import CLASS_ORDERS
 from ..merging import available_methods
 from ..merging.schedule import SCHEDULES
 from ..metadata import MERGE_OPS
@@ -34,6 +35,7 @@ Device = choices("Device", DEVICES)
 CalibrationMethod = choices("CalibrationMethod", CALIBRATION_METHODS)
 InstanceKind = choices("InstanceKind", ("auto", "cpu", "gpu"))
 Space = choices("Space", ("pixels", "embeddings"))
+ClassOrder = choices("ClassOrder", CLASS_ORDERS)
 
 
 def value(choice) -> Optional[str]:
@@ -95,7 +97,7 @@ ThreadsOpt = Annotated[int, typer.Option(
 
 __all__ = [
     "choices", "value", "Method", "MergeOp", "Runtime", "EvalRuntime", "Schedule", "Device", "CalibrationMethod",
-    "InstanceKind", "Space", "CheckpointOpt", "ImgSizeOpt", "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
+    "InstanceKind", "Space", "ClassOrder", "CheckpointOpt", "ImgSizeOpt", "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
     "MethodOpt", "OptionOpt", "ScheduleOpt", "BudgetOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",
     "ThreadsOpt",
 ]

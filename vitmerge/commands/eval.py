@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ._common import (console, err_console, log, loud_warnings, parse_json_option, parse_options, parse_r_option,
                       user_errors)
-from ._options import (MERGE_PANEL, BudgetOpt, CheckpointOpt, ConfigOpt, DataOpt, EvalRuntime, ImgSizeOpt, LabelsOpt,
+from ._options import (MERGE_PANEL, BudgetOpt, CheckpointOpt, ClassOrder, ConfigOpt, DataOpt, EvalRuntime, ImgSizeOpt,
                        MethodOpt, ModelKwargsOpt, OptionOpt, PropAttnOpt, ReportDirOpt, ScheduleOpt, value)
 
 
@@ -80,12 +80,19 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch")] = 64,
         split: Annotated[Optional[str], typer.Option(
             "--split", help="Which split of a multi-split folder (default: val, then test)")] = None,
-        labels: LabelsOpt = None,
+        labels: Annotated[Optional[Path], typer.Option(
+            "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv), or the "
+                             "ImageNet devkit (ILSVRC2012_devkit_t12.tar.gz or its folder)")] = None,
+        class_order: Annotated[ClassOrder, typer.Option(
+            "--class-order", case_sensitive=False,
+            help="ImageNet class indices: sorted (sorted WordNet ids, as timm/torchvision checkpoints) or devkit "
+                 "(ILSVRC2012_ID order; needs the devkit)")] = "sorted",
         workers: Annotated[int, typer.Option("--workers", help="Image decoding processes (0: in the main process)")] = 0,
         report_dir: ReportDirOpt = None,
     ):
         """Score the unmerged and the merged model on the same images: top-1, top-5, agreement, FLOPs."""
         from ..data import open_dataset, transform_for
+        from ..data.imagenet import order_mismatch_hint
         from ..errors import DataError, ScheduleError
         from ..models import apply
         from ..models.budget import resolve_schedule
@@ -108,7 +115,8 @@ def register(app: typer.Typer) -> None:
             if img_size is not None:
                 kwargs["img_size"] = img_size
             model = build_model(name, ckpt, **kwargs)
-            ds = open_dataset(data, split=split, labels=labels, transform=transform_for(model), limit=limit)
+            ds = open_dataset(data, split=split, labels=labels, transform=transform_for(model), limit=limit,
+                              class_order=value(class_order))
             check_classes(ds, int(model.num_classes), f"{name} ({'checkpoint ' + str(ckpt) if ckpt else 'random weights'})")
             console.print(f"data: {ds.describe()}")
             for n in ds.notes:
@@ -132,6 +140,10 @@ def register(app: typer.Typer) -> None:
                 console.print(f"merged: {value(method)}, r {r_used}, tokens {info.tokens_in[0]} -> "
                               f"{info.tokens_out[-1]}, FLOPs {flops['merged']['fraction']:.3f} of unmerged")
             console.print(accuracy_table(result, flops))
+            hint = ckpt and order_mismatch_hint(ds.class_order, int(model.num_classes),
+                                                result.models["unmerged"].top1, result.images)
+            if hint:
+                err_console.print(f"[bold yellow]warning:[/] {hint}")
             if result.unreadable:
                 err_console.print(f"[bold yellow]warning:[/] {len(result.unreadable)} images could not be read and "
                                   f"were skipped, e.g. {result.unreadable[0]}")

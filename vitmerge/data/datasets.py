@@ -1,63 +1,81 @@
 """Labelled image sets from local folders (never downloaded), preprocessed as the model expects.
 
-``open_dataset(path)`` recognises the layout by looking at the folder:
+``open_dataset(path)`` recognises the layout by looking at the folder, then reads it with the
+maintained reader where one exists:
 
-* ImageFolder (and ImageNet validation sorted into class folders): ``DIR/<class>/<image>``
-* ImageNet validation, flat: ``DIR/*.JPEG`` plus a labels file (``val.txt`` with ``<file> <index>``
-  lines, or Kaggle's ``LOC_val_solution.csv``)
-* CIFAR-100: the official ``cifar-100-python`` pickles (``test``, ``meta``)
-* Oxford-IIIT Pet: ``images/`` plus ``annotations/test.txt``
-* a folder holding ``train/`` and ``val/`` or ``test/`` splits in any of the layouts above
+* ImageFolder (and ImageNet val sorted into class folders): ``DIR/<class>/<image>``, read by
+  torchvision's ``ImageFolder`` (classes = sub-folders sorted by name; empty ones stay classes);
+* ImageNet val, flat, with the ILSVRC2012 devkit (archive or extracted): labels from the devkit
+  (:mod:`.imagenet`), in sorted-WordNet-id order unless ``class_order="devkit"`` is asked for;
+* ImageNet val, flat, with a labels file (``val.txt`` with ``<file> <index>`` lines, or Kaggle's
+  ``LOC_val_solution.csv``): read here, no maintained reader knows these;
+* CIFAR-100: the official ``cifar-100-python`` pickles, read by torchvision's ``CIFAR100``;
+* Oxford-IIIT Pet: ``images/`` plus ``annotations/test.txt``, read by torchvision's ``OxfordIIITPet``;
+* a folder holding ``train/`` and ``val/`` or ``test/`` splits in any of the layouts above.
 
-Images that cannot be decoded are skipped, counted and named in the result, never fatal.
-Preprocessing comes from the timm model's own data config (resize, crop, mean/std).
+Entries whose name starts with '.' (``.ipynb_checkpoints``, macOS ``._x.jpg``) are never classes or
+images. Images that cannot be decoded are skipped, counted and named in the result, never fatal.
+Preprocessing comes from the timm model's own data config (resize, crop, mean/std). docs/data.md has
+the rules in full.
 """
 from __future__ import annotations
 
 import csv
 import logging
-import pickle
+import os
 import re
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from torchvision.datasets import CIFAR100, ImageFolder, OxfordIIITPet
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, pil_loader
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
+from . import imagenet
+from .imagenet import CLASS_ORDERS, WNID
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_SUFFIXES = tuple(IMG_EXTENSIONS)  # torchvision's list, so every layout reads the same file types
 SPLIT_NAMES = ("train", "val", "validation", "test")
 EVAL_SPLITS = ("val", "validation", "test", "train")
 CALIBRATION_SPLITS = ("train", "val", "validation", "test")
 LABEL_FILES = ("val.txt", "labels.txt", "val_labels.txt", "LOC_val_solution.csv")
+DEVKIT_LAYOUT = "imagenet-val (flat + devkit)"
 
 LAYOUTS = """\
-Supported layouts (local folders only; nothing is downloaded):
+Supported layouts (local folders only; nothing is downloaded; details in docs/data.md):
   ImageFolder / ImageNet val in class folders   DIR/<class name>/<image>.jpg|png|...  (classes sorted by name)
+  ImageNet val, flat + devkit                   DIR/ILSVRC2012_val_*.JPEG + DIR/ILSVRC2012_devkit_t12.tar.gz
+                                                 (or the devkit extracted, or given with --labels)
   ImageNet val, flat + labels file              DIR/*.JPEG + DIR/val.txt ('<file name> <class index>' per line)
                                                  or DIR/LOC_val_solution.csv (or give the file with --labels)
   CIFAR-100 (official python version)           DIR/cifar-100-python/{test,meta} or DIR/{test,meta}
   Oxford-IIIT Pet                               DIR/images/*.jpg + DIR/annotations/test.txt
   Split folders                                 DIR/train/ and DIR/val/ or DIR/test/, each in a layout above"""
 
-Ref = Union[str, int]  # an image file path, or an index into in-memory arrays (CIFAR)
+Ref = Union[str, int]  # an image file path, or an index into a reader's in-memory arrays (CIFAR)
 
 
 def _layout_error(msg: str) -> DataError:
     return DataError(f"{msg}\n{LAYOUTS}")
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
 def is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    return has_file_allowed_extension(p.name, IMG_EXTENSIONS) and p.is_file() and not _hidden(p.name)
 
 
-def _images_in(folder: Path, recursive: bool = True) -> List[Path]:
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if is_image(p))
+def _images_in(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.rglob("*") if is_image(p))
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +84,11 @@ def _images_in(folder: Path, recursive: bool = True) -> List[Path]:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label, reference) triples; ``image`` is None when the file cannot be decoded."""
+    """(image tensor, label, reference) triples; ``image`` is None when the file cannot be decoded.
+
+    ``class_order`` says how class indices were assigned when that matters for comparing top-1 with
+    published numbers (ImageNet: sorted WordNet ids or the devkit's order); None otherwise.
+    """
 
     def __init__(
         self,
@@ -77,6 +99,7 @@ class ImageDataset(torch.utils.data.Dataset):
         load: Callable[[Ref], "object"],
         transform: Optional[Callable] = None,
         notes: Sequence[str] = (),
+        class_order: Optional[str] = None,
     ):
         self.root = Path(root)
         self.layout = layout
@@ -85,6 +108,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self._load = load
         self.transform = transform
         self.notes = list(notes)  # things the user should know (skipped entries, chosen split)
+        self.class_order = class_order
 
     def __len__(self) -> int:
         return len(self.items)
@@ -98,7 +122,8 @@ class ImageDataset(torch.utils.data.Dataset):
         return [y for _, y in self.items]
 
     def describe(self) -> str:
-        return f"{self.layout}: {len(self)} images, {self.num_classes} classes ({self.root})"
+        order = f", class order: {self.class_order}" if self.class_order else ""
+        return f"{self.layout}: {len(self)} images, {self.num_classes} classes{order} ({self.root})"
 
     def load_image(self, i: int):
         """The decoded RGB PIL image of item ``i``, or None when it cannot be read."""
@@ -120,7 +145,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _copy(self, items, extra_note: Optional[str] = None) -> "ImageDataset":
         notes = self.notes + ([extra_note] if extra_note else [])
-        return ImageDataset(self.root, self.layout, items, self.classes, self._load, self.transform, notes)
+        return ImageDataset(self.root, self.layout, items, self.classes, self._load, self.transform, notes,
+                            self.class_order)
 
     def with_transform(self, transform: Optional[Callable]) -> "ImageDataset":
         out = self._copy(self.items)
@@ -145,16 +171,32 @@ class ImageDataset(torch.utils.data.Dataset):
                           f"subset of {limit} of {len(self.items)} images (fixed seed {seed})")
 
 
-def _load_file(ref: Ref):
-    from PIL import Image
+class _ByIndex:
+    """Item ``i`` of a torchvision dataset, decoded by that dataset (its transform is None)."""
 
-    with Image.open(ref) as im:
-        return im.convert("RGB")
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __call__(self, i: Ref):
+        return self.dataset[int(i)][0]
 
 
 # --------------------------------------------------------------------------------------------
-# Layouts
+# Layouts read by torchvision
 # --------------------------------------------------------------------------------------------
+
+
+class _LocalCIFAR100(CIFAR100):
+    """torchvision's CIFAR100 on local pickles in any folder: only the asked split's file must be
+    there, and the md5 sums of the official download are not required (torchvision's
+    ``check_integrity(path, None)`` then checks that the file exists)."""
+
+    def __init__(self, folder: Path, train: bool):
+        self.base_folder = folder.name
+        self.train_list = [["train", None]] if train else []
+        self.test_list = [] if train else [["test", None]]
+        self.meta = dict(CIFAR100.meta, md5=None)
+        super().__init__(str(folder.parent), train=train, download=False)
 
 
 def _cifar_dir(p: Path) -> Optional[Path]:
@@ -164,69 +206,128 @@ def _cifar_dir(p: Path) -> Optional[Path]:
     return None
 
 
-def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except Exception as e:
-        raise DataError(f"could not read CIFAR-100 file {str(path)!r} ({type(e).__name__}: {e}); "
-                        "is it the official 'CIFAR-100 python version' archive, extracted?") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{str(path)!r} is not a CIFAR-100 pickle (expected a dict)")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
 def open_cifar100(d: Path, split: str = "test") -> ImageDataset:
-    if split not in ("test", "train"):
-        split = "test"
-    f = d / split
-    if not f.is_file():
+    split = "train" if split == "train" else "test"
+    if not (d / split).is_file():
         raise _layout_error(f"CIFAR-100 folder {str(d)!r} has no '{split}' file")
-    meta, data = _unpickle(d / "meta"), _unpickle(f)
-    names = meta.get("fine_label_names")
-    if names is None or "data" not in data or "fine_labels" not in data:
+    try:
+        tv = _LocalCIFAR100(d, train=split == "train")
+    except Exception as e:  # unpickling, missing keys, wrong shapes: torchvision's own error, named
         raise DataError(
-            f"{str(d)!r} does not hold CIFAR-100 pickles: need 'meta' with fine_label_names and '{split}' "
-            "with data and fine_labels (CIFAR-10's data_batch_* files are a different dataset)"
-        )
-    arr = np.asarray(data["data"], dtype=np.uint8)
-    if arr.ndim != 2 or arr.shape[1] != 3 * 32 * 32:
-        raise DataError(f"CIFAR-100 '{split}' data has shape {arr.shape}; expected [N, 3072]")
-    images = arr.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    labels = [int(v) for v in data["fine_labels"]]
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-
-    def load(i):
-        from PIL import Image
-
-        return Image.fromarray(np.ascontiguousarray(images[int(i)]), "RGB")
-
-    return ImageDataset(d, f"cifar-100 ({split})", list(zip(range(len(labels)), labels)), classes, load)
+            f"{str(d)!r} does not hold CIFAR-100 pickles readable by torchvision's CIFAR100 (need 'meta' with "
+            f"fine_label_names and '{split}' with data [N, 3072] and fine_labels; CIFAR-10's batches are a "
+            f"different dataset): {type(e).__name__}: {e}"
+        ) from None
+    labels = [int(t) for t in tv.targets]
+    return ImageDataset(d, f"cifar-100 ({split})", list(enumerate(labels)), [str(c) for c in tv.classes], _ByIndex(tv))
 
 
-def open_pets(p: Path, split: str = "test") -> ImageDataset:
-    ann = p / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
-    if not ann.is_file():
-        ann = p / "annotations" / "test.txt"
-    items, names, missing = [], {}, 0
-    for line in ann.read_text(errors="replace").splitlines():
-        parts = line.split()
-        if not parts or parts[0].startswith("#"):
+def _pets_dir(p: Path) -> Optional[Path]:
+    for d in (p / "oxford-iiit-pet", p):
+        if (d / "images").is_dir() and (d / "annotations").is_dir():
+            return d
+    return None
+
+
+def _pets_reader(d: Path, split: str) -> OxfordIIITPet:
+    """torchvision reads ROOT/oxford-iiit-pet/; a folder of another name is linked under that name."""
+    if d.name == "oxford-iiit-pet":
+        return OxfordIIITPet(str(d.parent), split=split)
+    with tempfile.TemporaryDirectory(prefix="vitmerge-pets-") as tmp:
+        (Path(tmp) / "oxford-iiit-pet").symlink_to(d.resolve(), target_is_directory=True)
+        return OxfordIIITPet(tmp, split=split)  # its image paths are re-rooted at d below
+
+
+def open_pets(d: Path, split: str = "test") -> ImageDataset:
+    want = "trainval" if split in ("train", "trainval") else "test"
+    ann, notes = d / "annotations", []
+    if want == "trainval" and not (ann / "trainval.txt").is_file() and (ann / "test.txt").is_file():
+        notes.append("annotations/trainval.txt is missing: using test.txt")
+        want = "test"
+    if not (ann / f"{want}.txt").is_file():
+        raise _layout_error(f"{str(d)!r} looks like Oxford-IIIT Pet but annotations/{want}.txt is missing "
+                            "(give --split train to read trainval.txt)")
+    try:
+        tv = _pets_reader(d, want)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise DataError(f"{str(ann / (want + '.txt'))!r} is not an Oxford-IIIT Pet list as torchvision's "
+                        "OxfordIIITPet reads it ('<image> <class id 1..37> <species> <breed id>' per line): "
+                        f"{type(e).__name__}: {e}") from None
+    files, labels = [d / "images" / f.name for f in tv._images], [int(y) for y in tv._labels]
+    if not files:
+        raise _layout_error(f"{str(ann / (want + '.txt'))!r} lists no images")
+    present = sorted(set(labels))  # torchvision names the classes present, in label order
+    names = dict(zip(present, tv.classes)) if len(present) == len(tv.classes) else {}
+    classes = [names.get(i, str(i)) for i in range(max(labels) + 1)]
+    missing = sum(not f.exists() for f in files)
+    if missing:
+        notes.append(f"{missing} images listed in {want}.txt are missing from images/")
+    return ImageDataset(d, f"oxford-iiit-pet ({want})", [(str(f), y) for f, y in zip(files, labels)], classes,
+                        pil_loader, notes=notes)
+
+
+class _VisibleImageFolder(ImageFolder):
+    """torchvision's ImageFolder, except that hidden sub-folders (and ``skip``) are not classes."""
+
+    def __init__(self, root: str, skip: Sequence[str] = (), **kwargs):
+        self.skip = set(skip)
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory):
+        classes = [c for c in find_classes(directory)[0] if not _hidden(c) and c not in self.skip]
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+def open_image_folder(p: Path, skip: Sequence[str] = ()) -> ImageDataset:
+    """``skip``: sub-folders that are not classes (the ImageNet devkit beside the class folders)."""
+    root = str(p)
+
+    def visible_image(path: str) -> bool:
+        rel = os.path.relpath(path, root).split(os.sep)
+        return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(_hidden(part) for part in rel)
+
+    tv = _VisibleImageFolder(root, skip, loader=pil_loader, is_valid_file=visible_image, allow_empty=True)
+    classes, notes, used = list(tv.classes), [], set(tv.targets)
+    empty = [c for i, c in enumerate(classes) if i not in used]
+    if empty and tv.samples:
+        notes.append(f"{len(empty)} class folders hold no images (kept as classes, so the others keep their "
+                     f"index): {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}")
+    from timm.utils.misc import natural_key
+
+    if sorted(classes, key=natural_key) != classes:
+        notes.append("classes are in name order ('10' before '2'), as torchvision's ImageFolder numbers them; "
+                     "timm's folder reader numbers them naturally ('2' before '10'): check which the model used")
+    imagenet_like = len(classes) >= 100 and all(WNID.fullmatch(c) for c in classes)
+    layout = "imagenet-val (class folders)" if imagenet_like else "imagefolder"
+    return ImageDataset(p, layout, tv.samples, classes, pil_loader, notes=notes)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts no maintained reader covers: ImageNet val flat + devkit, flat + labels file
+# --------------------------------------------------------------------------------------------
+
+
+def open_devkit_val(p: Path, devkit: Path, files: List[Path], class_order: str = "sorted") -> ImageDataset:
+    kit = imagenet.read_devkit(devkit)
+    if kit.val_ids is None:
+        raise DataError(f"the devkit {str(devkit)!r} has no {imagenet.GROUND_TRUTH}: it is needed for the val labels")
+    classes = kit.order(class_order)
+    pos = {w: i for i, w in enumerate(classes)}
+    items, unnamed = [], 0
+    for f in files:
+        k = imagenet.val_number(f.name)
+        if k is None or not 1 <= k <= len(kit.val_ids):
+            unnamed += 1
             continue
-        if len(parts) < 2 or not parts[1].isdigit():
-            raise DataError(f"{str(ann)!r}: line {line!r} is not '<image name> <class id 1..37> ...'")
-        stem, cid = parts[0], int(parts[1]) - 1
-        names.setdefault(cid, stem.rsplit("_", 1)[0])
-        f = p / "images" / f"{stem}.jpg"
-        if not f.exists():
-            missing += 1
-        items.append((str(f), cid))
+        items.append((str(f), pos[kit.wnids[kit.val_ids[k - 1] - 1]]))
+    notes = [f"labels from the devkit {devkit.name}"]
+    if unnamed:
+        notes.append(f"{unnamed} images are not named ILSVRC2012_val_<1..{len(kit.val_ids)}> and were left out")
     if not items:
-        raise _layout_error(f"{str(ann)!r} lists no images")
-    n = max(names) + 1
-    classes = [names.get(i, str(i)) for i in range(n)]
-    notes = [f"{missing} images listed in {ann.name} are missing from images/"] if missing else []
-    return ImageDataset(p, f"oxford-iiit-pet ({ann.stem})", items, classes, _load_file, notes=notes)
+        raise _layout_error(f"none of the {len(files)} images in {str(p)!r} is named ILSVRC2012_val_NNNNNNNN "
+                            f"(the devkit {devkit.name} labels val images by that number)")
+    order = imagenet.DEVKIT if class_order == "devkit" else imagenet.SORTED
+    return ImageDataset(p, DEVKIT_LAYOUT, items, classes, pil_loader, notes=notes, class_order=order)
 
 
 def _read_labels_file(path: Path) -> Tuple[Dict[str, Union[int, str]], str]:
@@ -236,7 +337,7 @@ def _read_labels_file(path: Path) -> Tuple[Dict[str, Union[int, str]], str]:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
         for row in rows:
-            if len(row) < 2 or not row[1].split() or not re.fullmatch(r"n\d{8}", row[1].split()[0]):
+            if len(row) < 2 or not row[1].split() or not WNID.fullmatch(row[1].split()[0]):
                 continue  # header ("ImageId,PredictionString") or blank
             out[row[0].strip()] = row[1].split()[0]
         return out, "synset"
@@ -263,10 +364,12 @@ def open_flat_labelled(p: Path, labels_file: Path, files: List[Path]) -> ImageDa
             raise DataError(f"labels file {str(labels_file)!r} has negative class indices")
         classes = [str(i) for i in range(max(table.values()) + 1)]
         to_idx = lambda v: v  # noqa: E731
+        order = f"the indices written in {labels_file.name}"
     else:
         classes = sorted({str(v) for v in table.values()})
         pos = {c: i for i, c in enumerate(classes)}
         to_idx = lambda v: pos[str(v)]  # noqa: E731
+        order = imagenet.SORTED if all(WNID.fullmatch(c) for c in classes) else None
     items, unlabelled = [], 0
     for f in files:
         lab = table.get(f.name, table.get(f.stem))
@@ -282,18 +385,43 @@ def open_flat_labelled(p: Path, labels_file: Path, files: List[Path]) -> ImageDa
         notes.append(f"{listed_missing} entries of {labels_file.name} have no image file")
     if not items:
         raise _layout_error(f"none of the {len(files)} images in {str(p)!r} is named in {str(labels_file)!r}")
-    return ImageDataset(p, "imagenet-val (flat + labels file)", items, classes, _load_file, notes=notes)
+    return ImageDataset(p, "imagenet-val (flat + labels file)", items, classes, pil_loader, notes=notes,
+                        class_order=order)
 
 
-def open_image_folder(p: Path, class_dirs: List[Path]) -> ImageDataset:
-    items, classes = [], []
-    for d in class_dirs:
-        files = _images_in(d)
-        classes.append(d.name)
-        items.extend((str(f), len(classes) - 1) for f in files)
-    imagenet = len(classes) >= 100 and all(re.fullmatch(r"n\d{8}", c) for c in classes)
-    layout = "imagenet-val (class folders)" if imagenet else "imagefolder"
-    return ImageDataset(p, layout, items, classes, _load_file)
+# --------------------------------------------------------------------------------------------
+# Class order (ImageNet) and layout detection
+# --------------------------------------------------------------------------------------------
+
+
+def _set_class_order(ds: ImageDataset, class_order: str, devkit: Optional[Path]) -> ImageDataset:
+    """Labels named by WordNet id: say the order; for ``devkit``, renumber by ILSVRC2012_ID."""
+    if ds.layout == DEVKIT_LAYOUT:
+        return ds  # numbered in the asked order by open_devkit_val
+    if not (ds.classes and all(WNID.fullmatch(c) for c in ds.classes)):
+        if class_order == "devkit":
+            raise DataError(f"--class-order devkit applies to ImageNet labels named by WordNet id (n########); "
+                            f"{ds.layout} has classes like {', '.join(ds.classes[:3])}")
+        return ds
+    if class_order == "sorted":
+        ds.class_order = imagenet.SORTED
+        if len(ds.classes) < 1000:
+            ds.notes.append(f"only {len(ds.classes)} ImageNet classes: labels are 0..{len(ds.classes) - 1} in "
+                            "sorted WordNet-id order of these classes, which fits a model trained on them, not "
+                            "a 1000-class ImageNet checkpoint")
+        return ds
+    if devkit is None:
+        raise DataError(f"--class-order devkit needs the ImageNet devkit to number WordNet ids by ILSVRC2012_ID: "
+                        f"put {imagenet.DEVKIT_ARCHIVE} in {str(ds.root)!r} or give it with --labels")
+    kit = imagenet.read_devkit(devkit)
+    unknown = sorted(set(ds.classes) - set(kit.wnids))
+    if unknown:
+        raise DataError(f"{len(unknown)} classes of {str(ds.root)!r} are not in the devkit {devkit.name} "
+                        f"(e.g. {unknown[0]})")
+    pos = {w: i for i, w in enumerate(kit.wnids)}
+    ds.items = [(ref, pos[ds.classes[y]]) for ref, y in ds.items]
+    ds.classes, ds.class_order = list(kit.wnids), imagenet.DEVKIT
+    return ds
 
 
 def open_dataset(
@@ -303,41 +431,57 @@ def open_dataset(
     transform: Optional[Callable] = None,
     limit: Optional[int] = None,
     prefer: Sequence[str] = EVAL_SPLITS,
+    class_order: str = "sorted",
 ) -> ImageDataset:
     """Recognise the layout of ``path`` and return its labelled images.
 
     split: for folders holding several splits (train/val/test folders, CIFAR pickles, Pets lists),
     which one to use; default: the first of ``prefer`` that exists (evaluation prefers val/test,
     calibration passes ``CALIBRATION_SPLITS`` to prefer train).
-    labels: a labels file for a flat folder of images (default: val.txt / LOC_val_solution.csv there).
+    labels: a labels file for a flat folder of images (default: the ImageNet devkit, val.txt or
+    LOC_val_solution.csv found there), or the devkit archive / folder.
     limit: keep this many images, chosen by a fixed seed (see :meth:`ImageDataset.subset`).
+    class_order: for ImageNet labels, ``sorted`` (sorted WordNet ids: timm / torchvision checkpoints)
+    or ``devkit`` (ILSVRC2012_ID order; warns, since standard checkpoints do not use it).
     """
+    if class_order not in CLASS_ORDERS:
+        raise UsageError(f"unknown class order {class_order!r}; use one of {', '.join(CLASS_ORDERS)}")
     p = Path(path).expanduser()
     if not p.exists():
         raise _layout_error(f"data folder {str(p)!r} does not exist")
     if not p.is_dir():
         raise _layout_error(f"--data {str(p)!r} is a file; give the folder that holds the images")
-    ds = _detect(p, split, labels, prefer)
+    devkit = None
+    if labels is not None and imagenet.is_devkit(Path(labels)):
+        devkit, labels = Path(labels), None
+    ds, devkit = _detect(p, split, labels, prefer, class_order, devkit)
     if len(ds) == 0:
         raise _layout_error(f"no images found in {str(p)!r} (layout looked like {ds.layout})")
+    ds = _set_class_order(ds, class_order, devkit)
+    if class_order == "devkit":
+        ds.notes.insert(0, imagenet.DEVKIT_WARNING)
+        warnings.warn(imagenet.DEVKIT_WARNING, UserWarning, stacklevel=2)
     ds.transform = transform
     log.info("data %s: %s", p, ds.describe())
     return ds.subset(limit)
 
 
-def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str]) -> ImageDataset:
+def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str], class_order: str,
+            devkit: Optional[Path]) -> Tuple[ImageDataset, Optional[Path]]:
     want = split or prefer[0]
+    devkit = devkit or imagenet.find_devkit(p)
     cif = _cifar_dir(p)
     if cif is not None:
         s = split or next((s for s in prefer if s in ("test", "train") and (cif / s).is_file()), "test")
-        return open_cifar100(cif, s)
-    if (p / "images").is_dir() and (p / "annotations").is_dir():
-        if not (p / "annotations" / "test.txt").is_file() and not (p / "annotations" / "trainval.txt").is_file():
-            raise _layout_error(f"{str(p)!r} looks like Oxford-IIIT Pet but annotations/test.txt is missing")
-        return open_pets(p, "train" if want == "train" else "test")
+        return open_cifar100(cif, s), devkit
+    pets = _pets_dir(p)
+    if pets is not None:
+        return open_pets(pets, "train" if want == "train" else "test"), devkit
 
+    kit = devkit.resolve() if devkit is not None else None
+    skip = [kit.name] if kit is not None and kit.parent == p.resolve() else []  # the devkit is no class or split
     try:
-        entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
+        entries = sorted(e for e in p.iterdir() if not _hidden(e.name) and e.name not in skip)
     except PermissionError:
         raise DataError(f"cannot list {str(p)!r}: permission denied") from None
     subdirs = [e for e in entries if e.is_dir()]
@@ -349,30 +493,34 @@ def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str]) -> Ima
         chosen = next((names[s] for s in order if s in names), None)
         if chosen is None:
             raise _layout_error(f"{str(p)!r} holds the splits {sorted(names)} but not {split!r}")
-        ds = _detect(chosen, None, labels, prefer)
+        ds, devkit = _detect(chosen, None, labels, prefer, class_order, devkit)
         ds.notes.insert(0, f"using the '{chosen.name}' split of {p}")
-        return ds
+        return ds, devkit
 
+    if files and labels is None and devkit is not None:
+        return open_devkit_val(p, devkit, files, class_order), devkit
     if labels is not None or files:
         lf = Path(labels) if labels is not None else next((p / n for n in LABEL_FILES if (p / n).is_file()), None)
         if lf is None:
             raise _layout_error(
                 f"{str(p)!r} holds {len(files)} images directly but no labels file "
-                f"({', '.join(LABEL_FILES)}); put the images in class folders or give --labels FILE"
+                f"({', '.join(LABEL_FILES)}) and no ImageNet devkit ({imagenet.DEVKIT_ARCHIVE}); "
+                "put the images in class folders or give --labels FILE"
             )
-        return open_flat_labelled(p, lf, files if files else _images_in(p))
+        return open_flat_labelled(p, lf, files if files else _images_in(p)), devkit
 
-    class_dirs = [d for d in subdirs if _images_in(d)]
-    if class_dirs:
-        ds = open_image_folder(p, class_dirs)
-        empty = len(subdirs) - len(class_dirs)
-        if empty:
-            ds.notes.append(f"{empty} sub-folders hold no images and are not classes")
-        return ds
+    if subdirs:
+        ds = open_image_folder(p, skip)
+        if len(ds) == 0:
+            raise _layout_error(
+                f"no images found in {str(p)!r} or its {len(subdirs)} sub-folders "
+                f"(image types read: {', '.join(IMAGE_SUFFIXES)})"
+            )
+        return ds, devkit
     if not entries:
         raise _layout_error(f"data folder {str(p)!r} is empty")
     raise _layout_error(
-        f"no images found in {str(p)!r} or its sub-folders (it holds {len(entries)} entries; "
+        f"no images found in {str(p)!r} (it holds {len(entries)} entries; "
         f"image types read: {', '.join(IMAGE_SUFFIXES)})"
     )
 
