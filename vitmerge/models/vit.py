@@ -49,14 +49,35 @@ class MergeState:
     need_cls: bool = False  # the method reads the class-token attention row (importance, evo)
     slow_fast: bool = False  # evo: blocks run on a plan's slots, then spread back to every token
     tradeoff: float = 0.5  # evo: weight of a block's class attention in the evolving global one
-    size: Optional[torch.Tensor] = None
+    size: Optional[torch.Tensor] = None  # [B, N, 1] float32 whatever the model's dtype
     source: Optional[torch.Tensor] = None
     cls_attn: Optional[torch.Tensor] = None  # evo: global class attention [B, N], carried across blocks
+    record_decisions: bool = False  # collect every step's assignment (plan.assign, [B, N] int64) in .decisions
+    decisions: Optional[List[torch.Tensor]] = None
 
     def reset(self) -> None:
         self.size = None
         self.source = None
         self.cls_attn = None
+        self.decisions = [] if self.record_decisions else None
+
+    def record(self, plan) -> None:
+        if self.decisions is not None:
+            self.decisions.append(plan.assign)
+
+
+# Reduced precision: the merge decides *which* tokens merge from similarity scores, and a tiny rounding
+# difference near a tie changes the decision, not just a value. So every merge step computes in
+# (at least) float32 whatever the model runs in: the metric's normalisation, the scores, the size-weighted sums
+# x * size (sizes grow into the hundreds at long sequences) and the divide. Token sizes stay float32
+# across blocks. In a float32 model these casts are no-ops and leave no node in the exported graph.
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` in at least float32 (float16 / bfloat16 widen; float32 and float64 stay as they are)."""
+    return None if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _ones_size(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
 def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -65,7 +86,7 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Option
     q, k [B, H, N, hd]; bias [B, 1, 1, N] or None. Returns [B, N]. One [1 x N] row per head: the
     main attention keeps its fused kernel, and this costs O(N * C) next to its O(N^2 * C).
     """
-    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+    logits = (_f32(q[:, :, :1]) * scale) @ _f32(k).transpose(-2, -1)  # [B, H, 1, N], float32: it decides merges
     if bias is not None:
         logits = logits + bias
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
@@ -79,17 +100,18 @@ def attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torch
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # [B, H, N, hd] each
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None if size is None else size.log()[:, None, None, :, 0]  # [B, 1, 1, N]
+    bias = None if size is None else size.log()[:, None, None, :, 0]  # [B, 1, 1, N], float32
+    att_bias = None if bias is None else bias.to(q.dtype)
     # Under torch.export the fused kernel with an additive mask decomposes into a view that fails
     # (strides of the SDPA output); the explicit form exports to the same MatMul/Softmax ops.
     if attn.fused_attn and not _exporting():
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
+            q, k, v, attn_mask=att_bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
+        if att_bias is not None:
+            logits = logits + att_bias
         out = attn.attn_drop(logits.softmax(dim=-1)) @ v
     out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
     out = attn.norm(out)
@@ -120,13 +142,14 @@ class TokenMerge(nn.Module):
     def forward(self, x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
                 cls_attn: Optional[torch.Tensor] = None):
         st = self.state
-        if size is None:
-            size = x.new_ones(x.shape[0], x.shape[1], 1)
-        extra = {} if cls_attn is None else {"cls_attn": cls_attn}
-        p = merging.plan(st.method, metric, self.r, st.protected, **st.options, **extra)
+        size = _ones_size(x) if size is None else size
+        extra = {} if cls_attn is None else {"cls_attn": _f32(cls_attn)}
+        p = merging.plan(st.method, _f32(metric), self.r, st.protected, **st.options, **extra)
+        st.record(p)
         if st.trace_source:
             st.source = p.merge_source(st.source)
-        return p.merge(x, size)
+        x_out, size_out = p.merge(_f32(x), _f32(size))
+        return x_out.to(x.dtype), size_out
 
 
 class SlowFastSplit(nn.Module):
@@ -145,9 +168,10 @@ class SlowFastSplit(nn.Module):
 
     def forward(self, x: torch.Tensor, cls_attn: torch.Tensor):
         st = self.state
-        p = merging.plan(st.method, x, self.r, st.protected, cls_attn=cls_attn, **st.options)
-        x_slow, size = p.merge(x, None)
-        return x_slow, size, p.assign, p.keep
+        p = merging.plan(st.method, _f32(x), self.r, st.protected, cls_attn=_f32(cls_attn), **st.options)
+        st.record(p)
+        x_slow, size = p.merge(_f32(x), _ones_size(x))
+        return x_slow.to(x.dtype), size, p.assign, p.keep
 
 
 class SlowFastSpread(nn.Module):
@@ -179,14 +203,15 @@ class VWTMerge(nn.Module):
         st = self.state
         if self.r <= 0:
             return x, None  # nothing grouped: the blocks run exactly as unpatched
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
-        pixels = pixel_patches(images, self.patch_size) if (self.space == "pixels" or self.mode == "intra") else None
-        feats = pixels if self.space == "pixels" else emb
-        p = vwt_plan(feats, self.r, st.protected, mode=self.mode, centroids=self.centroids, pixels=pixels,
+        pixels = pixel_patches(_f32(images), self.patch_size) if (self.space == "pixels" or self.mode == "intra") else None
+        feats = pixels if self.space == "pixels" else _f32(emb)
+        p = vwt_plan(feats, self.r, st.protected, mode=self.mode, centroids=_f32(self.centroids), pixels=pixels,
                      thresh=self.thresh)
+        st.record(p)
         if st.trace_source:
             st.source = p.merge_source(st.source)
-        return p.merge(x, size)
+        x_out, size = p.merge(_f32(x), _ones_size(x))
+        return x_out.to(x.dtype), size
 
 
 class MergeBlockMixin:
