@@ -280,3 +280,128 @@ def test_cli_bad_input(onnx_pair, tmp_path, args, needle):
     res = runner.invoke(app, ["profile", *args, "--rounds", "1", "--iters", "1", "--no-energy"])
     assert res.exit_code == 2, res.output
     assert needle in " ".join(res.output.split())
+
+
+# ------------------------------------------------------------------------------- ONNX Runtime CUDA
+
+
+class SessionRecorder:
+    """Stands in for onnxruntime.InferenceSession where no GPU exists: records what was asked."""
+
+    def __init__(self):
+        self.made = []
+
+    def __call__(self, path, sess_options=None, providers=None):
+        self.made.append((path, providers))
+        return type("FakeSession", (), {"get_providers": lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"]})()
+
+
+@pytest.fixture
+def cuda_stand_in(monkeypatch):
+    """ONNX Runtime as if onnxruntime-gpu on a GPU machine: CUDA listed, sessions recorded, not made."""
+    import onnxruntime as ort
+
+    rec = SessionRecorder()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", rec)
+    return rec
+
+
+def _graph(path, nodes, opsets):
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid(d, v) for d, v in opsets]), path)
+    return path
+
+
+def test_ort_cuda_refuses_graphs_with_tokenmerge_nodes(tmp_path, cuda_stand_in):
+    """The TokenMerge kernel (onnxruntime-extensions) is CPU-only: under the CUDA provider ORT would copy
+    around every merge and the timing would not be the GPU's. Refused before any session is made, on a
+    machine where the CUDA provider is there; a graph without such nodes goes through."""
+    from vitmerge.backends import ort as ortb
+
+    plugin = _custom_op_model(tmp_path / "c.onnx")
+    for call in (lambda: open_target(str(plugin), "ort-cuda"), lambda: ortb.cuda_session(plugin),
+                 lambda: ortb.OrtRunner(plugin, "ort-cuda", sess=object())):
+        with pytest.raises(UsageError, match=r"c\.onnx holds 1 vitmerge::TokenMerge node\(s\), whose ONNX Runtime "
+                                             r"kernel runs on the CPU only.*--runtime ort"):
+            call()
+    assert cuda_stand_in.made == []
+    # a merge node inside a subgraph (an If branch) counts too
+    inner = helper.make_graph([helper.make_node("TokenMergeCls", ["images"], ["t"], domain="vitmerge")], "then", [],
+                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", 4])])
+    nested = _graph(tmp_path / "nested.onnx",
+                    [helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+                     helper.make_node("If", ["c"], ["logits"], then_branch=inner, else_branch=inner)],
+                    [("", 18), ("vitmerge", 1)])
+    with pytest.raises(UsageError, match="holds 2 vitmerge::TokenMergeCls node"):
+        ortb.cuda_session(nested)
+    # importing the domain without using it is no reason to refuse; the CPU runtime never refuses
+    plain = _graph(tmp_path / "plain.onnx", [helper.make_node("Relu", ["images"], ["logits"])],
+                   [("", 18), ("vitmerge", 1)])
+    ortb.cuda_session(plain)
+    assert [p for _, p in cuda_stand_in.made] == [[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]]
+    assert ortb.custom_nodes(onnx.load(str(plugin))) == ["TokenMerge"]
+
+
+class FakeOrt:
+    __version__ = "1.99.0"
+
+    def __init__(self, providers):
+        self.providers = providers
+
+    def get_available_providers(self):
+        return self.providers
+
+
+@pytest.mark.parametrize("installed,needles", [
+    ({"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"},
+     ["onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1 are both installed",
+      "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu[cuda,cudnn]'"]),
+    ({"onnxruntime": "1.32.0"},
+     ["CPU build of ONNX Runtime (onnxruntime 1.32.0", "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu"]),
+    ({"onnxruntime-gpu": "1.31.1"}, ["onnxruntime-gpu 1.31.1 is installed but", "pip uninstall -y onnxruntime-gpu &&"]),
+])
+def test_missing_cuda_provider_is_explained_with_a_working_fix(monkeypatch, installed, needles):
+    """Never recommend installing onnxruntime-gpu beside onnxruntime: every fix uninstalls first."""
+    from vitmerge.backends import ort as ortb
+
+    monkeypatch.setattr(ortb, "_dist_version", lambda name: installed.get(name))
+    msg = ortb.cuda_problem(FakeOrt(["AzureExecutionProvider", "CPUExecutionProvider"]))
+    for needle in needles:
+        assert needle in msg
+    assert msg.index("pip uninstall") < msg.index("pip install")
+    assert ortb.cuda_problem(FakeOrt(["CUDAExecutionProvider", "CPUExecutionProvider"])) is None
+
+
+def test_onnxruntime_not_importable_says_which_extra(monkeypatch):
+    import sys
+
+    from vitmerge.backends import ort as ortb
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr(ortb, "_dist_version", lambda name: None)
+    with pytest.raises(RuntimeMissingError, match=r"ONNX Runtime is not installed: pip install 'vitmerge\[cpu\]'"):
+        ortb.import_ort()
+    monkeypatch.setattr(ortb, "_dist_version", lambda name: "1.30.0")
+    with pytest.raises(RuntimeMissingError, match=r"onnxruntime 1.30.0 and onnxruntime-gpu 1.30.0 are installed: "
+                                                  r"reinstall one of them: pip uninstall -y onnxruntime onnxruntime-gpu"):
+        ortb.import_ort()
+
+
+def test_gpu_extra_never_installs_the_cpu_runtime_beside_the_gpu_one():
+    """pyproject: onnxruntime is not a core dependency (it would sit beside onnxruntime-gpu); the cpu and gpu
+    extras each bring one of the two."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    proj = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower()  # noqa: E731
+    core = {name(r) for r in proj["dependencies"]}
+    extras = {k: {name(r) for r in v} for k, v in proj["optional-dependencies"].items()}
+    assert "onnxruntime" not in core and "onnxruntime-gpu" not in core
+    assert "onnxruntime" in extras["cpu"] and "onnxruntime-gpu" not in extras["cpu"]
+    assert "onnxruntime-gpu" in extras["gpu"] and "onnxruntime" not in extras["gpu"]
+    assert not any("onnxruntime" in deps or "onnxruntime-gpu" in deps for k, deps in extras.items() if k not in ("cpu", "gpu"))
