@@ -18,6 +18,7 @@ from vitmerge.errors import ModelFileError, RuntimeMissingError, UsageError
 from vitmerge.profiling import energy as en
 from vitmerge.profiling import latency
 from vitmerge.profiling.profile import profile_sections, profile_targets
+from synthetic_counter import World, WorldMeter
 
 runner = CliRunner()
 
@@ -115,33 +116,61 @@ def test_profile_targets_known_sleeps_and_ratio():
     assert res.energy_note == "energy: not measured (disabled with --no-energy)"
 
 
-def test_energy_in_profile_with_a_counting_meter(monkeypatch):
-    """A meter that integrates a constant 10 W: J/image must equal 10 W x window / images."""
+def test_energy_in_profile_on_a_simulated_gpu(monkeypatch):
+    """Two models on a simulated GPU (tests/synthetic_counter.py, fake time): the counter updates every
+    20-100 ms; after work the GPU draws 95 W for 6 s before dropping to 38 W idle.
 
-    class TenWatts(en.EnergyMeter):
-        source = "fake:10W"
+    profile_targets must rest before the idle baseline (38 W, not the 95 W right after the latency
+    rounds), use the NVML-like defaults (3 windows of >= 10 s per row), interleave the windows across
+    rows, and get each row's J/image and above-idle figure from the true power and call time."""
+    world = World(tick=0.1, tick_min=0.02, phase=0.021, idle_w=38.0, settle_w=95.0, settle_s=6.0)
+    meter = WorldMeter(world)
+    monkeypatch.setattr(en, "meter_for", lambda device, gpu=0: (meter, None))
+    calls = []
 
-        def read(self):
-            return 10.0 * time.perf_counter()
+    def model(name, seconds, watts):
+        def run():
+            calls.append((name, world.now()))
+            world.work(seconds, watts)
+        return run
 
-    monkeypatch.setattr(en, "meter_for", lambda device, gpu=0: (TenWatts(), None))
-    n = {"calls": 0}
+    targets = [fake_target("a", model("a", 0.007, 250.0), device="cuda"),
+               fake_target("b", model("b", 0.004, 180.0), device="cuda")]
+    res = profile_targets(targets, [2], rounds=1, iters=2, warmup=0, energy=True, energy_clock=world)
+    base = res.idle[meter.source]
+    assert base.rest_seconds == meter.default_rest and base.watts == pytest.approx(38.0, rel=1e-3)
+    for row, (call_s, watts) in zip(res.rows, [(0.007, 250.0), (0.004, 180.0)]):
+        e = row.energy
+        assert e.measured and e.source == "sim" and e.method == "tick-aligned"
+        assert len(e.windows) == 3 and all(w.seconds >= meter.default_seconds for w in e.windows)
+        bound = meter.poll_seconds / (meter.default_seconds - 0.2)
+        assert all(abs(w.joules_per_image / (call_s * watts / 2) - 1) <= bound for w in e.windows)
+        assert e.joules_per_image_above_idle == pytest.approx((watts - 38.0) * call_s / 2, rel=2e-3)
+        assert e.images == 2 * sum(1 for name, _ in calls if name == row.label) - 2 * 2  # less the latency calls
+    # windows interleaved: a, b, a, b, a, b (each window one run of calls of one model)
+    runs = [calls[0][0]]
+    for name, _ in calls[1:]:
+        if name != runs[-1]:
+            runs.append(name)
+    assert runs[-6:] == ["a", "b"] * 3
+    md = dict(profile_sections(res))["Energy"]
+    assert "| a | 2 | sim | 3 x 10.0 |" in md and "median" in md and "min-max" in md
+    assert "Idle baseline sim: 38.0 W, median of 3 x 10.0 s" in md and "after 10 s of rest" in md
+    assert res.to_dict()["idle_baselines"]["sim"]["watts"] == base.watts
 
-    def work():
-        n["calls"] += 1
-        time.sleep(0.002)
 
-    res = profile_targets([fake_target("m", work)], [2], rounds=1, iters=1, warmup=0, energy=True, energy_seconds=0.05)
-    e = res.rows[0].energy
-    assert e.measured and e.source == "fake:10W"
-    # the counter is read just outside the timed edges, so allow for those microseconds
-    assert e.watts == pytest.approx(10.0, rel=1e-3)
-    assert e.joules_per_image == pytest.approx(10.0 * e.seconds / e.images, rel=1e-3)
-    assert e.images == 2 * (n["calls"] - 1)  # every call of the energy window, 2 images each
-    assert e.idle_watts == pytest.approx(10.0, rel=1e-3)
-    assert e.joules_per_image_above_idle == pytest.approx(0.0, abs=1e-3)
-    energy_md = dict(profile_sections(res))["Energy"]
-    assert "| m | 2 | fake:10W |" in energy_md and "idle" in energy_md
+def test_short_energy_windows_are_flagged(monkeypatch):
+    world = World(tick=0.1, idle_w=40.0)
+    meter = WorldMeter(world)
+    monkeypatch.setattr(en, "meter_for", lambda device, gpu=0: (meter, None))
+    res = profile_targets([fake_target("m", lambda: world.work(0.01, 100.0), device="cuda")], [1], rounds=1, iters=1,
+                          warmup=0, energy=True, energy_seconds=2.0, energy_windows=1, energy_rest=0.0,
+                          energy_clock=world)
+    assert res.rows[0].energy.measured and res.rows[0].energy.windows[0].seconds >= 2.0
+    assert "windows of 2 s are shorter than the 10 s this counter needs" in res.energy_note
+    with pytest.raises(UsageError, match="energy windows >= 1"):
+        profile_targets([fake_target("m", lambda: None)], [1], rounds=1, iters=1, warmup=0, energy=True,
+                        energy_windows=0)
 
 
 def test_energy_not_measured_here_says_why(monkeypatch, tmp_path):

@@ -49,7 +49,8 @@ def register(app: typer.Typer) -> None:
         rounds: int = typer.Option(10, "--rounds", help="Interleaved rounds (models take turns each round)"),
         report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Write report.json, report.md and plots here"),
         energy: bool = typer.Option(True, "--energy/--no-energy", help="Energy per image from NVML (GPU) or RAPL (CPU) where readable"),
-        energy_seconds: float = typer.Option(2.0, "--energy-seconds", help="Length of each energy window (and of the idle baseline)"),
+        energy_seconds: Optional[float] = typer.Option(None, "--energy-seconds", help="Length of each energy window and idle window (default: the counter's, 10 s on NVML, 2 s on RAPL)"),
+        energy_windows: int = typer.Option(3, "--energy-windows", help="Energy windows per model and batch size, interleaved; the median and min-max are reported"),
         threads: int = typer.Option(0, "--threads", help="CPU threads for ORT/PyTorch (0: the runtime's default)"),
         device: str = typer.Option("auto", "--device", help="PyTorch device for timm:NAME: auto | cpu | cuda"),
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for timm:NAME (random without)"),
@@ -68,8 +69,10 @@ def register(app: typer.Typer) -> None:
         r_spec = parse_r_option(r)
         if device not in ("auto", "cpu", "cuda"):
             raise fail(f"--device must be auto, cpu or cuda; got {device!r}")
-        if energy_seconds <= 0:
+        if energy_seconds is not None and energy_seconds <= 0:
             raise fail("--energy-seconds must be > 0")
+        if energy_windows < 1:
+            raise fail("--energy-windows must be >= 1")
         with user_errors(), loud_warnings():
             if report_dir is not None:
                 from ..profiling.report import prepare_dir
@@ -88,7 +91,7 @@ def register(app: typer.Typer) -> None:
                 task = progress.add_task("profiling", total=total)
                 result = profile_targets(
                     targets, batches, rounds=rounds, iters=iters, warmup=warmup, energy=energy,
-                    energy_seconds=energy_seconds, on_round=lambda: progress.advance(task),
+                    energy_seconds=energy_seconds, energy_windows=energy_windows, on_round=lambda: progress.advance(task),
                     on_status=lambda s: progress.update(task, description=s),
                 )
             console.print(latency_table(result))
