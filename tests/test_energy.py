@@ -318,6 +318,7 @@ def test_nvml_meter_end_to_end_on_a_simulated_gpu(monkeypatch):
     assert idle.watts == pytest.approx(60.0, rel=1e-3)
     assert res.measured and res.source == "nvml:Fake GPU" and res.method == "tick-aligned"
     assert all(x.seconds >= 10.0 for x in res.windows) and len(res.windows) == 3
+    assert all(0 < x.timing_bound <= meter.poll_seconds / x.update_span + 1e-12 for x in res.windows)
     truth = 0.009 * 300.0 / 8
     assert res.joules_per_image == pytest.approx(truth, rel=1e-3)  # 1 mJ counter resolution included
     assert res.joules_per_image_above_idle == pytest.approx((300.0 - idle.watts) * 0.009 / 8, rel=2e-3)

@@ -106,6 +106,7 @@ class Window:
     joules: float  # energy attributed to the window
     updates: int = 0  # counter updates inside the window the power was taken from (0: edge reads)
     update_span: float = 0.0  # seconds between the first and the last of those updates
+    timing_bound: float = 0.0  # relative error bound from when those two updates happened (poll gaps)
 
     @property
     def watts(self) -> float:
@@ -524,9 +525,13 @@ def run_window(meter: EnergyMeter, step: Callable[[], int], seconds: float,
     if len(ups) < 2 or ups[-1].joules <= ups[0].joules or ups[-1].time <= ups[0].time:
         return None, (f"{meter.source} counter did not advance: {len(ups)} update(s) in {t1 - t0:.2f} s "
                       "(a frozen counter, or a driver without energy updates)")
-    watts = (ups[-1].joules - ups[0].joules) / (ups[-1].time - ups[0].time)
+    a, b = ups[0], ups[-1]
+    span = b.time - a.time
+    watts = (b.joules - a.joules) / span
+    # each update's time is known to half the gap between the reads around it
+    bound = ((a.seen - a.after) + (b.seen - b.after)) / 2 / span
     return Window(seconds=t1 - t0, images=images, joules=watts * (t1 - t0), updates=len(ups),
-                  update_span=ups[-1].time - ups[0].time), None
+                  update_span=span, timing_bound=bound), None
 
 
 def _idle_step(clock: Clock) -> Callable[[], int]:
