@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# timm needs torchvision; this pair installs from the local wheel cache where one exists.
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,cpu]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

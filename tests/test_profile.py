@@ -18,6 +18,7 @@ from vitmerge.errors import ModelFileError, RuntimeMissingError, UsageError
 from vitmerge.profiling import energy as en
 from vitmerge.profiling import latency
 from vitmerge.profiling.profile import profile_sections, profile_targets
+from synthetic_counter import World, WorldMeter
 
 runner = CliRunner()
 
@@ -115,33 +116,61 @@ def test_profile_targets_known_sleeps_and_ratio():
     assert res.energy_note == "energy: not measured (disabled with --no-energy)"
 
 
-def test_energy_in_profile_with_a_counting_meter(monkeypatch):
-    """A meter that integrates a constant 10 W: J/image must equal 10 W x window / images."""
+def test_energy_in_profile_on_a_simulated_gpu(monkeypatch):
+    """Two models on a simulated GPU (tests/synthetic_counter.py, fake time): the counter updates every
+    20-100 ms; after work the GPU draws 95 W for 6 s before dropping to 38 W idle.
 
-    class TenWatts(en.EnergyMeter):
-        source = "fake:10W"
+    profile_targets must rest before the idle baseline (38 W, not the 95 W right after the latency
+    rounds), use the NVML-like defaults (3 windows of >= 10 s per row), interleave the windows across
+    rows, and get each row's J/image and above-idle figure from the true power and call time."""
+    world = World(tick=0.1, tick_min=0.02, phase=0.021, idle_w=38.0, settle_w=95.0, settle_s=6.0)
+    meter = WorldMeter(world)
+    monkeypatch.setattr(en, "meter_for", lambda device, gpu=0: (meter, None))
+    calls = []
 
-        def read(self):
-            return 10.0 * time.perf_counter()
+    def model(name, seconds, watts):
+        def run():
+            calls.append((name, world.now()))
+            world.work(seconds, watts)
+        return run
 
-    monkeypatch.setattr(en, "meter_for", lambda device, gpu=0: (TenWatts(), None))
-    n = {"calls": 0}
+    targets = [fake_target("a", model("a", 0.007, 250.0), device="cuda"),
+               fake_target("b", model("b", 0.004, 180.0), device="cuda")]
+    res = profile_targets(targets, [2], rounds=1, iters=2, warmup=0, energy=True, energy_clock=world)
+    base = res.idle[meter.source]
+    assert base.rest_seconds == meter.default_rest and base.watts == pytest.approx(38.0, rel=1e-3)
+    for row, (call_s, watts) in zip(res.rows, [(0.007, 250.0), (0.004, 180.0)]):
+        e = row.energy
+        assert e.measured and e.source == "sim" and e.method == "tick-aligned"
+        assert len(e.windows) == 3 and all(w.seconds >= meter.default_seconds for w in e.windows)
+        bound = meter.poll_seconds / (meter.default_seconds - 0.2)
+        assert all(abs(w.joules_per_image / (call_s * watts / 2) - 1) <= bound for w in e.windows)
+        assert e.joules_per_image_above_idle == pytest.approx((watts - 38.0) * call_s / 2, rel=2e-3)
+        assert e.images == 2 * sum(1 for name, _ in calls if name == row.label) - 2 * 2  # less the latency calls
+    # windows interleaved: a, b, a, b, a, b (each window one run of calls of one model)
+    runs = [calls[0][0]]
+    for name, _ in calls[1:]:
+        if name != runs[-1]:
+            runs.append(name)
+    assert runs[-6:] == ["a", "b"] * 3
+    md = dict(profile_sections(res))["Energy"]
+    assert "| a | 2 | sim | 3 x 10.0 |" in md and "median" in md and "min-max" in md
+    assert "Idle baseline sim: 38.0 W, median of 3 x 10.0 s" in md and "after 10 s of rest" in md
+    assert res.to_dict()["idle_baselines"]["sim"]["watts"] == base.watts
 
-    def work():
-        n["calls"] += 1
-        time.sleep(0.002)
 
-    res = profile_targets([fake_target("m", work)], [2], rounds=1, iters=1, warmup=0, energy=True, energy_seconds=0.05)
-    e = res.rows[0].energy
-    assert e.measured and e.source == "fake:10W"
-    # the counter is read just outside the timed edges, so allow for those microseconds
-    assert e.watts == pytest.approx(10.0, rel=1e-3)
-    assert e.joules_per_image == pytest.approx(10.0 * e.seconds / e.images, rel=1e-3)
-    assert e.images == 2 * (n["calls"] - 1)  # every call of the energy window, 2 images each
-    assert e.idle_watts == pytest.approx(10.0, rel=1e-3)
-    assert e.joules_per_image_above_idle == pytest.approx(0.0, abs=1e-3)
-    energy_md = dict(profile_sections(res))["Energy"]
-    assert "| m | 2 | fake:10W |" in energy_md and "idle" in energy_md
+def test_short_energy_windows_are_flagged(monkeypatch):
+    world = World(tick=0.1, idle_w=40.0)
+    meter = WorldMeter(world)
+    monkeypatch.setattr(en, "meter_for", lambda device, gpu=0: (meter, None))
+    res = profile_targets([fake_target("m", lambda: world.work(0.01, 100.0), device="cuda")], [1], rounds=1, iters=1,
+                          warmup=0, energy=True, energy_seconds=2.0, energy_windows=1, energy_rest=0.0,
+                          energy_clock=world)
+    assert res.rows[0].energy.measured and res.rows[0].energy.windows[0].seconds >= 2.0
+    assert "windows of 2 s are shorter than the 10 s this counter needs" in res.energy_note
+    with pytest.raises(UsageError, match="energy windows >= 1"):
+        profile_targets([fake_target("m", lambda: None)], [1], rounds=1, iters=1, warmup=0, energy=True,
+                        energy_windows=0)
 
 
 def test_energy_not_measured_here_says_why(monkeypatch, tmp_path):
@@ -280,3 +309,128 @@ def test_cli_bad_input(onnx_pair, tmp_path, args, needle):
     res = runner.invoke(app, ["profile", *args, "--rounds", "1", "--iters", "1", "--no-energy"])
     assert res.exit_code == 2, res.output
     assert needle in " ".join(res.output.split())
+
+
+# ------------------------------------------------------------------------------- ONNX Runtime CUDA
+
+
+class SessionRecorder:
+    """Stands in for onnxruntime.InferenceSession where no GPU exists: records what was asked."""
+
+    def __init__(self):
+        self.made = []
+
+    def __call__(self, path, sess_options=None, providers=None):
+        self.made.append((path, providers))
+        return type("FakeSession", (), {"get_providers": lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"]})()
+
+
+@pytest.fixture
+def cuda_stand_in(monkeypatch):
+    """ONNX Runtime as if onnxruntime-gpu on a GPU machine: CUDA listed, sessions recorded, not made."""
+    import onnxruntime as ort
+
+    rec = SessionRecorder()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", rec)
+    return rec
+
+
+def _graph(path, nodes, opsets):
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid(d, v) for d, v in opsets]), path)
+    return path
+
+
+def test_ort_cuda_refuses_graphs_with_tokenmerge_nodes(tmp_path, cuda_stand_in):
+    """The TokenMerge kernel (onnxruntime-extensions) is CPU-only: under the CUDA provider ORT would copy
+    around every merge and the timing would not be the GPU's. Refused before any session is made, on a
+    machine where the CUDA provider is there; a graph without such nodes goes through."""
+    from vitmerge.backends import ort as ortb
+
+    plugin = _custom_op_model(tmp_path / "c.onnx")
+    for call in (lambda: open_target(str(plugin), "ort-cuda"), lambda: ortb.cuda_session(plugin),
+                 lambda: ortb.OrtRunner(plugin, "ort-cuda", sess=object())):
+        with pytest.raises(UsageError, match=r"c\.onnx holds 1 vitmerge::TokenMerge node\(s\), whose ONNX Runtime "
+                                             r"kernel runs on the CPU only.*--runtime ort"):
+            call()
+    assert cuda_stand_in.made == []
+    # a merge node inside a subgraph (an If branch) counts too
+    inner = helper.make_graph([helper.make_node("TokenMergeCls", ["images"], ["t"], domain="vitmerge")], "then", [],
+                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", 4])])
+    nested = _graph(tmp_path / "nested.onnx",
+                    [helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+                     helper.make_node("If", ["c"], ["logits"], then_branch=inner, else_branch=inner)],
+                    [("", 18), ("vitmerge", 1)])
+    with pytest.raises(UsageError, match="holds 2 vitmerge::TokenMergeCls node"):
+        ortb.cuda_session(nested)
+    # importing the domain without using it is no reason to refuse; the CPU runtime never refuses
+    plain = _graph(tmp_path / "plain.onnx", [helper.make_node("Relu", ["images"], ["logits"])],
+                   [("", 18), ("vitmerge", 1)])
+    ortb.cuda_session(plain)
+    assert [p for _, p in cuda_stand_in.made] == [[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]]
+    assert ortb.custom_nodes(onnx.load(str(plugin))) == ["TokenMerge"]
+
+
+class FakeOrt:
+    __version__ = "1.99.0"
+
+    def __init__(self, providers):
+        self.providers = providers
+
+    def get_available_providers(self):
+        return self.providers
+
+
+@pytest.mark.parametrize("installed,needles", [
+    ({"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"},
+     ["onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1 are both installed",
+      "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu[cuda,cudnn]'"]),
+    ({"onnxruntime": "1.32.0"},
+     ["CPU build of ONNX Runtime (onnxruntime 1.32.0", "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu"]),
+    ({"onnxruntime-gpu": "1.31.1"}, ["onnxruntime-gpu 1.31.1 is installed but", "pip uninstall -y onnxruntime-gpu &&"]),
+])
+def test_missing_cuda_provider_is_explained_with_a_working_fix(monkeypatch, installed, needles):
+    """Never recommend installing onnxruntime-gpu beside onnxruntime: every fix uninstalls first."""
+    from vitmerge.backends import ort as ortb
+
+    monkeypatch.setattr(ortb, "_dist_version", lambda name: installed.get(name))
+    msg = ortb.cuda_problem(FakeOrt(["AzureExecutionProvider", "CPUExecutionProvider"]))
+    for needle in needles:
+        assert needle in msg
+    assert msg.index("pip uninstall") < msg.index("pip install")
+    assert ortb.cuda_problem(FakeOrt(["CUDAExecutionProvider", "CPUExecutionProvider"])) is None
+
+
+def test_onnxruntime_not_importable_says_which_extra(monkeypatch):
+    import sys
+
+    from vitmerge.backends import ort as ortb
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr(ortb, "_dist_version", lambda name: None)
+    with pytest.raises(RuntimeMissingError, match=r"ONNX Runtime is not installed: pip install 'vitmerge\[cpu\]'"):
+        ortb.import_ort()
+    monkeypatch.setattr(ortb, "_dist_version", lambda name: "1.30.0")
+    with pytest.raises(RuntimeMissingError, match=r"onnxruntime 1.30.0 and onnxruntime-gpu 1.30.0 are installed: "
+                                                  r"reinstall one of them: pip uninstall -y onnxruntime onnxruntime-gpu"):
+        ortb.import_ort()
+
+
+def test_gpu_extra_never_installs_the_cpu_runtime_beside_the_gpu_one():
+    """pyproject: onnxruntime is not a core dependency (it would sit beside onnxruntime-gpu); the cpu and gpu
+    extras each bring one of the two."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    proj = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower()  # noqa: E731
+    core = {name(r) for r in proj["dependencies"]}
+    extras = {k: {name(r) for r in v} for k, v in proj["optional-dependencies"].items()}
+    assert "onnxruntime" not in core and "onnxruntime-gpu" not in core
+    assert "onnxruntime" in extras["cpu"] and "onnxruntime-gpu" not in extras["cpu"]
+    assert "onnxruntime-gpu" in extras["gpu"] and "onnxruntime" not in extras["gpu"]
+    assert not any("onnxruntime" in deps or "onnxruntime-gpu" in deps for k, deps in extras.items() if k not in ("cpu", "gpu"))

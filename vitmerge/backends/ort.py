@@ -3,17 +3,23 @@
 :func:`session` is the one place an ONNX Runtime session is made: every command, the exporter's
 verification, calibration and the tests go through it, so the custom-op kernel is registered
 exactly when a graph needs it and load failures read the same everywhere.
+
+ONNX Runtime comes as one of two distributions that install the same ``onnxruntime`` folder:
+``onnxruntime`` (CPU; ``vitmerge[cpu]``) or ``onnxruntime-gpu`` (CPU + CUDA; ``vitmerge[gpu]``).
+Both at once leave whichever files were written last, often without the CUDA provider;
+:func:`cuda_problem` names that state and its fix.
 """
 from __future__ import annotations
 
 import logging
+from importlib import metadata as _metadata
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
 from .. import metadata as md
-from ..errors import ModelFileError, RuntimeMissingError, VitmergeError
+from ..errors import ModelFileError, RuntimeMissingError, UsageError, VitmergeError
 from ..plugins import DOMAIN
 from .base import Runner
 
@@ -31,9 +37,78 @@ _ORT_TYPES = {
 _LEVELS = ("all", "extended", "basic", "none")
 
 
+#: the pip distributions that provide the ``onnxruntime`` package (CPU, and CPU + CUDA)
+CPU_DIST, GPU_DIST = "onnxruntime", "onnxruntime-gpu"
+GPU_INSTALL = "pip install 'onnxruntime-gpu[cuda,cudnn]'"
+
+
 def uses_custom_ops(proto) -> bool:
     """Whether the graph holds vitmerge custom nodes (``vitmerge::TokenMerge``)."""
     return any(o.domain == DOMAIN for o in proto.opset_import)
+
+
+def custom_nodes(proto) -> List[str]:
+    """The op types of the vitmerge custom nodes in the graph, its subgraphs and its functions."""
+    found: List[str] = []
+
+    def walk(nodes) -> None:
+        for n in nodes:
+            if n.domain == DOMAIN:
+                found.append(n.op_type)
+            for a in n.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    walk(g.node)
+
+    walk(proto.graph.node)
+    for f in proto.functions:
+        walk(f.node)
+    return found
+
+
+def _dist_version(name: str) -> Optional[str]:
+    try:
+        return _metadata.version(name)
+    except _metadata.PackageNotFoundError:
+        return None
+
+
+def import_ort():
+    """``import onnxruntime``, or :class:`RuntimeMissingError` saying which extra to install."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        have = [f"{d} {v}" for d in (CPU_DIST, GPU_DIST) if (v := _dist_version(d))]
+        if have:  # installed, yet not importable: the shared folder was broken by the pair
+            raise RuntimeMissingError(
+                f"ONNX Runtime does not import ({e}) although {' and '.join(have)} "
+                f"{'are' if len(have) > 1 else 'is'} installed: reinstall one of them: "
+                f"pip uninstall -y {CPU_DIST} {GPU_DIST} && pip install 'vitmerge[cpu]' (or 'vitmerge[gpu]')"
+            ) from None
+        raise RuntimeMissingError(
+            "ONNX Runtime is not installed: pip install 'vitmerge[cpu]', or 'vitmerge[gpu]' on a machine "
+            "with an NVIDIA GPU (one of the two, never both)"
+        ) from None
+    return ort
+
+
+def cuda_problem(ort) -> Optional[str]:
+    """Why this ONNX Runtime has no CUDA provider, with the fix; None when it has one."""
+    have = list(ort.get_available_providers())
+    if CUDA in have:
+        return None
+    cpu_v, gpu_v = _dist_version(CPU_DIST), _dist_version(GPU_DIST)
+    if cpu_v and gpu_v:
+        return (f"{CPU_DIST} {cpu_v} and {GPU_DIST} {gpu_v} are both installed. They write the same "
+                f"'onnxruntime' folder, and the files there now come without the CUDA provider (providers: "
+                f"{', '.join(have)}). Remove both, then install only the GPU one: "
+                f"pip uninstall -y {CPU_DIST} {GPU_DIST} && {GPU_INSTALL}")
+    if gpu_v:
+        return (f"{GPU_DIST} {gpu_v} is installed but this ONNX Runtime lists no CUDA provider (providers: "
+                f"{', '.join(have)}); reinstall it: pip uninstall -y {GPU_DIST} && {GPU_INSTALL}")
+    return (f"this is the CPU build of ONNX Runtime ({CPU_DIST} {cpu_v or ort.__version__}; providers: "
+            f"{', '.join(have)}). For --runtime ort-cuda replace it, on a machine with an NVIDIA GPU: "
+            f"pip uninstall -y {CPU_DIST} && {GPU_INSTALL} (or install 'vitmerge[gpu]' instead of "
+            "'vitmerge[cpu]'); or use --runtime ort")
 
 
 def session(path: PathLike, providers: Optional[Sequence[Any]] = None, threads: int = 0,
@@ -43,8 +118,7 @@ def session(path: PathLike, providers: Optional[Sequence[Any]] = None, threads: 
     The vitmerge::TokenMerge kernels are registered when the graph holds such nodes. A file ONNX
     Runtime cannot load raises :class:`ModelFileError` with ONNX Runtime's reason.
     """
-    import onnxruntime as ort
-
+    ort = import_ort()
     if optimization not in _LEVELS:
         raise ValueError(f"optimization must be one of {_LEVELS}, got {optimization!r}")
     proto = md.load_proto(path)
@@ -76,22 +150,38 @@ def session(path: PathLike, providers: Optional[Sequence[Any]] = None, threads: 
         ) from None
 
 
-def cuda_session(path: PathLike, threads: int = 0):
-    """A session on the CUDA execution provider, or :class:`RuntimeMissingError` saying why not."""
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
-    if CUDA not in have:
-        raise RuntimeMissingError(
-            "ONNX Runtime CUDA is not available: this onnxruntime has providers "
-            f"{', '.join(have)}. Install onnxruntime-gpu (pip install 'vitmerge[gpu]') on a machine with an "
-            "NVIDIA GPU, or use --runtime ort"
+def refuse_custom_nodes_on_cuda(path: PathLike, proto=None) -> None:
+    """:class:`UsageError` when the graph holds vitmerge custom nodes: their ONNX Runtime kernel
+    (onnxruntime-extensions) runs on the CPU only, so under the CUDA provider ONNX Runtime would copy
+    every merge's tensors to the host and back, silently, and the timing would not be the GPU's."""
+    proto = md.load_proto(path) if proto is None else proto
+    nodes = custom_nodes(proto)
+    if nodes:
+        kinds = ", ".join(sorted({f"{DOMAIN}::{t}" for t in nodes}))
+        raise UsageError(
+            f"{Path(path).name} holds {len(nodes)} {kinds} node(s), whose ONNX Runtime kernel runs on the CPU only: "
+            "under ort-cuda every merge would be copied to the host and back. Use --runtime ort (CPU), "
+            "export with --merge-op standard or native for ort-cuda, or build a TensorRT engine"
         )
+
+
+def cuda_session(path: PathLike, threads: int = 0):
+    """A session on the CUDA execution provider, or an error saying why not.
+
+    Graphs with vitmerge custom nodes are refused (:func:`refuse_custom_nodes_on_cuda`); a missing
+    CUDA provider is explained by :func:`cuda_problem`.
+    """
+    refuse_custom_nodes_on_cuda(path)
+    ort = import_ort()
+    problem = cuda_problem(ort)
+    if problem:
+        raise RuntimeMissingError(f"ONNX Runtime CUDA is not available: {problem}")
     sess = session(path, [(CUDA, {"device_id": 0}), CPU], threads)
     if sess.get_providers()[0] != CUDA:
         raise RuntimeMissingError(
-            "ONNX Runtime could not start its CUDA provider (no usable NVIDIA GPU, or CUDA/cuDNN libraries "
-            "missing); use --runtime ort for the CPU"
+            "ONNX Runtime could not start its CUDA provider (no usable NVIDIA GPU, or the CUDA and cuDNN "
+            f"libraries {GPU_DIST} was built for are missing: {GPU_INSTALL}, or import torch first); "
+            "use --runtime ort for the CPU"
         )
     return sess
 
@@ -113,7 +203,8 @@ def onnx_info(proto) -> dict:
 
 class OrtRunner(Runner):
     """An ONNX file in ONNX Runtime (``ort``: CPU provider; ``ort-cuda``: CUDA provider, inputs and
-    outputs bound on the GPU for timing so host copies are not timed)."""
+    outputs bound on the GPU for timing so host copies are not timed; graphs with vitmerge custom
+    nodes, whose kernel is CPU-only, are refused on ``ort-cuda``)."""
 
     def __init__(self, path: PathLike, runtime: str = "ort", threads: int = 0, label: Optional[str] = None,
                  sess=None):
@@ -121,6 +212,8 @@ class OrtRunner(Runner):
         proto = md.load_proto(path)
         if runtime not in ("ort", "ort-cuda"):
             raise ValueError(f"OrtRunner runs 'ort' or 'ort-cuda', not {runtime!r}")
+        if runtime == "ort-cuda":
+            refuse_custom_nodes_on_cuda(path, proto)  # also when a session is handed in
         self.session = sess or (cuda_session(path, threads) if runtime == "ort-cuda" else session(path, threads=threads))
         inp = self.session.get_inputs()[0]
         dtype = _ORT_TYPES.get(inp.type)
@@ -149,8 +242,7 @@ class OrtRunner(Runner):
         if self.device == "cpu":
             feed = {self.input_name: x}
             return lambda: self.session.run(self.output_names, feed)
-        import onnxruntime as ort
-
+        ort = import_ort()
         binding = self.session.io_binding()
         x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
         binding.bind_ortvalue_input(self.input_name, x_dev)
@@ -160,4 +252,5 @@ class OrtRunner(Runner):
         return lambda: self.session.run_with_iobinding(keep[1])
 
 
-__all__ = ["session", "cuda_session", "uses_custom_ops", "onnx_info", "OrtRunner", "CPU", "CUDA"]
+__all__ = ["session", "cuda_session", "uses_custom_ops", "custom_nodes", "refuse_custom_nodes_on_cuda",
+           "cuda_problem", "import_ort", "onnx_info", "OrtRunner", "CPU", "CUDA"]

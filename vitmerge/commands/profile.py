@@ -63,9 +63,12 @@ def register(app: typer.Typer) -> None:
                                             help="Interleaved rounds (models take turns each round)")] = 10,
         energy: Annotated[bool, typer.Option("--energy/--no-energy", rich_help_panel=MEASURE_PANEL,
                                              help="Energy per image from NVML (GPU) or RAPL (CPU) where readable")] = True,
-        energy_seconds: Annotated[float, typer.Option(
+        energy_seconds: Annotated[Optional[float], typer.Option(
             "--energy-seconds", rich_help_panel=MEASURE_PANEL,
-            help="Length of each energy window (and of the idle baseline)")] = 2.0,
+            help="Length of each energy window and idle window (default: the counter's, 10 s on NVML, 2 s on RAPL)")] = None,
+        energy_windows: Annotated[int, typer.Option(
+            "--energy-windows", rich_help_panel=MEASURE_PANEL,
+            help="Energy windows per model and batch size, interleaved; the median and min-max are reported")] = 3,
         report_dir: ReportDirOpt = None,
         checkpoint: Annotated[Optional[Path], typer.Option(
             "--checkpoint", "-c", rich_help_panel=TIMM_PANEL, help="Local weights for timm:NAME (random without)")] = None,
@@ -89,8 +92,10 @@ def register(app: typer.Typer) -> None:
         batches = int_list(batch, "--batch")
         runtimes = [value(rt) for rt in runtime] if runtime else [None]
         r_spec = parse_r_option(r)
-        if energy_seconds <= 0:
+        if energy_seconds is not None and energy_seconds <= 0:
             raise fail("--energy-seconds must be > 0")
+        if energy_windows < 1:
+            raise fail("--energy-windows must be >= 1")
         with user_errors(), loud_warnings():
             if report_dir is not None:
                 prepare_dir(report_dir)  # fail before minutes of measuring
@@ -107,7 +112,7 @@ def register(app: typer.Typer) -> None:
                 task = progress.add_task("profiling", total=total)
                 result = profile_targets(
                     targets, batches, rounds=rounds, iters=iters, warmup=warmup, energy=energy,
-                    energy_seconds=energy_seconds, on_round=lambda: progress.advance(task),
+                    energy_seconds=energy_seconds, energy_windows=energy_windows, on_round=lambda: progress.advance(task),
                     on_status=lambda s: progress.update(task, description=s),
                 )
             console.print(latency_table(result))

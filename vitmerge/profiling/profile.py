@@ -7,6 +7,7 @@ per image (:mod:`.energy`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class ProfileResult:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"settings": self.settings, "results": [r.to_dict() for r in self.rows],
-                "idle_baselines": {k: vars(v) for k, v in self.idle.items()}, "energy_note": self.energy_note}
+                "idle_baselines": {k: v.to_dict() for k, v in self.idle.items()}, "energy_note": self.energy_note}
 
 
 def _unique_labels(targets: Sequence[Runner]) -> None:
@@ -74,17 +75,30 @@ def profile_targets(
     iters: int = 5,
     warmup: int = 3,
     energy: bool = False,
-    energy_seconds: float = 2.0,
+    energy_seconds: Optional[float] = None,
     on_round: Optional[Callable[[], None]] = None,
     on_status: Optional[Callable[[str], None]] = None,
+    energy_windows: int = 3,
+    energy_rest: Optional[float] = None,
+    energy_clock: Optional[en.Clock] = None,
 ) -> ProfileResult:
-    """Latency (interleaved across targets, per batch size) and, optionally, energy per image."""
+    """Latency (interleaved across targets, per batch size) and, optionally, energy per image.
+
+    Energy (:mod:`.energy`): after the latency rounds every device rests (``energy_rest``, default
+    the counter's: 10 s on NVML, 2 s on RAPL), its idle baseline is measured, then ``energy_windows``
+    windows of ``energy_seconds`` (default the counter's: 10 s on NVML, 2 s on RAPL) per model and
+    batch size, interleaved (window 1 of every row, then window 2, ...) so drift hits all rows alike.
+    """
     if not targets:
         raise UsageError("nothing to profile: give at least one model")
     if rounds < 1 or iters < 1 or warmup < 0:
         raise UsageError(f"need rounds >= 1, iters >= 1, warmup >= 0 (got {rounds}, {iters}, {warmup})")
     if any(b < 1 for b in batches):
         raise UsageError(f"batch sizes must be >= 1, got {list(batches)}")
+    if energy and (energy_windows < 1 or (energy_seconds is not None and energy_seconds <= 0)
+                   or (energy_rest is not None and energy_rest < 0)):
+        raise UsageError(f"need energy windows >= 1, window seconds > 0 and rest >= 0 (got {energy_windows}, "
+                         f"{energy_seconds}, {energy_rest})")
     _unique_labels(list(targets))
     status = on_status or (lambda s: None)
     syncs = [t.sync for t in targets]
@@ -108,36 +122,79 @@ def profile_targets(
                                    speedup=first / s.p50 if s.p50 > 0 else math.nan))
     result = ProfileResult(rows=rows, settings={"batches": list(batches), "rounds": rounds, "iters": iters,
                                                  "warmup": warmup, "energy": energy,
-                                                 "energy_seconds": energy_seconds if energy else None})
+                                                 "energy_seconds": energy_seconds if energy else None,
+                                                 "energy_windows": energy_windows if energy else None,
+                                                 "energy_rest_seconds": energy_rest if energy else None})
     if not energy:
         result.energy_note = "energy: not measured (disabled with --no-energy)"
         return result
+    _measure_energy_rows(result, runners, sync_all, status, energy_seconds, energy_windows, energy_rest,
+                         energy_clock or en.REAL_CLOCK)
+    return result
+
+
+def _measure_energy_rows(result: ProfileResult, runners, sync_all, status, seconds, windows, rest, clock) -> None:
+    rows = result.rows
     meters: Dict[str, Tuple[Any, Optional[str]]] = {}
-    for t in targets:
-        if t.device not in meters:
-            meters[t.device] = en.meter_for(t.device)
+    for row in rows:
+        if row.device not in meters:
+            meters[row.device] = en.meter_for(row.device)
+    live = {device: m for device, (m, _) in meters.items() if m is not None}
+    notes: List[str] = []
     try:
-        idle: Dict[str, Any] = {}
-        for device, (meter, _) in meters.items():
-            if meter is not None:
-                status(f"idle baseline ({meter.source}, {energy_seconds:.1f} s)")
+        with contextlib.ExitStack() as stack:
+            logs = {device: stack.enter_context(en.counting(m, clock)) for device, m in live.items()}
+            length = {device: m.default_seconds if seconds is None else seconds for device, m in live.items()}
+            for device, m in live.items():
+                if length[device] < m.default_seconds:
+                    notes.append(f"{m.source}: windows of {length[device]:g} s are shorter than the "
+                                 f"{m.default_seconds:g} s this counter needs (see the window spread)")
+            idle: Dict[str, Any] = {}
+            if live:
+                pause = max(m.default_rest if rest is None else rest for m in live.values())
+                status(f"energy: resting {pause:g} s before the idle baseline")
                 sync_all()
-                idle[device] = en.measure_idle(meter, energy_seconds)
-                result.idle[meter.source] = idle[device]
-        for row in rows:
-            meter, reason = meters[row.device]
-            if meter is not None:
-                status(f"energy: {row.label}, batch {row.batch}")
-            row.energy = en.measure_energy(runners[(row.label, row.batch)], row.batch, meter, reason,
-                                           min_seconds=energy_seconds, idle=idle.get(row.device), sync=sync_all)
+                clock.sleep(pause)  # clocks drop back after the latency rounds
+            for device, m in live.items():
+                status(f"energy: idle baseline ({m.source}, {windows} x {length[device]:g} s)")
+                idle[device] = en.measure_idle(m, length[device], sync_all, windows=windows, rest=0.0,
+                                               clock=clock, log=logs[device])
+                idle[device].rest_seconds = pause
+                result.idle[m.source] = idle[device]
+                if idle[device].watts is None:
+                    notes.append(f"{m.source} idle baseline: not measured ({idle[device].reason})")
+            done: Dict[int, List[en.Window]] = {i: [] for i in range(len(rows))}
+            failed: Dict[int, str] = {}
+            for w in range(windows):
+                for i, row in enumerate(rows):
+                    m = live.get(row.device)
+                    if m is None or i in failed:
+                        continue
+                    status(f"energy window {w + 1}/{windows}: {row.label}, batch {row.batch}")
+                    fn, batch = runners[(row.label, row.batch)], row.batch
+                    win, why = en.run_window(m, lambda fn=fn, batch=batch: (fn(), batch)[1], length[row.device],
+                                             sync_all, clock, logs[row.device])
+                    if win is None:
+                        failed[i] = why
+                    else:
+                        done[i].append(win)
     finally:
         for meter, _ in meters.values():
             if meter is not None:
                 meter.close()
+    for i, row in enumerate(rows):
+        meter, reason = meters[row.device]
+        if meter is None:
+            row.energy = en.not_measured(reason or "no energy counter for this device")
+        elif i in failed:
+            row.energy = en.not_measured(failed[i])
+        else:
+            base = idle.get(row.device)
+            row.energy = en.energy_result(meter, done[i], base if base is not None and base.watts is not None else None)
     reasons = sorted({r.energy.reason for r in rows if not r.energy.measured})
     if reasons:
-        result.energy_note = "energy: not measured (" + "; ".join(reasons) + ")"
-    return result
+        notes.append("energy: not measured (" + "; ".join(reasons) + ")")
+    result.energy_note = "\n".join(notes) or None
 
 
 def profile_sections(result: ProfileResult) -> List[Tuple[str, str]]:
@@ -157,15 +214,29 @@ def profile_sections(result: ProfileResult) -> List[Tuple[str, str]]:
     sections = [("Latency and throughput", text)]
     measured = [r for r in result.rows if r.energy is not None and r.energy.measured]
     if measured:
-        erows = [(r.label, r.batch, r.energy.source, r.energy.seconds, r.energy.watts,
-                  r.energy.joules_per_image * 1e3,
-                  None if r.energy.idle_watts is None else r.energy.idle_watts,
-                  None if r.energy.joules_per_image_above_idle is None else r.energy.joules_per_image_above_idle * 1e3)
+        def mj(v):
+            return None if v is None else v * 1e3
+
+        def windows(e):
+            return f"{len(e.windows)} x {e.windows[0].seconds:.1f}" if e.windows else f"1 x {e.seconds:.1f}"
+
+        erows = [(r.label, r.batch, r.energy.source, windows(r.energy),
+                  r.energy.watts, mj(r.energy.joules_per_image),
+                  f"{mj(r.energy.joules_per_image_min):.3f}-{mj(r.energy.joules_per_image_max):.3f}",
+                  r.energy.idle_watts, mj(r.energy.joules_per_image_above_idle))
                  for r in measured]
-        body = ("Counter difference over a back-to-back window; the idle baseline is the same counter over an "
-                "idle window of the same length, measured separately.\n\n")
-        body += md_table(["model", "batch", "counter", "window s", "W", "mJ/image", "idle W", "mJ/image above idle"], erows,
-                         formats=[None, None, None, ".2f", ".1f", ".3f", ".1f", ".3f"])
+        body = ("Energy per image is the median over the windows (min-max beside it), each window a "
+                "back-to-back run between two device synchronisations. NVML windows take their power from "
+                "whole counter updates inside the window (tick-aligned); RAPL is read at the window edges. "
+                "The idle baseline is the same counter over idle windows, measured separately after a rest; "
+                "above idle = (window energy - idle W x window s) / images, median over the windows.\n\n")
+        body += md_table(["model", "batch", "counter", "windows x s", "W", "mJ/image", "min-max", "idle W",
+                          "mJ/image above idle"], erows,
+                         formats=[None, None, None, None, ".1f", ".3f", None, ".1f", ".3f"])
+        for source, b in result.idle.items():
+            if b.watts is not None:
+                body += (f"\n\nIdle baseline {source}: {b.watts:.1f} W, median of {len(b.windows)} x {b.seconds:.1f} s "
+                         f"(range {b.watts_min:.1f}-{b.watts_max:.1f} W), after {b.rest_seconds:g} s of rest.")
         if result.energy_note:
             body += f"\n\n{result.energy_note}"
         sections.append(("Energy", body))
