@@ -133,6 +133,28 @@ def _tome_reference(x, metric, size, r, protected):
     return np.stack(xs), np.stack(ss)
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_standin_offers_what_that_compiled_module_offers(version):
+    """The stand-in's version-dependent names match the names in that wheel's tensorrt.so (as `strings`
+    shows them): the AOT plugin API from 10.9, BuilderFlag.FP16 / EXPLICIT_BATCH / calibrators in 10.x only."""
+    import re
+
+    so = (SOURCES[version] / "tensorrt_bindings" / "tensorrt.so").read_bytes()
+
+    def in_so(name):
+        return re.search(rb"(?<![\x20-\x7e])" + name.encode() + rb"(?![\x20-\x7e])", so) is not None
+
+    m = trt_standin.compiled_module(version)
+    checks = {"QuickPluginCreationRequest": hasattr(m, "QuickPluginCreationRequest"),
+              "IPluginV3QuickAOTBuild": hasattr(m, "IPluginV3QuickAOTBuild"),
+              "IInt8EntropyCalibrator2": hasattr(m, "IInt8EntropyCalibrator2"),
+              "EXPLICIT_BATCH": hasattr(m.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"),
+              "FP16": hasattr(m.BuilderFlag, "FP16"),
+              "STRONGLY_TYPED": hasattr(m.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
+              "IPluginCreatorV3Quick": hasattr(m, "IPluginCreatorV3Quick")}
+    assert {k: in_so(k) for k in checks} == checks
+
+
 # ---------------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------------
