@@ -270,10 +270,10 @@ def test_build_without_tensorrt_fails_cleanly(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--max-batch", "4", "--opt-batch", "8"], "batch profile"),
-    (["--int8"], "--int8 needs"),
-    (["--int8", "--calib-dir", "NOPE"], "is not a folder"),
-    (["--calib-dir", "."], "only used with --int8"),
-], ids=["batch-range", "int8-no-calib", "calib-missing", "calib-without-int8"])
+    (["--int8"], "--int8 needs a file with Q/DQ nodes"),
+    (["--int8", "--calib-dir", "NOPE"], "vitmerge calibrate"),  # implicit calibration is gone: Q/DQ files instead
+    (["--calib-dir", "."], "vitmerge calibrate"),
+], ids=["batch-range", "int8-no-qdq", "calib-dir-int8", "calib-dir"])
 def test_build_rejects_bad_requests_before_any_work(tmp_path, args, message):
     model = tmp_path / "m.onnx"
     _tiny_images_model(model)

@@ -1,10 +1,25 @@
 """TensorRT: build an engine from ONNX, read and write its metadata, run it behind the runner interface.
 
-``build_engine`` checks everything it can without TensorRT first (files, batch range, INT8 inputs),
-then needs TensorRT and a CUDA GPU. It writes ``<output>`` (the serialized engine) and its metadata
-JSON next to it (``<output name>.json``, e.g. ``vit.engine.json``: TensorRT version, GPU, precision,
-batch profile, the vitmerge schedule from the ONNX metadata), both staged and renamed only on success,
-the metadata last. :func:`load_engine_metadata` reads it back (also the older ``<stem>.json`` name).
+Supported: TensorRT 10.8 to 11.x (``pip install 'vitmerge[tensorrt]'``). Nothing here has run on a
+GPU yet; the tests drive this code with a stand-in for TensorRT's compiled module (and TensorRT's own
+``tensorrt.plugin`` Python sources) on machines without one.
+
+Precision follows the ONNX file (:func:`precision_plan`). A file that carries FP16/BF16 tensors or
+Q/DQ (INT8) nodes is built as a *strongly typed* network: every tensor keeps the type the file gives
+it, and no precision flag is set (TensorRT does not allow them on strongly typed networks). The only
+weakly typed build is ``--fp16`` on a float32 file with TensorRT 10.x, which sets ``BuilderFlag.FP16``
+(and ``INT8`` for its Q/DQ nodes) so the builder may pick FP16 kernels; TensorRT 11 removed those
+flags, so there ``--fp16`` needs a file that already is FP16. INT8 comes only from Q/DQ files
+(``vitmerge calibrate``): TensorRT's implicit calibration (deprecated in 10.x, removed in 11) is not
+used, so no calibration cache exists.
+
+``build_engine`` checks everything it can without TensorRT first (files, batch range, precision
+requests), then needs TensorRT and a CUDA GPU. It writes ``<output>`` (the serialized engine) and
+its metadata JSON next to it (``<output name>.json``, e.g. ``vit.engine.json``: TensorRT version,
+GPU, precision and typing, batch profile, the engine's ``inputs``/``outputs`` (name, dtype, shape),
+plugin use, the vitmerge schedule from the ONNX metadata), both staged and renamed into place only on
+success, the metadata last. :func:`load_engine_metadata` reads it back (also the older
+``<stem>.json`` name).
 """
 from __future__ import annotations
 
@@ -15,20 +30,21 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from .. import metadata as md
 from .._io import staged
-from ..errors import (DataError, EngineBuildError, ModelFileError, ModelNotFoundError, OutputPathError,
-                      RuntimeMissingError, UsageError)
-from ..plugins.tensorrt_plugin import has_token_merge, prepare_onnx, register, require_tensorrt
+from ..errors import (EngineBuildError, ModelFileError, ModelNotFoundError, OutputPathError, RuntimeMissingError,
+                      UsageError)
+from ..plugins.tensorrt_plugin import SUPPORTED_TEXT, prepare_onnx, register, require_tensorrt, token_merge_nodes
 from .base import ENGINE_SUFFIXES, Runner
 
 INPUT_NAME = md.INPUT_NAME
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+CALIBRATE_HINT = ("make an INT8 Q/DQ file from real images with `vitmerge calibrate MODEL.onnx --data DIR --output "
+                  "MODEL.int8.onnx` and build that")
 
 
 @dataclass
@@ -37,16 +53,11 @@ class BuildRequest:
     output: Path
     fp16: bool = False
     int8: bool = False
-    calib_dir: Optional[Path] = None
+    calib_dir: Optional[Path] = None  # TensorRT's implicit INT8 calibration: no longer supported (an error)
     min_batch: int = 1
     opt_batch: int = 8
     max_batch: int = 32
     workspace_gb: float = 4.0
-    calib_batches: int = 16
-
-    @property
-    def precision(self) -> str:
-        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
 
     @property
     def metadata_path(self) -> Path:
@@ -60,16 +71,94 @@ class BuildResult:
     info: dict = field(default_factory=dict)
 
 
-def _has_qdq(model) -> bool:
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+# --------------------------------------------------------------------------------------------
+# What the ONNX file carries, and the build that follows from it
+# --------------------------------------------------------------------------------------------
+
+_ONNX_FLOAT16, _ONNX_BFLOAT16, _ONNX_DOUBLE = 10, 16, 11  # onnx.TensorProto element types
+
+
+@dataclass(frozen=True)
+class FileTypes:
+    """The reduced-precision content of an ONNX file."""
+
+    fp16: bool = False  # FLOAT16 tensors / initializers / casts
+    bf16: bool = False
+    qdq: bool = False  # QuantizeLinear / DequantizeLinear nodes (explicit INT8)
+    fp64: bool = False  # DOUBLE tensors: TensorRT has no float64 layers
+
+    @property
+    def reduced(self) -> bool:
+        return self.fp16 or self.bf16
+
+
+def file_types(model) -> FileTypes:
+    """Which element types and quantization nodes an ONNX model holds (its graph and functions)."""
+    graph = model.graph
+    elems = set()
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        elems.add(v.type.tensor_type.elem_type)
+    elems.update(t.data_type for t in graph.initializer)
+    nodes = list(graph.node) + [n for f in model.functions for n in f.node]
+    qdq = False
+    for n in nodes:
+        qdq = qdq or n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to":
+                elems.add(a.i)
+            elif a.name == "value" and a.HasField("t"):
+                elems.add(a.t.data_type)
+    return FileTypes(fp16=_ONNX_FLOAT16 in elems, bf16=_ONNX_BFLOAT16 in elems, qdq=qdq, fp64=_ONNX_DOUBLE in elems)
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How the network is created and configured for a request, a file and a TensorRT."""
+
+    strongly_typed: bool
+    flags: Tuple[str, ...]  # BuilderFlag names to set (weakly typed builds only)
+    precision: str  # what the engine computes in, e.g. "fp32", "fp16", "int8+fp32", "int8+fp16"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"precision": self.precision, "typing": "strong" if self.strongly_typed else "weak",
+                "builder_flags": list(self.flags)}
+
+
+def precision_plan(req: BuildRequest, types: FileTypes, trt) -> PrecisionPlan:
+    """The network typing and builder flags for ``req`` (see the module docstring).
+
+    ``trt`` is the imported tensorrt module: what it offers (``BuilderFlag.FP16`` exists in 10.x,
+    not in 11; ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``) decides, not its version string."""
+    version = getattr(trt, "__version__", "?")
+    weak_flags = hasattr(trt.BuilderFlag, "FP16") and hasattr(trt.BuilderFlag, "INT8")
+    if req.int8 and not types.qdq:
+        raise UsageError(f"--int8 needs a file with Q/DQ nodes (explicit quantization): {CALIBRATE_HINT}")
+    floating = "bf16" if types.bf16 and not types.fp16 else "fp16" if types.reduced else "fp32"
+    if req.fp16 and not types.reduced:
+        if weak_flags:  # TensorRT 10: let the builder pick FP16 kernels for a float32 file
+            flags = ("FP16", "INT8") if types.qdq else ("FP16",)
+            return PrecisionPlan(False, flags, "int8+fp16" if types.qdq else "fp16")
+        raise UsageError(
+            f"--fp16 on a float32 file: TensorRT {version} builds strongly typed networks only, which compute in "
+            "the types the ONNX file gives (BuilderFlag.FP16 was removed in TensorRT 11). Build without --fp16 "
+            "(FP32), give an FP16 ONNX file, or use TensorRT 10.x"
+        )
+    if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        raise RuntimeMissingError(f"TensorRT {version} cannot build strongly typed networks; use {SUPPORTED_TEXT}")
+    return PrecisionPlan(True, (), f"int8+{floating}" if types.qdq else floating)
 
 
 def validate(req: BuildRequest):
     """Everything that can be checked without TensorRT. Returns the loaded ONNX model."""
+    if req.calib_dir is not None:
+        raise UsageError(
+            "--calib-dir (TensorRT's implicit INT8 calibration) is not supported: it is deprecated in TensorRT 10 "
+            f"and removed in 11. Instead {CALIBRATE_HINT} (--int8 is then optional)"
+        )
     model = md.load_proto(req.onnx_path)
     if INPUT_NAME not in [i.name for i in model.graph.input]:
         raise ModelFileError(f"{req.onnx_path} has no input named {INPUT_NAME!r}: export it with `vitmerge export`")
-    if req.output.suffix not in (".engine", ".plan", ".trt"):
+    if req.output.suffix not in ENGINE_SUFFIXES:
         raise OutputPathError(f"output {str(req.output)!r} must end in .engine (or .plan / .trt)")
     if not req.output.parent.is_dir():
         raise OutputPathError(f"output directory {str(req.output.parent)!r} does not exist: create it first")
@@ -78,77 +167,11 @@ def validate(req: BuildRequest):
             f"batch profile must satisfy 1 <= --min-batch <= --opt-batch <= --max-batch; got "
             f"{req.min_batch}, {req.opt_batch}, {req.max_batch}"
         )
-    if req.calib_dir is not None and not req.int8:
-        raise UsageError("--calib-dir is only used with --int8")
-    if req.int8 and not _has_qdq(model):
-        if req.calib_dir is None:
-            raise UsageError(
-                "--int8 needs either a graph with Q/DQ nodes (explicit quantization) or --calib-dir DIR with "
-                "calibration images"
-            )
-        if not req.calib_dir.is_dir():
-            raise DataError(f"--calib-dir {str(req.calib_dir)!r} is not a folder")
-        if not calibration_images(req.calib_dir):
-            raise DataError(f"--calib-dir {str(req.calib_dir)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if req.workspace_gb <= 0:
+        raise UsageError(f"--workspace-gb must be positive, got {req.workspace_gb}")
+    if req.int8 and not file_types(model).qdq:
+        raise UsageError(f"--int8 needs a file with Q/DQ nodes (explicit quantization): {CALIBRATE_HINT}")
     return model
-
-
-def calibration_images(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _image_batches(files: List[Path], shape, batch: int, limit: int):
-    """Calibration batches [batch, C, H, W] float32: resize + centre crop, ImageNet mean/std (timm default)."""
-    from PIL import Image
-
-    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
-    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
-    _, H, W = shape
-    buf = []
-    for f in files:
-        img = Image.open(f).convert("RGB")
-        scale = max(H / img.height, W / img.width)
-        img = img.resize((max(W, round(img.width * scale)), max(H, round(img.height * scale))), Image.BICUBIC)
-        left, top = (img.width - W) // 2, (img.height - H) // 2
-        arr = np.asarray(img.crop((left, top, left + W, top + H)), np.float32).transpose(2, 0, 1) / 255.0
-        buf.append((arr - mean) / std)
-        if len(buf) == batch:
-            yield np.stack(buf)
-            buf = []
-            limit -= 1
-            if limit <= 0:
-                return
-    if buf:
-        yield np.stack(buf + [buf[-1]] * (batch - len(buf)))
-
-
-def _calibrator(trt, files, shape, batch: int, limit: int, cache: Path):
-    """Implicit INT8 entropy calibrator fed from a local image folder (deprecated in TensorRT >= 10.1;
-    prefer Q/DQ graphs)."""
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self.batches = _image_batches(files, shape, batch, limit)
-            self.device = torch.empty(batch, *shape, dtype=torch.float32, device="cuda")
-
-        def get_batch_size(self):
-            return batch
-
-        def get_batch(self, names):
-            try:
-                data = next(self.batches)
-            except StopIteration:
-                return None
-            self.device.copy_(torch.from_numpy(data))
-            return [int(self.device.data_ptr())]
-
-        def read_calibration_cache(self):
-            return cache.read_bytes() if cache.is_file() else None
-
-        def write_calibration_cache(self, data):
-            cache.write_bytes(bytes(data))
-
-    return Calibrator()
 
 
 def gpu_name() -> str:
@@ -160,63 +183,95 @@ def gpu_name() -> str:
     raise RuntimeMissingError("no CUDA GPU found: TensorRT engines are built on (and for) an NVIDIA GPU")
 
 
+_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
+                "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8", "INT4": "int4", "FP4": "float4"}
+
+
+def dtype_name(dtype) -> str:
+    """A TensorRT DataType as the name the engine metadata uses (numpy's spelling)."""
+    key = getattr(dtype, "name", None) or str(dtype).split(".")[-1]
+    return _DTYPE_NAMES.get(key, key.lower())
+
+
+def _tensor_entry(t) -> Dict[str, Any]:
+    return {"name": t.name, "dtype": dtype_name(t.dtype), "shape": [int(d) for d in tuple(t.shape)]}
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def build_engine(req: BuildRequest, on_step: Optional[Callable[[str], None]] = None) -> BuildResult:
     """Build and write the engine + metadata JSON. Raises a VitmergeError subclass on any problem,
     leaving no output file behind."""
     step = on_step or (lambda s: None)
     model = validate(req)
+    types = file_types(model)
     trt = require_tensorrt()
+    plan = precision_plan(req, types, trt)
     gpu = gpu_name()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    plugin = has_token_merge(model)
-    if plugin:
+    if types.fp64:
+        warnings.warn(f"{req.onnx_path.name} holds float64 tensors; TensorRT has no float64 layers, so the parser "
+                      "must cast them to float32 or refuse them")
+    merge_nodes = token_merge_nodes(model)
+    if merge_nodes:
         step("registering the TokenMerge plugin")
         register()
         payload = prepare_onnx(model)
     else:
         payload = req.onnx_path.read_bytes()
-    step("parsing ONNX")
-    ok = parser.parse(payload, str(req.onnx_path))  # the path locates external weights, if any
-    if not ok:
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT could not parse {req.onnx_path}: {errors}")
 
-    inp = next(network.get_input(i) for i in range(network.num_inputs) if network.get_input(i).name == INPUT_NAME)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    step("parsing ONNX")
+    try:
+        ok = parser.parse(payload, str(req.onnx_path))  # the path locates external weights, if any
+    except Exception as e:  # a plugin callback or the bindings raising instead of reporting
+        raise EngineBuildError(f"TensorRT could not parse {req.onnx_path}: {_one_line(e)}") from None
+    if not ok:
+        errors = "; ".join(_one_line(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT could not parse {req.onnx_path}: {errors or 'no reason given'}")
+
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
+    inp = next((t for t in inputs if t.name == INPUT_NAME), None)
+    if inp is None:
+        raise EngineBuildError(f"TensorRT's network of {req.onnx_path.name} has no input {INPUT_NAME!r}")
     chw = tuple(int(d) for d in tuple(inp.shape)[1:])
+    if any(d < 0 for d in chw):
+        raise ModelFileError(f"input {INPUT_NAME!r} of {req.onnx_path.name} has shape {tuple(inp.shape)}: only the "
+                             "batch axis may be dynamic; re-export with `vitmerge export`")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(req.workspace_gb * (1 << 30)))
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (req.min_batch, *chw), (req.opt_batch, *chw), (req.max_batch, *chw))
     config.add_optimization_profile(profile)
-    if req.fp16 or req.int8:
-        config.set_flag(trt.BuilderFlag.FP16)
-    cache = req.output.with_suffix(".calib")
-    if req.int8:
-        config.set_flag(trt.BuilderFlag.INT8)
-        if not _has_qdq(model):
-            warnings.warn("implicit INT8 calibration is deprecated in TensorRT >= 10.1; Q/DQ graphs are preferred")
-            config.int8_calibrator = _calibrator(trt, calibration_images(req.calib_dir), chw, req.opt_batch,
-                                                 req.calib_batches, cache)
-            config.set_calibration_profile(profile)
-    step(f"building the {req.precision} engine (minutes)")
+    for name in plan.flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    step(f"building the {plan.precision} engine (minutes)")
     t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    except Exception as e:
+        raise EngineBuildError(f"TensorRT failed to build the engine: {_one_line(e)}") from None
     if serialized is None:
         raise EngineBuildError("TensorRT failed to build the engine (see the TensorRT messages above)")
-    meta = md.parsed(md.read(model))
     info = {
         "engine": req.output.name,
-        "onnx": str(req.onnx_path),
+        "onnx": str(Path(req.onnx_path).resolve()),
         "tensorrt_version": trt.__version__,
         "gpu": gpu,
-        "precision": req.precision,
+        **plan.to_dict(),
         "batch_profile": {"min": req.min_batch, "opt": req.opt_batch, "max": req.max_batch},
-        "input": {"name": INPUT_NAME, "shape": ["batch", *chw]},
-        "token_merge_plugin": plugin,
-        "schedule": meta,
+        "inputs": [_tensor_entry(t) for t in inputs],
+        "outputs": [_tensor_entry(t) for t in outputs],
+        "token_merge_plugin": bool(merge_nodes),
+        "token_merge_nodes": len(merge_nodes),
+        "plugin_aot": False,  # the TokenMerge plugin is JIT only: the engine needs Python + vitmerge where it runs
+        "schedule": md.parsed(md.read(model)),
         "build_seconds": round(time.perf_counter() - t0, 1),
     }
     write_engine(req.output, bytes(serialized), info)
@@ -299,7 +354,7 @@ class TrtRunner(Runner):
                 raise RuntimeMissingError(f"{path.name} needs the plugin library {lib}, which does not exist here")
             ctypes.CDLL(lib, mode=getattr(os, "RTLD_GLOBAL", 0))
         if meta and (meta.get("token_merge_plugin") or meta.get("merge_op") == "plugin") and not plugin_libraries(meta):
-            register()  # the Python (JIT) TokenMerge plugin
+            register()  # the Python (JIT) TokenMerge plugin: its creators must exist before deserialization
         logger = trt.Logger(trt.Logger.ERROR)
         trt.init_libnvinfer_plugins(logger, "")
         engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
@@ -340,35 +395,50 @@ class TrtRunner(Runner):
         self.engine, self.path = engine, path
         self.input_name, self.output_names = inputs[0], outputs
         self.stream = torch.cuda.Stream()
+        self._host_ctx = None  # the execution context of host calls (_infer), made on first use
 
-    def _bind(self, x):
-        """A fresh execution context bound to input ``x`` and new output buffers (one per batch
-        size, so runners of different batch sizes never share shapes or addresses)."""
-        ctx = self.engine.create_execution_context()
-        x = x.to(self._torch_dtype.get(self.engine.get_tensor_dtype(self.input_name), torch.float32)).cuda()
-        ctx.set_input_shape(self.input_name, tuple(x.shape))
+    #: where engine I/O buffers live. CUDA for a real engine; the tests point it at host memory to
+    #: drive this class with a stand-in engine on machines without a GPU.
+    _buffer_device = "cuda"
+
+    def _bind(self, ctx, x):
+        """Bind input ``x`` (cast to the engine's input type, on the device) and fresh output buffers
+        to execution context ``ctx``. Returns (x, outputs): they must live as long as ``ctx`` runs."""
+        x = x.to(device=self._buffer_device,
+                 dtype=self._torch_dtype.get(self.engine.get_tensor_dtype(self.input_name), torch.float32))
+        x = x.contiguous()
+        if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
+            raise UsageError(f"{self.path.name} does not accept input shape {tuple(x.shape)}")
         ctx.set_tensor_address(self.input_name, x.data_ptr())
         outs = []
         for name in self.output_names:
-            o = torch.empty(tuple(ctx.get_tensor_shape(name)),
-                            dtype=self._torch_dtype.get(self.engine.get_tensor_dtype(name), torch.float32), device="cuda")
+            o = torch.empty(tuple(ctx.get_tensor_shape(name)), device=self._buffer_device,
+                            dtype=self._torch_dtype.get(self.engine.get_tensor_dtype(name), torch.float32))
             ctx.set_tensor_address(name, o.data_ptr())
             outs.append(o)
-        return ctx, x, outs
+        return x, outs
 
     def _execute(self, ctx, batch: int) -> None:
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise EngineBuildError(f"TensorRT failed to run {self.path.name} at batch {batch}")
 
     def _infer(self, images):
-        ctx, x, outs = self._bind(torch.from_numpy(images))
-        self._execute(ctx, images.shape[0])
+        """Host batch in, first output out. One execution context serves every host call: it is bound
+        right before each run and the call waits for the result, so nothing else can rebind it meanwhile."""
+        if self._host_ctx is None:
+            self._host_ctx = self.engine.create_execution_context()
+        x, outs = self._bind(self._host_ctx, torch.from_numpy(images))
+        self._execute(self._host_ctx, images.shape[0])
         self.stream.synchronize()
         return outs[0].float().cpu().numpy()
 
     def _prepare(self, batch: int):
-        ctx, x, outs = self._bind(torch.from_numpy(self.example(batch)))
-        keep = (ctx, x, outs)  # the context and buffers live as long as the callable
+        """A run for ``batch`` on its own execution context. TensorRT keeps input shapes and buffer
+        addresses in the context, so runs prepared for different batch sizes (latency, then energy,
+        interleaved) must not share one: each would execute with the shape and buffers bound last."""
+        ctx = self.engine.create_execution_context()
+        x, outs = self._bind(ctx, torch.from_numpy(self.example(batch)))
+        keep = (ctx, x, outs)  # the context and its buffers live as long as the callable
 
         def run():
             self._execute(keep[0], batch)
@@ -380,6 +450,7 @@ class TrtRunner(Runner):
         self.stream.synchronize()
 
 
-__all__ = ["BuildRequest", "BuildResult", "build_engine", "validate", "TrtRunner", "write_engine",
+__all__ = ["BuildRequest", "BuildResult", "build_engine", "validate", "file_types", "precision_plan", "FileTypes",
+           "PrecisionPlan", "dtype_name", "TrtRunner", "write_engine",
            "metadata_path_for", "engine_metadata_path", "load_engine_metadata", "plugin_libraries",
            "ENGINE_SUFFIXES", "gpu_name"]

@@ -1,30 +1,64 @@
-"""TensorRT 10 plugins for ``vitmerge::TokenMerge`` / ``TokenMergeCls`` (``tensorrt.plugin``, TensorRT >= 10.7).
+"""TensorRT plugins for ``vitmerge::TokenMerge`` / ``TokenMergeCls`` (``tensorrt.plugin``, TensorRT 10.8 to 11.x).
 
 The plugin computes the merge plan in PyTorch on TensorRT's CUDA stream (matching + TopK, the same
 code as the PyTorch model) and the size-weighted average with the Triton kernel of
 :mod:`.triton_kernel`, writing straight into TensorRT's output buffers.
 
-TensorRT's ONNX parser hands a node it does not know to the plugin registry when the node's op
-equals the plugin name and its ``plugin_namespace`` attribute names the namespace:
-:func:`prepare_onnx` adds that attribute to every TokenMerge node (in memory) before parsing.
+**JIT only.** The plugins define ``@tensorrt.plugin.impl`` (a Python callback at run time), no
+``@tensorrt.plugin.aot_impl``: the plan is PyTorch code, not one compiled kernel. An engine built
+with them therefore runs only in a Python process that has called :func:`register` (``TrtRunner``
+does), never in ``trtexec`` or Triton Inference Server's TensorRT backend; ``vitmerge build``
+records ``"plugin_aot": false`` and ``vitmerge package`` refuses such engines with the reason. For
+those servers, build the plugin-free graph (``vitmerge export --merge-op native``).
 
-This is a JIT plugin: the engine needs Python (this module imported) where it runs. TensorRT is
-imported only inside these functions; without it they raise :class:`RuntimeMissingError`.
+How the ONNX parser reaches the plugin: a node whose op equals the plugin name and that carries a
+STRING attribute ``plugin_namespace`` naming the namespace (:func:`prepare_onnx` adds it in memory;
+without an ``aot`` attribute the parser asks for the JIT implementation). The parser then hands over
+the node's attributes that the plugin declares, converted its own way (onnx-tensorrt ``loadFields``):
+
+* INT attributes (``r``, ``protected``) as one-element int32 arrays. ``tensorrt.plugin`` 10.x turns
+  an ``int``-annotated field into ``int(array)``, a TypeError on NumPy >= 2.4, so they are declared
+  as ``numpy.typing.NDArray[np.int32]`` (what TensorRT's own samples do) and read with
+  :func:`int_attr`.
+* STRING attributes (``method``, ``options``) as their bytes plus a terminating NUL, counted in the
+  length; ``tensorrt.plugin`` decodes all of it, so ``'tome'`` arrives as ``'tome\\x00'``.
+  :func:`str_attr` strips it (an engine deserialized later gets the strings back without one).
+
+The annotations must be real classes: ``tensorrt.plugin`` reads them with ``inspect.signature`` and
+``issubclass``, so this module must not use ``from __future__ import annotations``.
+
+TensorRT is imported only inside these functions; without it they raise :class:`RuntimeMissingError`.
 """
-from __future__ import annotations
-
 import json
 from typing import List, Tuple
 
-from ..errors import RuntimeMissingError
+import numpy as np
+import numpy.typing as npt
 
-PLUGIN_NAMESPACE = "vitmerge"
-PLUGIN_NAME = "TokenMerge"
-PLUGIN_NAME_CLS = "TokenMergeCls"  # with a fourth input, the class-attention row (importance)
+from ..errors import EngineBuildError, ModelFileError, RuntimeMissingError, VitmergeError
+from . import DOMAIN, OP_TYPE, OP_TYPE_CLS
+
+PLUGIN_NAMESPACE = DOMAIN
+PLUGIN_NAME = OP_TYPE
+PLUGIN_NAME_CLS = OP_TYPE_CLS  # with a fourth input, the class-attention row (importance)
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 PLUGIN_ID_CLS = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME_CLS}"
 PLUGIN_IDS = (PLUGIN_ID, PLUGIN_ID_CLS)
-_REGISTERED = False
+#: TensorRT versions whose ``tensorrt.plugin`` sources the tests run (10.8: first without the 10.7
+#: preview API; 12: not released when this was written)
+SUPPORTED = ((10, 8), (12, 0))
+SUPPORTED_TEXT = "TensorRT 10.8 to 11.x"
+
+IntAttr = npt.NDArray[np.int32]  # how an ONNX INT attribute reaches a plugin: a one-element int32 array
+
+
+def tensorrt_version(trt) -> Tuple[int, int]:
+    """(major, minor) of an imported ``tensorrt`` module."""
+    try:
+        major, minor = str(trt.__version__).split(".")[:2]
+        return int(major), int(minor)
+    except (AttributeError, ValueError):
+        return (0, 0)
 
 
 def require_tensorrt():
@@ -33,99 +67,257 @@ def require_tensorrt():
         import tensorrt as trt
     except ImportError:
         raise RuntimeMissingError(
-            "TensorRT not installed: TensorRT engines need an NVIDIA GPU machine with TensorRT 10 "
-            "(pip install tensorrt, from NVIDIA's package index); run the ONNX file in ONNX Runtime instead"
+            f"TensorRT not installed: TensorRT engines need an NVIDIA GPU machine with {SUPPORTED_TEXT} "
+            "(pip install 'vitmerge[tensorrt]'); run the ONNX file in ONNX Runtime instead"
         ) from None
     return trt
 
 
 def require_plugin_api():
+    """``(tensorrt, tensorrt.plugin)`` of a supported version, or a clear error."""
     trt = require_tensorrt()
+    version = tensorrt_version(trt)
+    if not SUPPORTED[0] <= version < SUPPORTED[1]:
+        raise RuntimeMissingError(
+            f"TensorRT {getattr(trt, '__version__', '?')} is not supported by the TokenMerge plugin (needs "
+            f"{SUPPORTED_TEXT}): pip install 'vitmerge[tensorrt]', or build the plugin-free form "
+            "(vitmerge export --merge-op native)"
+        )
     try:
         import tensorrt.plugin as trtp
-    except ImportError:
+    except Exception as e:  # absent, or its sources expect a compiled module this TensorRT does not have
         raise RuntimeMissingError(
-            f"TensorRT {trt.__version__} has no tensorrt.plugin module (TensorRT >= 10.7 needed for the TokenMerge "
-            "plugin); upgrade TensorRT or build the native form (vitmerge export --merge-op native)"
+            f"TensorRT {trt.__version__}'s tensorrt.plugin module cannot be imported ({_one_line(e)}); reinstall "
+            "TensorRT (pip install 'vitmerge[tensorrt]') or build the plugin-free form (vitmerge export --merge-op native)"
         ) from None
     return trt, trtp
 
 
-def register() -> tuple:
-    """Register the TokenMerge and TokenMergeCls plugins with TensorRT (once per process). Returns their ids."""
-    global _REGISTERED
-    if _REGISTERED:
-        return PLUGIN_IDS
-    trt, trtp = require_plugin_api()
+# --------------------------------------------------------------------------------------------
+# The node's attributes, as ONNX files, the ONNX parser and deserialized engines give them
+# --------------------------------------------------------------------------------------------
 
-    def out_desc(x, size, r):
-        x_out, size_out = x.like(), size.like()
-        x_out.shape_expr[1] -= r  # static token counts: N - r
-        size_out.shape_expr[1] -= r
-        return x_out, size_out
 
-    def run(x, metric, size, cls_attn, r, protected, method, options, outputs, stream):
-        import torch
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
-        from .triton_kernel import merge_tokens
 
-        opts = json.loads(options or "{}")
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            xt = torch.as_tensor(x, device="cuda")
-            mt = torch.as_tensor(metric, device="cuda")
-            st = torch.as_tensor(size, device="cuda")
-            if cls_attn is not None:
-                opts["cls_attn"] = torch.as_tensor(cls_attn, device="cuda")
-            out = (torch.as_tensor(outputs[0], device="cuda"), torch.as_tensor(outputs[1], device="cuda"))
-            merge_tokens(xt, mt, st, r, protected, method, out=out, **opts)
+def int_attr(value, name: str) -> int:
+    """An INT attribute: a Python/NumPy integer or a one-element integer array (the ONNX parser's form)."""
+    arr = np.asarray(value)
+    if arr.size != 1 or arr.dtype.kind not in "iu":
+        raise ModelFileError(
+            f"TokenMerge attribute {name!r} must be one integer, got {value!r}; re-create the plugin form with "
+            "vitmerge export --merge-op plugin"
+        )
+    return int(arr.reshape(-1)[0])
 
+
+def str_attr(value, name: str) -> str:
+    """A STRING attribute: str, bytes or a byte array, without the C string terminator the ONNX parser adds."""
+    if isinstance(value, np.ndarray):
+        value = value.tobytes()
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelFileError(f"TokenMerge attribute {name!r} is not UTF-8 text ({bytes(value)[:40]!r})") from None
+    if not isinstance(value, str):
+        raise ModelFileError(f"TokenMerge attribute {name!r} must be a string, got {value!r}")
+    return value.rstrip("\x00")
+
+
+def merge_attrs(r, protected, method, options) -> Tuple[int, int, str, dict]:
+    """The node's four attributes in any of their forms -> (r, protected, method, options dict)."""
+    from ..merging import available_methods
+
+    r_, p_ = int_attr(r, "r"), int_attr(protected, "protected")
+    if r_ < 0 or p_ < 0:
+        raise ModelFileError(f"TokenMerge attributes r={r_}, protected={p_} must not be negative")
+    m = str_attr(method, "method")
+    if m not in available_methods():
+        raise ModelFileError(
+            f"TokenMerge attribute method={m!r} is not a vitmerge method ({', '.join(available_methods())}); "
+            "the file was written by another vitmerge: re-export it"
+        )
+    text = str_attr(options, "options") or "{}"
+    try:
+        opts = json.loads(text)
+    except ValueError as e:
+        raise ModelFileError(f"TokenMerge attribute options={text!r} is not valid JSON ({e}); re-export the file") from None
+    if not isinstance(opts, dict):
+        raise ModelFileError(f"TokenMerge attribute options={text!r} must be a JSON object; re-export the file")
+    return r_, p_, m, opts
+
+
+def _onnx_attrs(node) -> dict:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def check_node(node) -> Tuple[int, int, str, dict]:
+    """The attributes of one TokenMerge ONNX node, checked as the plugin will read them."""
+    import onnx
+
+    kinds = {a.name: a.type for a in node.attribute}
+    want = {"r": onnx.AttributeProto.INT, "protected": onnx.AttributeProto.INT,
+            "method": onnx.AttributeProto.STRING, "options": onnx.AttributeProto.STRING}
+    for key, kind in want.items():
+        if kinds.get(key) != kind:
+            have = onnx.AttributeProto.AttributeType.Name(kinds[key]) if key in kinds else "missing"
+            raise ModelFileError(
+                f"TokenMerge node {node.name!r}: attribute {key!r} must be "
+                f"{onnx.AttributeProto.AttributeType.Name(kind)}, it is {have}; re-create the plugin form with "
+                "vitmerge export --merge-op plugin"
+            )
+    n_in = 4 if node.op_type == PLUGIN_NAME_CLS else 3
+    if len(node.input) != n_in or len(node.output) != 2:
+        raise ModelFileError(f"TokenMerge node {node.name!r} has {len(node.input)} inputs and {len(node.output)} "
+                             f"outputs; {node.op_type} takes {n_in} and gives 2")
+    a = _onnx_attrs(node)
+    return merge_attrs(a["r"], a["protected"], a["method"], a["options"])
+
+
+# --------------------------------------------------------------------------------------------
+# The plugins
+# --------------------------------------------------------------------------------------------
+
+
+def _as_torch(t):
+    """A ``tensorrt.plugin.Tensor`` as a torch tensor on the GPU, zero copy (``__cuda_array_interface__``)."""
+    import torch
+
+    return torch.as_tensor(t, device="cuda")
+
+
+def _on_stream(stream: int):
+    """Run PyTorch work on TensorRT's CUDA stream."""
+    import torch
+
+    return torch.cuda.stream(torch.cuda.ExternalStream(stream))
+
+
+def _out_desc(x, size, r):
+    """x' and size': the inputs' types, N - r tokens (static counts)."""
+    n = int_attr(r, "r")  # a Python int: shape expressions take ints, not NumPy arrays
+    x_out, size_out = x.like(), size.like()
+    x_out.shape_expr[1] = x.shape_expr[1] - n
+    size_out.shape_expr[1] = size.shape_expr[1] - n
+    return x_out, size_out
+
+
+def _run(x, metric, size, cls_attn, r, protected, method, options, outputs, stream) -> None:
+    from .triton_kernel import merge_tokens
+
+    r, protected, method, opts = merge_attrs(r, protected, method, options)
+    with _on_stream(stream):
+        if cls_attn is not None:
+            opts["cls_attn"] = _as_torch(cls_attn)
+        out = (_as_torch(outputs[0]), _as_torch(outputs[1]))
+        merge_tokens(_as_torch(x), _as_torch(metric), _as_torch(size), r, protected, method, out=out, **opts)
+
+
+# type/format combinations the kernel runs: every input and output FP32, or every one FP16
+_COMBINATION = {3: "FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16",
+                4: "FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16"}
+
+
+def _define_token_merge(trtp) -> None:
     @trtp.register(PLUGIN_ID)
-    def _desc(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc, r: int, protected: int,
+    def _desc(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc, r: IntAttr, protected: IntAttr,
               method: str, options: str) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        return out_desc(x, size, r)
+        return _out_desc(x, size, r)
 
     @trtp.autotune(PLUGIN_ID)
     def _tune(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc,
-              outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16")]
+              outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(_COMBINATION[3])]
 
     @trtp.impl(PLUGIN_ID)
-    def _impl(x: trtp.Tensor, metric: trtp.Tensor, size: trtp.Tensor, r: int, protected: int, method: str,
-              options: str, outputs: Tuple[trtp.Tensor], stream: int) -> None:
-        run(x, metric, size, None, r, protected, method, options, outputs, stream)
+    def _impl(x: trtp.Tensor, metric: trtp.Tensor, size: trtp.Tensor, r: IntAttr, protected: IntAttr, method: str,
+              options: str, outputs: Tuple[trtp.Tensor, trtp.Tensor], stream: int) -> None:
+        _run(x, metric, size, None, r, protected, method, options, outputs, stream)
 
+
+def _define_token_merge_cls(trtp) -> None:
     @trtp.register(PLUGIN_ID_CLS)
-    def _desc_cls(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc, cls_attn: trtp.TensorDesc,
-                  r: int, protected: int, method: str, options: str) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        return out_desc(x, size, r)
+    def _desc(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc, cls_attn: trtp.TensorDesc,
+              r: IntAttr, protected: IntAttr, method: str, options: str) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return _out_desc(x, size, r)
 
     @trtp.autotune(PLUGIN_ID_CLS)
-    def _tune_cls(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc, cls_attn: trtp.TensorDesc,
-                  outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16")]
+    def _tune(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc, cls_attn: trtp.TensorDesc,
+              outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(_COMBINATION[4])]
 
     @trtp.impl(PLUGIN_ID_CLS)
-    def _impl_cls(x: trtp.Tensor, metric: trtp.Tensor, size: trtp.Tensor, cls_attn: trtp.Tensor, r: int,
-                  protected: int, method: str, options: str, outputs: Tuple[trtp.Tensor], stream: int) -> None:
-        run(x, metric, size, cls_attn, r, protected, method, options, outputs, stream)
+    def _impl(x: trtp.Tensor, metric: trtp.Tensor, size: trtp.Tensor, cls_attn: trtp.Tensor, r: IntAttr,
+              protected: IntAttr, method: str, options: str, outputs: Tuple[trtp.Tensor, trtp.Tensor],
+              stream: int) -> None:
+        _run(x, metric, size, cls_attn, r, protected, method, options, outputs, stream)
 
-    _REGISTERED = True
+
+def _defined(trtp, name: str) -> bool:
+    """Whether this ``tensorrt.plugin`` already holds plugin ``vitmerge::name`` (its own record)."""
+    try:
+        return hasattr(getattr(trtp.op, PLUGIN_NAMESPACE), name)
+    except AttributeError:  # no plugin in the namespace yet
+        return False
+
+
+def register() -> tuple:
+    """Register the TokenMerge and TokenMergeCls plugins with TensorRT (once per ``tensorrt.plugin``
+    module; later calls do nothing). Returns their ids. Raises :class:`RuntimeMissingError` without a
+    supported TensorRT and :class:`EngineBuildError` when ``tensorrt.plugin`` rejects a definition."""
+    trt, trtp = require_plugin_api()
+    for name, define in ((PLUGIN_NAME, _define_token_merge), (PLUGIN_NAME_CLS, _define_token_merge_cls)):
+        if _defined(trtp, name):
+            continue
+        try:
+            define(trtp)
+        except VitmergeError:
+            raise
+        except Exception as e:  # tensorrt.plugin validates the definitions with its own exception types
+            raise EngineBuildError(
+                f"TensorRT {trt.__version__}'s tensorrt.plugin rejected the {PLUGIN_NAMESPACE}::{name} plugin "
+                f"({_one_line(e)}); use {SUPPORTED_TEXT} or build the plugin-free form (vitmerge export --merge-op native)"
+            ) from None
     return PLUGIN_IDS
 
 
+# --------------------------------------------------------------------------------------------
+# ONNX files
+# --------------------------------------------------------------------------------------------
+
+
+def token_merge_nodes(model) -> list:
+    return [n for n in model.graph.node if n.op_type in (PLUGIN_NAME, PLUGIN_NAME_CLS) and n.domain == PLUGIN_NAMESPACE]
+
+
+def has_token_merge(model) -> bool:
+    return bool(token_merge_nodes(model))
+
+
 def prepare_onnx(model) -> bytes:
-    """Serialized copy of ``model`` whose TokenMerge nodes TensorRT's parser maps to this plugin."""
+    """Serialized copy of ``model`` whose TokenMerge nodes TensorRT's parser maps to this plugin (JIT).
+
+    Checks each node's attributes as the plugin will read them (:class:`ModelFileError` otherwise)
+    and adds ``plugin_namespace``; the model itself is not changed."""
     import copy
 
     import onnx
 
+    for node in token_merge_nodes(model):
+        check_node(node)
     model = copy.deepcopy(model)
-    for node in model.graph.node:
-        if node.op_type in (PLUGIN_NAME, PLUGIN_NAME_CLS) and node.domain == PLUGIN_NAMESPACE:
-            if not any(a.name == "plugin_namespace" for a in node.attribute):
-                node.attribute.append(onnx.helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE))
+    for node in token_merge_nodes(model):
+        if not any(a.name == "plugin_namespace" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE))
     return model.SerializeToString()
 
 
-def has_token_merge(model) -> bool:
-    return any(n.op_type in (PLUGIN_NAME, PLUGIN_NAME_CLS) and n.domain == PLUGIN_NAMESPACE for n in model.graph.node)
+__all__ = ["PLUGIN_NAMESPACE", "PLUGIN_NAME", "PLUGIN_NAME_CLS", "PLUGIN_IDS", "SUPPORTED_TEXT", "register",
+           "require_tensorrt", "require_plugin_api", "tensorrt_version", "int_attr", "str_attr", "merge_attrs",
+           "check_node", "prepare_onnx", "has_token_merge", "token_merge_nodes"]
