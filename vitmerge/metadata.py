@@ -17,6 +17,7 @@ from .errors import ModelFileError
 PREFIX = "vitmerge."
 
 INPUT_SHAPE = "vitmerge.input_shape"  # [C, H, W] of one image
+DTYPE = "vitmerge.dtype"  # what the model computes in: fp32 | fp16 | bf16 (inputs and outputs are float32)
 METHOD = "vitmerge.method"
 R = "vitmerge.r"  # requested r per block (JSON list)
 PROP_ATTN = "vitmerge.prop_attn"
@@ -110,7 +111,7 @@ def input_info(proto, name: str | None = None) -> Tuple[str, Tuple[int, int, int
 
 
 __all__ = [
-    "PREFIX", "INPUT_SHAPE", "METHOD", "R", "PROP_ATTN", "PROTECTED", "TOKENS_IN", "TOKENS_OUT", "OPTIONS",
+    "PREFIX", "INPUT_SHAPE", "DTYPE", "METHOD", "R", "PROP_ATTN", "PROTECTED", "TOKENS_IN", "TOKENS_OUT", "OPTIONS",
     "DATA_CONFIG", "MERGE_OP", "MERGE_OPS", "QUANTIZATION", "CALIBRATION", "CALIBRATION_IMAGES", "INPUT_NAME", "OUTPUT_NAME",
     "SCHEDULE_KEYS", "load_proto", "read", "write", "parsed", "input_info",
 ]

@@ -1,22 +1,25 @@
 """``export(model, path)``: ONNX with static token counts, checked and verified before it is written."""
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import logging
-
+import torch
 from torch import nn
 
 from .._io import staged
-from ..backends.ort import OrtRunner
 from ..errors import VerificationError
+from ..models.precision import cast_model, dtype_name, model_dtype, resolve_dtype
 from .onnx_export import (
     DEFAULT_OPSET,
     INPUT_NAME,
     OUTPUT_NAME,
     check_output_path,
+    decision_steps,
+    drop_decisions,
     export_onnx_program,
     metadata,
     output_files,
@@ -41,10 +44,11 @@ def export(
     opset: int = DEFAULT_OPSET,
     check: bool = True,
     batch_sizes: Sequence[int] = (1, 4),
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
     on_step: Optional[Callable[[str], None]] = None,
     merge_op: str = "standard",
+    dtype: Union[str, torch.dtype, None] = None,
 ) -> ExportResult:
     """Export ``model`` (plain or patched by :func:`vitmerge.apply`) to ``output``.
 
@@ -54,6 +58,10 @@ def export(
 
     merge_op: the graph form of every merge step: ``standard`` (as exported), ``native`` (rewritten
     into plugin-free ops runtimes execute well) or ``plugin`` (one ``vitmerge::TokenMerge`` node each).
+    dtype: ``fp32`` / ``fp16`` / ``bf16`` (default: what the model is in). A reduced-precision export
+    casts a copy of the model (:func:`vitmerge.models.precision.cast_model`: merge steps stay float32,
+    inputs and outputs are float32) and is verified with the decision rule of :mod:`.verify`; the
+    float32 model is the reference its agreement is reported against.
     """
     def step(what: str) -> None:
         log.info("export %s: %s", Path(output).name, what)
@@ -61,29 +69,55 @@ def export(
             on_step(what)
 
     out = check_output_path(output)
+    reference_fp32 = None
+    if dtype is not None and resolve_dtype(dtype) != model_dtype(model):
+        if model_dtype(model) == torch.float32:
+            reference_fp32 = model
+        model = cast_model(copy.deepcopy(model), dtype)
+    elif model_dtype(model) != torch.float32:
+        reference_fp32 = cast_model(copy.deepcopy(model), torch.float32)
+    decisions = check and decision_steps(model) > 0
     with staged(*output_files(out)) as stage:
         step("tracing with torch.export and translating to ONNX")
-        program = export_onnx_program(model, opset=opset)
+        program = export_onnx_program(model, opset=opset, decisions=decisions)
         step("writing")
         written = save_program(program, model, stage, out.name)
-        if merge_op != "standard":
-            step(f"graph surgery: merge steps -> {merge_op} form")
-            rewrite(written, written, merge_op)
         report = None
         if check:
             step("ONNX checker")
             check_onnx(written)
-            step("ONNX Runtime vs PyTorch")
-            report = verify(model, written, batch_sizes=batch_sizes, atol=atol, rtol=rtol, runner=OrtRunner(written))
+            step(f"ONNX Runtime vs PyTorch ({dtype_name(model_dtype(model))}, merge decisions compared)"
+                 if decisions else f"ONNX Runtime vs PyTorch ({dtype_name(model_dtype(model))})")
+            report = verify(model, written, batch_sizes=batch_sizes, atol=atol, rtol=rtol,
+                            reference_fp32=reference_fp32)
+            _raise_unless_ok(report)
+            drop_decisions(written)  # the file computes its logits and nothing else
+        if merge_op != "standard":
+            step(f"graph surgery: merge steps -> {merge_op} form")
+            rewrite(written, written, merge_op)
+            if check:
+                step(f"ONNX checker and ONNX Runtime vs PyTorch, {merge_op} form")
+                check_onnx(written)
+                final = verify(model, written, batch_sizes=batch_sizes, atol=atol, rtol=rtol)
+                _raise_unless_ok(final, f" ({merge_op} form)")
+        if report is not None:
             report.path = str(out)
-            if not report.ok:
-                bad = [c for c in report.checks if not c.ok]
-                raise VerificationError(
-                    "ONNX Runtime output differs from PyTorch: "
-                    + "; ".join(f"batch {c.batch}: max|diff| {c.max_abs_diff:.3g} > tol {c.tolerance:.3g}" for c in bad)
-                    + ". The file was not written."
-                )
     return ExportResult(path=out, verification=report)
+
+
+def _raise_unless_ok(report: VerifyReport, what: str = "") -> None:
+    if report.ok:
+        return
+    bad = []
+    for c in report.checks:
+        if c.ok:
+            continue
+        text = f"batch {c.batch}: max|diff| {c.max_abs_diff:.3g} (tol {c.tolerance:.3g})"
+        if c.decisions_identical is not None:
+            text += f", merge decisions identical {c.decisions_identical:.2%}"
+        bad.append(text)
+    raise VerificationError(f"ONNX Runtime output differs from PyTorch{what}: " + "; ".join(bad)
+                            + f". Rule: {report.describe_rule()}. The file was not written.")
 
 
 __all__ = [

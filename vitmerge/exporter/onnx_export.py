@@ -24,6 +24,8 @@ from .. import metadata as md
 from ..data.transforms import data_config
 from ..errors import OutputPathError
 from ..models import input_shape
+from ..models.precision import dtype_name, model_dtype
+from ..models.vit import merge_steps
 
 INPUT_NAME = md.INPUT_NAME
 OUTPUT_NAME = md.OUTPUT_NAME
@@ -31,15 +33,49 @@ DEFAULT_OPSET = 18
 LARGE_MODEL_BYTES = 1_800_000_000  # above this the weights go to an external-data file (2 GB protobuf cap)
 
 
-class _Entry(nn.Module):
-    """A fixed, named entry point: the graph input is called ``images`` whatever the model's forward."""
+DECISIONS = "merge_decisions."  # extra outputs of a verification export: one [B, N] assignment per merge step
 
-    def __init__(self, model: nn.Module):
+
+class _Entry(nn.Module):
+    """A fixed, named entry point: the graph input is called ``images`` whatever the model's forward.
+
+    Inputs and outputs are float32 whatever the model computes in (cast at the edges); with
+    ``decisions`` the outputs also hold every merge step's assignment, for verification.
+    """
+
+    def __init__(self, model: nn.Module, decisions: bool = False):
         super().__init__()
         self.model = model
+        self.dtype = model_dtype(model)
+        self.decisions = decisions
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+    def forward(self, images: torch.Tensor):
+        logits = self.model(images.to(self.dtype)).to(torch.float32)
+        if self.decisions:
+            return (logits, *self.model._vm_state.decisions)
+        return logits
+
+
+def decision_steps(model: nn.Module) -> int:
+    """How many merge steps record a decision (steps with r > 0); 0 for a model without merging."""
+    if getattr(model, "_vm_state", None) is None:
+        return 0
+    return sum(1 for s in merge_steps(model) if getattr(s, "r", 0) > 0)
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, on: bool = True):
+    """Let ``model``'s merge steps collect their assignments (``model._vm_state.decisions``) meanwhile."""
+    state = getattr(model, "_vm_state", None)
+    if state is None or not on:
+        yield
+        return
+    was = state.record_decisions
+    state.record_decisions = True
+    try:
+        yield
+    finally:
+        state.record_decisions = was
 
 
 def check_output_path(output: Union[str, Path]) -> Path:
@@ -58,7 +94,7 @@ def check_output_path(output: Union[str, Path]) -> Path:
 def metadata(model: nn.Module) -> dict:
     """What the graph was built with, stored in the ONNX file's metadata_props (keys: vitmerge.metadata)."""
     info = getattr(model, "vitmerge", None)
-    meta = {md.INPUT_SHAPE: json.dumps(list(input_shape(model)))}
+    meta = {md.INPUT_SHAPE: json.dumps(list(input_shape(model))), md.DTYPE: dtype_name(model_dtype(model))}
     if info is not None:
         meta.update({
             md.METHOD: info.method,
@@ -80,27 +116,67 @@ def metadata(model: nn.Module) -> dict:
     return meta
 
 
-def export_onnx_program(model: nn.Module, opset: int = DEFAULT_OPSET, example_batch: int = 2):
-    """Run the dynamo exporter; returns the ONNXProgram (not yet written anywhere)."""
+def export_onnx_program(model: nn.Module, opset: int = DEFAULT_OPSET, example_batch: int = 2,
+                        decisions: bool = False):
+    """Run the dynamo exporter; returns the ONNXProgram (not yet written anywhere).
+
+    ``decisions``: add one output per merge step (``merge_decisions.K``: the assignment [B, N] int64),
+    so verification compares merge decisions too; :func:`drop_decisions` removes them afterwards.
+    """
     model = model.eval()
     shape = input_shape(model)
     example = torch.randn(example_batch, *shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
+    n_dec = decision_steps(model) if decisions else 0
+    names = [OUTPUT_NAME] + [f"{DECISIONS}{i}" for i in range(n_dec)]
     # The exporter is chatty (progress lines, deprecation warnings): keep the CLI readable.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), recording(model, n_dec > 0):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _Entry(model),
+            _Entry(model, decisions=n_dec > 0),
             (example,),
             dynamo=True,
             dynamic_shapes={"images": {0: batch}},
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=names,
             opset_version=opset,
             optimize=True,
             verbose=False,
         )
     return program
+
+
+def drop_decisions(path: Path) -> int:
+    """Remove the ``merge_decisions.*`` outputs from the file at ``path``, and every node and
+    initializer only they needed (the file then computes exactly its logits). Returns how many."""
+    proto = onnx.load(str(path), load_external_data=False)
+    g = proto.graph
+    dropped = [o for o in g.output if o.name.startswith(DECISIONS)]
+    if not dropped:
+        return 0
+    keep = [o for o in g.output if not o.name.startswith(DECISIONS)]
+    del g.output[:]
+    g.output.extend(keep)
+    needed = {o.name for o in keep}
+    live = []
+    for node in reversed(g.node):  # the graph is topologically sorted: walk back from the outputs
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+            for a in node.attribute:  # names used inside subgraphs (If/Loop), if any
+                if a.type == onnx.AttributeProto.GRAPH:
+                    needed.update(i for n in a.g.node for i in n.input)
+    live.reverse()
+    del g.node[:]
+    g.node.extend(live)
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    vis = [v for v in g.value_info if v.name in needed]
+    del g.value_info[:]
+    g.value_info.extend(vis)
+    onnx.save(proto, str(path))
+    return len(dropped)
 
 
 def _param_bytes(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ Methods flag what else they need on their plan function (see ``merging/__init__.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -60,6 +61,14 @@ class MergeState:
         self.source = None
         self.cls_attn = None
         self.decisions = [] if self.record_decisions else None
+
+    def __deepcopy__(self, memo):
+        """Copy the configuration, not the last forward's tensors (they may be tracing leftovers)."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.options = copy.deepcopy(self.options, memo)
+        new.size = new.source = new.cls_attn = new.decisions = None
+        return new
 
     def record(self, plan) -> None:
         if self.decisions is not None:
