@@ -21,6 +21,7 @@ from .onnx_export import (
     save_program,
 )
 from .surgery import rewrite
+from .trt_check import Readiness, check_tensorrt
 from .verify import VerifyReport, check_onnx, compare_files, verify
 
 
@@ -78,6 +79,6 @@ def export(
 
 
 __all__ = [
-    "export", "ExportResult", "verify", "VerifyReport", "check_onnx", "compare_files", "rewrite",
+    "export", "ExportResult", "verify", "VerifyReport", "check_onnx", "compare_files", "rewrite", "check_tensorrt", "Readiness",
     "export_onnx_program", "metadata", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET",
 ]
