@@ -58,9 +58,11 @@ def sort_positions(key: torch.Tensor, largest: bool = True, unique: bool = False
                    chunk: int | None = None) -> torch.Tensor:
     """key [B, n] -> pos [B, n] int64: the place of every key in the sorted row (0 = first).
 
-    Sorted means by key (descending if ``largest``), ties to the lower index. Built from TopKs of at
-    most ``chunk`` keys (default :data:`CHUNK`, or :data:`CHUNK_TIES` when ``unique`` is False) and
-    a binary search in every sorted chunk; see the module docstring.
+    Sorted means by key (descending if ``largest``), ties to the lower index. Chunks of ``chunk``
+    keys (default :data:`CHUNK`, or :data:`CHUNK_TIES` when ``unique`` is False) are sorted by TopK
+    (distinct keys) or by counting (keys may tie), then every key is placed by a binary search in
+    every sorted chunk; see the module docstring. The last chunk is padded with -inf / +inf (floats)
+    or the dtype's min / max (integers), so distinct integer keys must not take those two values.
     """
     n = key.shape[-1]
     L = int(chunk or (CHUNK if unique else CHUNK_TIES))
@@ -74,7 +76,7 @@ def sort_positions(key: torch.Tensor, largest: bool = True, unique: bool = False
 
     if unique:
         # Distinct keys: TopK sorts each chunk; only values are compared below.
-        S, at = padded.topk(L, dim=-1, largest=largest, sorted=True)  # [B, C, L]
+        S = padded.topk(L, dim=-1, largest=largest, sorted=True).values  # [B, C, L]
         I = None
     else:
         # Rank inside the chunk by counting the keys that come first (key order, then lower index):
