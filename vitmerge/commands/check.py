@@ -1,19 +1,44 @@
-"""``vitmerge check A.onnx B.onnx``: do two graph forms of a model compute the same thing in ONNX Runtime?"""
+"""``vitmerge check A.onnx B.onnx``: do two graph forms of a model compute the same thing in ONNX Runtime?
+``vitmerge check F.onnx --target tensorrt``: would TensorRT's ONNX parser take every node of F?"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
 
-from ._common import console, int_list, user_errors
+from ._common import EXIT_FAILED, console, fail, int_list, user_errors
+
+TARGETS = ("tensorrt",)
+
+
+def _readiness(path: Path, target: str) -> None:
+    """One line per offending node (op, node name, reason), then PASSED / FAILED; exit 1 on findings."""
+    from ..exporter.trt_check import check_tensorrt
+
+    report = check_tensorrt(path)
+    for note in report.notes:
+        console.print(f"note: {note}", soft_wrap=True)
+    for f in report.findings:
+        console.print(f.line(), markup=False, soft_wrap=True)
+    where = f"{path.name}: {report.nodes} nodes checked against {report.table}"
+    if report.findings:
+        console.print(f"[bold red]FAILED[/] {target} readiness: {len(report.findings)} node(s) TensorRT would not "
+                      f"take as they are ({where})", soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED)
+    console.print(f"[bold green]PASSED[/] {target} readiness ({where})", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("check", short_help="Run two graph forms of a model in ONNX Runtime: max |diff|, top-1 agreement.")
     def check_cmd(
-        reference: Path = typer.Argument(..., metavar="A.onnx", help="Reference graph (e.g. the standard form)"),
-        candidate: Path = typer.Argument(..., metavar="B.onnx", help="Graph to compare (e.g. the native or plugin form)"),
+        reference: Path = typer.Argument(..., metavar="A.onnx", help="Reference graph (e.g. the standard form); "
+                                         "with --target, the one file to check"),
+        candidate: Optional[Path] = typer.Argument(None, metavar="[B.onnx]",
+                                                   help="Graph to compare with A (e.g. the native or plugin form)"),
+        target: Optional[str] = typer.Option(None, "--target", help="Check one file for a runtime instead of comparing "
+                                             "two: 'tensorrt' (a static check against TensorRT's ONNX operator table)"),
         batches: str = typer.Option("1,4", "--batch", help="Batch sizes to run, comma-separated"),
         atol: float = typer.Option(1e-4, "--atol", help="Absolute tolerance on the logits"),
         rtol: float = typer.Option(1e-3, "--rtol", help="Tolerance relative to max |A logits|"),
@@ -23,7 +48,24 @@ def register(app: typer.Typer) -> None:
 
         Exits 1 when any batch is over tolerance (atol + rtol * max|A|). Graphs with vitmerge::TokenMerge
         nodes run with the custom-op kernel registered.
+
+        With one file and --target tensorrt: a static readiness check (no GPU needed) against TensorRT's
+        ONNX operator support (types, TopK's K limit, Scatter reductions, DOUBLE, custom domains and their
+        plugins). Prints one line per offending node and exits 1 when there is any, 0 when clean.
         """
+        if target is not None:
+            if target.lower() not in TARGETS:
+                raise fail(f"unknown --target {target!r}; use one of: {', '.join(TARGETS)}")
+            if candidate is not None:
+                raise fail(f"--target checks one file; got two ({reference}, {candidate}): drop --target to compare "
+                           "them, or check each on its own")
+            with user_errors():
+                _readiness(reference, target.lower())
+            return
+        if candidate is None:
+            raise fail("give two files to compare (vitmerge check A.onnx B.onnx), or one file and a runtime to check it "
+                       "for (vitmerge check F.onnx --target tensorrt)")
+
         from ..errors import VerificationError
         from ..exporter.surgery import graph_form
         from ..exporter.verify import compare_files as compare

@@ -26,6 +26,7 @@ from .onnx_export import (
     save_program,
 )
 from .surgery import rewrite
+from .trt_check import Readiness, check_tensorrt
 from .verify import VerifyReport, check_onnx, compare_files, verify
 
 
@@ -121,6 +122,6 @@ def _raise_unless_ok(report: VerifyReport, what: str = "") -> None:
 
 
 __all__ = [
-    "export", "ExportResult", "verify", "VerifyReport", "check_onnx", "compare_files", "rewrite",
+    "export", "ExportResult", "verify", "VerifyReport", "check_onnx", "compare_files", "rewrite", "check_tensorrt", "Readiness",
     "export_onnx_program", "metadata", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET",
 ]

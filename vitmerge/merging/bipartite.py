@@ -15,6 +15,7 @@ import torch
 
 from .base import MergePlan, identity_plan
 from .spec import MethodSpec, clamp
+from .topk import topk
 
 
 def max_r(n_tokens: int, protected: int) -> int:
@@ -62,13 +63,14 @@ def bipartite_plan(metric: torch.Tensor, r: int, protected: int = 1) -> MergePla
             scores = scores.masked_fill(rows | cols, -math.inf)
 
         node_max, node_idx = scores.max(dim=-1)  # best B partner of each A token
-        # argsort / sort as TopK with a static k: exports without runtime shape arithmetic.
-        edge_idx = node_max.topk(t1, dim=-1, largest=True, sorted=True).indices
+        # argsort / sort as TopK with a static k: exports without runtime shape arithmetic (and in
+        # chunks below TensorRT's TopK limit when t1 is longer: merging.topk).
+        edge_idx = topk(node_max, t1, largest=True).indices
         unm_idx = edge_idx[..., r:]  # A tokens that stay
         src_idx = edge_idx[..., :r]  # A tokens that merge away
         dst_idx = node_idx.gather(dim=-1, index=src_idx)
         if protected:
-            unm_idx = unm_idx.topk(t1 - r, dim=-1, largest=False, sorted=True).values  # protected first
+            unm_idx = topk(unm_idx, t1 - r, largest=False, unique=True).values  # protected first
 
         b_keep, slot_b = _static_indices(T, r, protected, metric.device)
         # Protected tokens (A and B alike) are the first `protected` slots, in original order.

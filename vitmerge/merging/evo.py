@@ -27,6 +27,7 @@ from ..errors import ScheduleError
 from .base import MergePlan, batch_gather, identity_plan
 from .importance import MIN_WEIGHT, check_cls_attn
 from .spec import MethodSpec, clamp
+from .topk import topk
 
 
 def max_r(n_tokens: int, protected: int) -> int:
@@ -55,8 +56,9 @@ def evo_plan(metric: torch.Tensor, r: int, protected: int = 1, cls_attn: torch.T
     k = n_free - r - 1
     dev = metric.device
     with torch.no_grad():
-        order = g[:, protected:].float().topk(n_free, dim=-1, largest=True, sorted=True).indices
-        informative = order[:, :k].topk(k, dim=-1, largest=False, sorted=True).values
+        # (merging.topk: one TopK, or chunks below TensorRT's TopK limit for long sequences)
+        order = topk(g[:, protected:].float(), n_free, largest=True).indices
+        informative = topk(order[:, :k], k, largest=False, unique=True).values
         rep_token = order[:, k : k + 1]  # the best-ranked placeholder holds the representative's slot
         src = order[:, k + 1 :]
         keep = torch.cat([

@@ -27,8 +27,10 @@ Step by step, for the ``U = N - protected`` unprotected tokens of one image:
    destination. The plan itself has no chains: every source points straight at a kept slot.
 
 Output order: protected tokens first (original order), then the kept tokens in original order.
-Shapes stay static: sorts are TopK with a static k, chain resolution is a fixed number of gathers;
-the token count depends only on ``r``. Design and cost: ``docs/methods/hash.md``.
+Shapes stay static: sorts are TopK with a static k (:func:`.topk.topk`: chunks of at most
+TensorRT's TopK limit for long sequences), chain resolution is a fixed number of gathers, the kept
+order is a count; the token count depends only on ``r``. Every sort key is an exact int64 by
+construction (no float64 tensor in the graph). Design and cost: ``docs/methods/hash.md``.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import torch
 from ..errors import ScheduleError
 from .base import MergePlan, identity_plan
 from .spec import MethodSpec, clamp
+from .topk import topk, tracing
 
 DEFAULT_BITS = 16
 DEFAULT_ROUNDS = 2
@@ -105,7 +108,8 @@ def projection(channels: int, bits: int = DEFAULT_BITS, rounds: int = DEFAULT_RO
 
 
 def _gray_rank_weights(bits: int, device) -> torch.Tensor:
-    return torch.tensor([float(1 << (bits - 1 - i)) for i in range(bits)], dtype=torch.float64, device=device)
+    """[bits] int64 place values 2^(bits-1) .. 1 of the rank's bits (exact integers, no float64)."""
+    return torch.tensor([1 << (bits - 1 - i) for i in range(bits)], dtype=torch.long, device=device)
 
 
 def hash_orders(x: torch.Tensor, bits: int, rounds: int, seed: int, protected: int = 0) -> torch.Tensor:
@@ -120,18 +124,16 @@ def hash_orders(x: torch.Tensor, bits: int, rounds: int, seed: int, protected: i
     proj = projection(C, bits, rounds, seed, device=x.device, dtype=x.dtype)
     # project all rows (one matrix product on the contiguous metric), then drop the protected ones
     signs = (x @ proj > 0)[:, protected:].to(x.dtype).reshape(B, U, rounds, bits)  # the SimHash codes
-    # Read each code as a reflected Gray code: bit i of its rank is the parity of code bits 0..i
-    # (float arithmetic on small integers: exact, and cheaper than integer remainder).
+    # Read each code as a reflected Gray code: bit i of its rank is the parity of code bits 0..i.
+    # The running count of set bits is a float CumSum of 0/1 (exact: at most 40; TensorRT's CumSum
+    # takes floats only), its parity 0/1 is exact in any float type; the rank is then put together
+    # in int64, so the key is an exact integer by construction (no float64 anywhere).
     c = torch.cumsum(signs, dim=-1)
-    parity = (c - 2.0 * torch.floor(c * 0.5)).to(torch.float64)
-    rank = (parity * _gray_rank_weights(bits, x.device)).sum(-1).to(torch.long)  # [B, U, R], < 2^bits
+    parity = (c - 2.0 * torch.floor(c * 0.5)).to(torch.long)  # [B, U, R, bits] in {0, 1}
+    rank = (parity * _gray_rank_weights(bits, x.device)).sum(-1)  # [B, U, R] int64, < 2^bits
     key = rank.transpose(1, 2) * U + torch.arange(U, device=x.device)  # unique: index breaks ties
-    return key.topk(U, dim=-1, largest=False, sorted=True).indices  # [B, R, U]
-
-
-def _tracing() -> bool:
-    return bool(torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-                or torch.onnx.is_in_onnx_export())
+    # One sort per round; rows longer than TensorRT's TopK limit are sorted in chunks (merging.topk).
+    return topk(key.reshape(-1, U), U, largest=False, unique=True).indices.reshape(-1, rounds, U)  # [B, R, U]
 
 
 def _neighbour_dots(x: torch.Tensor, order: torch.Tensor, offset: int) -> torch.Tensor:
@@ -148,8 +150,8 @@ def _neighbour_dots(x: torch.Tensor, order: torch.Tensor, offset: int) -> torch.
     rows = x.reshape(B * N, C)
     flat = (order + offset + torch.arange(B, device=x.device)[:, None] * N).reshape(-1)  # [B * U]
     step = max(64, (1 << 18) // max(C, 1))
-    # (_tracing first: under export B is symbolic, and comparing it would constrain the batch axis)
-    if not _tracing() and x.device.type == "cpu" and B * U > 2 * step:
+    # (tracing() first: under export B is symbolic, and comparing it would constrain the batch axis)
+    if not tracing() and x.device.type == "cpu" and B * U > 2 * step:
         parts = []
         for s in range(0, B * U - 1, step):
             xs = rows.index_select(0, flat[s: s + step + 1])
@@ -203,8 +205,11 @@ def hash_plan(
             pk = pos0 if k == 0 else _inverse(o)
             steps = ((1, torch.cat([edge, low], 1)),) if k == 0 else \
                 ((-1, torch.cat([low, edge], 1)), (1, torch.cat([edge, low], 1)))
+            # the order with its ends repeated: o_ext[p + 1] is o[p], clamped to the row (itself at the
+            # ends) without an integer Clip (TensorRT's Clip takes floats only)
+            o_ext = torch.cat([o[:, :1], o, o[:, -1:]], dim=1)  # [B, U + 2]
             for step, padded in steps:
-                j = o.gather(1, (pk + step).clamp(0, U - 1))  # neighbour (itself at the ends)
+                j = o_ext.gather(1, pk + (1 + step))  # neighbour (itself at the ends)
                 s = padded.gather(1, pk)  # score of the edge to that neighbour
                 if k > 0:
                     s = s.masked_fill(pos0.gather(1, j) <= pos0, -2.0)  # only forward partners
@@ -218,17 +223,22 @@ def hash_plan(
         # float32 resolution near 1), then the lower token index first.
         exact = best.to(torch.promote_types(best.dtype, torch.float32))  # float16 would overflow
         key = (exact * _SCORE_SCALE).to(torch.long) * U + (U - 1 - ar)
-        src = key.topk(r, dim=-1, largest=True, sorted=True).indices  # [B, r]
+        src = topk(key, r, largest=True, unique=True).indices  # [B, r]
         is_src = torch.zeros(B, U, dtype=torch.long, device=dev).scatter(1, src, torch.ones_like(src))
         # Follow merge chains to their root: the edges point forward in the backbone (a forest).
         parent = torch.where(is_src > 0, partner, ar)
         for _ in range(max(math.ceil(math.log2(U)), 1)):
             parent = parent.gather(1, parent)
-        # Kept tokens (never sources) in original order become the output slots.
-        keep = (is_src * U + ar).topk(U - r, dim=-1, largest=False, sorted=True).indices  # [B, U - r]
-        slot = torch.empty(B, U, dtype=torch.long, device=dev).scatter(
-            1, keep, torch.arange(U - r, device=dev).expand(B, U - r))
-        dst = slot.gather(1, parent.gather(1, src)) + protected
+        # Kept tokens (never sources) in original order become the output slots: a stable partition
+        # by counting, no sort. Kept token i goes to slot (kept tokens before it); the sources are put
+        # after the kept ones only to make the scatter a permutation. (Counts are float CumSums of
+        # 0/1, exact below 2^24 tokens; TensorRT's CumSum takes floats only.)
+        kept = (1 - is_src).to(torch.float32)
+        n_kept_before = (torch.cumsum(kept, dim=1) - kept).to(torch.long)  # [B, U]
+        n_src_before = ar - n_kept_before
+        place = torch.where(is_src > 0, (U - r) + n_src_before, n_kept_before)  # a permutation of 0..U-1
+        keep = torch.empty_like(ar).scatter(1, place, ar)[:, : U - r]  # [B, U - r], original order
+        dst = n_kept_before.gather(1, parent.gather(1, src)) + protected  # roots are kept: their slot
         keep = torch.cat([torch.arange(protected, device=dev).expand(B, protected), keep + protected], dim=-1)
     return MergePlan(keep=keep, src=src + protected, dst=dst)
 

@@ -21,6 +21,7 @@ import torch
 from ..errors import ScheduleError
 from .base import MergePlan, identity_plan
 from .spec import MethodSpec, clamp
+from .topk import topk
 
 # Importance is a softmax probability; an underflowed 0 would give a kept token no weight at all
 # (and a 0/0 slot when nothing merges into it). A floor far below any real attention value fixes that.
@@ -68,8 +69,9 @@ def importance_plan(metric: torch.Tensor, r: int, protected: int = 1, cls_attn: 
         imp = cls_attn[:, protected:].float()  # [B, n_free]
         # One TopK ranks all unprotected tokens: the head stays, the tail merges away (a token can
         # never be in both sets, whatever the ties).
-        order = imp.topk(n_free, dim=-1, largest=True, sorted=True).indices
-        kept = order[:, :n_keep].topk(n_keep, dim=-1, largest=False, sorted=True).values  # original order
+        # (merging.topk: one TopK, or chunks below TensorRT's TopK limit for long sequences)
+        order = topk(imp, n_free, largest=True).indices
+        kept = topk(order[:, :n_keep], n_keep, largest=False, unique=True).values  # original order
         src = order[:, n_keep:]
         unit = metric / metric.norm(dim=-1, keepdim=True)
         free = unit[:, protected:]

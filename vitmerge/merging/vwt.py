@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ..errors import DataError, ScheduleError
 from .base import MergePlan, identity_plan
 from .spec import MethodSpec, clamp
+from .topk import topk
 
 SPACES = ("pixels", "embeddings")
 MODES = ("inter", "intra")
@@ -172,9 +173,10 @@ def group_plan(
     n_keep = P - r
     dev = features.device
     with torch.no_grad():
-        order = rank.topk(P, dim=-1, largest=True, sorted=True).indices
+        # ranks are distinct exact integers; merging.topk sorts long rows in chunks below TensorRT's limit
+        order = topk(rank, P, largest=True, unique=True).indices
         src = order[:, :r]
-        kept = order[:, r:].topk(n_keep, dim=-1, largest=False, sorted=True).values
+        kept = topk(order[:, r:], n_keep, largest=False, unique=True).values
         unit = F.normalize(features.float(), dim=-1)
         Fd = unit.shape[-1]
         u_src = unit.gather(1, src[..., None].expand(B, r, Fd))
