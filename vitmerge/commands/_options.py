@@ -19,6 +19,7 @@ from ..data.imagenet import CLASS_ORDERS
 from ..merging import available_methods
 from ..merging.schedule import SCHEDULES
 from ..metadata import MERGE_OPS
+from ..models.precision import DTYPES
 
 
 def choices(name: str, values: Iterable[str]) -> type:
@@ -36,6 +37,7 @@ CalibrationMethod = choices("CalibrationMethod", CALIBRATION_METHODS)
 InstanceKind = choices("InstanceKind", ("auto", "cpu", "gpu"))
 Space = choices("Space", ("pixels", "embeddings"))
 ClassOrder = choices("ClassOrder", CLASS_ORDERS)
+DType = choices("DType", DTYPES)
 
 
 def value(choice) -> Optional[str]:
@@ -91,13 +93,16 @@ LabelsOpt = Annotated[Optional[Path], typer.Option(
     "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv)")]
 ReportDirOpt = Annotated[Optional[Path], typer.Option(
     "--report-dir", help="Write report.json and report.md (and plots) into this folder")]
+DTypeOpt = Annotated[DType, typer.Option(
+    "--dtype", case_sensitive=False, rich_help_panel=MODEL_PANEL,
+    help="What the model computes in: fp32, fp16 or bf16 (merge steps stay float32; inputs/outputs float32)")]
 ThreadsOpt = Annotated[int, typer.Option(
     "--threads", help="CPU threads for ONNX Runtime / PyTorch (0: the runtime's default)")]
 
 
 __all__ = [
     "choices", "value", "Method", "MergeOp", "Runtime", "EvalRuntime", "Schedule", "Device", "CalibrationMethod",
-    "InstanceKind", "Space", "ClassOrder", "CheckpointOpt", "ImgSizeOpt", "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
+    "InstanceKind", "Space", "ClassOrder", "DType", "DTypeOpt", "CheckpointOpt", "ImgSizeOpt", "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
     "MethodOpt", "OptionOpt", "ScheduleOpt", "BudgetOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",
     "ThreadsOpt",
 ]

@@ -31,7 +31,7 @@ def _readiness(path: Path, target: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("check", short_help="Run two graph forms of a model in ONNX Runtime: max |diff|, top-1 agreement.")
+    @app.command("check", short_help="Compare two graph forms in ONNX Runtime, or check one file for TensorRT.")
     def check_cmd(
         reference: Path = typer.Argument(..., metavar="A.onnx", help="Reference graph (e.g. the standard form); "
                                          "with --target, the one file to check"),

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from ._common import console, int_list, loud_warnings, parse_json_option, parse_options, parse_r_option, user_errors
-from ._options import (MERGE_PANEL, BudgetOpt, CheckpointOpt, ImgSizeOpt, MergeOp, MethodOpt, ModelKwargsOpt,
+from ._options import (MERGE_PANEL, BudgetOpt, CheckpointOpt, DTypeOpt, ImgSizeOpt, MergeOp, MethodOpt, ModelKwargsOpt,
                        NumClassesOpt, OptionOpt, PropAttnOpt, ScheduleOpt, value)
 
 
@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         img_size: ImgSizeOpt = None,
         num_classes: NumClassesOpt = None,
         model_kwargs: ModelKwargsOpt = None,
+        dtype: DTypeOpt = "fp32",
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset")] = 18,
         merge_op: Annotated[MergeOp, typer.Option(
             "--merge-op", case_sensitive=False,
@@ -80,13 +81,22 @@ def register(app: typer.Typer) -> None:
             t0 = time.perf_counter()
             with console.status("exporting") as status:
                 result = export(model, output, opset=opset, check=not no_verify, batch_sizes=batches,
-                                merge_op=value(merge_op), on_step=lambda s: status.update(s))
+                                merge_op=value(merge_op), dtype=value(dtype), on_step=lambda s: status.update(s))
             console.print(f"exported in {time.perf_counter() - t0:.1f} s")
             rep = result.verification
             if rep is not None:
+                console.print(f"verified: {rep.describe_rule()}", soft_wrap=True)
                 for c in rep.checks:
-                    console.print(f"  ORT vs PyTorch, batch {c.batch}: max|diff| {c.max_abs_diff:.2e} "
-                                  f"(tol {c.tolerance:.1e}), top-1 agreement {c.top1_agreement:.0%}")
+                    dec = "" if c.decisions_identical is None else f", merge decisions identical {c.decisions_identical:.2%}"
+                    console.print(f"  batch {c.batch}: max|diff| {c.max_abs_diff:.2e} (tol {c.tolerance:.1e}), "
+                                  f"top-1 agreement {c.top1_agreement:.0%}{dec}")
+                if rep.vs_fp32:
+                    v = rep.vs_fp32
+                    console.print(f"  {rep.dtype} vs float32 (PyTorch, same images): top-1 agreement {v['top1_agreement']:.0%}"
+                                  + (f", merge decisions identical {v['decisions_identical']:.2%}"
+                                     if "decisions_identical" in v else ""))
+                if value(merge_op) != "standard":
+                    console.print(f"  the {value(merge_op)} form was run in ONNX Runtime and checked the same way")
             else:
                 console.print("[yellow]not verified (--no-verify)[/]")
             console.print(f"[bold green]wrote[/] {result.path}")

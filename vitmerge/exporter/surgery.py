@@ -46,7 +46,6 @@ FORM_KEY = md.MERGE_OP  # model metadata: which form the file holds
 
 _SCOPE = re.compile(r"(?:^|[/.:\s])(blocks\.(\d+)\.token_merge):")
 _INDEX_OPS = {"TopK", "ArgMax", "ArgMin", "NonZero", *PLUGIN_OPS}
-_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,8 +150,16 @@ def _scope_of(node) -> Optional[tuple[int, str]]:
     return int(m.group(2)), ns[: end if end >= 0 else len(ns)]
 
 
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE}
+
+
 def _is_float(t) -> bool:
-    return t.dtype is not None and np.dtype(t.dtype) in _FLOATS
+    if t.dtype is None:
+        return False
+    try:
+        return _onnx_type(t) in _FLOAT_TYPES
+    except (TypeError, ValueError, KeyError):
+        return False
 
 
 def _rank3(t) -> bool:
@@ -297,6 +304,28 @@ class _Emitter:
         return self.const(np.array(values, dtype=np.int64), "i64")
 
 
+def _onnx_type(t) -> int:
+    """The ONNX element type of a graph-surgeon tensor (its dtype is a numpy dtype or an ONNX enum)."""
+    if isinstance(t.dtype, (int, np.integer)):
+        return int(t.dtype)
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+
+
+def _as_f32(e: "_Emitter", t):
+    """``t`` as float32: itself, or a Cast (reduced-precision models: merge steps compute in float32)."""
+    if t is None or _onnx_type(t) == onnx.TensorProto.FLOAT:
+        return t
+    return e.op("Cast", [t], {"to": onnx.TensorProto.FLOAT}, dtype=np.float32, shape=t.shape)
+
+
+def _emit_into(e: "_Emitter", value, target) -> None:
+    """Make ``target`` (an existing graph tensor) carry ``value`` (float32), casting to its type."""
+    if _onnx_type(target) == onnx.TensorProto.FLOAT:
+        e.op("Identity", [value], outputs=[target])
+    else:
+        e.op("Cast", [value], {"to": _onnx_type(target)}, outputs=[target])
+
+
 def _detach(m: MergeSubgraph) -> None:
     """Cut x' and size' loose from the nodes that computed them (graph.cleanup() drops those)."""
     for t in (m.x_out, m.size_out):
@@ -357,9 +386,16 @@ def plugin_merge(graph, m: MergeSubgraph) -> None:
     _detach(m)
     attrs = {"r": int(m.r), "protected": int(protected), "method": str(method),
              "options": json.dumps(m.options, sort_keys=True)}
-    inputs = [m.x, m.metric, size] + ([m.cls_attn] if m.cls_attn is not None else [])
+    # the kernels take float32 (reduced-precision models: cast in and out, as the exported step does)
+    inputs = [_as_f32(e, m.x), _as_f32(e, m.metric), _as_f32(e, size)] + \
+        ([_as_f32(e, m.cls_attn)] if m.cls_attn is not None else [])
     op = OP_TYPE if m.cls_attn is None else OP_TYPE_CLS
-    e.op(op, inputs, attrs, outputs=[m.x_out, size_out], domain=DOMAIN)
+    if _onnx_type(m.x_out) == onnx.TensorProto.FLOAT:
+        e.op(op, inputs, attrs, outputs=[m.x_out, size_out], domain=DOMAIN)
+    else:
+        x32 = gs.Variable(e._name("x_out"), dtype=np.float32, shape=m.x_out.shape)
+        e.op(op, inputs, attrs, outputs=[x32, size_out], domain=DOMAIN)
+        _emit_into(e, x32, m.x_out)
 
 
 def to_plugin(graph) -> int:
@@ -376,7 +412,7 @@ def to_plugin(graph) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _tome_slots(e: _Emitter, m: MergeSubgraph, protected: int):
+def _tome_slots(e: _Emitter, m: MergeSubgraph, protected: int, metric):
     """ToMe's plan as W [B, n_out - p, ta]: the output slot (after the p protected ones) of every
     unprotected A token, one-hot. Same scores and same TopK as the exported plan, so the same merges.
 
@@ -391,8 +427,8 @@ def _tome_slots(e: _Emitter, m: MergeSubgraph, protected: int):
     f32 = np.float32
 
     # scores between A and B on the unit-normalised metric, exactly as the exported graph computes them
-    norm = e.op("ReduceL2", [m.metric, e.i64(-1)], {"keepdims": 1}, dtype=f32)
-    unit = e.op("Div", [m.metric, norm], dtype=f32)
+    norm = e.op("ReduceL2", [metric, e.i64(-1)], {"keepdims": 1}, dtype=f32)
+    unit = e.op("Div", [metric, norm], dtype=f32)
     a = e.op("Slice", [unit, e.i64(0), e.i64(T), e.i64(1), e.i64(2)], dtype=f32)
     b = e.op("Slice", [unit, e.i64(1), e.i64(T), e.i64(1), e.i64(2)], dtype=f32)
     scores = e.op("MatMul", [a, e.op("Transpose", [b], {"perm": [0, 2, 1]}, dtype=f32)], dtype=f32)
@@ -453,11 +489,12 @@ def native_merge(graph, m: MergeSubgraph) -> None:
     if m.r == 0:  # nothing merges: pass through
         e.op("Identity", [m.x], outputs=[m.x_out])
         if m.size_out is not None:
-            e.op("Identity", [size], outputs=[m.size_out])
+            _emit_into(e, _as_f32(e, size), m.size_out)
         return
     pa, pb = (p + 1) // 2, p // 2
-    w = _tome_slots(e, m, p)
-    packed = e.op("Concat", [e.op("Mul", [m.x, size], dtype=f32), size], {"axis": -1}, dtype=f32)  # [B, T, D+1]
+    x, size = _as_f32(e, m.x), _as_f32(e, size)  # reduced-precision models merge in float32
+    w = _tome_slots(e, m, p, _as_f32(e, m.metric))
+    packed = e.op("Concat", [e.op("Mul", [x, size], dtype=f32), size], {"axis": -1}, dtype=f32)  # [B, T, D+1]
     pa_rows = e.op("Slice", [packed, e.i64(2 * pa), e.i64(T), e.i64(1), e.i64(2)], dtype=f32)  # unprotected A
     pb_rows = e.op("Slice", [packed, e.i64(2 * pb + 1), e.i64(T), e.i64(1), e.i64(2)], dtype=f32)  # unprotected B
     body = e.op("MatMul", [w, pa_rows], dtype=f32)  # [B, n_out - p, D+1]: unmerged A + merged-in A
@@ -470,7 +507,7 @@ def native_merge(graph, m: MergeSubgraph) -> None:
     sums_x = e.op("Slice", [body, e.i64(0), e.i64(D), e.i64(2)], dtype=f32)
     outputs = [m.size_out] if m.size_out is not None else 1
     sums_w = e.op("Slice", [body, e.i64(D), e.i64(D + 1), e.i64(2)], outputs=outputs)
-    e.op("Div", [sums_x, sums_w], outputs=[m.x_out])
+    _emit_into(e, e.op("Div", [sums_x, sums_w], dtype=f32), m.x_out)
 
 
 def to_native(graph) -> int:

@@ -1,0 +1,200 @@
+"""Reduced precision (#11): FP16 / BF16 exports that stay faithful, checked against float32 and float64 references."""
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+import vitmerge
+from vitmerge import merging
+from vitmerge.backends.ort import session as ort_session
+from vitmerge.cli import app
+from vitmerge.exporter import export
+from vitmerge.exporter.verify import batch_check, upcast_copy
+from vitmerge.models.precision import cast_model, model_dtype, resolve_dtype
+from vitmerge.models.vit import TokenMerge, MergeState
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+OPTS = {"vwt": {"mode": "intra"}}
+
+
+def tiny(method=None, r=4, seed=0):
+    torch.manual_seed(seed)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, pretrained=False).eval()
+    if method:
+        vitmerge.apply(m, method=method, r=r, **OPTS.get(method, {}))
+    return m
+
+
+def elem_types(proto):
+    """ONNX element type of every initializer, by count of values."""
+    c = collections.Counter()
+    for t in proto.graph.initializer:
+        c[t.data_type] += int(np.prod(t.dims)) if t.dims else 1
+    return c
+
+
+def scoped(proto, scope="token_merge"):
+    return [n for n in proto.graph.node
+            if any(scope in p.value for p in n.metadata_props if p.key == "namespace")]
+
+
+@pytest.mark.parametrize("method", [m if m in ("tome", "hash", "importance") else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in sorted(merging.METHODS)])
+def test_fp16_export_runs_in_ort_cpu_and_tracks_fp32(method, tmp_path):
+    """Every method: a float16-weight file that ONNX Runtime CPU runs at batch 1 and 3 (verified against PyTorch
+    float16 by the decision rule), float32 in and out, merge steps in float32, logits tracking the float32 export."""
+    model = tiny(method)
+    res = export(model, tmp_path / "m16.onnx", dtype="fp16", batch_sizes=(1, 3))
+    rep = res.verification
+    assert rep.ok and rep.dtype == "fp16" and [c.batch for c in rep.checks] == [1, 3]
+    assert all(c.rule == "decisions" and c.decisions_identical is not None for c in rep.checks)
+    proto = onnx.load(str(res.path))
+    types = elem_types(proto)
+    assert types[onnx.TensorProto.FLOAT16] > 0.95 * sum(types.values())  # the weights are float16
+    io = [v.type.tensor_type.elem_type for v in list(proto.graph.input) + list(proto.graph.output)]
+    assert io == [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT]
+    assert {e.key: e.value for e in proto.metadata_props}["vitmerge.dtype"] == "fp16"
+    assert not [o.name for o in proto.graph.output if o.name.startswith("merge_decisions")]  # dropped after verifying
+    # every scatter of the merge runs in float32 (ONNX Runtime's CPU ScatterND-add has no float16 kernel)
+    typed = onnx.shape_inference.infer_shapes(proto)
+    kinds = {v.name: v.type.tensor_type.elem_type for v in typed.graph.value_info}
+    scatters = [n for n in typed.graph.node if n.op_type.startswith("Scatter")]
+    assert scatters and all(kinds.get(n.input[0]) in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
+                            for n in scatters), [(n.name, kinds.get(n.input[0])) for n in scatters]
+    steps = scoped(proto, "vwt_merge" if method == "vwt" else "token_merge")
+    assert any(n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT for n in steps)
+    # the written file itself, on new images: close to the float32 model
+    x = np.random.default_rng(1).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    lo = ort_session(res.path).run(None, {"images": x})[0]
+    with torch.no_grad():
+        hi = model(torch.from_numpy(x)).numpy()
+    assert lo.dtype == np.float32 and np.isfinite(lo).all()
+    assert np.abs(lo - hi).max() <= 0.05 * np.abs(hi).max() + 1e-2
+
+
+@pytest.mark.parametrize("method", ["tome", pytest.param("hash", marks=pytest.mark.slow)])
+def test_bf16_export_verified_through_an_upcast_copy(method, tmp_path):
+    model = tiny(method)
+    res = export(model, tmp_path / "m.onnx", dtype="bf16", batch_sizes=(1, 2))
+    rep = res.verification
+    assert rep.ok and rep.dtype == "bf16" and "upcast copy" in rep.how
+    proto = onnx.load(str(res.path))
+    onnx.checker.check_model(proto, full_check=True)
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")  # opset 18 has no bfloat16 Conv: it runs in fp32
+    w = next(t for t in proto.graph.initializer if t.name == conv.input[1])
+    assert w.data_type == onnx.TensorProto.FLOAT
+    other32 = sum(int(np.prod(t.dims)) for t in proto.graph.initializer
+                  if t.data_type == onnx.TensorProto.FLOAT and t.name not in conv.input)
+    assert elem_types(proto)[onnx.TensorProto.BFLOAT16] > 100 * other32  # every other weight is bfloat16
+    # the upcast copy is exactly the same graph in float32: no bfloat16 left anywhere
+    up = onnx.load(str(upcast_copy(res.path, tmp_path / "up.onnx")))
+    assert onnx.TensorProto.BFLOAT16 not in elem_types(up)
+    assert all(a.i != onnx.TensorProto.BFLOAT16 for n in up.graph.node if n.op_type == "Cast" for a in n.attribute)
+
+
+def test_merge_arithmetic_stays_in_float32():
+    """Sizes in the hundreds (long sequences): x * size summed in float16 overflows (max 65504); the step computes
+    in float32 and matches a float64 loop reference of the same assignment, to float16 rounding of the result."""
+    torch.manual_seed(0)
+    B, N, D, r = 1, 41, 8, 20
+    x = (torch.rand(B, N, D) * 200 + 100).half()
+    metric = torch.randn(B, N, 16).half()
+    size = torch.full((B, N, 1), 400.0)
+    st = MergeState(method="tome", prop_attn=True, protected=1)
+    st.reset()
+    out, s_out = TokenMerge(st, r)(x, metric, size)
+    assert out.dtype == torch.float16 and s_out.dtype == torch.float32 and torch.isfinite(out).all()
+    plan = merging.plan("tome", metric.float(), r, 1)
+    assign = plan.assign[0]
+    xd, sd = x.double()[0], size.double()[0]
+    for j in range(plan.n_out):
+        members = (assign == j).nonzero().flatten()
+        want = (xd[members] * sd[members]).sum(0) / sd[members].sum()
+        torch.testing.assert_close(out[0, j].double(), want, rtol=1e-3, atol=0)  # float16 rounding of the result
+        assert float(s_out[0, j, 0]) == float(sd[members].sum())
+    # the same merge done in float16 overflows: what the float32 step is for
+    naive, _ = plan.merge(x, size.half())
+    assert not torch.isfinite(naive).all()
+
+
+def test_decision_rule_excludes_flipped_images_but_fails_below_the_share():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 10))
+    out = ref + 1e-4
+    out[2] += 5.0  # one image's decisions flipped: its logits moved a lot
+    dec_ref = [np.arange(40).reshape(4, 10) % 7]
+    dec_out = [d.copy() for d in dec_ref]
+    dec_out[0][2, 3] = 99  # 1 of 40 decisions differs (97.5 %)
+    c = batch_check(4, ref, out, 1e-2, 2e-2, dec_ref, dec_out, rule="decisions", min_decisions=0.97)
+    assert c.ok and c.images_compared == 3 and c.decisions_identical == pytest.approx(39 / 40)
+    assert c.top1_agreement <= 1.0 and c.max_abs_diff < 1e-3
+    strict = batch_check(4, ref, out, 1e-2, 2e-2, dec_ref, dec_out, rule="decisions", min_decisions=0.99)
+    assert not strict.ok  # below the required share of identical decisions
+    flat = batch_check(4, ref, out, 1e-2, 2e-2, dec_ref, dec_out, rule="max")
+    assert not flat.ok and flat.max_abs_diff > 4  # float32's rule takes every image
+
+
+def test_a_wrong_fp16_file_fails_verification(tmp_path, monkeypatch):
+    """One perturbed weight in the float16 graph (a realistic corruption) must fail the decision rule."""
+    from vitmerge.exporter import onnx_export
+
+    real_save = onnx_export.save_program
+
+    def corrupt(program, model, workdir, name):
+        path = real_save(program, model, workdir, name)
+        proto = onnx.load(str(path))
+        t = max((t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16),
+                key=lambda t: np.prod(t.dims))
+        arr = onnx.numpy_helper.to_array(t).copy()
+        arr.flat[0] += np.float16(4.0)
+        t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+        onnx.save(proto, str(path))
+        return path
+
+    monkeypatch.setattr("vitmerge.exporter.save_program", corrupt)
+    with pytest.raises(vitmerge.errors.VerificationError, match="merge decisions identical|max\\|diff\\|"):
+        export(tiny("tome"), tmp_path / "bad.onnx", dtype="fp16", batch_sizes=(2,))
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def tome_fp16(tmp_path_factory):
+    return export(tiny("tome"), tmp_path_factory.mktemp("fp16") / "std.onnx", dtype="fp16", batch_sizes=(2,)).path
+
+
+@pytest.mark.parametrize("form", ["native", "plugin"])
+def test_graph_forms_in_fp16(form, tome_fp16, tmp_path):
+    """The surgery forms cast the float16 boundary tensors to float32 around the merge, as the exported step does."""
+    std = tome_fp16
+    other = export(tiny("tome"), tmp_path / f"{form}.onnx", dtype="fp16", merge_op=form, batch_sizes=(2,)).path
+    x = np.random.default_rng(2).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    a, b = ort_session(std).run(None, {"images": x})[0], ort_session(other).run(None, {"images": x})[0]
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(a).max()
+
+
+def test_cast_model_and_dtype_names():
+    m = tiny("tome")
+    assert model_dtype(cast_model(m, "bf16")) == torch.bfloat16
+    assert m.patch_embed.proj.weight.dtype == torch.float32  # the float32 island of the patch embedding
+    assert model_dtype(cast_model(m, "fp32")) == torch.float32 and type(m.patch_embed.proj) is torch.nn.Conv2d
+    assert resolve_dtype("half") == torch.float16
+    with pytest.raises(vitmerge.errors.UsageError, match="unknown dtype"):
+        resolve_dtype("int4")
+
+
+def test_cli_dtype(tmp_path):
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(app, ["export", "vit_tiny_patch16_224", "--img-size", "64", "--model-kwargs",
+                                   json.dumps({"depth": 2}), "--r", "4", "--dtype", "fp16", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "merge decisions identical" in text and "fp16 vs float32" in text
+    proto = onnx.load(str(out))
+    assert {e.key: e.value for e in proto.metadata_props}["vitmerge.dtype"] == "fp16"
