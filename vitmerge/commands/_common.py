@@ -11,6 +11,7 @@ from typing import Iterator, List, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from ..errors import ScheduleError, UsageError, VerificationError, VitmergeError
 
@@ -39,7 +40,7 @@ def set_verbosity(verbose: int = 0, quiet: bool = False) -> None:
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}")  # messages may hold brackets: vitmerge[gpu]
     return typer.Exit(code)
 
 
@@ -66,7 +67,7 @@ def loud_warnings() -> Iterator[None]:
         text = str(message)
         if text not in shown:
             shown.add(text)
-            err_console.print(f"[bold yellow]warning:[/] {text}")
+            err_console.print(f"[bold yellow]warning:[/] {escape(text)}")
 
     old = warnings.showwarning
     warnings.showwarning = show

@@ -25,7 +25,7 @@ from ..data.transforms import data_config
 from ..errors import OutputPathError
 from ..models import input_shape
 from ..models.precision import dtype_name, model_dtype
-from ..models.vit import merge_steps
+from ..models.vit import merge_steps, recording
 
 INPUT_NAME = md.INPUT_NAME
 OUTPUT_NAME = md.OUTPUT_NAME
@@ -61,21 +61,6 @@ def decision_steps(model: nn.Module) -> int:
     if getattr(model, "_vm_state", None) is None:
         return 0
     return sum(1 for s in merge_steps(model) if getattr(s, "r", 0) > 0)
-
-
-@contextlib.contextmanager
-def recording(model: nn.Module, on: bool = True):
-    """Let ``model``'s merge steps collect their assignments (``model._vm_state.decisions``) meanwhile."""
-    state = getattr(model, "_vm_state", None)
-    if state is None or not on:
-        yield
-        return
-    was = state.record_decisions
-    state.record_decisions = True
-    try:
-        yield
-    finally:
-        state.record_decisions = was
 
 
 def check_output_path(output: Union[str, Path]) -> Path:

@@ -33,7 +33,8 @@ from ..backends.ort import OrtRunner
 from ..errors import SurgeryError, VerificationError
 from ..models import input_shape
 from ..models.precision import cast_model, dtype_name, model_dtype
-from .onnx_export import DECISIONS, recording
+from ..models.vit import recording
+from .onnx_export import DECISIONS
 
 PathLike = Union[str, Path]
 

@@ -21,6 +21,7 @@ Methods flag what else they need on their plan function (see ``merging/__init__.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -342,6 +343,32 @@ def patch_vit(model: nn.Module, state: MergeState, rs: List[int], pre: Optional[
         blk.__class__ = mixed_class(MergeBlockMixin, type(blk))
         blk._vm_state = state
         blk.token_merge = step(state, r)
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, on: bool = True):
+    """Let ``model``'s merge steps collect their assignments (``model._vm_state.decisions``, one
+    [B, N] int64 tensor per step that merges, in order) for the forwards run meanwhile."""
+    state = getattr(model, "_vm_state", None)
+    if state is None or not on:
+        yield
+        return
+    was = state.record_decisions
+    state.record_decisions = True
+    try:
+        yield
+    finally:
+        state.record_decisions = was
+
+
+@torch.no_grad()
+def run_with_decisions(model: nn.Module, images: torch.Tensor):
+    """(logits as float32, [assignment per merging step]) of one forward; images are cast to the model's dtype."""
+    dtype = next((p.dtype for p in model.blocks.parameters()), torch.float32)
+    with recording(model):
+        logits = model(images.to(dtype)).float()
+        state = getattr(model, "_vm_state", None)
+        return logits, list(state.decisions or []) if state is not None else []
 
 
 def merge_steps(model: nn.Module) -> List[nn.Module]:
