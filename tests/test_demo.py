@@ -14,7 +14,7 @@ def test_full_demo_small(digits_model, tmp_path):
     res = demo.run(settings, say=lambda s: None)
     data = json.loads(res.report_json.read_text())["data"]
     rows = data["digits"]
-    assert set(rows) == {"unmerged", "tome@0.5", "unmerged int8", "tome@0.5 int8"}
+    assert set(rows) == {"unmerged", "tome@0.5", "unmerged fp16", "tome@0.5 fp16", "unmerged int8", "tome@0.5 int8"}
     # ONNX Runtime scores the exported unmerged model exactly as PyTorch scored it after training
     assert rows["unmerged"]["top1"] == pytest.approx(digits_model.test_top1, abs=1 / 449 + 1e-9)
     assert rows["unmerged"]["agreement"] == 1.0
@@ -23,6 +23,9 @@ def test_full_demo_small(digits_model, tmp_path):
     for k in ("unmerged int8", "tome@0.5 int8"):
         assert abs(rows[k]["top1"] - rows[k.replace(" int8", "")]["top1"]) <= 0.03
         assert rows[k]["quantized_nodes"] > 0
+    for k in ("unmerged fp16", "tome@0.5 fp16"):  # FP16 next to FP32 and INT8, scored on the same images
+        assert rows[k]["precision"] == "fp16" and rows[k]["r"] == rows[k.replace(" fp16", "")]["r"]
+        assert abs(rows[k]["top1"] - rows[k.replace(" fp16", "")]["top1"]) <= 0.01
     for row in rows.values():
         assert set(map(str, row["p50_ms"])) == {"1", "2"} and all(v > 0 for v in row["p50_ms"].values())
     assert "energy: not measured" in res.report_md.read_text()

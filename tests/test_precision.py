@@ -198,3 +198,30 @@ def test_cli_dtype(tmp_path):
     assert "merge decisions identical" in text and "fp16 vs float32" in text
     proto = onnx.load(str(out))
     assert {e.key: e.value for e in proto.metadata_props}["vitmerge.dtype"] == "fp16"
+
+
+def test_int8_qdq_composes_with_fp16(digits_model, tmp_path):
+    """Calibrating a float16 export gives quantized MatMuls, merge steps still float32 (untouched), the rest float16;
+    ONNX Runtime runs it and top-1 on held-out digits stays within a point of the float16 file."""
+    from vitmerge.backends import OrtRunner
+    from vitmerge.calibration.quantize import quantize
+    from vitmerge.data import CALIBRATION_SPLITS, open_dataset, transform_for
+    from vitmerge.profiling.accuracy import evaluate
+
+    model = digits_model.build()
+    vitmerge.apply(model, method="tome", r=8)
+    f16 = export(model, tmp_path / "d16.onnx", dtype="fp16", batch_sizes=(2,)).path
+    tf = transform_for(model)
+    calib = open_dataset(digits_model.data_dir, prefer=CALIBRATION_SPLITS, transform=tf, limit=64)
+    q = quantize(f16, tmp_path / "d16.int8.onnx", calib)
+    assert q.quantized_nodes > 0 and q.excluded_nodes
+    proto = onnx.load(str(q.path))
+    assert {e.key: e.value for e in proto.metadata_props}["vitmerge.dtype"] == "fp16"
+    types = elem_types(proto)
+    assert types[onnx.TensorProto.FLOAT16] > 0 and types[onnx.TensorProto.INT8] > 0  # fp16 weights + int8 weights
+    merge_ops = [n for n in scoped(proto) if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert not merge_ops  # the merge steps' MatMuls decide which tokens merge: not quantized
+    test = open_dataset(digits_model.test_dir, transform=tf, limit=160)
+    res = evaluate({"fp16": OrtRunner(f16), "int8+fp16": OrtRunner(q.path)}, test, progress=False)
+    assert res.models["int8+fp16"].top1 >= res.models["fp16"].top1 - 0.01
+    assert res.models["int8+fp16"].agreement >= 0.97

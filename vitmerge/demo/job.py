@@ -91,6 +91,19 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
             say(f"  exported {name}: r={model.vitmerge.r}, FLOPs {merged / base:.2f} of unmerged, "
                 f"ORT vs PyTorch max|diff| {res.verification.max_abs_diff:.1e}")
 
+    # 2b. FP16 (what GPU deployments run): the same schedules, merge steps kept in float32 -----------
+    fp16_of = ["unmerged", f"{settings.methods[0]}@{settings.budgets[-1]:g}"]
+    for name in fp16_of:
+        v = variants[name]
+        model = dm.build()
+        if v["method"] != "none":
+            apply(model, method=v["method"], r=v["r"])
+        src = Path(v["path"])
+        res = export(model, src.with_name(src.stem + ".fp16.onnx"), dtype="fp16")
+        variants[f"{name} fp16"] = {**v, "path": res.path, "precision": "fp16",
+                                    "max_abs_diff": res.verification.max_abs_diff}
+        say(f"  exported {name} fp16: {res.verification.describe_rule()}")
+
     # 3. INT8 ---------------------------------------------------------------------------------------
     tf = transform_for(base_model)
     calib = open_dataset(dm.data_dir, prefer=CALIBRATION_SPLITS, transform=tf, limit=settings.calib_images)
@@ -129,7 +142,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
         + md_table(["variant", "precision", "r per block", "FLOPs vs unmerged", "top-1 %", "agrees with unmerged %",
                     *[f"p50 ms b={b}" for b in settings.batches], *[f"speed-up b={b}" for b in settings.batches]],
                    rows))))
-    pts = [ParetoPoint(label=k, method=v["method"] + (" int8" if v.get("precision") else ""),
+    pts = [ParetoPoint(label=k, method=v["method"] + (f" {v['precision']}" if v.get("precision") else ""),
                        latency_ms=v["p50_ms"][b0], accuracy=100 * v["top1"]) for k, v in variants.items()]
     plots.append(plot_pareto(pts, out / "pareto_digits.png", title=f"Digits ViT: top-1 vs ORT latency (batch {b0})",
                              accuracy_label="top-1 %"))
