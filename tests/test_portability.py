@@ -398,3 +398,57 @@ def test_long_sequence_plan_exports_with_short_topk(tmp_path, method, N):
     out = session.run(None, {session.get_inputs()[0].name: metric.numpy()})
     for got, want in zip(out, module(metric)):
         np.testing.assert_array_equal(got, want.numpy())
+
+
+# ------------------------------------------------------------------------------------------------
+# The native (scatter-free) form of every method: what TensorRT's parser takes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_scatter_free_merge_equals_index_add():
+    """The one-hot MatMul adds exactly what index_add adds (float64 loop-free check on random plans)."""
+    g = torch.Generator().manual_seed(0)
+    for method, extra in (("hash", {}), ("importance", {"cls_attn": torch.rand(2, 33, generator=g).softmax(-1)})):
+        metric = torch.randn(2, 33, 8, generator=g, dtype=torch.float64)
+        x = torch.randn(2, 33, 5, generator=g, dtype=torch.float64)
+        size = torch.randint(1, 5, (2, 33, 1), generator=g).double()
+        plan = merging.plan(method, metric, 20, 1, **extra)
+        a, sa = plan.merge(x, size)
+        b, sb = plan.merge(x, size, scatter_free=True)
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(sb, sa, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["hash"] + [pytest.param(m, marks=pytest.mark.slow) for m in ("importance", "evo", "vwt")])
+def test_native_form_of_every_method_is_tensorrt_ready(method, tmp_path):
+    from vitmerge.backends.ort import session
+    from vitmerge.exporter import export
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, pretrained=False).eval()
+    vitmerge.apply(m, method=method, r=4, **({"mode": "intra"} if method == "vwt" else {}))
+    std = export(m, tmp_path / "std.onnx", batch_sizes=(2,)).path
+    nat = export(m, tmp_path / "nat.onnx", merge_op="native", batch_sizes=(2,)).path
+    proto = onnx.load(str(nat))
+    assert not [n for n in proto.graph.node if n.op_type.startswith("Scatter") and
+                any(a.name == "reduction" and a.s not in (b"", b"none") for a in n.attribute)]
+    assert {e.key: e.value for e in proto.metadata_props}["vitmerge.merge_op"] == "native"
+    assert trt_check.check_tensorrt(nat).findings == []
+    assert any(f.op == "ScatterND" for f in trt_check.check_tensorrt(std).findings)  # the standard form is ORT's
+    x = np.random.default_rng(1).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    a, b = session(std).run(None, {"images": x})[0], session(nat).run(None, {"images": x})[0]
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(a).max()))
+
+
+def test_build_refuses_scatter_add_with_the_way_out(tmp_path):
+    from vitmerge.backends.trt import BuildRequest, validate
+    from vitmerge.errors import EngineBuildError
+    from vitmerge.exporter import export
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, pretrained=False).eval()
+    vitmerge.apply(m, method="hash", r=4)
+    std = export(m, tmp_path / "std.onnx", batch_sizes=(2,)).path
+    with pytest.raises(EngineBuildError, match="ScatterND.*--merge-op native"):
+        validate(BuildRequest(onnx_path=std, output=tmp_path / "m.engine"))
+    assert not (tmp_path / "m.engine").exists()

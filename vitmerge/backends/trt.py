@@ -171,6 +171,14 @@ def validate(req: BuildRequest):
         raise UsageError(f"--workspace-gb must be positive, got {req.workspace_gb}")
     if req.int8 and not file_types(model).qdq:
         raise UsageError(f"--int8 needs a file with Q/DQ nodes (explicit quantization): {CALIBRATE_HINT}")
+    scatter_add = [n.name for n in model.graph.node if n.op_type == "ScatterND"
+                   and any(a.name == "reduction" and a.s not in (b"", b"none") for a in n.attribute)]
+    if scatter_add:
+        raise EngineBuildError(
+            f"{req.onnx_path.name} adds merged tokens with ScatterND(reduction=add) ({len(scatter_add)} nodes, e.g. "
+            f"{scatter_add[0]}), which TensorRT's ONNX parser does not take: export it again with --merge-op native "
+            "(plugin-free, every method) or --merge-op plugin; `vitmerge check FILE --target tensorrt` lists such nodes"
+        )
     return model
 
 

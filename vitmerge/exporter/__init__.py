@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import onnx
 import torch
 from torch import nn
 
+from .. import metadata as md
 from .._io import staged
 from ..errors import VerificationError
 from ..models.precision import cast_model, dtype_name, model_dtype, resolve_dtype
@@ -78,11 +80,19 @@ def export(
     elif model_dtype(model) != torch.float32:
         reference_fp32 = cast_model(copy.deepcopy(model), torch.float32)
     decisions = check and decision_steps(model) > 0
+    info = getattr(model, "vitmerge", None)
+    # the native form: tome's is written by graph surgery (one MatMul over the A tokens); every other method
+    # is exported with its merged rows added by a one-hot MatMul instead of a ScatterND (TensorRT-ready)
+    direct_native = merge_op == "native" and info is not None and info.method != "tome"
     with staged(*output_files(out)) as stage:
         step("tracing with torch.export and translating to ONNX")
-        program = export_onnx_program(model, opset=opset, decisions=decisions)
+        program = export_onnx_program(model, opset=opset, decisions=decisions, scatter_free=direct_native)
         step("writing")
         written = save_program(program, model, stage, out.name)
+        if direct_native:
+            proto = onnx.load(str(written), load_external_data=False)
+            md.write(proto, {md.MERGE_OP: "native"})
+            onnx.save(proto, str(written))
         report = None
         if check:
             step("ONNX checker")
@@ -93,7 +103,7 @@ def export(
                             reference_fp32=reference_fp32)
             _raise_unless_ok(report)
             drop_decisions(written)  # the file computes its logits and nothing else
-        if merge_op != "standard":
+        if merge_op != "standard" and not direct_native:
             step(f"graph surgery: merge steps -> {merge_op} form")
             rewrite(written, written, merge_op)
             if check:

@@ -26,6 +26,7 @@ from ..errors import OutputPathError
 from ..models import input_shape
 from ..models.precision import dtype_name, model_dtype
 from ..models.vit import merge_steps, recording
+from ..models.vit import scatter_free as scatter_free_merge
 
 INPUT_NAME = md.INPUT_NAME
 OUTPUT_NAME = md.OUTPUT_NAME
@@ -102,11 +103,13 @@ def metadata(model: nn.Module) -> dict:
 
 
 def export_onnx_program(model: nn.Module, opset: int = DEFAULT_OPSET, example_batch: int = 2,
-                        decisions: bool = False):
+                        decisions: bool = False, scatter_free: bool = False):
     """Run the dynamo exporter; returns the ONNXProgram (not yet written anywhere).
 
     ``decisions``: add one output per merge step (``merge_decisions.K``: the assignment [B, N] int64),
     so verification compares merge decisions too; :func:`drop_decisions` removes them afterwards.
+    ``scatter_free``: merge steps add their merged rows with a one-hot MatMul, no ScatterND (the native
+    graph form of every method but tome, whose native form graph surgery writes).
     """
     model = model.eval()
     shape = input_shape(model)
@@ -115,7 +118,8 @@ def export_onnx_program(model: nn.Module, opset: int = DEFAULT_OPSET, example_ba
     n_dec = decision_steps(model) if decisions else 0
     names = [OUTPUT_NAME] + [f"{DECISIONS}{i}" for i in range(n_dec)]
     # The exporter is chatty (progress lines, deprecation warnings): keep the CLI readable.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), recording(model, n_dec > 0):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), recording(model, n_dec > 0), \
+            scatter_free_merge(model, scatter_free):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             _Entry(model, decisions=n_dec > 0),

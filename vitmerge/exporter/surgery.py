@@ -477,8 +477,9 @@ def native_merge(graph, m: MergeSubgraph) -> None:
     _refuse_stepless(method, "native")
     if method != "tome":
         raise SurgeryError(
-            f"the native form is implemented for method 'tome'; this graph uses {method!r}: "
-            "use --merge-op plugin (any method) or standard"
+            f"graph surgery writes the native form for method 'tome'; for {method!r} the exporter writes it: "
+            f"vitmerge export ... --method {method} --merge-op native (merged rows added by a one-hot MatMul, "
+            "no ScatterND); or use --merge-op plugin"
         )
     e = _Emitter(graph, m, "native")
     f32 = np.float32

@@ -71,11 +71,16 @@ class MergePlan:
         return a.scatter(1, self.keep, slots).scatter(1, self.src, self.dst)
 
     def merge(
-        self, x: torch.Tensor, size: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, size: Optional[torch.Tensor] = None, scatter_free: bool = False
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Size-weighted average of the tokens that share a slot.
 
         Returns ``(x_merged [B, n_out, D], size_merged [B, n_out, 1])``; ``size`` defaults to ones.
+
+        ``scatter_free``: add the r merged rows with one batched MatMul by a 0/1 assignment matrix
+        [B, n_out, r] instead of an index-add (which exports as ScatterND with reduction=add, an op
+        TensorRT's ONNX parser does not take). Same sums (each is 1 x row + 0 x others, exact), at a
+        cost of r x n_out x D multiply-adds and an [r, n_out] matrix per image.
         """
         B, N, D = x.shape
         if size is None:
@@ -86,7 +91,11 @@ class MergePlan:
         # Values and weights travel together: one gather and one scatter move [x * w, w(, size)].
         packed = torch.cat([x * w, w] if self.weight is None else [x * w, w, size], dim=-1)
         out = batch_gather(packed, self.keep)
-        if self.r:
+        if self.r and scatter_free:
+            slots = torch.arange(self.n_out, device=x.device)
+            onehot = (self.dst[:, None, :] == slots[None, :, None]).to(packed.dtype)  # [B, n_out, r]
+            out = out + onehot @ batch_gather(packed, self.src)
+        elif self.r:
             out = batch_scatter_add(out, self.dst, batch_gather(packed, self.src))
         x_out = out[..., :D] / out[..., D : D + 1]
         size_out = out[..., D : D + 1] if self.weight is None else out[..., D + 1 :]

@@ -55,6 +55,7 @@ class MergeState:
     source: Optional[torch.Tensor] = None
     cls_attn: Optional[torch.Tensor] = None  # evo: global class attention [B, N], carried across blocks
     record_decisions: bool = False  # collect every step's assignment (plan.assign, [B, N] int64) in .decisions
+    scatter_free: bool = False  # merge with a one-hot MatMul instead of index-add (the native graph form: TensorRT)
     decisions: Optional[List[torch.Tensor]] = None
 
     def reset(self) -> None:
@@ -158,7 +159,7 @@ class TokenMerge(nn.Module):
         st.record(p)
         if st.trace_source:
             st.source = p.merge_source(st.source)
-        x_out, size_out = p.merge(_f32(x), _f32(size))
+        x_out, size_out = p.merge(_f32(x), _f32(size), scatter_free=st.scatter_free)
         return x_out.to(x.dtype), size_out
 
 
@@ -180,7 +181,7 @@ class SlowFastSplit(nn.Module):
         st = self.state
         p = merging.plan(st.method, _f32(x), self.r, st.protected, cls_attn=_f32(cls_attn), **st.options)
         st.record(p)
-        x_slow, size = p.merge(_f32(x), _ones_size(x))
+        x_slow, size = p.merge(_f32(x), _ones_size(x), scatter_free=st.scatter_free)
         return x_slow.to(x.dtype), size, p.assign, p.keep
 
 
@@ -220,7 +221,7 @@ class VWTMerge(nn.Module):
         st.record(p)
         if st.trace_source:
             st.source = p.merge_source(st.source)
-        x_out, size = p.merge(_f32(x), _ones_size(x))
+        x_out, size = p.merge(_f32(x), _ones_size(x), scatter_free=st.scatter_free)
         return x_out.to(x.dtype), size
 
 
@@ -359,6 +360,21 @@ def recording(model: nn.Module, on: bool = True):
         yield
     finally:
         state.record_decisions = was
+
+
+@contextlib.contextmanager
+def scatter_free(model: nn.Module, on: bool = True):
+    """Let ``model``'s merge steps add merged rows with a one-hot MatMul (no ScatterND) meanwhile."""
+    state = getattr(model, "_vm_state", None)
+    if state is None or not on:
+        yield
+        return
+    was = state.scatter_free
+    state.scatter_free = True
+    try:
+        yield
+    finally:
+        state.scatter_free = was
 
 
 @torch.no_grad()
