@@ -204,6 +204,17 @@ def test_compare_files_reports_the_largest_difference(tiny, tmp_path, monkeypatc
         assert c.tolerance == pytest.approx(1e-4 + 1e-3 * np.abs(a).max(), rel=1e-9)
 
 
+def _mean_pool_model(path, hw):
+    """images [batch, 3, hw, hw] -> logits [batch, 3] (per-channel mean): a valid model of another input size."""
+    inp = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, hw, hw])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
+    node = helper.make_node("ReduceMean", ["images", "axes"], ["logits"], keepdims=0)
+    onnx.save(helper.make_model(helper.make_graph([node], "g", [inp], [out], [axes]),
+                                opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
 def test_compare_files_same_and_wrong_merge(tiny, tmp_path):
     _, path = tiny
     same = compare_files(path, path, batch_sizes=(2,))
@@ -211,8 +222,18 @@ def test_compare_files_same_and_wrong_merge(tiny, tmp_path):
     bad = _edited(path, tmp_path / "swapped.onnx", merge_least_similar)
     checks = compare_files(path, bad, batch_sizes=(1, 4))
     assert not any(c.ok for c in checks)
-    with pytest.raises(SurgeryError, match="no ONNX file"):
+    # the images are a function of the seed: the same seed gives the same numbers, another seed others
+    again = compare_files(path, bad, batch_sizes=(1, 4))
+    assert [c.max_abs_diff for c in again] == [c.max_abs_diff for c in checks]
+    other = compare_files(path, bad, batch_sizes=(1, 4), seed=1)
+    assert [c.max_abs_diff for c in other] != [c.max_abs_diff for c in checks]
+    with pytest.raises(SurgeryError, match="no ONNX file at '.*missing.onnx'"):
         compare_files(path, tmp_path / "missing.onnx")
+    with pytest.raises(SurgeryError, match="no ONNX file at '.*missing.onnx'"):
+        compare_files(tmp_path / "missing.onnx", path)
+    small = _mean_pool_model(tmp_path / "small.onnx", 16)
+    with pytest.raises(SurgeryError, match=r"different inputs: .*tiny.onnx \(3, 32, 32\), .*small.onnx \(3, 16, 16\)"):
+        compare_files(path, small)
 
 
 def test_check_command_fails_on_one_wrong_column(tiny, tmp_path):
