@@ -171,3 +171,13 @@ def test_bad_arguments():
         merging.plan("tome", torch.randn(4, 2), 1)
     with pytest.raises(ValueError, match="protected"):
         merging.plan("tome", torch.randn(1, 4, 2), 1, protected=5)
+
+
+def test_method_spec_rejects_unknown_form_and_invariance():
+    import dataclasses
+
+    tome = merging.METHODS["tome"]
+    with pytest.raises(ValueError, match=r"x: form must be one of \('block', 'slow_fast', 'pre_encoder'\), got 'side'"):
+        dataclasses.replace(tome, name="x", form="side")
+    with pytest.raises(ValueError, match=r"y: invariance must be one of \('any', 'alternating', 'none'\), got 'some'"):
+        dataclasses.replace(tome, name="y", invariance="some")

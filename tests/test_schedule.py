@@ -119,6 +119,27 @@ def test_solver_schedule_worked_by_hand(fraction, want):
     assert cost(token_counts(100, rs, 1, cap)) <= fraction * 400 + 1e-9
 
 
+@pytest.mark.parametrize("kw,rs", [
+    (dict(img_size=64, depth=3), [4, 3, 2]),  # 17 tokens: odd, even, odd token counts into the steps
+    (dict(img_size=64, depth=3, reg_tokens=2), [5, 0, 4]),  # 3 protected tokens, a block without a step
+    (dict(img_size=48, depth=2, class_token=False, global_pool="avg"), [4, 2]),  # nothing protected
+])
+def test_tome_flop_model_is_exact(kw, rs):
+    """For ToMe every product the analytic model counts is one FlopCounterMode counts, and nothing else:
+    blocks (attention on the tokens in, MLP on the tokens out) plus the A x B score matrix."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", num_classes=10, **kw).eval()
+    for b in m.blocks:
+        b.attn.fused_attn = False
+    assert schedule_flops(m, [0] * len(rs)) == count_flops(m)
+    vitmerge.apply(m, "tome", r=rs)
+    try:
+        measured = count_flops(m)
+    finally:
+        vitmerge.remove(m)
+    assert schedule_flops(m, rs, "tome") == measured
+
+
 def test_budget_is_tight_against_brute_force():
     """On a 3-block model every schedule can be tried: the solver's is within a few tokens' cost of
     the best schedule under the budget."""
