@@ -1,6 +1,9 @@
 # Two commands do all set-up on a fresh machine (no GPU needed):
 #   make demo   - create .venv, install vitmerge, run the embedded default job (vitmerge demo)
-#   make test   - create .venv, install vitmerge with test extras, run the whole test suite
+#   make test   - create .venv, install vitmerge with test extras, run the test suite (what CI runs;
+#                 tests marked slow are left to `make test-slow`, `make test-all` runs both)
+#   make mutate - mutation-test the core ([tool.mutmut] in pyproject.toml; hours on 2 cores, not CI).
+#                 MUTANTS='vitmerge.merging.base*' runs a part; `.venv/bin/mutmut results` lists survivors
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -12,7 +15,10 @@ STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TRT_BINDINGS = tensorrt-cu12-bindings:10.8.0.43 tensorrt-cu12-bindings:10.16.1.11 tensorrt-cu13-bindings:11.4.0.106
 TRT_STAMP = $(VENV)/trt-bindings/.fetched-$(shell echo "$(TRT_BINDINGS)" | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench install clean
+MUTANTS     ?=
+MUTATE_JOBS ?= 2
+
+.PHONY: demo test test-slow test-all mutate bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,10 +41,21 @@ demo: $(STAMP)
 	$(VENV)/bin/vitmerge demo
 
 test: $(STAMP) $(TRT_STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP) $(TRT_STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP) $(TRT_STAMP)
 	$(PY) -m pytest -q
+
+mutate: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,mutate]"
+	$(PY) -m mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	$(PY) -m mutmut results
 
 bench: $(STAMP)
 	$(PY) bench/bench_ort.py
 
 clean:
-	rm -rf $(VENV) vitmerge-demo .pytest_cache
+	rm -rf $(VENV) vitmerge-demo .pytest_cache mutants

@@ -18,7 +18,9 @@ def _random(B, N, C, D, seed):
     return metric, x, size
 
 
-@pytest.mark.parametrize("N,r,protected", [(9, 3, 1), (16, 5, 1), (17, 8, 1), (30, 7, 2), (12, 6, 0), (11, 4, 3), (197, 16, 1)])
+@pytest.mark.parametrize("N,r,protected", [(9, 3, 1), (16, 5, 1), (17, 8, 1), (30, 7, 2), (11, 4, 3), (197, 16, 1),
+                                            # nothing protected (global-average-pool models): odd and even N
+                                            (12, 6, 0), (13, 5, 0), (13, 6, 0), (2, 1, 0), (3, 1, 0), (40, 3, 0)])
 def test_tome_matches_loop_reference(N, r, protected):
     B, C, D = 3, 8, 5
     metric, x, size = _random(B, N, C, D, seed=N * 100 + r)
@@ -89,6 +91,56 @@ def test_tome_invariant_to_token_order_within_sets(N, r, protected, seed):
     torch.testing.assert_close(canon(out1, s1), canon(out2, s2), rtol=1e-12, atol=1e-12)
 
 
+def _loop_weighted_merge(x, size, weight, keep, src, dst):
+    """float64 loops over one image: slot j averages its kept token and every src with dst == j,
+    weighted by weight * size; its size is the plain sum of sizes."""
+    xs, ss = [], []
+    for j, k in enumerate(keep):
+        members = [k] + [s for s, d in zip(src, dst) if d == j]
+        w = [float(weight[i]) * float(size[i]) for i in members]
+        xs.append(sum(x[i] * wi for i, wi in zip(members, w)) / sum(w))
+        ss.append(sum(float(size[i]) for i in members))
+    return torch.stack(xs), torch.tensor(ss, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("with_size", [True, False])
+def test_weighted_merge_matches_loop_reference(with_size):
+    """Plans with an extra averaging weight (importance): x' = sum(x w s) / sum(w s), s' = sum(s).
+    Sizes and weights both vary, so dropping either from the average changes the result."""
+    g = torch.Generator().manual_seed(5)
+    B, N, D = 2, 10, 4
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 6, (B, N, 1), generator=g).double() if with_size else None
+    weight = torch.rand(B, N, 1, generator=g, dtype=torch.float64) + 0.05
+    keep = torch.tensor([[0, 2, 3, 5, 7, 9], [0, 1, 4, 6, 8, 9]])
+    src = torch.tensor([[1, 4, 6, 8], [2, 3, 5, 7]])
+    dst = torch.tensor([[1, 1, 5, 2], [3, 3, 0, 5]])  # two sources into one slot, slots with none
+    x_out, s_out = merging.MergePlan(keep=keep, src=src, dst=dst, weight=weight).merge(x, size)
+    sz = size if with_size else torch.ones(B, N, 1, dtype=torch.float64)
+    for b in range(B):
+        ref_x, ref_s = _loop_weighted_merge(x[b], sz[b, :, 0], weight[b, :, 0], keep[b].tolist(), src[b].tolist(),
+                                            dst[b].tolist())
+        torch.testing.assert_close(x_out[b], ref_x, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(s_out[b, :, 0], ref_s, rtol=0, atol=0)
+
+
+def test_unweighted_plan_with_explicit_indices():
+    """The same hand-made plan without a weight: the size-weighted average, checked by the same loop."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 7, 3, generator=g, dtype=torch.float64)
+    size = torch.tensor([[[1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0]]], dtype=torch.float64)
+    keep, src, dst = [[6, 0, 3]], [[1, 2, 4, 5]], [[0, 0, 2, 1]]  # output order need not follow input order
+    plan = merging.MergePlan(keep=torch.tensor(keep), src=torch.tensor(src), dst=torch.tensor(dst))
+    x_out, s_out = plan.merge(x, size)
+    ref_x, ref_s = _loop_weighted_merge(x[0], size[0, :, 0], torch.ones(7), keep[0], src[0], dst[0])
+    torch.testing.assert_close(x_out[0], ref_x, rtol=1e-12, atol=1e-12)
+    assert s_out[0, :, 0].tolist() == ref_s.tolist() == [7.0 + 2.0 + 3.0, 1.0 + 6.0, 4.0 + 5.0]
+    assert plan.assign[0].tolist() == [1, 0, 0, 2, 2, 1, 0]
+    assert (plan.n_in, plan.n_out, plan.r) == (7, 3, 4)
+    src_map = plan.merge_source()
+    assert src_map[0].tolist() == [[0, 1, 1, 0, 0, 0, 1], [1, 0, 0, 0, 0, 1, 0], [0, 0, 0, 1, 1, 0, 0]]
+
+
 def test_r_zero_is_identity():
     metric, x, size = _random(2, 11, 4, 3, 0)
     plan = merging.plan("tome", metric, 0)
@@ -119,3 +171,13 @@ def test_bad_arguments():
         merging.plan("tome", torch.randn(4, 2), 1)
     with pytest.raises(ValueError, match="protected"):
         merging.plan("tome", torch.randn(1, 4, 2), 1, protected=5)
+
+
+def test_method_spec_rejects_unknown_form_and_invariance():
+    import dataclasses
+
+    tome = merging.METHODS["tome"]
+    with pytest.raises(ValueError, match=r"x: form must be one of \('block', 'slow_fast', 'pre_encoder'\), got 'side'"):
+        dataclasses.replace(tome, name="x", form="side")
+    with pytest.raises(ValueError, match=r"y: invariance must be one of \('any', 'alternating', 'none'\), got 'some'"):
+        dataclasses.replace(tome, name="y", invariance="some")

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,52 +25,14 @@ runner = CliRunner()
 # ------------------------------------------------------------------------------------ a parser
 
 
+SCHEMA = Path(__file__).parent / "data" / "triton_model_config.txtpb"
+
+
 def _model_config_class():
-    """The part of Triton's ModelConfig proto (inference/model_config.proto) that vitmerge writes.
-
-    Field names, nesting and enum names follow the upstream schema, so text_format.Parse rejects any
-    misspelt or misplaced field; field numbers do not matter to the text format.
-    """
-    F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="vitmerge_test_model_config.proto", package="inference",
-                                             syntax="proto3")
-    dt = fdp.enum_type.add(name="DataType")
-    for i, n in enumerate(["INVALID", "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
-                           "INT64", "FP16", "FP32", "FP64", "STRING", "BF16"]):
-        dt.value.add(name=f"TYPE_{n}", number=i)
-
-    def message(name, fields, parent=None):
-        m = (parent.nested_type if parent is not None else fdp.message_type).add(name=name)
-        for num, (fname, ftype, label, type_name) in enumerate(fields, start=1):
-            f = m.field.add(name=fname, number=num, type=ftype, label=label)
-            if type_name:
-                f.type_name = type_name
-        return m
-
-    OPT, REP = F.LABEL_OPTIONAL, F.LABEL_REPEATED
-    message("ModelTensorReshape", [("shape", F.TYPE_INT64, REP, None)])
-    tensor = [("name", F.TYPE_STRING, OPT, None), ("data_type", F.TYPE_ENUM, OPT, ".inference.DataType"),
-              ("dims", F.TYPE_INT64, REP, None), ("reshape", F.TYPE_MESSAGE, OPT, ".inference.ModelTensorReshape")]
-    message("ModelInput", tensor)
-    message("ModelOutput", tensor)
-    message("ModelDynamicBatching", [("preferred_batch_size", F.TYPE_INT32, REP, None),
-                                     ("max_queue_delay_microseconds", F.TYPE_UINT64, OPT, None)])
-    ig = message("ModelInstanceGroup", [("name", F.TYPE_STRING, OPT, None), ("count", F.TYPE_INT32, OPT, None),
-                                        ("kind", F.TYPE_ENUM, OPT, ".inference.ModelInstanceGroup.Kind"),
-                                        ("gpus", F.TYPE_INT32, REP, None)])
-    kind = ig.enum_type.add(name="Kind")
-    for i, n in enumerate(["KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"]):
-        kind.value.add(name=n, number=i)
-    message("ModelOperations", [("op_library_filename", F.TYPE_STRING, REP, None)])
-    message("ModelConfig", [
-        ("name", F.TYPE_STRING, OPT, None), ("platform", F.TYPE_STRING, OPT, None),
-        ("max_batch_size", F.TYPE_INT32, OPT, None), ("input", F.TYPE_MESSAGE, REP, ".inference.ModelInput"),
-        ("output", F.TYPE_MESSAGE, REP, ".inference.ModelOutput"),
-        ("dynamic_batching", F.TYPE_MESSAGE, OPT, ".inference.ModelDynamicBatching"),
-        ("instance_group", F.TYPE_MESSAGE, REP, ".inference.ModelInstanceGroup"),
-        ("model_operations", F.TYPE_MESSAGE, OPT, ".inference.ModelOperations"),
-        ("default_model_filename", F.TYPE_STRING, OPT, None),
-    ])
+    """Triton's real ModelConfig message (inference/model_config.proto, as tritonclient ships it compiled;
+    see tests/data/update_triton_schema.py), so text_format.Parse rejects any field, nesting or enum
+    value Triton would reject."""
+    fdp = text_format.Parse(SCHEMA.read_text(), descriptor_pb2.FileDescriptorProto())
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))

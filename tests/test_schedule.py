@@ -7,7 +7,8 @@ import torch
 
 import vitmerge
 from vitmerge.errors import ScheduleError
-from vitmerge.merging.schedule import constant, decreasing, parse_r, parse_schedule, solve_budget_latency, token_counts
+from vitmerge.merging.schedule import (constant, decreasing, parse_r, parse_schedule, solve, solve_budget_latency,
+                                       token_counts)
 from vitmerge.models.budget import schedule_flops, solve_budget
 from vitmerge.models.flops import count_flops
 
@@ -79,6 +80,64 @@ def test_budget_meets_count_flops(vit, method):
         previous = sum(rs)
         # near constant: the solver spreads the reduction rather than dumping it on a few blocks
         assert max(rs[:10]) - min(rs[:10]) <= 2
+        # documented shape: tokens are given back from the last blocks, so r never grows with depth ...
+        assert all(a >= b for a, b in zip(rs, rs[1:])), rs
+        # ... and what is left of the budget is less than giving back one more token in any block costs
+        for i in range(12):
+            if rs[i]:
+                assert schedule_flops(vit, rs[:i] + [rs[i] - 1] + rs[i + 1:], method) > f * base
+
+
+@pytest.mark.parametrize("fraction,want", [
+    (0.8, [8, 8, 8, 8]),  # r = 8 uses the budget exactly: nothing to give back
+    (0.81, [8, 8, 7, 6]),
+    (0.815, [8, 7, 7, 7]),
+    (0.87, [6, 5, 5, 3]),
+])
+def test_solver_schedule_worked_by_hand(fraction, want):
+    """The documented algorithm on a cost simple enough to follow by hand.
+
+    4 blocks, 100 tokens; cost = tokens leaving the blocks, summed (unmerged: 400). A constant r costs
+    400 - 10 r; giving one token back in block i costs 4 - i (every later block carries it).
+
+    * 0.81 (budget 324): the smallest constant r that fits is 8 (320). First pass, last block first:
+      block 3 +1 (321), block 2 +2 (323), block 1 +3 (326: no), block 0 +4 (no). Second pass: block 3
+      +1 (324), the rest no. Third pass: nothing fits -> [8, 8, 7, 6].
+    * 0.815 (326): from 8: 321, 323, 326 (block 1 fits), block 0 no; next pass nothing -> [8, 7, 7, 7].
+    * 0.87 (348): r = 6 (340); pass 1: 341, 343, 346, block 0 no (350); pass 2: block 3 (347), then
+      no; pass 3: block 3 (348); pass 4 nothing -> [6, 5, 5, 3].
+    Giving back from the first block instead would give [7, 8, 8, 8] for 0.81.
+    """
+    def cost(rows):
+        return sum(n_out for _, _, n_out in rows)
+
+    def cap(n, r, p):
+        return max(0, min(r, n - p - 1))
+
+    rs = solve(4, 100, 1, cap, cost, fraction, "test", "tome")
+    assert rs == want
+    assert cost(token_counts(100, rs, 1, cap)) <= fraction * 400 + 1e-9
+
+
+@pytest.mark.parametrize("kw,rs", [
+    (dict(img_size=64, depth=3), [4, 3, 2]),  # 17 tokens: odd, even, odd token counts into the steps
+    (dict(img_size=64, depth=3, reg_tokens=2), [5, 0, 4]),  # 3 protected tokens, a block without a step
+    (dict(img_size=48, depth=2, class_token=False, global_pool="avg"), [4, 2]),  # nothing protected
+])
+def test_tome_flop_model_is_exact(kw, rs):
+    """For ToMe every product the analytic model counts is one FlopCounterMode counts, and nothing else:
+    blocks (attention on the tokens in, MLP on the tokens out) plus the A x B score matrix."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", num_classes=10, **kw).eval()
+    for b in m.blocks:
+        b.attn.fused_attn = False
+    assert schedule_flops(m, [0] * len(rs)) == count_flops(m)
+    vitmerge.apply(m, "tome", r=rs)
+    try:
+        measured = count_flops(m)
+    finally:
+        vitmerge.remove(m)
+    assert schedule_flops(m, rs, "tome") == measured
 
 
 def test_budget_is_tight_against_brute_force():

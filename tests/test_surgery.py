@@ -22,7 +22,8 @@ from vitmerge.exporter.surgery import find_merges, load, rewrite
 from reference_tome import bipartite_groups, merge_rows
 
 runner = CliRunner()
-ox = pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions not installed (plugin form kernel)")
+# The plugin form's ORT kernel needs onnxruntime-extensions, a core dependency of vitmerge: if it is
+# missing that is a broken install, and these tests fail (at session creation) instead of skipping.
 
 # (timm kwargs, r per block): small models, real token counts for their resolution.
 MODELS = {

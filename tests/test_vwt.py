@@ -1,6 +1,6 @@
 """The `vwt` method (Visual-Word Tokenizer) against a float64 loop reference, its vocabulary and CLI."""
-import math
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import onnx
@@ -23,52 +23,72 @@ runner = CliRunner()
 
 
 # ------------------------------------------------------------------ float64 loop reference
+#
+# Written from the method's description only: exact scores, every tie to the lower index, and no
+# quantisation. The implementation quantises its scores (so that PyTorch, ONNX Runtime and TensorRT
+# break ties alike); an exact reference agrees with it wherever different scores are further apart
+# than those quantisation steps, so the inputs below are grid-valued: every patch (and word) is a
+# 0/1 pattern with a fixed number of ones (a perfect square), times a power of two. Cosines are then
+# multiples of 1 / ones and variances exact rationals: different scores are far apart, and equal
+# scores are exactly equal (in float32 as in float64), which exercises the tie-breaks.
 
-def levels_for(P):
-    return min(1024, 2 ** 24 // (2 * P) - 2)
+
+def _unit(v):
+    n = float(v.norm())
+    return v / n if n > 0 else v  # an all-zero patch stays zero
+
+
+def _first_best(items, score):
+    """The item with the highest score; among equal scores the first one (items in ascending order)."""
+    items = list(items)
+    best = max(score(i) for i in items)
+    return next(i for i in items if score(i) == best)
+
+
+def _variance(v):
+    vals = [Fraction(float(t)) for t in v]  # exact: no summation-order rounding between equal patches
+    m = sum(vals) / len(vals)
+    return sum((t - m) ** 2 for t in vals) / len(vals)
 
 
 def vwt_groups(feats, r, protected, mode, centroids=None, thresh=None):
-    """One image, written from the method's description. feats [P, F]. Returns (order, groups) over
-    protected + P tokens (patch j is token protected + j)."""
+    """One image. feats [P, F]. Returns (order, groups) over protected + P tokens (patch j is token
+    protected + j): the output tokens in order, each the list of input tokens it holds."""
     P = feats.shape[0]
-    L = levels_for(P)
-    f = [feats[j].double() / max(float(feats[j].double().norm()), 1e-12) for j in range(P)]  # all-zero stays zero
+    f = [_unit(feats[j].double()) for j in range(P)]
     words = [None] * P
     if mode == "inter":
-        c = [centroids[v].double() / centroids[v].double().norm() for v in range(centroids.shape[0])]
-        sim, q = [], []
+        c = [_unit(cv.double()) for cv in centroids]
+        sim = []
         for j in range(P):
             s = [float(f[j] @ cv) for cv in c]
-            best = max(range(len(c)), key=lambda v: (s[v], -v))  # first best word
-            words[j] = best
-            sim.append(s[best])
-            q.append(round(min(max((s[best] + 1) / 2, 0.0), 1.0) * L))
-        leader = {}
-        for j in range(P):  # the best-matching patch of each word; ties -> lower index
-            w = words[j]
-            if w not in leader or q[j] > q[leader[w]]:
-                leader[w] = j
-        tier = [0 if leader[words[j]] == j or (thresh is not None and 1 - sim[j] > thresh) else 1 for j in range(P)]
-        order = sorted(range(P), key=lambda j: (-tier[j], -q[j], j))
-    else:
-        var = [float(feats[j].double().var()) for j in range(P)]
-        vmax = max(max(var), 1e-12)
-        q = [round((1 - var[j] / vmax) * L) for j in range(P)]
-        order = sorted(range(P), key=lambda j: (-q[j], j))
+            words[j] = _first_best(range(len(c)), lambda v: s[v])  # the most similar word
+            sim.append(s[words[j]])
+        # a word's leader in this image: its best-matching patch
+        leader = {w: _first_best((j for j in range(P) if words[j] == w), lambda j: sim[j]) for w in set(words)}
+        # removed first: patches whose word already has its leader, then the leaders (and, with a
+        # threshold, patches too far from every word); within each, the most word-like first
+        first = [leader[words[j]] != j and not (thresh is not None and 1 - sim[j] > thresh) for j in range(P)]
+        order = sorted(range(P), key=lambda j: (not first[j], -sim[j], j))
+    else:  # intra: lowest pixel variance first
+        var = [_variance(feats[j]) for j in range(P)]
+        order = sorted(range(P), key=lambda j: (var[j], j))
     away, kept = order[:r], sorted(order[r:])
-    steps = min(512, (2 ** 24 // len(kept) - 1) // 6)  # similarity + same-word bonus 4, quantised
     groups = {k: [k] for k in kept}
     for a in away:
-        best, best_s = None, -math.inf
-        for k in kept:  # ascending: the first best (lowest index) wins ties
-            s = float(f[a] @ f[k]) + (4.0 if mode == "inter" and words[a] == words[k] else 0.0)
-            s = round(min(max(s + 1.0, 0.0), 6.0) * steps)
-            if s > best_s:
-                best, best_s = k, s
-        groups[best].append(a)
+        # a kept patch of its own word if there is one (inter), the most cosine-similar of those
+        pool = [k for k in kept if mode == "inter" and words[k] == words[a]] or kept
+        groups[_first_best(pool, lambda k: float(f[a] @ f[k]))].append(a)
     out = [[t] for t in range(protected)] + [[protected + j for j in groups[k]] for k in kept]
     return list(range(protected)) + [protected + k for k in kept], out
+
+
+def grid_patterns(shape, dim, ones, gen, scales=(1.0,)):
+    """Random 0/1 patterns [*shape, dim] with exactly ``ones`` ones each, times a scale from ``scales``."""
+    idx = torch.rand(*shape, dim, generator=gen).argsort(-1)[..., :ones]
+    x = torch.zeros(*shape, dim).scatter_(-1, idx, 1.0)
+    pick = torch.randint(len(scales), (*shape, 1), generator=gen)
+    return x * torch.tensor(scales)[pick]
 
 
 def mean_groups(x, groups):
@@ -118,11 +138,12 @@ def check_plan(plan, feats, r, protected, mode, centroids=None, thresh=None):
 
 # ------------------------------------------------------------------ the grouping step
 
-@pytest.mark.parametrize("P,r,protected,words,thresh", [(16, 6, 1, 5, None), (30, 25, 2, 8, None), (25, 10, 1, 40, 0.9)])
+@pytest.mark.parametrize("P,r,protected,words,thresh", [(16, 6, 1, 5, None), (30, 25, 2, 8, None), (25, 10, 1, 40, 0.9),
+                                                        (20, 19, 0, 3, None), (24, 4, 1, 6, 0.7)])
 def test_inter_grouping_matches_reference(P, r, protected, words, thresh):
     g = torch.Generator().manual_seed(P + r)
-    feats = torch.randn(3, P, 12, generator=g)
-    cent = F.normalize(torch.randn(words, 12, generator=g), dim=-1)
+    feats = grid_patterns((3, P), 48, 16, g, scales=(1.0, 2.0, 0.5))
+    cent = grid_patterns((words,), 48, 16, g) / 4  # unit norm: 16 entries of 1/4
     plan = vwt_plan(feats, r, protected, mode="inter", centroids=cent, thresh=thresh)
     check_plan(plan, feats, r, protected, "inter", cent, thresh)
 
@@ -131,18 +152,24 @@ def test_inter_grouping_matches_reference(P, r, protected, words, thresh):
 def test_identical_patches_break_ties_by_index(mode):
     """Flat backgrounds make many patches exactly equal: the choice must still be well defined."""
     g = torch.Generator().manual_seed(4)
-    base = torch.randn(3, 12, generator=g)
+    base = grid_patterns((3,), 48, 16, g)
     pick = torch.randint(0, 3, (2, 20), generator=g)
-    feats = base[pick] * torch.tensor([1.0, 2.0])[:, None, None]  # [2, 20, 12], only 3 distinct patches per image
-    cent = F.normalize(torch.randn(4, 12, generator=g), dim=-1)
+    feats = base[pick] * torch.tensor([1.0, 2.0])[:, None, None]  # [2, 20, 48], only 3 distinct patches per image
+    cent = grid_patterns((4,), 48, 16, g) / 4
     plan = vwt_plan(feats, 9, 1, mode=mode, centroids=cent)
     check_plan(plan, feats, 9, 1, mode, cent)
 
 
-def test_intra_grouping_matches_reference():
-    g = torch.Generator().manual_seed(2)
-    feats = torch.randn(2, 16, 48, generator=g) * torch.rand(2, 16, 1, generator=g)
+@pytest.mark.parametrize("seed", [2, 3])
+def test_intra_grouping_matches_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    feats = grid_patterns((2, 16), 48, 16, g, scales=(1.0, 2.0, 4.0))  # three variances, many ties
     check_plan(vwt_plan(feats, 7, 1, mode="intra"), feats, 7, 1, "intra")
+    # continuous features: variances all differ, so the lowest-variance patches go, whatever the steps
+    feats = torch.randn(2, 16, 48, generator=g) * (torch.arange(16) + 1.0)[torch.randperm(16, generator=g)][:, None]
+    plan = vwt_plan(feats, 7, 1, mode="intra")
+    for b in range(2):
+        assert sorted(plan.src[b].tolist()) == sorted((1 + feats[b].double().var(-1).argsort()[:7]).tolist())
 
 
 # ------------------------------------------------------------------ the model
@@ -171,12 +198,27 @@ def vocab_for(model, words=6, seed=0):
                                        "img_size": list(model.patch_embed.img_size)})
 
 
+def grid_images(b=2, seed=1, hw=64, patch=16):
+    """Images whose 16 x 16 x 3 patches are grid-valued (768 values, 256 ones, times 1 or 2; see the
+    reference), a third of them copies of one of three patterns (flat regions: exactly equal patches)."""
+    g = torch.Generator().manual_seed(seed)
+    n = (hw // patch) ** 2
+    pats = grid_patterns((b, n), 3 * patch * patch, 256, g, scales=(1.0, 2.0))
+    common = grid_patterns((3,), 3 * patch * patch, 256, g)
+    copy = torch.rand(b, n, generator=g) < 0.33
+    pats = torch.where(copy[..., None], common[torch.randint(0, 3, (b, n), generator=g)], pats)
+    gh = hw // patch  # inverse of pixel_patches: [b, gh * gw, C * ph * pw] -> [b, C, H, W]
+    return pats.reshape(b, gh, gh, 3, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, hw, hw)
+
+
 @pytest.mark.parametrize("mode", ["inter", "intra"])
 @pytest.mark.parametrize("prop_attn", [True, False])
 def test_model_matches_handwritten_reference(mode, prop_attn):
     model = tiny().double()
-    voc = vocab_for(model)
-    x = blocky_images().double()
+    words = grid_patterns((6,), 768, 256, torch.Generator().manual_seed(5)) / 16  # unit norm
+    voc = Vocabulary(words, "pixels", {"patch_size": [16, 16], "img_size": [64, 64]})
+    x = grid_images().double()
+    assert torch.equal(pixel_patches(x, (16, 16)).sum(-1) % 256, torch.zeros(2, 16, dtype=torch.float64))
     ref = vwt_forward(model, x, 7, mode, voc.centroids, prop_attn=prop_attn)
     vitmerge.apply(model, "vwt", r=7, mode=mode, vocab=voc if mode == "inter" else None, prop_attn=prop_attn)
     with torch.no_grad():
