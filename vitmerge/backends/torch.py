@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import RuntimeMissingError, UsageError
 from ..models import apply, input_shape
+from ..models.family import forward_logits
 from ..models.build import build_model
 from .base import DEVICES, TIMM_PREFIX, Runner
 
@@ -49,7 +50,7 @@ class TorchRunner(Runner):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(x)
+            return forward_logits(self.model, x)
 
     def _infer(self, images: np.ndarray) -> np.ndarray:
         return self._run(torch.from_numpy(images).to(self.device)).float().cpu().numpy()

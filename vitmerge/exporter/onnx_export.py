@@ -24,6 +24,7 @@ from .. import metadata as md
 from ..data.transforms import data_config
 from ..errors import OutputPathError
 from ..models import input_shape
+from ..models.family import forward_logits
 
 INPUT_NAME = md.INPUT_NAME
 OUTPUT_NAME = md.OUTPUT_NAME
@@ -32,14 +33,16 @@ LARGE_MODEL_BYTES = 1_800_000_000  # above this the weights go to an external-da
 
 
 class _Entry(nn.Module):
-    """A fixed, named entry point: the graph input is called ``images`` whatever the model's forward."""
+    """A fixed, named entry point: the graph input is called ``images`` whatever the model's forward
+    (also for video clips and spectrograms: one name, so engine builds and runners need no case), and
+    the output is the logits tensor (transformers models return an output object)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        return forward_logits(self.model, images)
 
 
 def check_output_path(output: Union[str, Path]) -> Path:

@@ -18,6 +18,7 @@ from torch import nn
 from ..backends.ort import OrtRunner
 from ..errors import SurgeryError, VerificationError
 from ..models import input_shape
+from ..models.family import forward_logits
 
 PathLike = Union[str, Path]
 
@@ -94,7 +95,7 @@ def verify(
     report = VerifyReport(path=str(path))
     for b in batch_sizes:
         x = torch.randn(b, *shape, generator=gen)
-        report.checks.append(batch_check(b, model(x).float().numpy(), run(x).numpy(), atol, rtol))
+        report.checks.append(batch_check(b, forward_logits(model, x).float().numpy(), run(x).numpy(), atol, rtol))
     return report
 
 
