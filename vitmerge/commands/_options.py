@@ -54,6 +54,13 @@ CheckpointOpt = Annotated[Optional[Path], typer.Option(
          "(said loudly: accuracy is then meaningless)")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option(
     "--img-size", rich_help_panel=MODEL_PANEL, help="Input resolution (default: the model's)")]
+FramesOpt = Annotated[Optional[int], typer.Option(
+    "--frames", rich_help_panel=MODEL_PANEL,
+    help="Video models (transformers VideoMAE folder): frames per clip (default: the config's num_frames)")]
+AudioLengthOpt = Annotated[Optional[int], typer.Option(
+    "--audio-length", rich_help_panel=MODEL_PANEL,
+    help="Audio models (transformers AST folder): spectrogram time frames (default: the config's max_length; "
+         "the position embedding is resampled)")]
 NumClassesOpt = Annotated[Optional[int], typer.Option(
     "--num-classes", rich_help_panel=MODEL_PANEL,
     help="Classifier size (default: from the checkpoint, else the model's)")]
@@ -97,7 +104,7 @@ ThreadsOpt = Annotated[int, typer.Option(
 
 __all__ = [
     "choices", "value", "Method", "MergeOp", "Runtime", "EvalRuntime", "Schedule", "Device", "CalibrationMethod",
-    "InstanceKind", "Space", "ClassOrder", "CheckpointOpt", "ImgSizeOpt", "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
+    "InstanceKind", "Space", "ClassOrder", "CheckpointOpt", "ImgSizeOpt", "FramesOpt", "AudioLengthOpt", "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
     "MethodOpt", "OptionOpt", "ScheduleOpt", "BudgetOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",
     "ThreadsOpt",
 ]
