@@ -92,8 +92,8 @@ PropAttnOpt = Annotated[bool, typer.Option(
 # ---------------------------------------------------------------------------------------------- data / output
 
 DataOpt = Annotated[Optional[Path], typer.Option(
-    "--data", "-d", help="Labelled image folder: ImageFolder, ImageNet val, CIFAR-100 pickles or Oxford-IIIT Pet "
-                         "(see docs/data.md)")]
+    "--data", "-d", help="Labelled image folder: ImageFolder, ImageNet val, CIFAR-100 pickles or Oxford-IIIT Pet; "
+                         "video (.npy) or audio (.wav) clips in class folders (see docs/data.md)")]
 LabelsOpt = Annotated[Optional[Path], typer.Option(
     "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv)")]
 ReportDirOpt = Annotated[Optional[Path], typer.Option(

@@ -11,7 +11,8 @@ maintained reader where one exists:
   ``LOC_val_solution.csv``): read here, no maintained reader knows these;
 * CIFAR-100: the official ``cifar-100-python`` pickles, read by torchvision's ``CIFAR100``;
 * Oxford-IIIT Pet: ``images/`` plus ``annotations/test.txt``, read by torchvision's ``OxfordIIITPet``;
-* a folder holding ``train/`` and ``val/`` or ``test/`` splits in any of the layouts above.
+* a folder holding ``train/`` and ``val/`` or ``test/`` splits in any of the layouts above;
+* video clips (``.npy``) or audio files (``.wav``) in class folders (:mod:`.clips`).
 
 Entries whose name starts with '.' (``.ipynb_checkpoints``, macOS ``._x.jpg``) are never classes or
 images. Images that cannot be decoded are skipped, counted and named in the result, never fatal.
@@ -139,6 +140,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if img is not None and self.transform is not None:
             try:
                 img = self.transform(img)
+            except DataError:  # readable, but not what the model takes (a clip's frame count): say so
+                raise
             except Exception:
                 img = None
         return img, label, str(ref)
@@ -487,7 +490,12 @@ def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str], class_
     subdirs = [e for e in entries if e.is_dir()]
     files = [e for e in entries if is_image(e)]
 
+    from .clips import detect as detect_clips, open_clips
+
     names = {d.name.lower(): d for d in subdirs}
+    kind = None if (subdirs and set(names) <= set(SPLIT_NAMES)) else detect_clips(p)
+    if kind is not None:
+        return open_clips(p, kind), devkit
     if subdirs and set(names) <= set(SPLIT_NAMES) and not files:
         order = [split] if split else list(prefer)
         chosen = next((names[s] for s in order if s in names), None)
