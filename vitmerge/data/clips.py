@@ -16,8 +16,9 @@ log-mel features (:mod:`.audio`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,11 +59,20 @@ def _load_audio(path: str):
     return audio.read_wav(path)
 
 
-def open_clips(folder: Path, kind: str):
-    """The labelled clips under ``folder``'s class sub-folders (an :class:`~vitmerge.data.ImageDataset` whose
-    items load as arrays: video [T, ...] or audio (waveform, rate))."""
-    from .datasets import ImageDataset
+@dataclass
+class ClipScan:
+    """What :func:`scan` found: the parts of a dataset (``open_dataset`` makes the ImageDataset of them)."""
 
+    layout: str
+    items: List[Tuple[str, int]]
+    classes: List[str]
+    load: Callable
+    notes: List[str]
+
+
+def scan(folder: Path, kind: str) -> ClipScan:
+    """The labelled clips under ``folder``'s class sub-folders; items load as arrays: video [T, ...] or
+    audio (waveform, rate)."""
     suffix = VIDEO_SUFFIX if kind == "video" else AUDIO_SUFFIX
     classes = [d.name for d in sorted(folder.iterdir()) if d.is_dir() and _visible(d)]
     items, other = [], 0
@@ -76,7 +86,7 @@ def open_clips(folder: Path, kind: str):
                 other += 1
     notes = [f"{other} files that are not {suffix} were left out"] if other else []
     load = _load_video if kind == "video" else _load_audio
-    return ImageDataset(folder, f"{kind} clips ({suffix} in class folders)", items, classes, load, notes=notes)
+    return ClipScan(f"{kind} clips ({suffix} in class folders)", items, classes, load, notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,5 +199,5 @@ def _write(root: Path, labels, classes, names, save) -> None:
         save(root / classes[int(y)] / n, i)
 
 
-__all__ = ["detect", "open_clips", "VideoTransform", "AudioTransform", "video_config", "audio_config", "transform",
+__all__ = ["detect", "scan", "ClipScan", "VideoTransform", "AudioTransform", "video_config", "audio_config", "transform",
            "write_video_folder", "write_audio_folder", "VIDEO_SUFFIX", "AUDIO_SUFFIX"]

@@ -37,7 +37,7 @@ from torchvision.datasets import CIFAR100, ImageFolder, OxfordIIITPet
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, pil_loader
 
 from ..errors import DataError, UsageError
-from . import imagenet
+from . import clips, imagenet
 from .imagenet import CLASS_ORDERS, WNID
 
 log = logging.getLogger(__name__)
@@ -490,12 +490,11 @@ def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str], class_
     subdirs = [e for e in entries if e.is_dir()]
     files = [e for e in entries if is_image(e)]
 
-    from .clips import detect as detect_clips, open_clips
-
     names = {d.name.lower(): d for d in subdirs}
-    kind = None if (subdirs and set(names) <= set(SPLIT_NAMES)) else detect_clips(p)
+    kind = None if (subdirs and set(names) <= set(SPLIT_NAMES)) else clips.detect(p)
     if kind is not None:
-        return open_clips(p, kind), devkit
+        c = clips.scan(p, kind)
+        return ImageDataset(p, c.layout, c.items, c.classes, c.load, notes=c.notes), devkit
     if subdirs and set(names) <= set(SPLIT_NAMES) and not files:
         order = [split] if split else list(prefer)
         chosen = next((names[s] for s in order if s in names), None)
