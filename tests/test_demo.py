@@ -9,7 +9,7 @@ from vitmerge import demo
 @pytest.mark.slow
 def test_full_demo_small(digits_model, tmp_path):
     settings = demo.DemoSettings(out_dir=tmp_path / "report", methods=["tome"], budgets=[0.5], batches=[1, 2],
-                                 rounds=1, iters=1, calib_images=40, vit_s=False,
+                                 rounds=1, iters=1, calib_images=40, vit_s=False, clips=(),
                                  cache_root=digits_model.dir.parent)
     res = demo.run(settings, say=lambda s: None)
     data = json.loads(res.report_json.read_text())["data"]

@@ -189,3 +189,22 @@ def test_input_size_options_resample(folders):
     for m in (vit, ast, vm):
         with torch.no_grad():
             assert m(inputs(m)).logits.shape == (2, 5)
+
+
+def test_large_topk_finds_sorts_over_tensorrts_limit():
+    """TensorRT's TopK takes k <= 3840: long sequences exceed it (ToMe's sort of the N/2 A tokens at N > 7680)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitmerge.exporter import TENSORRT_TOPK_MAX, large_topk
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5000])
+    outs = [helper.make_tensor_value_info(f"{n}{i}", TensorProto.FLOAT if n == "v" else TensorProto.INT64, None)
+            for i in range(3) for n in ("v", "i")]
+    nodes = [helper.make_node("Constant", [], ["k0"], value=numpy_helper.from_array(np.array([4096], np.int64))),
+             helper.make_node("TopK", ["x", "k0"], ["v0", "i0"], axis=-1),
+             helper.make_node("TopK", ["x", "k1"], ["v1", "i1"], axis=-1),
+             helper.make_node("TopK", ["x", "k2"], ["v2", "i2"], axis=-1)]
+    inits = [numpy_helper.from_array(np.array([TENSORRT_TOPK_MAX], np.int64), "k1"),
+             numpy_helper.from_array(np.array([TENSORRT_TOPK_MAX + 1], np.int64), "k2")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits))
+    assert large_topk(proto) == [4096, TENSORRT_TOPK_MAX + 1]

@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import logging
 
+import onnx
 from torch import nn
 
 from .._io import staged
@@ -14,10 +15,12 @@ from ..backends.ort import OrtRunner
 from ..errors import VerificationError
 from .onnx_export import (
     DEFAULT_OPSET,
+    TENSORRT_TOPK_MAX,
     INPUT_NAME,
     OUTPUT_NAME,
     check_output_path,
     export_onnx_program,
+    large_topk,
     metadata,
     output_files,
     save_program,
@@ -66,6 +69,12 @@ def export(
         program = export_onnx_program(model, opset=opset)
         step("writing")
         written = save_program(program, model, stage, out.name)
+        big = large_topk(onnx.load(str(written), load_external_data=False))
+        if big:
+            log.warning("%s: %d TopK node(s) sort more than %d values (k up to %d): ONNX Runtime runs them, "
+                        "TensorRT's TopK layer refuses k > %d (fewer tokens, or a method without full sorts, "
+                        "keeps the graph TensorRT-ready)", out.name, len(big), TENSORRT_TOPK_MAX, max(big),
+                        TENSORRT_TOPK_MAX)
         if merge_op != "standard":
             step(f"graph surgery: merge steps -> {merge_op} form")
             rewrite(written, written, merge_op)
@@ -88,5 +97,5 @@ def export(
 
 __all__ = [
     "export", "ExportResult", "verify", "VerifyReport", "check_onnx", "compare_files", "rewrite",
-    "export_onnx_program", "metadata", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET",
+    "export_onnx_program", "metadata", "large_topk", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET", "TENSORRT_TOPK_MAX",
 ]

@@ -30,6 +30,7 @@ INPUT_NAME = md.INPUT_NAME
 OUTPUT_NAME = md.OUTPUT_NAME
 DEFAULT_OPSET = 18
 LARGE_MODEL_BYTES = 1_800_000_000  # above this the weights go to an external-data file (2 GB protobuf cap)
+TENSORRT_TOPK_MAX = 3840  # TensorRT's TopK layer takes k <= 3840 (long sequences: sorts of N/2 or N tokens)
 
 
 class _Entry(nn.Module):
@@ -120,6 +121,23 @@ def save_program(program, model: nn.Module, workdir: Path, name: str) -> Path:
     proto.producer_name = "vitmerge"
     onnx.save(proto, str(path))
     return path
+
+
+def large_topk(proto) -> list:
+    """The k of every TopK node whose k is a constant above TensorRT's limit (:data:`TENSORRT_TOPK_MAX`)."""
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
+    out = []
+    for n in proto.graph.node:
+        if n.op_type == "TopK" and len(n.input) > 1 and n.input[1] in consts:
+            k = int(numpy_helper.to_array(consts[n.input[1]]).reshape(-1)[0])
+            if k > TENSORRT_TOPK_MAX:
+                out.append(k)
+    return out
 
 
 def output_files(output: Path) -> tuple:
