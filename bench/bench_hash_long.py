@@ -29,7 +29,7 @@ from vitmerge.data.synthetic import moving_digits  # noqa: E402
 from vitmerge.models import hf  # noqa: E402
 
 CLIPS = {1568: (16, 224), 4096: (32, 256), 8192: (64, 256)}
-HASH = [(8, 1), (8, 2), (12, 2), (16, 1), (16, 2), (16, 4), (24, 2), (32, 2), (16, 8)]
+HASH = [(8, 1), (8, 2), (8, 4), (12, 2), (12, 4), (16, 1), (16, 2), (16, 4), (16, 8), (24, 2), (32, 2)]
 
 
 @torch.no_grad()
