@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     un = res.models["unmerged"]
     unit = "layer" if tuple(forms) == ("block",) else "block"
     where = (f"the {args.task} test split" if args.model is None and args.data is None else f"{ds.layout}, {ds.root}")
-    lines = [f"Model: {label}. Data: {res.images} images ({where}"
+    what = "clips" if args.task in ("video", "audio") and args.model is None else "images"
+    lines = [f"Model: {label}. Data: {res.images} {what} ({where}"
              + (f"; {len(res.unreadable)} unreadable, skipped" if res.unreadable else "") + "). "
              f"PyTorch eager on CPU ({platform.machine()}), torch {torch.__version__}, "
              f"vitmerge {vitmerge.__version__}, methods registered: {', '.join(merging.available_methods())}.",

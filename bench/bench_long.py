@@ -47,6 +47,12 @@ from vitmerge.models.flops import flop_ratio  # noqa: E402
 from vitmerge.profiling.profile import profile_targets  # noqa: E402
 
 TRT_TOPK_MAX = 3840
+# Verified against PyTorch with atol 1e-2 instead of export's 1e-4 (+ rtol 1e-3 of the largest logit), and the
+# actual max |diff| recorded next to whether export's default would pass: with random weights and random inputs,
+# ToMe without a protected token (VideoMAE) keeps its unmerged tokens in score order (as the reference does), and
+# at N >= 4096 near-equal scores order differently under float noise: PyTorch's own output moves by ~3e-3 under a
+# 1e-6 input perturbation there (measured), so ONNX Runtime's differs by as much.
+VERIFY_ATOL = 1e-2
 VIDEO = {1568: (16, 224, 224), 4096: (32, 256, 256), 8192: (64, 256, 256)}  # frames, height, width
 IMAGE = {1568: (448, 896), 4096: (1024, 1024), 8192: (1024, 2048)}
 
@@ -132,10 +138,12 @@ def run_config(family: str, n: int, depth: int, budget: float, rounds: int, work
         vitmerge.apply(model, method="tome" if variant == "unmerged" else variant, r=rs)
         _, _, bound = flop_ratio(model)
         t0 = time.perf_counter()
-        res = vitmerge.export(model, workdir / f"{family}_{n}_{variant}.onnx", batch_sizes=(1,))
+        res = vitmerge.export(model, workdir / f"{family}_{n}_{variant}.onnx", batch_sizes=(1,), atol=VERIFY_ATOL)
         paths[variant] = res.path
+        check = res.verification.checks[0]
         info[variant] = {"r": rs, "tokens": [n_tokens] + model.vitmerge.tokens_out, "flop_bound": bound,
-                         "max_abs_diff": res.verification.max_abs_diff, "export_s": time.perf_counter() - t0,
+                         "max_abs_diff": check.max_abs_diff, "export_s": time.perf_counter() - t0,
+                         "default_tolerance_ok": check.max_abs_diff <= 1e-4 + 1e-3 * check.max_abs_ref,
                          **merge_tensors(res.path)}
         say(f"  {family} N={n_tokens} {variant}: r={rs}, FLOP bound {bound:.2f}x, exported+verified in "
             f"{info[variant]['export_s']:.0f} s (max|diff| {res.verification.max_abs_diff:.1e})")
@@ -157,14 +165,15 @@ def run_config(family: str, n: int, depth: int, budget: float, rounds: int, work
 
 def table(results: List[Dict[str, Any]]) -> str:
     lines = ["| model | N | variant | r per layer | FLOP bound | p50 ms | speed-up | of bound | inference peak MB "
-             "| largest merge tensor MB | TopK k > 3840 |",
-             "|:---|---:|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]
+             "| largest merge tensor MB | TopK k > 3840 | ORT vs PyTorch max abs diff |",
+             "|:---|---:|:---|:---|---:|---:|---:|---:|---:|---:|:---|---:|"]
     for res in results:
         for k, v in res["variants"].items():
             lines.append(f"| {res['family']} | {res['n_tokens']} | {k} | {v['r'] if any(v['r']) else '—'} | "
                          f"{v['flop_bound']:.2f}x | {v['p50_ms']:.0f} | {v['speedup']:.2f}x | "
                          f"{v['speedup'] / v['flop_bound']:.0%} | {v['inference_peak_mb']:.0f} | "
-                         f"{v['merge_max_mb_fp32']:.1f} | {', '.join(map(str, v['topk_over_trt_limit'])) or '—'} |")
+                         f"{v['merge_max_mb_fp32']:.1f} | {', '.join(map(str, v['topk_over_trt_limit'])) or '—'} | "
+                         f"{v['max_abs_diff']:.1e}{'' if v['default_tolerance_ok'] else ' (over 1e-4 + 1e-3 max)'} |")
     return "\n".join(lines)
 
 

@@ -124,7 +124,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def describe(self) -> str:
         order = f", class order: {self.class_order}" if self.class_order else ""
-        return f"{self.layout}: {len(self)} images, {self.num_classes} classes{order} ({self.root})"
+        what = "clips" if self.layout.startswith(("video", "audio")) else "images"
+        return f"{self.layout}: {len(self)} {what}, {self.num_classes} classes{order} ({self.root})"
 
     def load_image(self, i: int):
         """The decoded RGB PIL image of item ``i``, or None when it cannot be read."""

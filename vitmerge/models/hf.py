@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ModelNotFoundError, UnsupportedModelError, UsageError
+from ..errors import CheckpointError, ModelNotFoundError, RuntimeMissingError, UnsupportedModelError, UsageError
 from .vit import MergeState, TokenMerge, class_attention, mixed_class, original_class
 
 log = logging.getLogger(__name__)
@@ -350,11 +350,15 @@ def _model_mixin(model: nn.Module) -> type:
     return HFVideoMAEMixin if model_type(model) == "videomae" else HFMergeModelMixin
 
 
-def _transformers_version(model: nn.Module) -> Optional[str]:
+def _transformers_version() -> Optional[str]:
+    """The version of transformers when it is imported (a model of it exists), else None."""
     import sys
 
-    mod = sys.modules.get("transformers")
-    return getattr(mod, "__version__", None)
+    return getattr(sys.modules.get("transformers"), "__version__", None)
+
+
+def _too_old(version: Optional[str]) -> bool:
+    return version is not None and int(version.split(".")[0]) < int(MIN_TRANSFORMERS.split(".")[0])
 
 
 def unsupported_reason(model: nn.Module) -> Optional[str]:
@@ -364,8 +368,8 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
         return f"{name} (model_type {t!r}) is not a supported transformers model"
     if name not in MODELS[t][0]:
         return f"{name} is not one of the supported {t} classes ({', '.join(MODELS[t][0])})"
-    version = _transformers_version(model)
-    if version is not None and int(version.split(".")[0]) < int(MIN_TRANSFORMERS.split(".")[0]):
+    version = _transformers_version()
+    if _too_old(version):
         return f"transformers {version} is installed; vitmerge patches transformers >= {MIN_TRANSFORMERS} models"
     try:
         ls = layers(model)
@@ -534,12 +538,13 @@ def load_pretrained(folder: Union[str, Path], img_size: Optional[int] = None, fr
     mod = MODELS[t][1]
     _check_sizes(p, t, mod, cfg, img_size, frames, audio_length)
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError:
-        from ..errors import RuntimeMissingError
-
-        raise RuntimeMissingError("loading a transformers model folder needs transformers >= 5: "
-                                  "pip install 'transformers>=5'") from None
+        raise RuntimeMissingError(f"loading a transformers model folder needs transformers >= {MIN_TRANSFORMERS}: "
+                                  "pip install 'vitmerge[hf]'") from None
+    if _too_old(transformers.__version__):
+        raise RuntimeMissingError(f"transformers {transformers.__version__} is installed; vitmerge loads and patches "
+                                  f"transformers >= {MIN_TRANSFORMERS} models: pip install 'vitmerge[hf]'")
     cls = _model_class(cfg)
     overrides: Dict[str, Any] = {}
     if t == "videomae":  # sin/cos positions are computed from the config: no weights change
