@@ -343,9 +343,6 @@ def _classifier_output(logits, loss):
     return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-_MIXINS = (HFMergeModelMixin, HFVideoMAEMixin)
-
-
 def _model_mixin(model: nn.Module) -> type:
     return HFVideoMAEMixin if model_type(model) == "videomae" else HFMergeModelMixin
 
