@@ -2,6 +2,8 @@
 
     python bench/accuracy_table.py                       # digits ViT (trained/cached), its 449 test images
     python bench/accuracy_table.py --write docs/accuracy.md
+    python bench/accuracy_table.py --task video --write docs/accuracy.md   # the VideoMAE on moving digits
+    python bench/accuracy_table.py --task audio --write docs/accuracy.md   # the AST on DTMF tones
     python bench/accuracy_table.py --model vit_base_patch16_224 --checkpoint vit_b.pth \\
         --data /data/imagenet/val --limit 5000          # the same table on your model and data
 
@@ -42,7 +44,7 @@ from vitmerge.backends import TorchRunner  # noqa: E402
 from vitmerge.models.budget import achieved_fraction, budget_schedule  # noqa: E402
 from vitmerge.profiling.accuracy import check_classes, evaluate  # noqa: E402
 
-BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
+MARKERS = {"digits": "accuracy-table", "video": "accuracy-video", "audio": "accuracy-audio"}
 
 
 def vwt_vocabulary(model, calib_root: Optional[Path], words: int):
@@ -74,7 +76,10 @@ def fraction_text(x: float) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="timm model name (default: the digits ViT)")
+    ap.add_argument("--task", choices=sorted(MARKERS), default="digits",
+                    help="the demo model measured when --model is not given: digits (timm ViT), video (VideoMAE on "
+                         "moving digits), audio (AST on DTMF tones); also names the table's markers")
+    ap.add_argument("--model", help="timm model name or transformers model folder (default: the --task demo model)")
     ap.add_argument("--checkpoint", type=Path, help="local weights for --model")
     ap.add_argument("--model-kwargs", default=None, help="timm.create_model arguments as JSON or a .json file")
     ap.add_argument("--data", type=Path, help="labelled image folder (any layout `vitmerge eval` reads)")
@@ -92,7 +97,23 @@ def main(argv=None) -> int:
     # ------------------------------------------------------------------ model and data
     from vitmerge.models.build import build_model
 
-    if args.model is None:
+    if args.model is None and args.task in ("video", "audio"):
+        from vitmerge.demo import clipmodels
+
+        t0 = time.perf_counter()
+        cm = clipmodels.cached(args.task)
+        print(f"{args.task} model: {cm.dir} ({'cached' if cm.cached else f'trained in {time.perf_counter() - t0:.0f} s'})")
+        name, ckpt, kwargs, data = str(cm.model_dir), None, {}, args.data or cm.data_dir
+        c = cm.build().config
+        if args.task == "video":
+            label = (f"VideoMAE-shaped video classifier trained on moving digits ({c.num_frames} frames of "
+                     f"{c.image_size} px, tubelets {c.tubelet_size}x{c.patch_size}x{c.patch_size}, depth "
+                     f"{c.num_hidden_layers}, dim {c.hidden_size}, mean pooling)")
+        else:
+            label = (f"AST-shaped audio classifier trained on DTMF tones in noise ({c.max_length} frames x "
+                     f"{c.num_mel_bins} mel bins, {c.patch_size}x{c.patch_size} patches, depth {c.num_hidden_layers}, "
+                     f"dim {c.hidden_size})")
+    elif args.model is None:
         from vitmerge.demo import digits
 
         t0 = time.perf_counter()
@@ -109,9 +130,13 @@ def main(argv=None) -> int:
         name, ckpt, data = args.model, args.checkpoint, args.data
         kwargs = parse_json_option(args.model_kwargs, "--model-kwargs")
         label = f"{name} ({ckpt or 'RANDOM weights'})"
+    from vitmerge.models.family import family
+    from vitmerge.models.shapes import num_classes
+
     base = build_model(name, ckpt, **kwargs)
     ds = open_dataset(data, transform=transform_for(base), limit=args.limit)
-    check_classes(ds, int(base.num_classes))
+    check_classes(ds, num_classes(base))
+    forms = family(base).forms
     calib = open_dataset(data, prefer=CALIBRATION_SPLITS)
     calib_root = calib.root if calib.root.resolve() != ds.root.resolve() else None  # a separate train/ folder
     print(f"data: {ds.describe()}" + "".join(f"\n  {n}" for n in ds.notes))
@@ -123,6 +148,9 @@ def main(argv=None) -> int:
     for method in wanted:
         if method not in merging.METHODS:
             skipped.append((method, f"not registered (available: {', '.join(merging.available_methods())})"))
+            continue
+        if merging.METHODS[method].form not in forms:
+            skipped.append((method, f"its {merging.METHODS[method].form} form is implemented for timm ViTs only"))
             continue
         try:
             vs = variants(method, base, calib_root, args.words)
@@ -157,13 +185,16 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------ table
     un = res.models["unmerged"]
-    where = "the digits test split" if args.model is None and args.data is None else f"{ds.layout}, {ds.root}"
-    lines = [f"Model: {label}. Data: {res.images} images ({where}"
+    unit = "layer" if tuple(forms) == ("block",) else "block"
+    where = (f"the {args.task} test split" if args.model is None and args.data is None else f"{ds.layout}, {ds.root}")
+    what = "clips" if args.task in ("video", "audio") and args.model is None else "images"
+    lines = [f"Model: {label}. Data: {res.images} {what} ({where}"
              + (f"; {len(res.unreadable)} unreadable, skipped" if res.unreadable else "") + "). "
              f"PyTorch eager on CPU ({platform.machine()}), torch {torch.__version__}, "
              f"vitmerge {vitmerge.__version__}, methods registered: {', '.join(merging.available_methods())}.",
              "",
-             "| method | FLOP target | r | tokens into block 0 → out of last block | FLOPs counted | top-1 | Δ top-1 (points) | top-1 agreement with unmerged |",
+             f"| method | FLOP target | r | tokens into {unit} 0 → out of last {unit} "
+             "| FLOPs counted | top-1 | Δ top-1 (points) | top-1 agreement with unmerged |",
              "|:---|---:|:---|---:|---:|---:|---:|---:|",
              f"| unmerged | 1.0 | — | {rows[0]['tokens_in'] if rows else '—'} → same | 1.000 | {un.top1:.2%} | — | 100.00% |"]
     for f in fractions:
@@ -181,6 +212,7 @@ def main(argv=None) -> int:
     print(table)
 
     if args.write is not None:
+        BEGIN, END = f"<!-- {MARKERS[args.task]}:begin -->", f"<!-- {MARKERS[args.task]}:end -->"
         text = args.write.read_text() if args.write.exists() else ""
         block = f"{BEGIN}\n{table}\n{END}"
         if BEGIN in text and END in text:

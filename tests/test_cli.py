@@ -53,8 +53,8 @@ def test_choices_come_from_the_library():
 
 def test_profile_separates_timm_options_from_runtime_options():
     text = flat(runner.invoke(app, ["profile", "--help"], env={"COLUMNS": "250"}).output)
-    panel = text.index("timm:NAME models (PyTorch eager)")
-    for opt in ("--checkpoint", "--method", "--r ", "--img-size", "--device"):
+    panel = text.index("timm:NAME and transformers folders (PyTorch eager)")
+    for opt in ("--checkpoint", "--method", "--r ", "--img-size", "--device", "--frames", "--audio-length"):
         assert text.index(opt, panel) > panel, f"{opt} belongs to the timm:NAME panel"
     for opt in ("--runtime", "--threads"):
         assert text.index(opt) < panel

@@ -9,7 +9,7 @@ from vitmerge import demo
 @pytest.mark.slow
 def test_full_demo_small(digits_model, tmp_path):
     settings = demo.DemoSettings(out_dir=tmp_path / "report", methods=["tome"], budgets=[0.5], batches=[1, 2],
-                                 rounds=1, iters=1, calib_images=40, vit_s=False,
+                                 rounds=1, iters=1, calib_images=40, vit_s=False, clips=(),
                                  cache_root=digits_model.dir.parent)
     res = demo.run(settings, say=lambda s: None)
     data = json.loads(res.report_json.read_text())["data"]
@@ -32,3 +32,28 @@ def test_full_demo_small(digits_model, tmp_path):
     assert len(res.plots) == 2
     for p in res.plots:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_demo_video_and_audio_rows(digits_model, tmp_path):
+    """The demo's transformers part: trains (or reuses) the VideoMAE and AST demo models next to the digits
+    model, exports them unmerged and merged, and scores and times both in ONNX Runtime."""
+    from vitmerge.demo import clipmodels
+
+    settings = demo.DemoSettings(out_dir=tmp_path / "report", methods=["tome"], budgets=[0.5], batches=[1],
+                                 rounds=1, iters=1, calib_images=20, vit_s=False,
+                                 clips=(("video", "tome", 0.5), ("audio", "hash", 0.5)),
+                                 cache_root=digits_model.dir.parent)
+    res = demo.run(settings, say=lambda s: None)
+    rows = json.loads(res.report_json.read_text())["data"]["clips"]
+    assert [(r["task"], r["model"], r["method"]) for r in rows] == [
+        ("video", "VideoMAEForVideoClassification", "tome"), ("audio", "ASTForAudioClassification", "hash")]
+    for row in rows:
+        cm = clipmodels.cached(row["task"], root=digits_model.dir.parent)  # the cached model, no retraining
+        assert cm.cached
+        # ONNX Runtime scores the exported unmerged model as PyTorch scored it after training (one clip of slack)
+        assert row["top1_unmerged"] == pytest.approx(cm.test_top1, abs=1 / row["clips"] + 1e-9)
+        assert row["flop_fraction"] <= 0.5 + 1e-6 and row["tokens_out"] < row["tokens_in"]
+        assert row["top1_merged"] >= row["top1_unmerged"] - 0.1
+        assert all(v > 0 for v in row["p50_ms"]["merged"].values())
+    assert "Video and audio transformers" in res.report_md.read_text()

@@ -16,7 +16,7 @@ from .errors import ModelFileError
 
 PREFIX = "vitmerge."
 
-INPUT_SHAPE = "vitmerge.input_shape"  # [C, H, W] of one image
+INPUT_SHAPE = "vitmerge.input_shape"  # one input without the batch axis: [C, H, W] image, [T, C, H, W] video, [time, mel] audio
 DTYPE = "vitmerge.dtype"  # what the model computes in: fp32 | fp16 | bf16 (inputs and outputs are float32)
 METHOD = "vitmerge.method"
 R = "vitmerge.r"  # requested r per block (JSON list)
@@ -86,10 +86,10 @@ def parsed(meta: Mapping[str, str], strip: bool = True) -> Dict[str, Any]:
     return out
 
 
-def input_info(proto, name: str | None = None) -> Tuple[str, Tuple[int, int, int]]:
-    """(input name, static (C, H, W)) of an image model, from the graph or, for graphs whose input
-    shape was not kept, from ``vitmerge.input_shape``. ``name``: the input to read (default: the
-    only non-initializer input)."""
+def input_info(proto, name: str | None = None) -> Tuple[str, Tuple[int, ...]]:
+    """(input name, static per-sample shape) of a model with one input: (C, H, W) for images, (T, C, H, W)
+    for video, (time, mel) for audio; from the graph or, for graphs whose input shape was not kept, from
+    ``vitmerge.input_shape``. ``name``: the input to read (default: the only non-initializer input)."""
     inits = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in inits]
     if name is not None:
@@ -101,13 +101,13 @@ def input_info(proto, name: str | None = None) -> Tuple[str, Tuple[int, int, int
                              f"{', '.join(i.name for i in inputs)}")
     inp = inputs[0]
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-    if len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in dims[1:]):
-        return inp.name, (int(dims[1]), int(dims[2]), int(dims[3]))
+    if len(dims) >= 2 and all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        return inp.name, tuple(int(d) for d in dims[1:])
     meta = read(proto)
     if INPUT_SHAPE in meta:
-        c, h, w = json.loads(meta[INPUT_SHAPE])
-        return inp.name, (int(c), int(h), int(w))
-    raise ModelFileError(f"input {inp.name!r} has shape {dims}: need a static [batch, C, H, W] image input")
+        return inp.name, tuple(int(d) for d in json.loads(meta[INPUT_SHAPE]))
+    raise ModelFileError(f"input {inp.name!r} has shape {dims}: need a static input such as [batch, C, H, W] "
+                         "(only the batch axis may be dynamic)")
 
 
 __all__ = [

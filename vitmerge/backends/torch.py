@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import RuntimeMissingError, UsageError
 from ..models import apply, input_shape
+from ..models.family import forward_logits
 from ..models.build import build_model
 from .base import DEVICES, TIMM_PREFIX, Runner
 
@@ -49,7 +50,7 @@ class TorchRunner(Runner):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(x)
+            return forward_logits(self.model, x)
 
     def _infer(self, images: np.ndarray) -> np.ndarray:
         return self._run(torch.from_numpy(images).to(self.device)).float().cpu().numpy()
@@ -71,17 +72,21 @@ class TorchRunner(Runner):
 
 def timm_runner(name: str, checkpoint: Optional[Union[str, Path]] = None, method: str = "tome", r: Any = 0,
                 img_size: Optional[int] = None, num_classes: Optional[int] = None, device: str = "auto",
-                threads: int = 0, prop_attn: bool = True, label: Optional[str] = None) -> TorchRunner:
-    """timm model ``name`` (local checkpoint or random weights), merged when r != 0, in PyTorch eager."""
+                threads: int = 0, prop_attn: bool = True, label: Optional[str] = None, **model_options) -> TorchRunner:
+    """timm model ``name`` (local checkpoint or random weights) or a transformers model folder, merged when
+    r != 0, in PyTorch eager. ``model_options``: ``frames`` / ``audio_length`` for transformers folders."""
     device = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
-    model = build_model(name, checkpoint, img_size=img_size, num_classes=num_classes)
+    model = build_model(name, checkpoint, img_size=img_size, num_classes=num_classes, **model_options)
     if r != 0:
         apply(model, method=method, r=r, prop_attn=prop_attn)
     mi = getattr(model, "vitmerge", None)
     tag = name + (f" {mi.method} r={_r_text(list(mi.r))}" if mi is not None else "")
-    return TorchRunner(model, label=label or tag, spec=f"{TIMM_PREFIX}{name}", device=device)
+    from ..models.build import is_model_folder
+
+    spec = name if is_model_folder(name) else f"{TIMM_PREFIX}{name}"
+    return TorchRunner(model, label=label or tag, spec=spec, device=device)
 
 
 __all__ = ["TorchRunner", "timm_runner", "resolve_device", "TIMM_PREFIX", "DEVICES"]

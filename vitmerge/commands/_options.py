@@ -56,6 +56,13 @@ CheckpointOpt = Annotated[Optional[Path], typer.Option(
          "(said loudly: accuracy is then meaningless)")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option(
     "--img-size", rich_help_panel=MODEL_PANEL, help="Input resolution (default: the model's)")]
+FramesOpt = Annotated[Optional[int], typer.Option(
+    "--frames", rich_help_panel=MODEL_PANEL,
+    help="Video models (transformers VideoMAE folder): frames per clip (default: the config's num_frames)")]
+AudioLengthOpt = Annotated[Optional[int], typer.Option(
+    "--audio-length", rich_help_panel=MODEL_PANEL,
+    help="Audio models (transformers AST folder): spectrogram time frames (default: the config's max_length; "
+         "the position embedding is resampled)")]
 NumClassesOpt = Annotated[Optional[int], typer.Option(
     "--num-classes", rich_help_panel=MODEL_PANEL,
     help="Classifier size (default: from the checkpoint, else the model's)")]
@@ -87,8 +94,8 @@ PropAttnOpt = Annotated[bool, typer.Option(
 # ---------------------------------------------------------------------------------------------- data / output
 
 DataOpt = Annotated[Optional[Path], typer.Option(
-    "--data", "-d", help="Labelled image folder: ImageFolder, ImageNet val, CIFAR-100 pickles or Oxford-IIIT Pet "
-                         "(see docs/data.md)")]
+    "--data", "-d", help="Labelled image folder: ImageFolder, ImageNet val, CIFAR-100 pickles or Oxford-IIIT Pet; "
+                         "video (.npy) or audio (.wav) clips in class folders (see docs/data.md)")]
 LabelsOpt = Annotated[Optional[Path], typer.Option(
     "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv)")]
 ReportDirOpt = Annotated[Optional[Path], typer.Option(
@@ -102,7 +109,8 @@ ThreadsOpt = Annotated[int, typer.Option(
 
 __all__ = [
     "choices", "value", "Method", "MergeOp", "Runtime", "EvalRuntime", "Schedule", "Device", "CalibrationMethod",
-    "InstanceKind", "Space", "ClassOrder", "DType", "DTypeOpt", "CheckpointOpt", "ImgSizeOpt", "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
+    "InstanceKind", "Space", "ClassOrder", "DType", "DTypeOpt", "CheckpointOpt", "ImgSizeOpt", "FramesOpt", "AudioLengthOpt",
+    "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
     "MethodOpt", "OptionOpt", "ScheduleOpt", "BudgetOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",
     "ThreadsOpt",
 ]

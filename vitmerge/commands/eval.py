@@ -10,8 +10,9 @@ from rich.table import Table
 
 from ._common import (console, err_console, log, loud_warnings, parse_json_option, parse_options, parse_r_option,
                       user_errors)
-from ._options import (MERGE_PANEL, BudgetOpt, CheckpointOpt, ClassOrder, ConfigOpt, DataOpt, EvalRuntime, ImgSizeOpt,
-                       MethodOpt, ModelKwargsOpt, OptionOpt, PropAttnOpt, ReportDirOpt, ScheduleOpt, value)
+from ._options import (MERGE_PANEL, AudioLengthOpt, BudgetOpt, CheckpointOpt, ClassOrder, ConfigOpt, DataOpt,
+                       EvalRuntime, FramesOpt, ImgSizeOpt, MethodOpt, ModelKwargsOpt, OptionOpt, PropAttnOpt,
+                       ReportDirOpt, ScheduleOpt, value)
 
 
 def accuracy_table(result, flops: Dict[str, Dict[str, float]]) -> Table:
@@ -57,12 +58,14 @@ def register(app: typer.Typer) -> None:
     @app.command("eval", short_help="Top-1/top-5 of the unmerged vs the merged model on the same labelled images.")
     def eval_cmd(
         model_name: Annotated[Optional[str], typer.Argument(
-            metavar="[MODEL]", help="timm model name (optional with --config)")] = None,
+            metavar="[MODEL]", help="timm model name or transformers model folder (optional with --config)")] = None,
         data: DataOpt = None,
         config: ConfigOpt = None,
         checkpoint: CheckpointOpt = None,
         model_kwargs: ModelKwargsOpt = None,
         img_size: ImgSizeOpt = None,
+        frames: FramesOpt = None,
+        audio_length: AudioLengthOpt = None,
         method: MethodOpt = "tome",
         option: OptionOpt = None,
         r: Annotated[Optional[str], typer.Option(
@@ -96,7 +99,8 @@ def register(app: typer.Typer) -> None:
         from ..errors import DataError, ScheduleError
         from ..models import apply
         from ..models.budget import resolve_schedule
-        from ..models.build import build_model, resolve_model
+        from ..models.build import build_model, is_model_folder, resolve_model
+        from ..models.shapes import num_classes
         from ..profiling.accuracy import check_classes, score_models
         from ..profiling.report import prepare_dir, write_report
 
@@ -109,15 +113,18 @@ def register(app: typer.Typer) -> None:
                 prepare_dir(report_dir)  # fail before the work
             name, ckpt, kwargs, default_data = resolve_model(model_name, checkpoint, config,
                                                              parse_json_option(model_kwargs, "--model-kwargs"))
+            hf_folder = is_model_folder(name)
             data = data or default_data
             if data is None:
                 raise DataError("give the labelled images with --data DIR")
-            if img_size is not None:
-                kwargs["img_size"] = img_size
+            for key, v in (("img_size", img_size), ("frames", frames), ("audio_length", audio_length)):
+                if v is not None:
+                    kwargs[key] = v
             model = build_model(name, ckpt, **kwargs)
             ds = open_dataset(data, split=split, labels=labels, transform=transform_for(model), limit=limit,
                               class_order=value(class_order))
-            check_classes(ds, int(model.num_classes), f"{name} ({'checkpoint ' + str(ckpt) if ckpt else 'random weights'})")
+            weights = "checkpoint " + str(ckpt) if ckpt else "its folder's weights" if hf_folder else "random weights"
+            check_classes(ds, num_classes(model), f"{name} ({weights})")
             console.print(f"data: {ds.describe()}")
             for n in ds.notes:
                 console.print(f"  [dim]{n}[/]")
@@ -140,7 +147,7 @@ def register(app: typer.Typer) -> None:
                 console.print(f"merged: {value(method)}, r {r_used}, tokens {info.tokens_in[0]} -> "
                               f"{info.tokens_out[-1]}, FLOPs {flops['merged']['fraction']:.3f} of unmerged")
             console.print(accuracy_table(result, flops))
-            hint = ckpt and order_mismatch_hint(ds.class_order, int(model.num_classes),
+            hint = ckpt and order_mismatch_hint(ds.class_order, num_classes(model),
                                                 result.models["unmerged"].top1, result.images)
             if hint:
                 err_console.print(f"[bold yellow]warning:[/] {hint}")
@@ -153,7 +160,7 @@ def register(app: typer.Typer) -> None:
                               f"({b.correct1 - a.correct1:+d} of {a.n} images)")
             payload = {
                 "model": name,
-                "weights": str(ckpt) if ckpt else "random (no --checkpoint)",
+                "weights": str(ckpt) if ckpt else "the folder's own" if hf_folder else "random (no --checkpoint)",
                 "model_kwargs": kwargs,
                 "data": str(data),
                 "runtime": value(runtime),

@@ -1,4 +1,5 @@
-"""``vitmerge export``: timm model -> merged ONNX with static token counts, verified before it is written.
+"""``vitmerge export``: timm model or transformers folder -> merged ONNX with static token counts, verified
+before it is written.
 
 Like every command module: options here, work in the library. The library is imported inside the
 command so that ``vitmerge --help`` does not pay for torch.export, ONNX and timm.
@@ -13,8 +14,8 @@ import typer
 from rich.table import Table
 
 from ._common import console, int_list, loud_warnings, parse_json_option, parse_options, parse_r_option, user_errors
-from ._options import (MERGE_PANEL, BudgetOpt, CheckpointOpt, DTypeOpt, ImgSizeOpt, MergeOp, MethodOpt, ModelKwargsOpt,
-                       NumClassesOpt, OptionOpt, PropAttnOpt, ScheduleOpt, value)
+from ._options import (MERGE_PANEL, AudioLengthOpt, BudgetOpt, CheckpointOpt, DTypeOpt, FramesOpt, ImgSizeOpt, MergeOp,
+                       MethodOpt, ModelKwargsOpt, NumClassesOpt, OptionOpt, PropAttnOpt, ScheduleOpt, value)
 
 
 def token_table(model) -> Table:
@@ -28,9 +29,11 @@ def token_table(model) -> Table:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("export", short_help="timm ViT -> merged ONNX (static token counts, dynamic batch), verified.")
+    @app.command("export", short_help="timm ViT or transformers folder -> merged ONNX (static token counts), verified.")
     def export_cmd(
-        model_name: Annotated[str, typer.Argument(metavar="MODEL_NAME", help="timm model name, e.g. vit_small_patch16_224")],
+        model_name: Annotated[str, typer.Argument(
+            metavar="MODEL", help="timm model name (e.g. vit_small_patch16_224) or a folder written by transformers' "
+                                  "save_pretrained (ViT, DeiT, VideoMAE, AST)")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .onnx file")],
         checkpoint: CheckpointOpt = None,
         method: MethodOpt = "tome",
@@ -45,6 +48,8 @@ def register(app: typer.Typer) -> None:
         option: OptionOpt = None,
         prop_attn: PropAttnOpt = True,
         img_size: ImgSizeOpt = None,
+        frames: FramesOpt = None,
+        audio_length: AudioLengthOpt = None,
         num_classes: NumClassesOpt = None,
         model_kwargs: ModelKwargsOpt = None,
         dtype: DTypeOpt = "fp32",
@@ -57,8 +62,8 @@ def register(app: typer.Typer) -> None:
             "--verify-batch", help="Batch sizes ONNX Runtime is checked at (one file: dynamic batch)")] = "1,4",
         no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the ONNX Runtime check (not recommended)")] = False,
     ):
-        """Export a timm ViT with token merging to ONNX: static per-block token counts, dynamic batch, verified
-        against PyTorch in ONNX Runtime before the file is written."""
+        """Export a timm ViT or a transformers classifier (image, video, audio) with token merging to ONNX: static
+        per-block token counts, dynamic batch, verified against PyTorch in ONNX Runtime before the file is written."""
         from ..exporter import export
         from ..exporter.onnx_export import check_output_path
         from ..models.build import build_merged
@@ -70,7 +75,7 @@ def register(app: typer.Typer) -> None:
             check_output_path(output)  # fail before minutes of work
             model = build_merged(model_name, checkpoint, value(method), r_spec, img_size, prop_attn=prop_attn,
                                  num_classes=num_classes, schedule=value(schedule), budget=budget,
-                                 budget_latency=budget_latency,
+                                 budget_latency=budget_latency, frames=frames, audio_length=audio_length,
                                  model_kwargs=parse_json_option(model_kwargs, "--model-kwargs"),
                                  **parse_options(option))
             if getattr(model, "vitmerge", None) is not None:

@@ -10,7 +10,7 @@ from rich.table import Table
 from ._common import console, err_console, fail, int_list, loud_warnings, parse_r_option, user_errors
 from ._options import Device, Method, ReportDirOpt, Runtime, ThreadsOpt, value
 
-TIMM_PANEL = "timm:NAME models (PyTorch eager)"
+TIMM_PANEL = "timm:NAME and transformers folders (PyTorch eager)"
 MEASURE_PANEL = "Measurement"
 
 
@@ -46,8 +46,8 @@ def register(app: typer.Typer) -> None:
     @app.command("profile", short_help="Latency percentiles, throughput and energy per image, models interleaved.")
     def profile_cmd(
         models: Annotated[List[str], typer.Argument(
-            metavar="MODEL...", help="MODEL.onnx, MODEL.engine or timm:NAME; several are interleaved and compared "
-                                     "with the first")],
+            metavar="MODEL...", help="MODEL.onnx, MODEL.engine, timm:NAME or a transformers model folder; several are "
+                                     "interleaved and compared with the first")],
         runtime: Annotated[Optional[List[Runtime]], typer.Option(
             "--runtime", case_sensitive=False,
             help="Runtime(s) to run every model in, repeatable (--runtime ort --runtime ort-cuda); default: ort for "
@@ -80,6 +80,11 @@ def register(app: typer.Typer) -> None:
                                                         help="Input resolution for timm:NAME")] = None,
         device: Annotated[Device, typer.Option("--device", rich_help_panel=TIMM_PANEL, case_sensitive=False,
                                                help="PyTorch device for timm:NAME")] = "auto",
+        frames: Annotated[Optional[int], typer.Option(
+            "--frames", rich_help_panel=TIMM_PANEL, help="Frames per clip for a transformers video folder")] = None,
+        audio_length: Annotated[Optional[int], typer.Option(
+            "--audio-length", rich_help_panel=TIMM_PANEL,
+            help="Spectrogram time frames for a transformers audio folder")] = None,
     ):
         """Latency p50/p90/p99, throughput and energy per image for each batch size; models interleaved so
         ratios are fair. Options for timm:NAME models apply only to those."""
@@ -105,7 +110,8 @@ def register(app: typer.Typer) -> None:
                     for rt in runtimes:
                         st.update(f"loading {spec}" + (f" ({rt})" if rt else ""))
                         targets.append(open_runner(spec, rt, checkpoint=checkpoint, method=value(method), r=r_spec,
-                                                   img_size=img_size, device=value(device), threads=threads))
+                                                   img_size=img_size, device=value(device), threads=threads,
+                                                   frames=frames, audio_length=audio_length))
             total = rounds * len(batches)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=err_console, transient=True, disable=console.quiet) as progress:

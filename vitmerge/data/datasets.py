@@ -11,7 +11,8 @@ maintained reader where one exists:
   ``LOC_val_solution.csv``): read here, no maintained reader knows these;
 * CIFAR-100: the official ``cifar-100-python`` pickles, read by torchvision's ``CIFAR100``;
 * Oxford-IIIT Pet: ``images/`` plus ``annotations/test.txt``, read by torchvision's ``OxfordIIITPet``;
-* a folder holding ``train/`` and ``val/`` or ``test/`` splits in any of the layouts above.
+* a folder holding ``train/`` and ``val/`` or ``test/`` splits in any of the layouts above;
+* video clips (``.npy``) or audio files (``.wav``) in class folders (:mod:`.clips`).
 
 Entries whose name starts with '.' (``.ipynb_checkpoints``, macOS ``._x.jpg``) are never classes or
 images. Images that cannot be decoded are skipped, counted and named in the result, never fatal.
@@ -36,7 +37,7 @@ from torchvision.datasets import CIFAR100, ImageFolder, OxfordIIITPet
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, pil_loader
 
 from ..errors import DataError, UsageError
-from . import imagenet
+from . import clips, imagenet
 from .imagenet import CLASS_ORDERS, WNID
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def describe(self) -> str:
         order = f", class order: {self.class_order}" if self.class_order else ""
-        return f"{self.layout}: {len(self)} images, {self.num_classes} classes{order} ({self.root})"
+        what = "clips" if self.layout.startswith(("video", "audio")) else "images"
+        return f"{self.layout}: {len(self)} {what}, {self.num_classes} classes{order} ({self.root})"
 
     def load_image(self, i: int):
         """The decoded RGB PIL image of item ``i``, or None when it cannot be read."""
@@ -139,6 +141,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if img is not None and self.transform is not None:
             try:
                 img = self.transform(img)
+            except DataError:  # readable, but not what the model takes (a clip's frame count): say so
+                raise
             except Exception:
                 img = None
         return img, label, str(ref)
@@ -488,6 +492,10 @@ def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str], class_
     files = [e for e in entries if is_image(e)]
 
     names = {d.name.lower(): d for d in subdirs}
+    kind = None if (subdirs and set(names) <= set(SPLIT_NAMES)) else clips.detect(p)
+    if kind is not None:
+        c = clips.scan(p, kind)
+        return ImageDataset(p, c.layout, c.items, c.classes, c.load, notes=c.notes), devkit
     if subdirs and set(names) <= set(SPLIT_NAMES) and not files:
         order = [split] if split else list(prefer)
         chosen = next((names[s] for s in order if s in names), None)

@@ -2,7 +2,9 @@
 
 One data config per model, from timm (``resolve_data_config``), with the input size the model was
 really built with; exported files carry it as ``vitmerge.data_config`` metadata so that calibration
-and evaluation of a bare ``.onnx`` file preprocess exactly as the model was trained.
+and evaluation of a bare ``.onnx`` file preprocess exactly as the model was trained. transformers
+models: from the folder's ``preprocessor_config.json`` (images: mean/std; video and audio configs say
+``modality`` and are applied by :mod:`.clips`).
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from typing import Callable, Mapping, Optional, Tuple
 import torch
 
 from .. import metadata as md
+from ..models import hf
 from ..models.build import build_model
 from ..models.shapes import input_shape
+from . import clips
 
 
 def json_safe(cfg: Mapping) -> dict:
@@ -23,13 +27,29 @@ def json_safe(cfg: Mapping) -> dict:
 
 def data_config(model: torch.nn.Module) -> dict:
     """timm's eval data config for ``model``, with the input size the model was really built with
-    (timm's pretrained config keeps the original resolution when img_size is overridden)."""
+    (timm's pretrained config keeps the original resolution when img_size is overridden). transformers
+    models: read from the model folder's preprocessor_config.json (defaults: ImageNet mean/std for video,
+    AudioSet's for audio, 0.5/0.5 for images)."""
+    if hf.is_hf(model):
+        return _hf_config(model)
     from timm.data import resolve_data_config  # timm takes seconds to import: only when used
 
     cfg = dict(resolve_data_config({}, model=model))
     if getattr(model, "patch_embed", None) is not None:
         cfg["input_size"] = input_shape(model)
     return json_safe(cfg)
+
+
+def _hf_config(model) -> dict:
+    pre = hf.preprocessor_config(model)
+    kind = hf.modality(model)
+    if kind == "video":
+        return clips.video_config(model, pre)
+    if kind == "audio":
+        return clips.audio_config(model, pre)
+    return json_safe({"input_size": list(input_shape(model)), "interpolation": "bilinear", "crop_pct": 1.0,
+                      "mean": tuple(pre.get("image_mean") or (0.5, 0.5, 0.5)),
+                      "std": tuple(pre.get("image_std") or (0.5, 0.5, 0.5))})
 
 
 def data_config_for_name(name: str, **kwargs) -> dict:
@@ -61,7 +81,10 @@ def data_config_for_onnx(proto, given: Optional[dict] = None) -> Tuple[dict, Opt
 
 
 def eval_transform(cfg: Mapping) -> Callable:
-    """torchvision transform for a data config (resize, centre crop, to tensor, normalise)."""
+    """torchvision transform for a data config (resize, centre crop, to tensor, normalise); video and audio
+    configs (``modality``) get the clip transforms of :mod:`.clips`."""
+    if cfg.get("modality") in ("video", "audio"):
+        return clips.transform(dict(cfg))
     from timm.data import create_transform
 
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")

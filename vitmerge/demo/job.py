@@ -7,6 +7,9 @@
 5. ONNX Runtime latency at batch 1 and 8, interleaved;
 6. a merge visualisation on a real photo (scikit-image's astronaut) with ViT-S/16;
 7. ViT-S/16 (random weights, said so): unmerged vs ToMe r=16 latency next to the FLOP bound;
+8. one video and one audio row: the transformers VideoMAE (moving digits) and AST (DTMF tones) demo
+   models (trained here, cached), merged at a FLOP budget, exported, verified, scored and timed in
+   ONNX Runtime next to their unmerged export;
 then report.json + report.md + PNG plots in one folder.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..profiling.plots import ParetoPoint, plot_latency_vs_r, plot_pareto
 from ..profiling.profile import profile_targets
 from ..profiling.report import md_table, write_report
 from ..profiling.visualize import load_image, render, visualize_model
-from . import digits
+from . import clipmodels, digits
 
 
 @dataclass
@@ -45,6 +48,8 @@ class DemoSettings:
     vit_s_model: str = "vit_small_patch16_224"
     vit_s_r: int = 16
     cache_root: Optional[Path] = None
+    #: (task, method, FLOP budget) rows of the video / audio transformers part; () skips it
+    clips: Sequence[tuple] = (("video", "tome", 0.5), ("audio", "hash", 0.5))
 
 
 @dataclass
@@ -171,10 +176,66 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
         plots.append(plot_latency_vs_r(plot_rows, out / "latency_vit_s.png",
                                        title=f"{settings.vit_s_model}: ORT CPU latency vs r"))
 
+    # 8. video and audio transformers ------------------------------------------------------------
+    if settings.clips and not clipmodels.transformers_available():
+        sections.append(("Video and audio transformers", "skipped: transformers is not installed "
+                                                         "(pip install 'vitmerge[hf]')"))
+    elif settings.clips:
+        rows = [clip_row(task, method, budget, settings.batches, onnx_dir, rounds=settings.rounds,
+                         iters=settings.iters, cache_root=settings.cache_root, say=say)
+                for task, method, budget in settings.clips]
+        data["clips"] = rows
+        bs = settings.batches
+        sections.append(("Video and audio transformers (transformers VideoMAE / AST)", (
+            "Small models trained here on data made in code (moving digits: VideoMAE-shaped; DTMF tones in noise: "
+            "AST-shaped), merged at a FLOP budget, exported and verified; top-1 on their held-out clips and latency "
+            "in ONNX Runtime CPU (medians, interleaved with the unmerged export).\n\n"
+            + md_table(["task", "model", "merge", "r per layer", "tokens in → out", "FLOPs vs unmerged",
+                        "top-1 unmerged %", "top-1 merged %", *[f"p50 ms b={b} (unmerged → merged)" for b in bs],
+                        *[f"speed-up b={b}" for b in bs]],
+                       [[r["task"], r["model"], f"{r['method']}@{r['budget']:g}", str(r["r"]),
+                         f"{r['tokens_in']} → {r['tokens_out']}", r["flop_fraction"], 100 * r["top1_unmerged"],
+                         100 * r["top1_merged"],
+                         *[f"{r['p50_ms']['unmerged'][b]:.2f} → {r['p50_ms']['merged'][b]:.2f}" for b in bs],
+                         *[r["speedup"][b] for b in bs]] for r in rows]))))
+
     sections.append(("Energy", "energy: not measured (the demo times ONNX Runtime on the CPU; "
                                "`vitmerge profile --energy` reads NVML/RAPL counters where the machine exposes them)"))
     paths = write_report(out, "vitmerge demo", data, sections, plots=plots)
     return DemoResult(report_md=paths.markdown, report_json=paths.json, plots=plots, data=data)
+
+
+def clip_row(task: str, method: str, budget: float, batches: Sequence[int], onnx_dir: Path, rounds: int = 6,
+             iters: int = 5, cache_root: Optional[Path] = None, say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """One demo row for the video or audio model: unmerged and merged exports (verified), top-1 of both in
+    ONNX Runtime on the held-out clips, latency interleaved per batch size."""
+    say(f"{task} transformer: training on generated data (cached after the first run)")
+    cm = clipmodels.cached(task, root=cache_root)
+    say(f"  {type(cm.build()).__name__} in {cm.model_dir}: test top-1 {cm.test_top1:.2%} "
+        f"({'cached' if cm.cached else f'trained in {cm.train_seconds:.0f} s'})")
+    plain = cm.build()
+    paths = {"unmerged": export(plain, Path(onnx_dir) / f"{task}_unmerged.onnx").path}
+    model = cm.build()
+    rs = budget_schedule(model, budget, method)
+    apply(model, method=method, r=rs)
+    base, merged, _ = flop_ratio(model)
+    res = export(model, Path(onnx_dir) / f"{task}_{method}_{int(budget * 100)}.onnx")
+    paths["merged"] = res.path
+    info = model.vitmerge
+    say(f"  exported {method}@{budget:g}: r={info.r}, tokens {info.tokens_in[0]} -> {info.tokens_out[-1]}, FLOPs "
+        f"{merged / base:.2f} of unmerged, ORT vs PyTorch max|diff| {res.verification.max_abs_diff:.1e}")
+    test = open_dataset(cm.test_dir, transform=transform_for(plain))
+    ev = evaluate({k: OrtRunner(p, label=k) for k, p in paths.items()}, test, batch_size=64, progress=False)
+    prof = profile_targets([OrtRunner(p, label=k) for k, p in paths.items()], batches, rounds=rounds, iters=iters)
+    p50: Dict[str, Dict[int, float]] = {"unmerged": {}, "merged": {}}
+    for row in prof.rows:
+        p50[row.label][row.batch] = row.stats.p50
+    return {"task": task, "model": type(plain).__name__, "method": method, "budget": budget, "r": list(info.r),
+            "tokens_in": info.tokens_in[0], "tokens_out": info.tokens_out[-1], "flop_fraction": merged / base,
+            "top1_unmerged": ev.models["unmerged"].top1, "top1_merged": ev.models["merged"].top1,
+            "agreement": ev.models["merged"].agreement, "clips": ev.images, "p50_ms": p50,
+            "speedup": {b: p50["unmerged"][b] / p50["merged"][b] for b in batches},
+            "onnx": {k: str(p) for k, p in paths.items()}}
 
 
 def vit_latency(model_name: str, r: int, batches: Sequence[int], onnx_dir: Path, rounds: int = 6, iters: int = 5,

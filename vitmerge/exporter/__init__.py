@@ -17,12 +17,14 @@ from ..errors import VerificationError
 from ..models.precision import cast_model, dtype_name, model_dtype, resolve_dtype
 from .onnx_export import (
     DEFAULT_OPSET,
+    TENSORRT_TOPK_MAX,
     INPUT_NAME,
     OUTPUT_NAME,
     check_output_path,
     decision_steps,
     drop_decisions,
     export_onnx_program,
+    large_topk,
     metadata,
     output_files,
     save_program,
@@ -89,6 +91,12 @@ def export(
         program = export_onnx_program(model, opset=opset, decisions=decisions, scatter_free=direct_native)
         step("writing")
         written = save_program(program, model, stage, out.name)
+        big = large_topk(onnx.load(str(written), load_external_data=False))
+        if big:
+            log.warning("%s: %d TopK node(s) sort more than %d values (k up to %d): ONNX Runtime runs them, "
+                        "TensorRT's TopK layer refuses k > %d (fewer tokens, or a method without full sorts, "
+                        "keeps the graph TensorRT-ready)", out.name, len(big), TENSORRT_TOPK_MAX, max(big),
+                        TENSORRT_TOPK_MAX)
         if direct_native:
             proto = onnx.load(str(written), load_external_data=False)
             md.write(proto, {md.MERGE_OP: "native"})
@@ -133,5 +141,5 @@ def _raise_unless_ok(report: VerifyReport, what: str = "") -> None:
 
 __all__ = [
     "export", "ExportResult", "verify", "VerifyReport", "check_onnx", "compare_files", "rewrite", "check_tensorrt", "Readiness",
-    "export_onnx_program", "metadata", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET",
+    "export_onnx_program", "metadata", "large_topk", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET", "TENSORRT_TOPK_MAX",
 ]

@@ -24,14 +24,16 @@ from .. import metadata as md
 from ..data.transforms import data_config
 from ..errors import OutputPathError
 from ..models import input_shape
+from ..models.family import family, forward_logits
 from ..models.precision import dtype_name, model_dtype
-from ..models.vit import merge_steps, recording
+from ..models.vit import recording
 from ..models.vit import scatter_free as scatter_free_merge
 
 INPUT_NAME = md.INPUT_NAME
 OUTPUT_NAME = md.OUTPUT_NAME
 DEFAULT_OPSET = 18
 LARGE_MODEL_BYTES = 1_800_000_000  # above this the weights go to an external-data file (2 GB protobuf cap)
+TENSORRT_TOPK_MAX = 3840  # TensorRT's TopK layer takes k <= 3840 (long sequences: sorts of N/2 or N tokens)
 
 
 DECISIONS = "merge_decisions."  # extra outputs of a verification export: one [B, N] assignment per merge step
@@ -51,7 +53,7 @@ class _Entry(nn.Module):
         self.decisions = decisions
 
     def forward(self, images: torch.Tensor):
-        logits = self.model(images.to(self.dtype)).to(torch.float32)
+        logits = forward_logits(self.model, images.to(self.dtype)).to(torch.float32)
         if self.decisions:
             return (logits, *self.model._vm_state.decisions)
         return logits
@@ -61,7 +63,7 @@ def decision_steps(model: nn.Module) -> int:
     """How many merge steps record a decision (steps with r > 0); 0 for a model without merging."""
     if getattr(model, "_vm_state", None) is None:
         return 0
-    return sum(1 for s in merge_steps(model) if getattr(s, "r", 0) > 0)
+    return sum(1 for s in family(model).merge_steps(model) if getattr(s, "r", 0) > 0)
 
 
 def check_output_path(output: Union[str, Path]) -> Path:
@@ -182,6 +184,23 @@ def save_program(program, model: nn.Module, workdir: Path, name: str) -> Path:
     proto.producer_name = "vitmerge"
     onnx.save(proto, str(path))
     return path
+
+
+def large_topk(proto) -> list:
+    """The k of every TopK node whose k is a constant above TensorRT's limit (:data:`TENSORRT_TOPK_MAX`)."""
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
+    out = []
+    for n in proto.graph.node:
+        if n.op_type == "TopK" and len(n.input) > 1 and n.input[1] in consts:
+            k = int(numpy_helper.to_array(consts[n.input[1]]).reshape(-1)[0])
+            if k > TENSORRT_TOPK_MAX:
+                out.append(k)
+    return out
 
 
 def output_files(output: Path) -> tuple:

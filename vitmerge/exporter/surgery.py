@@ -1,7 +1,9 @@
 """Graph surgery on the merge steps of an exported model (onnx-graphsurgeon passes).
 
 Finding the merge subgraphs needs no pattern guessing: every node the dynamo exporter emits for a
-merge step carries the step's module scope (``blocks.N.token_merge``) in its ``namespace`` metadata.
+merge step carries the step's module scope (``blocks.N.token_merge`` in timm ViTs,
+``layers.N.token_merge`` / ``encoder.layer.N.token_merge`` in transformers models) in its
+``namespace`` metadata.
 A merge subgraph is read off its boundary::
 
     x [B, N, D], metric [B, N, C], size [B, N, 1] (absent in the first merging block)
@@ -44,7 +46,8 @@ from ..plugins import DOMAIN, DOMAIN_VERSION, OP_TYPE, OP_TYPE_CLS, OP_TYPES as 
 FORMS = md.MERGE_OPS
 FORM_KEY = md.MERGE_OP  # model metadata: which form the file holds
 
-_SCOPE = re.compile(r"(?:^|[/.:\s])(blocks\.(\d+)\.token_merge):")
+# timm ViTs: blocks.N.token_merge; transformers: layers.N.token_merge (or encoder.layer.N.token_merge)
+_SCOPE = re.compile(r"(?:^|[/.:\s])((?:blocks|layers|layer)\.(\d+)\.token_merge):")
 _INDEX_OPS = {"TopK", "ArgMax", "ArgMin", "NonZero", *PLUGIN_OPS}
 
 

@@ -33,6 +33,7 @@ from ..backends.ort import OrtRunner
 from ..errors import SurgeryError, VerificationError
 from ..models import input_shape
 from ..models.precision import cast_model, dtype_name, model_dtype
+from ..models.family import forward_logits
 from ..models.vit import recording
 from .onnx_export import DECISIONS
 
@@ -180,7 +181,7 @@ def upcast_copy(src: PathLike, dst: PathLike) -> Path:
 def _torch_outputs(model: nn.Module, x: torch.Tensor, with_decisions: bool):
     dtype = model_dtype(model)
     with recording(model, with_decisions):
-        logits = model(x.to(dtype)).float().numpy()
+        logits = forward_logits(model, x.to(dtype)).float().numpy()
         state = getattr(model, "_vm_state", None)
         dec = [d.numpy() for d in state.decisions] if with_decisions and state is not None else None
     return logits, dec

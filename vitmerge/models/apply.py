@@ -1,7 +1,9 @@
-"""``apply(model, method, r, prop_attn)``: patch a timm ViT in place; ``remove`` undoes it.
+"""``apply(model, method, r, prop_attn)``: patch a timm ViT or a transformers classifier in place;
+``remove`` undoes it.
 
 What the method needs (block form, class-attention row, options) comes from its
-:class:`~vitmerge.merging.MethodSpec` in the registry, never from the method's name.
+:class:`~vitmerge.merging.MethodSpec` in the registry, never from the method's name; what the model
+is made of comes from its adapter family (:func:`vitmerge.models.family.family`).
 """
 from __future__ import annotations
 
@@ -12,19 +14,17 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 
 from ..errors import ScheduleError, UnsupportedModelError
-from ..merging import method_spec, vwt
+from ..merging import available_methods, method_spec, vwt
 from ..merging.schedule import RSpec, parse_r, token_counts
+from .family import family, supported
 from .mobilevit import unsupported_reason as mobilevit_reason
-from .shapes import num_tokens
-from .vit import MergeState, VWTMerge, patch_vit, unpatch_vit, unsupported_reason
+from .shapes import depth, num_tokens, prefix_tokens
+from .vit import MergeState, VWTMerge
 from .vocabulary import Vocabulary, check_vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = (
-    "timm VisionTransformer models with standard blocks: vit_* (any size, patch size and image size), "
-    "deit_* and deit_*_distilled_*, and other timm models built on VisionTransformer/Block"
-)
+SUPPORTED = supported()
 
 
 @dataclass
@@ -65,19 +65,26 @@ def apply(
     ToMe's inflection schedule. ``r=0`` leaves the outputs exactly those of the unpatched model.
     Returns the same model, with ``model.vitmerge`` describing the static token schedule.
     """
-    reason = mobilevit_reason(model) or unsupported_reason(model)
+    fam = family(model)
+    reason = mobilevit_reason(model) or fam.unsupported_reason(model)
     if reason is not None:
         raise UnsupportedModelError(f"cannot merge tokens in this model: {reason}. Supported: {SUPPORTED}.")
     ms = method_spec(method)
     ms.check_options(**options)  # bad option names and values fail here, not at the first forward
+    if ms.form not in fam.forms:
+        takes = [m for m in available_methods() if method_spec(m).form in fam.forms]
+        raise UnsupportedModelError(
+            f"method {method!r} ({ms.form} form) is implemented for timm ViTs only; {fam.name} models take the "
+            f"methods that merge inside a block: {', '.join(takes)}"
+        )
     if ms.form == "pre_encoder":
         return _apply_pre_encoder(model, method, r, prop_attn, trace_source, options)
     if ms.needs_cls_attn:
         _check_class_token(model, method)
     if ms.form == "slow_fast":
         return _apply_slow_fast(model, method, r, prop_attn, trace_source, options)
-    rs = parse_r(len(model.blocks), r)
-    protected = int(model.num_prefix_tokens)
+    rs = parse_r(depth(model), r)
+    protected = prefix_tokens(model)
     n0 = num_tokens(model)
     tokens = token_counts(n0, rs, protected, ms.clamp_r)
     # Later layers clamp r to what is left (as the reference ToMe does), but an r that the very
@@ -102,16 +109,19 @@ def apply(
 def _install(model: nn.Module, state: MergeState, rs, pre: Optional[nn.Module] = None) -> None:
     """Patch after every check passed; re-applying replaces the previous merge instead of stacking on
     it (and a request that fails its checks leaves the model as it was)."""
+    fam = family(model)
     if getattr(model, "_vm_state", None) is not None:
-        unpatch_vit(model)
-    patch_vit(model, state, rs, pre=pre)
+        fam.unpatch(model)
+    fam.patch(model, state, rs, pre=pre)
 
 
 def _check_class_token(model: nn.Module, method: str) -> None:
-    if getattr(model, "cls_token", None) is None:
+    if not family(model).has_class_token(model):
+        pool = getattr(model, "global_pool", None)
+        what = f"class_token=False, global_pool={pool!r}" if pool is not None else f"{type(model).__name__} pools its tokens"
         raise UnsupportedModelError(
             f"method {method!r} ranks tokens by the class token's attention, and this model has no class token "
-            f"(class_token=False, global_pool={getattr(model, 'global_pool', '?')!r}); use method='tome' for it"
+            f"({what}); use method='tome' or 'hash' for it"
         )
 
 
@@ -128,8 +138,8 @@ def _apply_slow_fast(model, method, r, prop_attn, trace_source, options) -> nn.M
     of an earlier block (the reference code also keeps its first blocks full)."""
     ms = method_spec(method)
     tradeoff = options.get("tradeoff", ms.options["tradeoff"])  # validated by the spec
-    rs = parse_r(len(model.blocks), r)
-    protected = int(model.num_prefix_tokens)
+    rs = parse_r(depth(model), r)
+    protected = prefix_tokens(model)
     n0 = num_tokens(model)
     cap = ms.max_r(n0, protected)
     for i, v in enumerate(rs):
@@ -206,8 +216,8 @@ def _apply_pre_encoder(model, method, r, prop_attn, trace_source, options) -> nn
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply`: the model is the plain timm model again."""
-    unpatch_vit(model)
+    """Undo :func:`apply`: the model is the plain timm / transformers model again."""
+    family(model).unpatch(model)
     return model
 
 

@@ -23,16 +23,16 @@ from ..errors import ScheduleError, UnsupportedModelError
 from ..merging import METHODS, method_spec
 from ..merging.schedule import parse_schedule, solve, solve_budget_latency, token_counts
 from .apply import apply, remove
+from .family import family
 from .flops import count_flops, flop_ratio
-from .shapes import num_tokens
-from .vit import unsupported_reason
+from .shapes import depth, num_tokens, prefix_tokens
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class BlockFlops:
-    """Analytic FLOPs (2 x multiply-adds) of one timm ViT block as a function of its token counts.
+    """Analytic FLOPs (2 x multiply-adds) of one ViT block (timm or transformers) as a function of its token counts.
 
     Counted like :func:`vitmerge.models.flops.count_flops` counts the real module: matrix
     products only (qkv, the two attention products, proj, the MLP linears, the merge's own
@@ -51,27 +51,15 @@ class BlockFlops:
         return self.mlp_linear * n
 
 
-def _linear_flops(module) -> int:
-    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-
 def model_flops_parts(model) -> tuple[int, list[BlockFlops]]:
-    """(FLOPs outside the blocks per image, one :class:`BlockFlops` per block) of a timm ViT."""
-    reason = unsupported_reason(model)
+    """(FLOPs outside the blocks per input, one :class:`BlockFlops` per block) of a timm ViT or a
+    transformers classifier (the patch embedding and the heads are the part outside the blocks)."""
+    fam = family(model)
+    reason = fam.unsupported_reason(model)
     if reason is not None:
         raise UnsupportedModelError(f"cannot solve a FLOP budget for this model: {reason}")
-    pe = model.patch_embed.proj
-    if not isinstance(pe, nn.Conv2d):
-        raise UnsupportedModelError(f"patch embedding {type(pe).__name__} is not a Conv2d")
-    fixed = 2 * int(model.patch_embed.num_patches) * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] \
-        * pe.out_channels // pe.groups
-    fixed += _linear_flops(model.head) if isinstance(model.head, nn.Module) else 0
-    blocks = []
-    for blk in model.blocks:
-        a = blk.attn
-        blocks.append(BlockFlops(attn_linear=_linear_flops(a), attn_dim=a.num_heads * a.head_dim,
-                                 mlp_linear=_linear_flops(blk.mlp), metric_dim=a.head_dim))
-    return fixed, blocks
+    fixed, shapes = fam.flops_parts(model)
+    return fixed, [BlockFlops(attn_linear=a, attn_dim=d, mlp_linear=m, metric_dim=c) for a, d, m, c in shapes]
 
 
 def merge_flops(method: str, n: int, protected: int, metric_dim: int, r: int = 0, **options) -> int:
@@ -90,7 +78,7 @@ def schedule_flops(model, rs: Sequence[int], method: str = "tome", protected: Op
                    **options) -> int:
     """Analytic FLOPs of one image through ``model`` merged with per-block ``rs`` (see BlockFlops)."""
     fixed, blocks = model_flops_parts(model)
-    p = int(model.num_prefix_tokens) if protected is None else int(protected)
+    p = prefix_tokens(model) if protected is None else int(protected)
     rows = token_counts(num_tokens(model), list(rs), p, method_spec(method).clamp_r)
     return fixed + _blocks_cost(blocks, rows, method, p, options)
 
@@ -106,7 +94,7 @@ def _blocks_cost(blocks, rows, method, protected, options) -> int:
 
 def solve_budget(model, fraction: float, method: str = "tome", protected: Optional[int] = None,
                  **options) -> list[int]:
-    """Per-block r for ``model`` (a timm ViT, patched or not) whose FLOPs are at most ``fraction``
+    """Per-block r for ``model`` (a timm ViT or transformers classifier, patched or not) whose FLOPs are at most ``fraction``
     of the unmerged model's, as close to that as possible.
 
     FLOPs come from an analytic model of each block (:class:`BlockFlops`: linears linear in the
@@ -117,7 +105,7 @@ def solve_budget(model, fraction: float, method: str = "tome", protected: Option
     ms = method_spec(method)  # unknown method -> ScheduleError listing the methods
     merge_flops(method, 2, 0, 1)  # a method without a FLOP model -> ScheduleError
     fixed, blocks = model_flops_parts(model)
-    p = int(model.num_prefix_tokens) if protected is None else int(protected)
+    p = prefix_tokens(model) if protected is None else int(protected)
     rs = solve(
         len(blocks), num_tokens(model), p, ms.clamp_r,
         lambda rows: fixed + _blocks_cost(blocks, rows, method, p, options),
@@ -142,7 +130,7 @@ def budget_schedule(model: nn.Module, fraction: float, method: str = "tome", **o
     """
     ms = method_spec(method)
     if ms.match_flops is not None and ms.form == "block":
-        return list(solve_budget(model, fraction, method=method))
+        return list(solve_budget(model, fraction, method=method, **options))
     return constant_r_for_budget(model, fraction, method, **options)
 
 
@@ -158,14 +146,14 @@ def constant_r_for_budget(model: nn.Module, fraction: float, method: str = "tome
     if not 0.0 < fraction <= 1.0:
         raise ScheduleError(f"the FLOP budget must be a fraction in (0, 1], got {fraction}")
     single = method_spec(method).form == "pre_encoder"
-    depth = len(model.blocks)
+    n_blocks = depth(model)
     probe = copy.deepcopy(model)
     if getattr(probe, "vitmerge", None) is not None:
         remove(probe)
     base = count_flops(probe)
 
     def r_spec(r: int):
-        return r if single else [r] * depth
+        return r if single else [r] * n_blocks
 
     def frac(r: int) -> float:
         apply(probe, method=method, r=r_spec(r), **options)
@@ -180,7 +168,7 @@ def constant_r_for_budget(model: nn.Module, fraction: float, method: str = "tome
         except ScheduleError:
             return None
 
-    hi = num_tokens(model) - int(model.num_prefix_tokens) - 1
+    hi = num_tokens(model) - prefix_tokens(model) - 1
     f_hi = accepted(hi)
     if f_hi is None:  # the largest r the method accepts (binary search; r=0 always is)
         ok, bad = 0, hi
@@ -236,13 +224,13 @@ def resolve_schedule(model: nn.Module, method: str, r, schedule: str = "constant
     if budget_latency is not None:
         if budget is None:
             raise ScheduleError("--budget-latency TABLE needs --budget F (the latency fraction to meet)")
-        return solve_budget_latency(load_latency_table(budget_latency), budget, len(model.blocks),
-                                    num_tokens(model), int(model.num_prefix_tokens), method)
+        return solve_budget_latency(load_latency_table(budget_latency), budget, depth(model),
+                                    num_tokens(model), prefix_tokens(model), method)
     if budget is not None:
         return budget_schedule(model, budget, method, **options)
     if schedule == "constant":
         return r  # as given: an int, or one r per block (vwt takes its single r as is)
-    return parse_schedule(len(model.blocks), r, schedule)
+    return parse_schedule(depth(model), r, schedule)
 
 
 __all__ = ["BlockFlops", "model_flops_parts", "merge_flops", "schedule_flops", "solve_budget", "budget_schedule",

@@ -1,5 +1,6 @@
-"""Build a timm model by name and load a local checkpoint (never a hub download); read a model.json
-description; build and merge in one call (what ``vitmerge export`` and ``eval`` do with their options)."""
+"""Build a timm model by name and load a local checkpoint, or load a transformers model folder written by
+``save_pretrained`` (never a hub download); read a model.json description; build and merge in one call
+(what ``vitmerge export`` and ``eval`` do with their options)."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ModelNotFoundError
+from ..errors import CheckpointError, ModelNotFoundError, UsageError
+from . import hf
 from .apply import apply
 from .budget import resolve_schedule
 from .mobilevit import is_mobilevit
@@ -83,18 +85,40 @@ def _head_classes(sd: Dict[str, torch.Tensor]) -> Optional[int]:
     return int(w.shape[0]) if w is not None and w.dim() == 2 else None
 
 
+def is_model_folder(name: Union[str, Path]) -> bool:
+    """Whether ``name`` names a folder (a transformers save_pretrained folder) rather than a timm model.
+
+    Anything that exists on disk or looks like a path (a separator, ``~``, ``.``) is a folder; timm
+    names are plain identifiers such as ``vit_small_patch16_224``.
+    """
+    s = str(name)
+    return Path(s).expanduser().exists() or "/" in s or "\\" in s or s.startswith(("~", "."))
+
+
 def build_model(
     name: str,
     checkpoint: Optional[Union[str, Path]] = None,
     img_size: Optional[int] = None,
     num_classes: Optional[int] = None,
+    frames: Optional[int] = None,
+    audio_length: Optional[int] = None,
     **kwargs,
 ) -> nn.Module:
-    """timm.create_model(name) with random init, then the local checkpoint if given.
+    """timm.create_model(name) with random init, then the local checkpoint if given; or, when ``name`` is
+    a folder written by transformers' ``save_pretrained``, that model with its own weights
+    (:func:`vitmerge.models.hf.load_pretrained`: ViT, DeiT, VideoMAE, AST).
 
-    The classifier size follows the checkpoint (a CIFAR-100 or Pets fine-tune loads as is), and the
-    position embedding is resampled by timm's own checkpoint filter when ``img_size`` differs.
+    timm: the classifier size follows the checkpoint (a CIFAR-100 or Pets fine-tune loads as is), and
+    the position embedding is resampled by timm's own checkpoint filter when ``img_size`` differs.
+    transformers folders: ``img_size`` (images, video), ``frames`` (video) and ``audio_length`` (audio
+    time frames) set the input size; learned position embeddings are resampled.
     """
+    if is_model_folder(name):
+        return _build_folder(Path(str(name)).expanduser(), checkpoint, img_size, num_classes, frames, audio_length,
+                             kwargs)
+    if frames is not None or audio_length is not None:
+        what = "--frames" if frames is not None else "--audio-length"
+        raise UsageError(f"{what} applies to transformers video/audio model folders; {name!r} is a timm model name")
     import timm
 
     check_model_name(name)
@@ -133,6 +157,21 @@ def build_model(
     return model.eval()
 
 
+def _build_folder(folder: Path, checkpoint, img_size, num_classes, frames, audio_length, kwargs) -> nn.Module:
+    if not folder.exists():
+        raise ModelNotFoundError(f"model folder {str(folder)!r} does not exist (give a timm model name or a folder "
+                                 "written by transformers' save_pretrained)")
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"{str(folder)!r} is a file: give a timm model name or a transformers model folder "
+                                 "(config.json + weights, written by save_pretrained)")
+    for what, given in (("--checkpoint", checkpoint), ("--num-classes", num_classes),
+                        ("--model-kwargs", kwargs or None)):
+        if given is not None:
+            raise UsageError(f"{what} applies to timm models; the transformers folder {str(folder)!r} holds its own "
+                             "weights and classifier (config.json)")
+    return hf.load_pretrained(folder, img_size=img_size, frames=frames, audio_length=audio_length)
+
+
 # --------------------------------------------------------------------------------------------
 # model.json: a model described by name, kwargs, checkpoint (and its data folder)
 # --------------------------------------------------------------------------------------------
@@ -143,9 +182,9 @@ class ModelConfig:
     """What a ``model.json`` (written by ``vitmerge digits train``) describes."""
 
     path: Path  # the model.json
-    name: str  # timm model name
-    kwargs: Dict[str, Any]  # timm.create_model arguments
-    checkpoint: Path
+    name: str  # timm model name, or a transformers model folder (absolute)
+    kwargs: Dict[str, Any]  # timm.create_model arguments (build_model's for a folder)
+    checkpoint: Optional[Path]  # None for a transformers folder (it holds its weights)
     data_dir: Optional[Path]  # the labelled images that go with it, when present
     meta: Dict[str, Any] = field(default_factory=dict)  # everything else in the file (metrics, split, ...)
 
@@ -155,8 +194,9 @@ class ModelConfig:
 
 
 def load_model_config(config: Union[str, Path]) -> ModelConfig:
-    """Read a ``model.json`` (or the folder holding one): keys ``model``, ``kwargs``, ``checkpoint``
-    (relative to the file), optional ``data`` (a folder, relative to the file)."""
+    """Read a ``model.json`` (or the folder holding one): keys ``model`` (a timm name, or a transformers
+    folder relative to the file), ``kwargs``, ``checkpoint`` (relative to the file; null for a folder),
+    optional ``data`` (a folder, relative to the file)."""
     p = Path(config).expanduser()
     if p.is_dir():
         p = p / "model.json"
@@ -171,8 +211,12 @@ def load_model_config(config: Union[str, Path]) -> ModelConfig:
             raise CheckpointError(f"{str(p)!r} is not a model config: no {key!r} entry "
                                   "(expected the model.json written by `vitmerge digits train`)")
     data = p.parent / meta.get("data", "data")
-    return ModelConfig(path=p, name=str(meta["model"]), kwargs=dict(meta["kwargs"]),
-                       checkpoint=p.parent / meta["checkpoint"], data_dir=data if data.is_dir() else None, meta=meta)
+    name = str(meta["model"])
+    if is_model_folder(p.parent / name) and (p.parent / name).is_dir():
+        name = str(p.parent / name)
+    ckpt = None if meta["checkpoint"] is None else p.parent / meta["checkpoint"]
+    return ModelConfig(path=p, name=name, kwargs=dict(meta["kwargs"]), checkpoint=ckpt,
+                       data_dir=data if data.is_dir() else None, meta=meta)
 
 
 def resolve_model(model_name: Optional[str], checkpoint: Optional[Path], config: Optional[Path],
@@ -190,7 +234,8 @@ def resolve_model(model_name: Optional[str], checkpoint: Optional[Path], config:
         data_dir = cfg.data_dir
     kwargs.update(model_kwargs or {})
     if not model_name:
-        raise ModelNotFoundError("give a timm MODEL name (e.g. vit_small_patch16_224) or --config model.json")
+        raise ModelNotFoundError("give a timm MODEL name (e.g. vit_small_patch16_224), a transformers model folder "
+                                 "or --config model.json")
     return model_name, checkpoint, kwargs, data_dir
 
 
@@ -198,8 +243,10 @@ def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None,
                  img_size: Optional[int] = None, prop_attn: bool = True, num_classes: Optional[int] = None,
                  schedule: str = "constant", budget: Optional[float] = None,
                  model_kwargs: Optional[Dict[str, Any]] = None,
-                 budget_latency: Optional[Union[str, Path]] = None, **options) -> nn.Module:
-    """Build the timm model (local checkpoint or random weights) and merge it as asked.
+                 budget_latency: Optional[Union[str, Path]] = None, frames: Optional[int] = None,
+                 audio_length: Optional[int] = None, **options) -> nn.Module:
+    """Build the timm model (local checkpoint or random weights) or load the transformers folder, and
+    merge it as asked.
 
     ``r`` / ``schedule`` / ``budget`` / ``budget_latency`` as in :func:`vitmerge.models.budget.resolve_schedule`;
     ``r=0`` without a budget gives the plain model (MobileViT: the plain mobile baseline, never merged).
@@ -207,6 +254,10 @@ def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None,
     kw = dict(model_kwargs or {})
     if img_size is not None:
         kw["img_size"] = img_size  # wins over the same key in model_kwargs
+    if frames is not None:
+        kw["frames"] = frames
+    if audio_length is not None:
+        kw["audio_length"] = audio_length
     model = build_model(model_name, checkpoint, num_classes=num_classes, **kw)
     if is_mobilevit(model) and budget is None and r == 0:
         return model
@@ -214,5 +265,5 @@ def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None,
     return apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
 
 
-__all__ = ["build_model", "load_state_dict", "check_model_name", "CHECKPOINT_SUFFIXES", "ModelConfig",
+__all__ = ["build_model", "is_model_folder", "load_state_dict", "check_model_name", "CHECKPOINT_SUFFIXES", "ModelConfig",
            "load_model_config", "resolve_model", "build_merged"]

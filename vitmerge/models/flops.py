@@ -7,13 +7,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .family import family
 from .shapes import input_shape
-from .vit import merge_steps
 
 
 @torch.no_grad()
-def flop_counter(model: nn.Module, shape: Optional[tuple[int, int, int]] = None) -> FlopCounterMode:
-    """Run one image (zeros) through ``model`` under a FlopCounterMode and return the counter.
+def flop_counter(model: nn.Module, shape: Optional[tuple] = None) -> FlopCounterMode:
+    """Run one input (zeros) through ``model`` under a FlopCounterMode and return the counter.
 
     Attention is counted in its explicit matmul form: FlopCounterMode does not count every fused
     attention kernel (the CPU flash kernel is missed, the masked path is counted as bmm).
@@ -22,21 +22,16 @@ def flop_counter(model: nn.Module, shape: Optional[tuple[int, int, int]] = None)
     was_training = model.training
     model.eval()
     x = torch.zeros(1, *shape)
-    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
     try:
-        for m, _ in fused:
-            m.fused_attn = False
-        with FlopCounterMode(display=False) as counter:
+        with family(model).explicit_attention(model), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
-        for m, f in fused:
-            m.fused_attn = f
         model.train(was_training)
     return counter
 
 
-def count_flops(model: nn.Module, shape: Optional[tuple[int, int, int]] = None) -> int:
-    """Total FLOPs (2 x multiply-adds) of one image through ``model``, counted op by op."""
+def count_flops(model: nn.Module, shape: Optional[tuple] = None) -> int:
+    """Total FLOPs (2 x multiply-adds) of one input through ``model``, counted op by op."""
     return int(flop_counter(model, shape).get_total_flops())
 
 
@@ -45,7 +40,7 @@ def flop_ratio(model: nn.Module) -> tuple[int, int, float]:
     merged = count_flops(model)
     if getattr(model, "vitmerge", None) is None:
         return merged, merged, 1.0
-    steps = merge_steps(model)  # every blocks.N.token_merge, and vwt's pre-encoder step
+    steps = family(model).merge_steps(model)  # every merge step (token_merge, vwt's pre-encoder step)
     saved = [s.r for s in steps]
     try:
         for s in steps:

@@ -135,6 +135,11 @@ class MergeVisualization:
 
 def visualize_model(model, image: np.ndarray, method: str = "tome", r=16, **options) -> MergeVisualization:
     """Patch ``model`` (in place) with source tracking, run ``image`` through it, return the groups."""
+    if getattr(model, "patch_embed", None) is None:  # transformers folders load too, but their grids differ
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"visualize draws the patch grid of timm ViTs; {type(model).__name__} is not one "
+                                    "(give a timm model name)")
     apply(model, method=method, r=r, trace_source=True, **options)
     shown, x = prepare(image, model)
     with torch.inference_mode():
