@@ -181,3 +181,14 @@ def test_method_spec_rejects_unknown_form_and_invariance():
         dataclasses.replace(tome, name="x", form="side")
     with pytest.raises(ValueError, match=r"y: invariance must be one of \('any', 'alternating', 'none'\), got 'some'"):
         dataclasses.replace(tome, name="y", invariance="some")
+
+
+@pytest.mark.parametrize("r", [0, 3])
+def test_plans_stay_on_the_metric_device(r):
+    """Every tensor a plan makes (its identity indices, the source map) lives where the metric lives: on a
+    GPU a CPU-made index would fail at the first gather. The meta device shows the same mistake on a CPU."""
+    metric = torch.randn(2, 9, 4, device="meta")
+    p = merging.plan("tome", metric, r, 1)
+    assert p.keep.device.type == "meta" and p.src.device.type == "meta"
+    src = p.merge_source()
+    assert src.device.type == "meta" and tuple(src.shape) == (2, 9 - r, 9)
