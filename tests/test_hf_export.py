@@ -208,3 +208,28 @@ def test_large_topk_finds_sorts_over_tensorrts_limit():
              numpy_helper.from_array(np.array([TENSORRT_TOPK_MAX + 1], np.int64), "k2")]
     proto = helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits))
     assert large_topk(proto) == [4096, TENSORRT_TOPK_MAX + 1]
+
+
+@pytest.mark.parametrize("kind,method,merge_op", [("videomae", "hash", "native"), ("ast", "importance", "standard")])
+def test_fp16_export_of_transformers_models(tmp_path, one_torch_thread, kind, method, merge_op):
+    """--dtype fp16 on a transformers model: the float32 sizes (proportional attention bias, VideoMAE's
+    size-weighted mean pooling) meet float16 activations; the file must load, run in ONNX Runtime CPU
+    and track the float32 model (decision rule: merge decisions identical, same top-1)."""
+    from vitmerge.exporter import export
+
+    model = make(kind, attn="eager")
+    vitmerge.apply(model, method=method, r=6)
+    res = export(model, tmp_path / "m.onnx", merge_op=merge_op, dtype="fp16")
+    v = res.verification
+    assert v.ok and v.dtype == "fp16"
+    assert all(c.decisions_identical is not None and c.decisions_identical >= 0.99 for c in v.checks)
+    assert v.vs_fp32["top1_agreement"] >= 0.75
+    proto = onnx.load(str(res.path))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    # independent of the verifier: the fp16 file against the float32 PyTorch model on fresh inputs
+    x = inputs(model, batch=3, seed=11)
+    with torch.no_grad():
+        ref = model(x).logits.numpy()
+    sess = ort_session(res.path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert got.dtype == np.float32 and np.abs(got - ref).max() < 0.05 * np.abs(ref).max() + 1e-2

@@ -246,14 +246,15 @@ def attention_with_metric(layer: nn.Module, x: torch.Tensor, size: Optional[torc
     q = a.q(x).view(shape).transpose(1, 2)  # [B, H, N, hd]
     k = a.k(x).view(shape).transpose(1, 2)
     v = a.v(x).view(shape).transpose(1, 2)
-    bias = None if size is None else size.log()[:, None, None, :, 0]  # [B, 1, 1, N]
+    bias = None if size is None else size.log()[:, None, None, :, 0]  # [B, 1, 1, N], float32 (sizes stay float32)
+    att_bias = None if bias is None else bias.to(q.dtype)  # the attention itself runs in the model's dtype
     p = a.dropout if layer.training else 0.0
     if a.impl != "eager" and not _exporting():  # transformers' sdpa (and other fused kernels): PyTorch's SDPA
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=a.scale)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=att_bias, dropout_p=p, scale=a.scale)
     else:  # eager, and every exported graph (the explicit form exports to plain MatMul / Softmax)
         logits = torch.matmul(q, k.transpose(2, 3)) * a.scale
-        if bias is not None:
-            logits = logits + bias
+        if att_bias is not None:
+            logits = logits + att_bias
         if logits.dtype in (torch.float16, torch.bfloat16):
             w = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # as transformers' eager
         else:
@@ -331,7 +332,8 @@ class HFVideoMAEMixin(HFMergeModelMixin):
         if st.size is None:
             pooled = seq.mean(1)
         else:
-            pooled = (seq * st.size).sum(1) / st.size.sum(1)
+            # sizes are float32 (they reach the hundreds): average in float32, back to the model's dtype
+            pooled = ((seq.float() * st.size).sum(1) / st.size.sum(1)).to(seq.dtype)
         logits = self.classifier(self.fc_norm(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         return _classifier_output(logits, loss)
