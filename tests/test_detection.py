@@ -63,3 +63,144 @@ def test_unmerge_without_tracking_is_refused():
     model = apply(_tiny_vit(), "tome", 4)
     with pytest.raises(RuntimeError, match="track_positions"):
         model._vm_state.unmerge(torch.zeros(1, 5, 192))
+
+
+# --------------------------------------------------------------------------------------------
+# The dense detector (ViT backbone + per-cell head): r = 0, merged vs an independent reference, export
+# --------------------------------------------------------------------------------------------
+
+
+def _detector(seed: int = 0, classes: int = 3):
+    from vitmerge.models.dense import DenseDetector
+
+    import timm
+
+    torch.manual_seed(seed)
+    bb = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=0, depth=3)
+    return DenseDetector(bb, classes).eval()
+
+
+def _head_reference(det, tokens_at_positions: torch.Tensor):
+    """The head written out in float64 from the documented formula: conv3x3 + GELU, 1x1 convs, per-cell
+    (cx, cy) = cell centre + tanh(offset) * cell size, (w, h) = sigmoid, clipped to [0, 1]."""
+    import torch.nn.functional as F
+
+    t = tokens_at_positions.double()
+    B, _, D = t.shape
+    gh, gw = det.grid
+    grid = t[:, 1:].reshape(B, gh, gw, D).permute(0, 3, 1, 2)
+    conv, = [m for m in det.stem if isinstance(m, torch.nn.Conv2d)]
+    h = F.gelu(F.conv2d(grid, conv.weight.double(), conv.bias.double(), padding=1))
+    logits = F.conv2d(h, det.cls_head.weight.double(), det.cls_head.bias.double())
+    raw = F.conv2d(h, det.box_head.weight.double(), det.box_head.bias.double())
+    boxes = torch.empty(B, gh * gw, 4, dtype=torch.float64)
+    for b in range(B):
+        for row in range(gh):
+            for col in range(gw):
+                q = row * gw + col
+                o = raw[b, :, row, col]
+                boxes[b, q] = torch.stack([(col + 0.5) / gw + torch.tanh(o[0]) / gw,
+                                           (row + 0.5) / gh + torch.tanh(o[1]) / gh,
+                                           torch.sigmoid(o[2]), torch.sigmoid(o[3])]).clamp(0, 1)
+    return logits.flatten(2).transpose(1, 2), boxes
+
+
+def test_dense_r0_equals_the_unmerged_detector():
+    det = _detector()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = det(x)
+        vitmerge.apply(det, "tome", 0)
+        out = det(x)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.boxes, ref.boxes)
+    assert out.logits.shape == (2, 16, 3) and out.boxes.shape == (2, 16, 4)
+
+
+@pytest.mark.parametrize("method,r", [("tome", [4, 4, 3]), ("hash", [6, 4, 2]), ("evo", 5)])
+def test_dense_merged_head_reads_every_position_from_its_token(method, r):
+    """The merged detector = its head on the merged backbone's tokens put back at each position by the
+    merge_source map (the same backbone merged alone, traced); the head written out independently."""
+    det = _detector()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    vitmerge.apply(det, method, r)
+    with torch.no_grad():
+        out = det(x)
+        bb = _detector().backbone  # same seed: same weights
+        vitmerge.apply(bb, method, r, trace_source=method != "evo")
+        bb._vm_state.reset()
+        tokens = bb.forward_features(x)
+    if method == "evo":  # no reduction: every position keeps its own token
+        at_positions = tokens
+    else:
+        assert tokens.shape[1] < 17
+        at_positions = _unmerge_by_source(tokens, bb._vm_state.source)
+    ref_logits, ref_boxes = _head_reference(det, at_positions)
+    torch.testing.assert_close(out.logits.double(), ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.boxes.double(), ref_boxes, rtol=1e-5, atol=1e-5)
+    assert bool(((out.boxes >= 0) & (out.boxes <= 1)).all())
+
+
+@pytest.mark.parametrize("method", ["tome", "hash"])
+def test_dense_export_two_outputs_ort_vs_pytorch(method, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from vitmerge.exporter import export
+
+    det = vitmerge.apply(_detector(), method, [4, 4, 3])
+    res = export(det, tmp_path / "det.onnx", batch_sizes=(1, 3))
+    assert res.verification.ok and set(res.verification.output_diffs) == {"boxes"}
+    sess = ort.InferenceSession(str(tmp_path / "det.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", "boxes"]  # decisions dropped after verification
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    logits, boxes = sess.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        ref = det(x)
+    np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(boxes, ref.boxes.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_verify_fails_when_only_the_boxes_differ(tmp_path):
+    """The second output is checked on its own: a file whose logits match but whose boxes do not fails."""
+    from vitmerge.exporter import export, verify
+
+    det = vitmerge.apply(_detector(), "tome", [4, 4, 3])
+    export(det, tmp_path / "det.onnx", batch_sizes=(1,))
+    with torch.no_grad():
+        det.box_head.bias += 0.5  # the boxes move, the logits do not
+    rep = verify(det, tmp_path / "det.onnx", batch_sizes=(2,))
+    c = rep.checks[0]
+    assert c.max_abs_diff <= c.tolerance and c.outputs["boxes"][0] > c.outputs["boxes"][1]
+    assert not rep.ok
+
+
+def test_dense_bad_inputs():
+    import timm
+
+    from vitmerge.errors import ScheduleError, UnsupportedModelError
+    from vitmerge.models.dense import DenseDetector
+
+    with pytest.raises(ScheduleError, match="too large"):
+        vitmerge.apply(_detector(), "tome", 20)
+    with pytest.raises(UnsupportedModelError, match="vwt"):
+        vitmerge.apply(_detector(), "vwt", 4, mode="intra")
+    dyn = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=0, depth=1,
+                            dynamic_img_size=True)
+    with pytest.raises(UnsupportedModelError, match="dynamic_img_size"):
+        DenseDetector(dyn, 3)
+    with pytest.raises(UnsupportedModelError, match="num_classes"):
+        DenseDetector(_detector().backbone, 0)
+    with pytest.raises(UnsupportedModelError, match="VisionTransformer"):
+        DenseDetector(torch.nn.Linear(2, 2), 3)
+
+
+def test_dense_remove_restores_the_plain_detector():
+    det = _detector()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = det(x)
+        vitmerge.apply(det, "tome", 4)
+        vitmerge.remove(det)
+        out = det(x)
+    assert torch.equal(out.boxes, ref.boxes) and not hasattr(det, "_vm_state")
+    assert type(det.backbone).__name__ == "VisionTransformer"

@@ -93,7 +93,8 @@ def register(app: typer.Typer) -> None:
                 console.print(f"verified: {rep.describe_rule()}", soft_wrap=True)
                 for c in rep.checks:
                     dec = "" if c.decisions_identical is None else f", merge decisions identical {c.decisions_identical:.2%}"
-                    console.print(f"  batch {c.batch}: max|diff| {c.max_abs_diff:.2e} (tol {c.tolerance:.1e}), "
+                    more = "".join(f", {n} max|diff| {d:.2e} (tol {t:.1e})" for n, (d, t) in c.outputs.items())
+                    console.print(f"  batch {c.batch}: max|diff| {c.max_abs_diff:.2e} (tol {c.tolerance:.1e}){more}, "
                                   f"top-1 agreement {c.top1_agreement:.0%}{dec}")
                 if rep.vs_fp32:
                     v = rep.vs_fp32

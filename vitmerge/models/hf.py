@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ModelNotFoundError, RuntimeMissingError, UnsupportedModelError, UsageError
+from ..metadata import OUTPUT_NAME
+from .dense import BOXES_NAME
 from .vit import MergeState, TokenMerge, class_attention, mixed_class, original_class
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ MODELS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "videomae": (("VideoMAEForVideoClassification",), "video"),
     "audio-spectrogram-transformer": (("ASTForAudioClassification",), "audio"),
 }
+
+#: model types whose output holds boxes (pred_boxes) next to the logits
+DETECTORS = ("yolos",)
 
 SUPPORTED = (
     "Hugging Face transformers 5.x classifiers saved with save_pretrained: "
@@ -452,6 +457,17 @@ def logits(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
+def output_names(model: nn.Module) -> Tuple[str, ...]:
+    """Graph outputs: ``logits``; detectors (YOLOS) also ``boxes`` (their ``pred_boxes``)."""
+    return (OUTPUT_NAME, BOXES_NAME) if model_type(model) in DETECTORS else (OUTPUT_NAME,)
+
+
+def outputs(model: nn.Module, output) -> Tuple[torch.Tensor, ...]:
+    if model_type(model) in DETECTORS:
+        return (output.logits, output.pred_boxes)
+    return (logits(output),)
+
+
 # --------------------------------------------------------------------------------------------
 # Loading a save_pretrained folder (never the hub)
 # --------------------------------------------------------------------------------------------
@@ -642,5 +658,5 @@ def preprocessor_config(model: nn.Module) -> Dict[str, Any]:
 
 __all__ = ["MODELS", "SUPPORTED", "is_hf", "model_type", "modality", "layers", "prefix_tokens", "has_class_token",
            "input_shape", "num_tokens", "num_classes", "attention_with_metric", "unsupported_reason", "patch",
-           "unpatch", "merge_steps", "flops_parts", "explicit_attention", "logits", "is_pretrained_folder",
+           "unpatch", "merge_steps", "flops_parts", "explicit_attention", "logits", "output_names", "outputs", "is_pretrained_folder",
            "read_config", "load_pretrained", "preprocessor_config", "ast_grid"]
