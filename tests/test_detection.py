@@ -204,3 +204,71 @@ def test_dense_remove_restores_the_plain_detector():
         out = det(x)
     assert torch.equal(out.boxes, ref.boxes) and not hasattr(det, "_vm_state")
     assert type(det.backbone).__name__ == "VisionTransformer"
+
+
+# --------------------------------------------------------------------------------------------
+# YOLOS (transformers): class + [DET] tokens protected (the [DET] tokens sit at the END of its sequence)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mid", [False, True])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_yolos_r0_equals_transformers(mid, attn):
+    pytest.importorskip("transformers")
+    from reference_yolos import make_yolos
+
+    model = make_yolos(mid, attn=attn)
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+        vitmerge.apply(model, "tome", 0)
+        out = model(x)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.pred_boxes, ref.pred_boxes)
+
+
+@pytest.mark.parametrize("mid,prop_attn,rs", [(False, True, [6, 4, 3]), (True, True, [6, 4, 3]),
+                                               (True, False, [0, 8, 5])])
+def test_yolos_matches_handwritten_tome(mid, prop_attn, rs):
+    pytest.importorskip("transformers")
+    from reference_yolos import make_yolos, yolos_tome_forward
+
+    model = make_yolos(mid, attn="eager").double()
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(2)).double()
+    ref_logits, ref_boxes = yolos_tome_forward(model, x, rs, prop_attn=prop_attn)
+    vitmerge.apply(model, "tome", rs, prop_attn=prop_attn)
+    assert model.vitmerge.protected == 1 + 5
+    with torch.no_grad():
+        out = model(x)
+        plain = vitmerge.remove(model)(x)
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.pred_boxes, ref_boxes, rtol=1e-9, atol=1e-9)
+    assert (out.pred_boxes - plain.pred_boxes).abs().max() > 1e-6  # the merge did change something
+
+
+@pytest.mark.parametrize("method", ["tome", "hash", "importance"])
+def test_yolos_det_tokens_never_merge(method):
+    """The tokens the first merge step sees lead with the class token and the [DET] tokens (transformers'
+    layer-0 values of its LAST d tokens, computed by the plain model), and every one of them ends the
+    encoder alone: its token holds no other original position."""
+    pytest.importorskip("transformers")
+    from reference_yolos import make_yolos
+
+    model = make_yolos(True)
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+    d, n0 = 5, 1 + 24 + 5
+    layer0 = model.base_model.encoder.layer[0]
+    with torch.no_grad():  # transformers' own layer 0, up to the merge point (attention + residual)
+        emb = model.base_model.embeddings(x)
+        plain = emb + layer0.attention(layer0.layernorm_before(emb))
+    vitmerge.apply(model, method, [8, 6, 4], trace_source=True)
+    seen = {}
+    hook = layer0.token_merge.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    torch.testing.assert_close(seen["x"][:, :1], plain[:, :1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen["x"][:, 1:1 + d], plain[:, -d:], rtol=1e-5, atol=1e-5)
+    source = model._vm_state.source  # [B, n, N0] over the tokens the first step saw
+    assert source.shape == (2, n0 - 18, n0)
+    for j in range(1 + d):
+        assert torch.equal(source[:, j, j], torch.ones(2)) and torch.equal(source[:, j].sum(-1), torch.ones(2))
