@@ -272,3 +272,86 @@ def test_yolos_det_tokens_never_merge(method):
     assert source.shape == (2, n0 - 18, n0)
     for j in range(1 + d):
         assert torch.equal(source[:, j, j], torch.ones(2)) and torch.equal(source[:, j].sum(-1), torch.ones(2))
+
+
+@pytest.fixture(scope="module")
+def yolos_folders(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from reference_yolos import make_yolos
+
+    root = tmp_path_factory.mktemp("yolos")
+    out = {"mid": root / "mid", "plain": root / "plain"}
+    make_yolos(True).save_pretrained(out["mid"])
+    make_yolos(False).save_pretrained(out["plain"])
+    return out
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from vitmerge.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _ort_outputs(path, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", "boxes"]
+    return sess.run(None, {"images": x.numpy()})
+
+
+@pytest.mark.parametrize("method,r", [("tome", "6,4,3"), pytest.param("hash", "8,6,4", marks=pytest.mark.slow)])
+def test_yolos_cli_export_merged_ort_vs_pytorch(yolos_folders, tmp_path, method, r):
+    """`vitmerge export FOLDER` (YOLOS with mid position embeddings): logits and boxes, ORT vs PyTorch on a
+    batch the exporter never saw."""
+    import numpy as np
+
+    from vitmerge.models.build import build_merged
+
+    out = tmp_path / "yolos.onnx"
+    res = _cli("export", yolos_folders["mid"], "--method", method, "--r", r, "-o", out, "--verify-batch", "2")
+    assert res.exit_code == 0, res.output
+    assert "boxes max|diff|" in " ".join(res.output.split())
+    model = build_merged(str(yolos_folders["mid"]), None, method, [int(v) for v in r.split(",")])
+    x = torch.randn(3, 3, 32, 48, generator=torch.Generator().manual_seed(7))
+    logits, boxes = _ort_outputs(out, x)
+    with torch.no_grad():
+        ref = model(x)
+    np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(boxes, ref.pred_boxes.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_yolos_cli_export_r0_equals_transformers(yolos_folders, tmp_path):
+    """--r 0: the file computes what transformers' own YolosForObjectDetection computes (no vitmerge code)."""
+    import numpy as np
+    import transformers as tf
+
+    out = tmp_path / "yolos0.onnx"
+    res = _cli("export", yolos_folders["mid"], "--r", "0", "-o", out, "--verify-batch", "1")
+    assert res.exit_code == 0, res.output
+    plain = tf.YolosForObjectDetection.from_pretrained(str(yolos_folders["mid"])).eval()
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(8))
+    logits, boxes = _ort_outputs(out, x)
+    with torch.no_grad():
+        ref = plain(x)
+    np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(boxes, ref.pred_boxes.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_yolos_bad_inputs(yolos_folders, tmp_path):
+    import transformers as tf
+
+    from vitmerge.errors import ScheduleError, UnsupportedModelError
+    from vitmerge.models.build import build_model
+    from reference_yolos import make_yolos, yolos_config
+
+    with pytest.raises(ScheduleError, match="too large"):  # 24 patches: one tome step removes at most 12
+        vitmerge.apply(make_yolos(), "tome", 13)
+    res = _cli("export", yolos_folders["plain"], "--img-size", "64", "-o", tmp_path / "x.onnx")
+    assert res.exit_code == 2 and "image_size" in " ".join(res.output.split())
+    tf.YolosModel(yolos_config(False)).save_pretrained(tmp_path / "backbone")  # no detection head
+    with pytest.raises(UnsupportedModelError, match="YolosForObjectDetection"):
+        build_model(str(tmp_path / "backbone"))
+    assert not (tmp_path / "x.onnx").exists()

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
     def export_cmd(
         model_name: Annotated[str, typer.Argument(
             metavar="MODEL", help="timm model name (e.g. vit_small_patch16_224) or a folder written by transformers' "
-                                  "save_pretrained (ViT, DeiT, VideoMAE, AST)")],
+                                  "save_pretrained (ViT, DeiT, VideoMAE, AST, YOLOS)")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .onnx file")],
         checkpoint: CheckpointOpt = None,
         method: MethodOpt = "tome",

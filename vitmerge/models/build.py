@@ -106,7 +106,7 @@ def build_model(
 ) -> nn.Module:
     """timm.create_model(name) with random init, then the local checkpoint if given; or, when ``name`` is
     a folder written by transformers' ``save_pretrained``, that model with its own weights
-    (:func:`vitmerge.models.hf.load_pretrained`: ViT, DeiT, VideoMAE, AST).
+    (:func:`vitmerge.models.hf.load_pretrained`: ViT, DeiT, VideoMAE, AST, YOLOS).
 
     timm: the classifier size follows the checkpoint (a CIFAR-100 or Pets fine-tune loads as is), and
     the position embedding is resampled by timm's own checkpoint filter when ``img_size`` differs.

@@ -1,7 +1,8 @@
 """The one dispatch from a model to the adapter that knows its structure.
 
-Two families of models are merged in place: timm Vision Transformers (:mod:`.vit`) and Hugging Face
-transformers classifiers (:mod:`.hf`: ViT, DeiT, VideoMAE, AST). Everything that reads a model's
+Three families of models are merged in place: timm Vision Transformers (:mod:`.vit`), Hugging Face
+transformers models (:mod:`.hf`: ViT, DeiT, VideoMAE, AST classifiers, the YOLOS detector) and the dense
+detector (:mod:`.dense`: a timm ViT backbone unmerged before a per-cell head). Everything that reads a model's
 structure (``apply`` / ``remove``, input and token shapes, the FLOP counter, the budget solver, the
 exporter's logits) asks :func:`family` for the model's :class:`Family` instead of testing types
 itself. A new family = one adapter module + one class here.

@@ -1,4 +1,4 @@
-"""In-place patch of Hugging Face transformers classifiers: ViT, DeiT, VideoMAE and AST.
+"""In-place patch of Hugging Face transformers classifiers (ViT, DeiT, VideoMAE, AST) and the YOLOS detector.
 
 The same merge as the timm adapter (:mod:`.vit`), on the transformers modules::
 
@@ -18,6 +18,14 @@ are protected (never merged, pooled as before). VideoMAE has no class token: wit
 merged tokens are averaged weighted by their size (as ToMe's video models do), so the pooled vector
 still averages every original patch; without mean pooling it reads token 0, which is then protected.
 Merging is spatiotemporal for video: a VideoMAE token is one tubelet, and any two may merge.
+
+YOLOS (``YolosForObjectDetection``): the class token and all ``num_detection_tokens`` [DET] tokens are
+protected. transformers appends the [DET] tokens at the end of the sequence, and merging protects a
+prefix, so while any layer merges, layer 0 moves them right after the class token and the last layer
+moves them back (the heads read the last tokens as before; with r = 0 nothing moves). Its mid position
+embeddings (``use_mid_position_embeddings``: added after every layer but the last) reach a merged token as
+the size-weighted average of its members' embeddings, from the position map (``MergeState.positions``).
+Outputs: ``logits`` and ``boxes`` (its ``pred_boxes``). It runs at its config's ``image_size``.
 
 transformers is imported only where a model is loaded (:func:`load_pretrained`); this module reads
 models by duck typing, so importing it costs nothing. Supported: transformers 5.x (the layer layouts
