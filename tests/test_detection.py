@@ -140,14 +140,14 @@ def test_dense_merged_head_reads_every_position_from_its_token(method, r):
     assert bool(((out.boxes >= 0) & (out.boxes <= 1)).all())
 
 
-@pytest.mark.parametrize("method", ["tome", "hash"])
-def test_dense_export_two_outputs_ort_vs_pytorch(method, tmp_path):
+@pytest.mark.parametrize("method,r", [("tome", [4, 4, 3]), ("hash", [6, 0, 0])])  # hash graphs export slowly: one step
+def test_dense_export_two_outputs_ort_vs_pytorch(method, r, tmp_path):
     import numpy as np
     import onnxruntime as ort
 
     from vitmerge.exporter import export
 
-    det = vitmerge.apply(_detector(), method, [4, 4, 3])
+    det = vitmerge.apply(_detector(), method, r)
     res = export(det, tmp_path / "det.onnx", batch_sizes=(1, 3))
     assert res.verification.ok and set(res.verification.output_diffs) == {"boxes"}
     sess = ort.InferenceSession(str(tmp_path / "det.onnx"), providers=["CPUExecutionProvider"])
@@ -164,7 +164,7 @@ def test_verify_fails_when_only_the_boxes_differ(tmp_path):
     """The second output is checked on its own: a file whose logits match but whose boxes do not fails."""
     from vitmerge.exporter import export, verify
 
-    det = vitmerge.apply(_detector(), "tome", [4, 4, 3])
+    det = vitmerge.apply(_detector(), "tome", [4, 0, 0])
     export(det, tmp_path / "det.onnx", batch_sizes=(1,))
     with torch.no_grad():
         det.box_head.bias += 0.5  # the boxes move, the logits do not
@@ -355,3 +355,36 @@ def test_yolos_bad_inputs(yolos_folders, tmp_path):
     with pytest.raises(UnsupportedModelError, match="YolosForObjectDetection"):
         build_model(str(tmp_path / "backbone"))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_dense_cli_export_from_checkpoint(tmp_path):
+    """`vitmerge export dense:NAME --checkpoint det.pth`: the detector rebuilt from its state dict (classes and
+    head width read from it), merged, exported with logits and boxes; ORT equals the detector merged here."""
+    import numpy as np
+
+    det = _detector(seed=4, classes=2)
+    torch.save(det.state_dict(), tmp_path / "det.pth")
+    out = tmp_path / "det.onnx"
+    res = _cli("export", "dense:vit_tiny_patch16_224", "--checkpoint", tmp_path / "det.pth", "--img-size", "64",
+               "--model-kwargs", '{"depth": 3}', "--method", "tome", "--r", "5,0,0", "-o", out, "--verify-batch", "2")
+    assert res.exit_code == 0, res.output
+    vitmerge.apply(det, "tome", [5, 0, 0])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    logits, boxes = _ort_outputs(out, x)
+    with torch.no_grad():
+        ref = det(x)
+    assert logits.shape == (2, 16, 2)
+    np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(boxes, ref.boxes.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_dense_cli_bad_inputs(tmp_path):
+    res = _cli("export", "dense:vit_tiny_patch16_224", "--img-size", "64", "-o", tmp_path / "a.onnx")
+    assert res.exit_code == 2 and "--num-classes" in " ".join(res.output.split())
+    torch.save(_tiny_vit().state_dict(), tmp_path / "cls.pth")  # a classifier's weights, not a detector's
+    res = _cli("export", "dense:vit_tiny_patch16_224", "--checkpoint", tmp_path / "cls.pth", "--num-classes", "2",
+               "--img-size", "64", "--model-kwargs", '{"depth": 3}', "-o", tmp_path / "b.onnx")
+    assert res.exit_code == 2 and "DenseDetector state dict" in " ".join(res.output.split())
+    res = _cli("export", "dense:vit_tinny_patch16_224", "--num-classes", "2", "-o", tmp_path / "c.onnx")
+    assert res.exit_code == 2 and "vit_tiny_patch16_224" in res.output
+    assert not list(tmp_path.glob("*.onnx"))

@@ -32,8 +32,9 @@ def register(app: typer.Typer) -> None:
     @app.command("export", short_help="timm ViT or transformers folder -> merged ONNX (static token counts), verified.")
     def export_cmd(
         model_name: Annotated[str, typer.Argument(
-            metavar="MODEL", help="timm model name (e.g. vit_small_patch16_224) or a folder written by transformers' "
-                                  "save_pretrained (ViT, DeiT, VideoMAE, AST, YOLOS)")],
+            metavar="MODEL", help="timm model name (e.g. vit_small_patch16_224), a folder written by transformers' "
+                                  "save_pretrained (ViT, DeiT, VideoMAE, AST, YOLOS), or dense:NAME (the dense "
+                                  "detector on timm backbone NAME; outputs logits and boxes)")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .onnx file")],
         checkpoint: CheckpointOpt = None,
         method: MethodOpt = "tome",
