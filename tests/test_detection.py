@@ -388,3 +388,61 @@ def test_dense_cli_bad_inputs(tmp_path):
     res = _cli("export", "dense:vit_tinny_patch16_224", "--num-classes", "2", "-o", tmp_path / "c.onnx")
     assert res.exit_code == 2 and "vit_tiny_patch16_224" in res.output
     assert not list(tmp_path.glob("*.onnx"))
+
+
+# --------------------------------------------------------------------------------------------
+# The offline detection set and the metric
+# --------------------------------------------------------------------------------------------
+
+
+def test_digit_canvases_boxes_are_the_ink_boxes():
+    """Without noise every labelled box is exactly the bounding box of the nonzero pixels inside it, boxes do
+    not overlap, and the same seed gives the same set."""
+    from vitmerge.data.detection import digit_canvases
+
+    s = digit_canvases(12, size=64, max_digits=3, split="test", seed=5, noise=0.0)
+    again = digit_canvases(12, size=64, max_digits=3, split="test", seed=5, noise=0.0)
+    assert torch.equal(s.images, again.images) and all(torch.equal(a, b) for a, b in zip(s.boxes, again.boxes))
+    for img, boxes, labels in zip(s.images, s.boxes, s.labels):
+        ink = img[0] > 0
+        assert 1 <= len(boxes) <= 3 and labels.min() >= 0 and labels.max() <= 9
+        covered = torch.zeros_like(ink)
+        for cx, cy, w, h in (boxes * 64).tolist():
+            x0, y0, x1, y1 = round(cx - w / 2), round(cy - h / 2), round(cx + w / 2), round(cy + h / 2)
+            assert abs(x0 - (cx - w / 2)) < 1e-4 and abs(y1 - (cy + h / 2)) < 1e-4  # whole pixels
+            inside = ink[y0:y1, x0:x1]
+            rows, cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
+            assert (rows.min(), rows.max(), cols.min(), cols.max()) == (0, y1 - y0 - 1, 0, x1 - x0 - 1)
+            assert not covered[y0:y1, x0:x1].any()  # no overlap
+            covered[y0:y1, x0:x1] = True
+        assert not (ink & ~covered).any()  # all ink is inside some box
+
+
+def test_map_via_torchmetrics():
+    """The metric's plumbing (box format, keys): ground truth as predictions scores 1; boxes shifted to
+    IoU 0.6 count at 0.5 but not at 0.75; a wrong class scores 0."""
+    pytest.importorskip("torchmetrics")
+    pytest.importorskip("pycocotools")
+    from vitmerge.data.detection import mean_average_precision
+
+    gt = [{"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]]), "labels": torch.tensor([4])}]
+    same = [{"boxes": gt[0]["boxes"], "scores": torch.tensor([0.9]), "labels": torch.tensor([4])}]
+    assert mean_average_precision(same, gt) == {"map": 1.0, "map_50": 1.0, "map_75": 1.0}
+    # shift by dx along x: IoU = (w - dx) / (w + dx) = 0.6 for dx = w / 4
+    shifted = [{"boxes": torch.tensor([[0.35, 0.3, 0.2, 0.2]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([4])}]
+    m = mean_average_precision(shifted, gt)
+    assert m["map_50"] == 1.0 and m["map_75"] == 0.0 and 0.0 < m["map"] < 1.0
+    wrong = [{"boxes": gt[0]["boxes"], "scores": torch.tensor([0.9]), "labels": torch.tensor([3])}]
+    assert mean_average_precision(wrong, gt)["map"] == 0.0
+
+
+def test_detection_set_bad_inputs():
+    from vitmerge.data.detection import digit_canvases, mean_average_precision
+    from vitmerge.errors import UsageError
+
+    with pytest.raises(UsageError, match="split"):
+        digit_canvases(2, split="val")
+    with pytest.raises(UsageError, match="scale"):
+        digit_canvases(2, size=16, scale=(12, 24))
+    with pytest.raises(UsageError, match="one per image"):
+        mean_average_precision([], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}])
