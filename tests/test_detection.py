@@ -240,6 +240,8 @@ def test_yolos_matches_handwritten_tome(mid, prop_attn, rs):
     with torch.no_grad():
         out = model(x)
         plain = vitmerge.remove(model)(x)
+    assert type(model.base_model.encoder).__name__ == "YolosEncoder"  # remove restores transformers' classes
+    assert type(model.base_model.encoder.layer[0]).__name__ == "YolosLayer"
     torch.testing.assert_close(out.logits, ref_logits, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(out.pred_boxes, ref_boxes, rtol=1e-9, atol=1e-9)
     assert (out.pred_boxes - plain.pred_boxes).abs().max() > 1e-6  # the merge did change something

@@ -294,7 +294,9 @@ def attention_with_metric(layer: nn.Module, x: torch.Tensor, size: Optional[torc
 
 
 class HFMergeLayerMixin:
-    """Mixed into the transformers layer class: attention, merge, MLP.
+    """Mixed into the transformers layer class: attention, merge, MLP (YOLOS while merging: the first layer
+    moves the [DET] tokens from the end to after the class token, the last layer moves them back; the
+    hidden states between layers are in that order).
 
     The ``attention_mask`` a layer receives is the one transformers builds from the user's mask; the
     model-level mixin refuses a user mask, so what arrives here is the all-attend mask (transformers
