@@ -448,3 +448,33 @@ def test_detection_set_bad_inputs():
         digit_canvases(2, size=16, scale=(12, 24))
     with pytest.raises(UsageError, match="one per image"):
         mean_average_precision([], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}])
+
+
+def test_coco_folder_round_trip_and_errors(tmp_path):
+    """write_coco -> read_coco gives the same images (8-bit) and boxes; the folder is plain COCO (checked by
+    reading annotations.json directly); broken folders fail with a DataError that says what is missing."""
+    import json
+
+    from vitmerge.data.detection import digit_canvases, read_coco, write_coco
+    from vitmerge.errors import DataError, UsageError
+
+    s = digit_canvases(5, size=32, scale=(8, 16), split="test", seed=2)
+    write_coco(s, tmp_path / "coco")
+    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    first = [a for a in coco["annotations"] if a["image_id"] == 0]
+    cx, cy, w, h = s.boxes[0][0].tolist()
+    assert first[0]["bbox"] == pytest.approx([(cx - w / 2) * 32, (cy - h / 2) * 32, w * 32, h * 32])
+    assert first[0]["category_id"] == int(s.labels[0][0])
+    back = read_coco(tmp_path / "coco")
+    assert (back.images - s.images).abs().max() <= 0.5 / 255 + 1e-6
+    for a, b, la, lb in zip(s.boxes, back.boxes, s.labels, back.labels):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert torch.equal(la, lb)
+    assert read_coco(tmp_path / "coco", size=64).images.shape == (5, 3, 64, 64)
+    with pytest.raises(UsageError, match="exists"):
+        write_coco(s, tmp_path / "coco")
+    with pytest.raises(DataError, match="annotations.json"):
+        read_coco(tmp_path)
+    (tmp_path / "coco" / "images" / "000003.png").unlink()
+    with pytest.raises(DataError, match="000003.png"):
+        read_coco(tmp_path / "coco")
