@@ -7,7 +7,11 @@ For each registered method, random inputs and several r:
 * protected tokens are untouched (first slots, same values, same sizes);
 * every slot is the size x weight-weighted mean of the tokens the plan assigns to it (a float64 loop);
 * the invariance the spec promises: permuting the unprotected tokens (``any``) or the unprotected even
-  and odd positions separately (``alternating``, ToMe's A/B sets) leaves the merged multiset unchanged.
+  and odd positions separately (``alternating``, ToMe's A/B sets) leaves the merged multiset unchanged;
+* unmerge is the exact inverse map: after merge then unmerge every input position holds the value of the
+  slot the plan sent it to (read off keep/src/dst in a loop), protected positions their own values; over
+  several steps the composed assignment is the map merge_source tracks, and unmerging once by it equals
+  unmerging step by step.
 """
 from __future__ import annotations
 
@@ -126,3 +130,78 @@ def test_every_spec_is_complete():
         s.check_options(**{k: v for k, v in s.options.items() if v is not None})  # defaults are valid
         if s.match_flops is not None:
             assert s.match_flops(197, 1, 64, r=16) > 0
+
+
+def slot_loop(plan):
+    """[B][N] slot of every input token, read off keep / src / dst one entry at a time."""
+    out = []
+    for b in range(plan.keep.shape[0]):
+        slot = [None] * plan.n_in
+        for j, k in enumerate(plan.keep[b].tolist()):
+            slot[k] = j
+        for s_, d in zip(plan.src[b].tolist(), plan.dst[b].tolist()):
+            assert slot[s_] is None, "a token is both kept and merged away"
+            slot[s_] = d
+        assert None not in slot, "a token is neither kept nor merged away"
+        out.append(slot)
+    return out
+
+
+@pytest.mark.parametrize("protected", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unmerge_is_the_inverse_map(spec, protected, seed):
+    if spec.needs_cls_attn and protected == 0:
+        pytest.skip(f"{spec.name} ranks by the class token's attention: it needs a protected class token")
+    metric, x, size, extra = make_inputs(spec, protected, seed)
+    n = protected + U
+    for r in sorted({0, 1, spec.max_r(n, protected) // 2, spec.max_r(n, protected)}):
+        plan = plan_for(spec, metric, r, protected, extra)
+        merged, _ = plan.merge(x, size)
+        back = plan.unmerge(merged)
+        assert back.shape == x.shape
+        slots = slot_loop(plan)
+        for b in range(B):
+            for i in range(n):
+                assert torch.equal(back[b, i], merged[b, slots[b][i]]), (b, i)
+        assert plan.assign.tolist() == slots
+        # protected positions come back as they went in (up to the shared (x * w) / w rounding)
+        torch.testing.assert_close(back[:, :protected], x[:, :protected], rtol=1e-15, atol=1e-15)
+        # and every position's slot holds it (merge_source: an independent 0/1 bookkeeping)
+        src = plan.merge_source()
+        for b in range(B):
+            assert all(src[b, slots[b][i], i] == 1 for i in range(n))
+        with pytest.raises(ValueError, match="merged tokens"):
+            plan.unmerge(x) if plan.r else plan.unmerge(x[:, :-1])
+
+
+@pytest.mark.parametrize("protected", [0, 1])
+def test_unmerge_composes_over_steps(spec, protected):
+    if spec.needs_cls_attn and protected == 0:
+        pytest.skip(f"{spec.name} ranks by the class token's attention: it needs a protected class token")
+    if spec.form == "pre_encoder":
+        pytest.skip("vwt groups patches once, before the encoder: there is one step, nothing to compose")
+    metric, x, size, extra = make_inputs(spec, protected, 7)
+    assign, source, plans = None, None, []
+    cur_m, cur_x, cur_s, cur_extra = metric, x, size, extra
+    for _ in range(3):
+        r = max(1, spec.max_r(cur_m.shape[1], protected) // 3)
+        p = plan_for(spec, cur_m, r, protected, cur_extra)
+        plans.append(p)
+        assign = merging.compose(assign, p.assign)
+        source = p.merge_source(source)
+        cur_x, new_s = p.merge(cur_x, cur_s)
+        cur_m, _ = p.merge(cur_m, cur_s)
+        cur_extra = {k: (p.merge(v[..., None], cur_s)[0][..., 0] if k == "cls_attn" else v)
+                     for k, v in cur_extra.items()}
+        cur_s = new_s
+    n0 = x.shape[1]
+    assert assign.shape == (B, n0)
+    # merge_source's 0/1 map: each original position sits in exactly one final token, the composed one
+    assert torch.equal(source.sum(1), torch.ones(B, n0, dtype=source.dtype))
+    assert torch.equal(source.argmax(1), assign)
+    # one gather by the composed map == unmerging step by step, last step first
+    step = cur_x
+    for p in reversed(plans):
+        step = p.unmerge(step)
+    assert torch.equal(merging.unmerge(cur_x, assign), step)
+    assert merging.unmerge(x, None) is x

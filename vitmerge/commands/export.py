@@ -32,8 +32,9 @@ def register(app: typer.Typer) -> None:
     @app.command("export", short_help="timm ViT or transformers folder -> merged ONNX (static token counts), verified.")
     def export_cmd(
         model_name: Annotated[str, typer.Argument(
-            metavar="MODEL", help="timm model name (e.g. vit_small_patch16_224) or a folder written by transformers' "
-                                  "save_pretrained (ViT, DeiT, VideoMAE, AST)")],
+            metavar="MODEL", help="timm model name (e.g. vit_small_patch16_224), a folder written by transformers' "
+                                  "save_pretrained (ViT, DeiT, VideoMAE, AST, YOLOS), or dense:NAME (the dense "
+                                  "detector on timm backbone NAME; outputs logits and boxes)")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .onnx file")],
         checkpoint: CheckpointOpt = None,
         method: MethodOpt = "tome",
@@ -93,7 +94,8 @@ def register(app: typer.Typer) -> None:
                 console.print(f"verified: {rep.describe_rule()}", soft_wrap=True)
                 for c in rep.checks:
                     dec = "" if c.decisions_identical is None else f", merge decisions identical {c.decisions_identical:.2%}"
-                    console.print(f"  batch {c.batch}: max|diff| {c.max_abs_diff:.2e} (tol {c.tolerance:.1e}), "
+                    more = "".join(f", {n} max|diff| {d:.2e} (tol {t:.1e})" for n, (d, t) in c.outputs.items())
+                    console.print(f"  batch {c.batch}: max|diff| {c.max_abs_diff:.2e} (tol {c.tolerance:.1e}){more}, "
                                   f"top-1 agreement {c.top1_agreement:.0%}{dec}")
                 if rep.vs_fp32:
                     v = rep.vs_fp32

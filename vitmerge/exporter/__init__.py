@@ -110,7 +110,7 @@ def export(
             report = verify(model, written, batch_sizes=batch_sizes, atol=atol, rtol=rtol,
                             reference_fp32=reference_fp32)
             _raise_unless_ok(report)
-            drop_decisions(written)  # the file computes its logits and nothing else
+            drop_decisions(written)  # the file computes its outputs (logits, detectors' boxes) and nothing else
         if merge_op != "standard" and not direct_native:
             step(f"graph surgery: merge steps -> {merge_op} form")
             rewrite(written, written, merge_op)
@@ -132,6 +132,7 @@ def _raise_unless_ok(report: VerifyReport, what: str = "") -> None:
         if c.ok:
             continue
         text = f"batch {c.batch}: max|diff| {c.max_abs_diff:.3g} (tol {c.tolerance:.3g})"
+        text += "".join(f", {n} max|diff| {d:.3g} (tol {t:.3g})" for n, (d, t) in c.outputs.items())
         if c.decisions_identical is not None:
             text += f", merge decisions identical {c.decisions_identical:.2%}"
         bad.append(text)

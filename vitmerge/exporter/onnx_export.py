@@ -24,7 +24,7 @@ from .. import metadata as md
 from ..data.transforms import data_config
 from ..errors import OutputPathError
 from ..models import input_shape
-from ..models.family import family, forward_logits
+from ..models.family import family, forward_outputs
 from ..models.precision import dtype_name, model_dtype
 from ..models.vit import recording
 from ..models.vit import scatter_free as scatter_free_merge
@@ -42,8 +42,9 @@ DECISIONS = "merge_decisions."  # extra outputs of a verification export: one [B
 class _Entry(nn.Module):
     """A fixed, named entry point: the graph input is called ``images`` whatever the model's forward.
 
-    Inputs and outputs are float32 whatever the model computes in (cast at the edges); with
-    ``decisions`` the outputs also hold every merge step's assignment, for verification.
+    Inputs and outputs are float32 whatever the model computes in (cast at the edges). The outputs are
+    the family's named outputs (:func:`output_names`: ``logits``, detectors also ``boxes``); with
+    ``decisions`` they also hold every merge step's assignment, for verification.
     """
 
     def __init__(self, model: nn.Module, decisions: bool = False):
@@ -53,10 +54,15 @@ class _Entry(nn.Module):
         self.decisions = decisions
 
     def forward(self, images: torch.Tensor):
-        logits = forward_logits(self.model, images.to(self.dtype)).to(torch.float32)
+        outs = tuple(o.to(torch.float32) for o in forward_outputs(self.model, images.to(self.dtype)).values())
         if self.decisions:
-            return (logits, *self.model._vm_state.decisions)
-        return logits
+            return (*outs, *self.model._vm_state.decisions)
+        return outs[0] if len(outs) == 1 else outs
+
+
+def output_names(model: nn.Module) -> list:
+    """The graph's named outputs, in order: ``logits`` (and ``boxes`` for detectors)."""
+    return list(family(model).output_names(model))
 
 
 def decision_steps(model: nn.Module) -> int:
@@ -118,7 +124,7 @@ def export_onnx_program(model: nn.Module, opset: int = DEFAULT_OPSET, example_ba
     example = torch.randn(example_batch, *shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
     n_dec = decision_steps(model) if decisions else 0
-    names = [OUTPUT_NAME] + [f"{DECISIONS}{i}" for i in range(n_dec)]
+    names = output_names(model) + [f"{DECISIONS}{i}" for i in range(n_dec)]
     # The exporter is chatty (progress lines, deprecation warnings): keep the CLI readable.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), recording(model, n_dec > 0), \
             scatter_free_merge(model, scatter_free):
@@ -139,7 +145,7 @@ def export_onnx_program(model: nn.Module, opset: int = DEFAULT_OPSET, example_ba
 
 def drop_decisions(path: Path) -> int:
     """Remove the ``merge_decisions.*`` outputs from the file at ``path``, and every node and
-    initializer only they needed (the file then computes exactly its logits). Returns how many."""
+    initializer only they needed (the file then computes exactly its outputs). Returns how many."""
     proto = onnx.load(str(path), load_external_data=False)
     g = proto.graph
     dropped = [o for o in g.output if o.name.startswith(DECISIONS)]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -33,7 +33,7 @@ from ..backends.ort import OrtRunner
 from ..errors import SurgeryError, VerificationError
 from ..models import input_shape
 from ..models.precision import cast_model, dtype_name, model_dtype
-from ..models.family import forward_logits
+from ..models.family import forward_outputs
 from ..models.vit import recording
 from .onnx_export import DECISIONS
 
@@ -56,10 +56,13 @@ class BatchCheck:
     top1_compared: Optional[float] = None  # top-1 agreement over those images
     rule: str = "max"
     min_decisions: float = MIN_DECISIONS
+    #: the graph's other outputs (detectors: ``boxes``): name -> (max |diff|, tolerance), same images and rule
+    outputs: Dict[str, Tuple[float, float]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        close = bool(np.isfinite(self.max_abs_diff)) and self.max_abs_diff <= self.tolerance
+        close = bool(np.isfinite(self.max_abs_diff)) and self.max_abs_diff <= self.tolerance \
+            and all(bool(np.isfinite(d)) and d <= t for d, t in self.outputs.values())
         if self.rule == "max":
             return close
         return (self.decisions_identical is None or self.decisions_identical >= self.min_decisions) and close \
@@ -87,6 +90,15 @@ class VerifyReport:
         return min(c.top1_agreement for c in self.checks)
 
     @property
+    def output_diffs(self) -> Dict[str, float]:
+        """max |diff| of every output beyond the logits (detectors: ``boxes``) over all batches."""
+        out: Dict[str, float] = {}
+        for c in self.checks:
+            for n, (d, _) in c.outputs.items():
+                out[n] = max(out.get(n, 0.0), d)
+        return out
+
+    @property
     def decisions_identical(self) -> Optional[float]:
         vals = [c.decisions_identical for c in self.checks if c.decisions_identical is not None]
         return min(vals) if vals else None
@@ -97,8 +109,9 @@ class VerifyReport:
             return "not verified"
         c = self.checks[0]
         tol = f"atol + rtol * max|ref| ({c.tolerance:.1e} at batch {c.batch})"
+        also = "".join(f", max|{n} diff| <= its own atol + rtol * max|ref|" for n in c.outputs)
         if c.rule == "max":
-            return f"{self.dtype}, {self.how}: max|logit diff| <= {tol} at every batch" + (
+            return f"{self.dtype}, {self.how}: max|logit diff| <= {tol}{also} at every batch" + (
                 "" if c.decisions_identical is None else "; merge decisions compared and reported")
         return (f"{self.dtype}, {self.how}: >= {c.min_decisions:.0%} of merge decisions identical, and on images whose "
                 f"decisions all match max|logit diff| <= {tol} and top-1 agrees")
@@ -128,8 +141,12 @@ def decision_share(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> tupl
 def batch_check(batch: int, ref: np.ndarray, out: np.ndarray, atol: float, rtol: float,
                 ref_decisions: Optional[Sequence[np.ndarray]] = None,
                 out_decisions: Optional[Sequence[np.ndarray]] = None, rule: str = "max",
-                min_decisions: float = MIN_DECISIONS) -> BatchCheck:
-    """Compare one batch of outputs (and, when given, merge decisions) with the reference."""
+                min_decisions: float = MIN_DECISIONS,
+                extra: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None) -> BatchCheck:
+    """Compare one batch of outputs (and, when given, merge decisions) with the reference.
+
+    ``ref`` / ``out``: the logits; ``extra``: the other outputs, name -> (reference, output), each checked
+    with its own tolerance ``atol + rtol * max |reference|`` on the same images."""
     if out.shape != ref.shape:
         raise VerificationError(f"output shape {out.shape} != reference {ref.shape} at batch {batch}")
     ref, out = ref.astype(np.float64), out.astype(np.float64)
@@ -144,8 +161,16 @@ def batch_check(batch: int, ref: np.ndarray, out: np.ndarray, atol: float, rtol:
         mask = np.ones(ref.shape[0], dtype=bool)
     diff = float(np.abs(out[mask] - ref[mask]).max()) if mask.any() else 0.0
     top1 = float((out[mask].argmax(-1) == ref[mask].argmax(-1)).mean()) if mask.any() else None
+    others = {}
+    for name, (r_o, o_o) in (extra or {}).items():
+        r_o, o_o = np.asarray(r_o, dtype=np.float64), np.asarray(o_o, dtype=np.float64)
+        if r_o.shape != o_o.shape:
+            raise VerificationError(f"output {name!r} shape {o_o.shape} != reference {r_o.shape} at batch {batch}")
+        d = float(np.abs(o_o[mask] - r_o[mask]).max()) if mask.any() and r_o.size else 0.0
+        others[name] = (d, atol + rtol * float(np.abs(r_o).max() if r_o.size else 0.0))
     return BatchCheck(int(batch), diff, scale, agree, atol + rtol * scale, decisions_identical=share,
-                      images_compared=int(mask.sum()), top1_compared=top1, rule=rule, min_decisions=min_decisions)
+                      images_compared=int(mask.sum()), top1_compared=top1, rule=rule, min_decisions=min_decisions,
+                      outputs=others)
 
 
 def upcast_copy(src: PathLike, dst: PathLike) -> Path:
@@ -179,12 +204,13 @@ def upcast_copy(src: PathLike, dst: PathLike) -> Path:
 
 
 def _torch_outputs(model: nn.Module, x: torch.Tensor, with_decisions: bool):
+    """({output name: float32 array}, [decision per merge step] or None) of one forward."""
     dtype = model_dtype(model)
     with recording(model, with_decisions):
-        logits = forward_logits(model, x.to(dtype)).float().numpy()
+        outs = {k: v.float().numpy() for k, v in forward_outputs(model, x.to(dtype)).items()}
         state = getattr(model, "_vm_state", None)
         dec = [d.numpy() for d in state.decisions] if with_decisions and state is not None else None
-    return logits, dec
+    return outs, dec
 
 
 @torch.no_grad()
@@ -228,17 +254,24 @@ def verify(
         shape = input_shape(model)
         report = VerifyReport(path=str(path), dtype=dtype_name(dtype), how=how)
         agree32, dec32, n32 = 0.0, [], 0
+        out_names = [n for n in names if not n.startswith(DECISIONS)]
         for b in batch_sizes:
             x = torch.randn(b, *shape, generator=gen)
-            ref, ref_dec = _torch_outputs(ref_model, x, bool(dec_names))
+            ref_all, ref_dec = _torch_outputs(ref_model, x, bool(dec_names))
+            if list(ref_all) != out_names:
+                raise VerificationError(f"{path} has outputs {out_names}, but the model gives {list(ref_all)}: "
+                                        "export it again from this model")
             outs = run.session.run(None, {run.input_name: x.numpy().astype(run.input_dtype)})
             got = {n: o for n, o in zip(names, outs)}
             out_dec = [got[n] for n in sorted(dec_names, key=lambda n: int(n[len(DECISIONS):]))] if dec_names else None
-            report.checks.append(batch_check(b, ref, np.asarray(got[names[0]], dtype=np.float32), atol, rtol,
-                                             ref_dec, out_dec, rule=rule))
+            ref = ref_all[out_names[0]]
+            extra = {n: (ref_all[n], got[n]) for n in out_names[1:]}
+            report.checks.append(batch_check(b, ref, np.asarray(got[out_names[0]], dtype=np.float32), atol, rtol,
+                                             ref_dec, out_dec, rule=rule, extra=extra))
             if reference_fp32 is not None and dtype != torch.float32:
                 r32, d32 = _torch_outputs(reference_fp32.eval(), x, True)
                 low, dlow = _torch_outputs(model, x, True)
+                r32, low = next(iter(r32.values())), next(iter(low.values()))
                 agree32 += float((low.argmax(-1) == r32.argmax(-1)).sum())
                 n32 += b
                 if d32:

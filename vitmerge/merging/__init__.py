@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MergePlan, batch_gather, batch_scatter_add, identity_plan
+from .base import MergePlan, batch_gather, batch_scatter_add, compose, identity_plan, unmerge
 from .registry import METHODS, available_methods, method_spec
 from .spec import MethodSpec
 
@@ -33,5 +33,5 @@ def effective_r(method: str, n_tokens: int, r: int, protected: int) -> int:
     return method_spec(method).clamp_r(n_tokens, r, protected)
 
 
-__all__ = ["MergePlan", "MethodSpec", "batch_gather", "batch_scatter_add", "identity_plan", "plan", "effective_r",
+__all__ = ["MergePlan", "MethodSpec", "batch_gather", "batch_scatter_add", "compose", "unmerge", "identity_plan", "plan", "effective_r",
            "available_methods", "method_spec", "METHODS"]

@@ -14,6 +14,13 @@ runtime executes well.
 
 Shapes: x [B, N, D], size [B, N, 1] (how many patches a token stands for), optional weight
 [B, N, 1] (extra averaging weight, e.g. importance).
+
+Unmerging goes the other way: ``plan.unmerge(x_merged)`` gives every input token the value of the slot
+it went to (``[B, n_out, D] -> [B, N, D]``, one row Gather by :attr:`MergePlan.assign`; ToMe's
+``merge_source`` map, as an index instead of an [n_out, N] 0/1 matrix). Over several merge steps the map
+from original positions to final tokens is the composition of the steps' assignments
+(:func:`compose`); dense heads (detection, segmentation) take every position back with
+:func:`unmerge` and that map. Both are static-shape gathers: ONNX Gather / GatherElements.
 """
 from __future__ import annotations
 
@@ -101,6 +108,15 @@ class MergePlan:
         size_out = out[..., D : D + 1] if self.weight is None else out[..., D + 1 :]
         return x_out, size_out
 
+    def unmerge(self, x_merged: torch.Tensor) -> torch.Tensor:
+        """The inverse map of :meth:`merge`: [B, n_out, D] -> [B, N, D], every input token taking the value
+        of the slot it went to (a kept token its own slot, a merged-away one its ``dst`` slot)."""
+        if x_merged.shape[1] != self.n_out:
+            raise ValueError(f"unmerge takes the {self.n_out} merged tokens of this plan, got {x_merged.shape[1]}")
+        if self.identity:
+            return x_merged
+        return batch_gather(x_merged, self.assign)
+
     def merge_source(self, source: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Track which original patches each token holds: source [B, n_out, N0] (0/1)."""
         B, N = self.keep.shape[0], self.n_in
@@ -110,6 +126,21 @@ class MergePlan:
         if self.r:
             out = batch_scatter_add(out, self.dst, batch_gather(source, self.src))
         return out.clamp(max=1)
+
+
+def compose(assign: Optional[torch.Tensor], step: torch.Tensor) -> torch.Tensor:
+    """The map from original positions through one more merge step: ``assign [B, N0]`` (slot of every
+    original position after the steps so far; None = no step yet) followed by ``step [B, N]`` (a
+    plan's :attr:`MergePlan.assign`, N = the tokens that step saw) -> ``[B, N0]``."""
+    return step if assign is None else step.gather(1, assign)
+
+
+def unmerge(x: torch.Tensor, assign: Optional[torch.Tensor]) -> torch.Tensor:
+    """Every original position's token: ``x [B, n, D]`` gathered by ``assign [B, N0]`` (from
+    :func:`compose`) -> ``[B, N0, D]``; ``assign`` None (nothing merged) returns ``x``."""
+    if assign is None:
+        return x
+    return batch_gather(x, assign)
 
 
 def identity_plan(metric: torch.Tensor) -> MergePlan:

@@ -22,6 +22,8 @@ from .budget import resolve_schedule
 from .mobilevit import is_mobilevit
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+#: ``dense:NAME``: the project's dense detector (:mod:`.dense`) on the timm ViT backbone NAME
+DENSE_PREFIX = "dense:"
 
 
 def _suggest(name: str, choices: list[str], n: int = 5) -> list[str]:
@@ -106,13 +108,18 @@ def build_model(
 ) -> nn.Module:
     """timm.create_model(name) with random init, then the local checkpoint if given; or, when ``name`` is
     a folder written by transformers' ``save_pretrained``, that model with its own weights
-    (:func:`vitmerge.models.hf.load_pretrained`: ViT, DeiT, VideoMAE, AST).
+    (:func:`vitmerge.models.hf.load_pretrained`: ViT, DeiT, VideoMAE, AST, YOLOS).
 
     timm: the classifier size follows the checkpoint (a CIFAR-100 or Pets fine-tune loads as is), and
     the position embedding is resampled by timm's own checkpoint filter when ``img_size`` differs.
     transformers folders: ``img_size`` (images, video), ``frames`` (video) and ``audio_length`` (audio
     time frames) set the input size; learned position embeddings are resampled.
+    ``dense:NAME``: a :class:`~.dense.DenseDetector` on the timm backbone NAME (checkpoint: the detector's
+    state dict, which also gives its classes; without one, ``num_classes`` is required).
     """
+    if str(name).startswith(DENSE_PREFIX):
+        return _build_dense(str(name)[len(DENSE_PREFIX):], checkpoint, img_size, num_classes, frames, audio_length,
+                            kwargs)
     if is_model_folder(name):
         return _build_folder(Path(str(name)).expanduser(), checkpoint, img_size, num_classes, frames, audio_length,
                              kwargs)
@@ -154,6 +161,46 @@ def build_model(
             "accuracy numbers are meaningless.",
             stacklevel=2,
         )
+    return model.eval()
+
+
+def _build_dense(name: str, checkpoint, img_size, num_classes, frames, audio_length, kwargs) -> nn.Module:
+    import timm
+
+    from .dense import DenseDetector
+
+    if frames is not None or audio_length is not None:
+        what = "--frames" if frames is not None else "--audio-length"
+        raise UsageError(f"{what} applies to transformers video/audio model folders; dense:{name} is an image detector")
+    check_model_name(name)
+    sd = load_state_dict(checkpoint) if checkpoint is not None else None
+    head = sd.get("cls_head.weight") if sd is not None else None
+    if num_classes is None and head is not None:
+        num_classes = int(head.shape[0])
+    if num_classes is None:
+        raise UsageError(f"dense:{name} needs its number of classes: give --num-classes N (or a --checkpoint of a "
+                         "DenseDetector, which holds them)")
+    stem = sd.get("stem.0.weight") if sd is not None else None
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    try:
+        backbone = timm.create_model(name, pretrained=False, **{**kwargs, "num_classes": 0})
+    except TypeError as e:
+        raise ModelNotFoundError(f"model {name!r} does not accept these options ({e})") from None
+    model = DenseDetector(backbone, int(num_classes), **({} if stem is None else {"hidden": int(stem.shape[0])}))
+    if sd is None:
+        warnings.warn(f"no --checkpoint given: dense:{name} has RANDOM weights. Shapes, export and latency are real; "
+                      "detections are meaningless.", stacklevel=3)
+        return model.eval()
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shapes that do not fit
+        raise CheckpointError(f"checkpoint does not fit dense:{name}: {str(e).splitlines()[0]} ...") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not match dense:{name}: {len(missing)} missing keys ({', '.join(missing[:5])}), "
+            f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}). Is it a DenseDetector state dict "
+            "(backbone.*, stem.*, cls_head.*, box_head.*) of this backbone?")
     return model.eval()
 
 
@@ -265,5 +312,5 @@ def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None,
     return apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
 
 
-__all__ = ["build_model", "is_model_folder", "load_state_dict", "check_model_name", "CHECKPOINT_SUFFIXES", "ModelConfig",
+__all__ = ["DENSE_PREFIX", "build_model", "is_model_folder", "load_state_dict", "check_model_name", "CHECKPOINT_SUFFIXES", "ModelConfig",
            "load_model_config", "resolve_model", "build_merged"]

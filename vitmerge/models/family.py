@@ -1,7 +1,8 @@
 """The one dispatch from a model to the adapter that knows its structure.
 
-Two families of models are merged in place: timm Vision Transformers (:mod:`.vit`) and Hugging Face
-transformers classifiers (:mod:`.hf`: ViT, DeiT, VideoMAE, AST). Everything that reads a model's
+Three families of models are merged in place: timm Vision Transformers (:mod:`.vit`), Hugging Face
+transformers models (:mod:`.hf`: ViT, DeiT, VideoMAE, AST classifiers, the YOLOS detector) and the dense
+detector (:mod:`.dense`: a timm ViT backbone unmerged before a per-cell head). Everything that reads a model's
 structure (``apply`` / ``remove``, input and token shapes, the FLOP counter, the budget solver, the
 exporter's logits) asks :func:`family` for the model's :class:`Family` instead of testing types
 itself. A new family = one adapter module + one class here.
@@ -9,13 +10,14 @@ itself. A new family = one adapter module + one class here.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .. import metadata as md
 from ..errors import UnsupportedModelError
-from . import hf, vit
+from . import dense, hf, vit
 
 #: (attn_linear, attn_dim, mlp_linear, metric_dim) of one block: what the analytic FLOP model needs
 BlockShape = Tuple[int, int, int, int]
@@ -104,6 +106,14 @@ class Family:
     def logits(self, output) -> torch.Tensor:
         return output
 
+    def output_names(self, model: nn.Module) -> Tuple[str, ...]:
+        """The named outputs of an exported graph, in order (classifiers: ``logits`` only)."""
+        return (md.OUTPUT_NAME,)
+
+    def outputs(self, model: nn.Module, output) -> Tuple[torch.Tensor, ...]:
+        """``model``'s output as the tensors named by :meth:`output_names`, in their order."""
+        return (self.logits(output),)
+
 
 class HFFamily(Family):
     """Hugging Face transformers classifiers (:mod:`.hf`): merging in the block form only."""
@@ -153,19 +163,90 @@ class HFFamily(Family):
     def logits(self, output):
         return hf.logits(output)
 
+    def output_names(self, model):
+        return hf.output_names(model)
+
+    def outputs(self, model, output):
+        return hf.outputs(model, output)
+
+
+class DenseFamily(Family):
+    """:class:`~.dense.DenseDetector`: a timm ViT backbone (merged in its blocks, as :class:`Family`) whose
+    final tokens are unmerged to every patch position for a per-cell head; outputs ``logits`` and ``boxes``."""
+
+    name = "dense detector"
+    forms = ("block", "slow_fast")  # vwt's pre-encoder step reads the classifier's own embedding attributes
+    supported = "vitmerge.models.dense.DenseDetector (a timm ViT backbone + per-cell box head)"
+
+    def unsupported_reason(self, model):
+        return dense.unsupported_reason(model)
+
+    def blocks(self, model):
+        return TIMM.blocks(model.backbone)
+
+    def prefix_tokens(self, model):
+        return TIMM.prefix_tokens(model.backbone)
+
+    def num_tokens(self, model):
+        return TIMM.num_tokens(model.backbone)
+
+    def has_class_token(self, model):
+        return TIMM.has_class_token(model.backbone)
+
+    def num_classes(self, model):
+        return int(model.num_classes)
+
+    def input_shape(self, model):
+        return TIMM.input_shape(model.backbone)
+
+    def patch(self, model, state, rs, pre=None):
+        state.track_positions = True  # the head reads every patch position: unmerge after the last block
+        TIMM.patch(model.backbone, state, rs, pre=pre)
+        model._vm_state = state
+
+    def unpatch(self, model):
+        TIMM.unpatch(model.backbone)
+        for a in ("_vm_state", "vitmerge"):
+            model.__dict__.pop(a, None)
+
+    def merge_steps(self, model):
+        return TIMM.merge_steps(model.backbone)
+
+    def flops_parts(self, model):
+        fixed, blocks = TIMM.flops_parts(model.backbone)
+        q = model.num_queries
+        head = sum(2 * q * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
+                   for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.backbone.patch_embed.proj)
+        return fixed + head, blocks
+
+    def explicit_attention(self, model):
+        return TIMM.explicit_attention(model.backbone)
+
+    def logits(self, output):
+        return output.logits
+
+    def output_names(self, model):
+        return (md.OUTPUT_NAME, dense.BOXES_NAME)
+
+    def outputs(self, model, output):
+        return (output.logits, output.boxes)
+
 
 TIMM = Family()
 TRANSFORMERS = HFFamily()
+DENSE = DenseFamily()
 
 
 def family(model: nn.Module) -> Family:
     """The adapter family of ``model``: transformers models by their classes' module, timm otherwise."""
+    if dense.is_dense(model):
+        return DENSE
     return TRANSFORMERS if hf.is_hf(model) else TIMM
 
 
 def supported() -> str:
     """What vitmerge can merge, for error messages: every family's list."""
-    return f"{TIMM.supported}; {TRANSFORMERS.supported}"
+    return f"{TIMM.supported}; {TRANSFORMERS.supported}; {DENSE.supported}"
 
 
 def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -173,4 +254,11 @@ def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return family(model).logits(model(x))
 
 
-__all__ = ["Family", "HFFamily", "TIMM", "TRANSFORMERS", "family", "supported", "forward_logits", "BlockShape"]
+def forward_outputs(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """``model(x)`` as its named outputs (:meth:`Family.output_names`: ``logits``, detectors also ``boxes``)."""
+    fam = family(model)
+    return dict(zip(fam.output_names(model), fam.outputs(model, model(x))))
+
+
+__all__ = ["Family", "HFFamily", "DenseFamily", "TIMM", "TRANSFORMERS", "DENSE", "family", "supported",
+           "forward_logits", "forward_outputs", "BlockShape"]

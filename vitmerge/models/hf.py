@@ -1,4 +1,4 @@
-"""In-place patch of Hugging Face transformers classifiers: ViT, DeiT, VideoMAE and AST.
+"""In-place patch of Hugging Face transformers classifiers (ViT, DeiT, VideoMAE, AST) and the YOLOS detector.
 
 The same merge as the timm adapter (:mod:`.vit`), on the transformers modules::
 
@@ -19,6 +19,14 @@ merged tokens are averaged weighted by their size (as ToMe's video models do), s
 still averages every original patch; without mean pooling it reads token 0, which is then protected.
 Merging is spatiotemporal for video: a VideoMAE token is one tubelet, and any two may merge.
 
+YOLOS (``YolosForObjectDetection``): the class token and all ``num_detection_tokens`` [DET] tokens are
+protected. transformers appends the [DET] tokens at the end of the sequence, and merging protects a
+prefix, so while any layer merges, layer 0 moves them right after the class token and the last layer
+moves them back (the heads read the last tokens as before; with r = 0 nothing moves). Its mid position
+embeddings (``use_mid_position_embeddings``: added after every layer but the last) reach a merged token as
+the size-weighted average of its members' embeddings, from the position map (``MergeState.positions``).
+Outputs: ``logits`` and ``boxes`` (its ``pred_boxes``). It runs at its config's ``image_size``.
+
 transformers is imported only where a model is loaded (:func:`load_pretrained`); this module reads
 models by duck typing, so importing it costs nothing. Supported: transformers 5.x (the layer layouts
 of 5.0 to 5.23, ``encoder.layer`` with query/key/value or ``layers`` with q_proj/k_proj/v_proj).
@@ -38,6 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ModelNotFoundError, RuntimeMissingError, UnsupportedModelError, UsageError
+from ..metadata import OUTPUT_NAME
+from .dense import BOXES_NAME
+from ..merging import batch_scatter_add
 from .vit import MergeState, TokenMerge, class_attention, mixed_class, original_class
 
 log = logging.getLogger(__name__)
@@ -48,10 +59,14 @@ MODELS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "deit": (("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"), "image"),
     "videomae": (("VideoMAEForVideoClassification",), "video"),
     "audio-spectrogram-transformer": (("ASTForAudioClassification",), "audio"),
+    "yolos": (("YolosForObjectDetection",), "image"),
 }
 
+#: model types whose output holds boxes (pred_boxes) next to the logits
+DETECTORS = ("yolos",)
+
 SUPPORTED = (
-    "Hugging Face transformers 5.x classifiers saved with save_pretrained: "
+    "Hugging Face transformers 5.x classifiers and detectors saved with save_pretrained: "
     + ", ".join(f"{c} (model_type {t!r}, {m})" for t, (cs, m) in MODELS.items() for c in cs)
 )
 
@@ -107,7 +122,14 @@ def prefix_tokens(model: nn.Module) -> int:
         return 2
     if t == "videomae":
         return 0 if model.config.use_mean_pooling else 1
+    if t == "yolos":
+        return 1 + detection_tokens(model)
     raise UnsupportedModelError(f"unknown prefix tokens for model_type {t!r}")
+
+
+def detection_tokens(model: nn.Module) -> int:
+    """YOLOS's [DET] tokens (transformers appends them at the END of the sequence); 0 for other models."""
+    return int(model.config.num_detection_tokens) if model_type(model) == "yolos" else 0
 
 
 def has_class_token(model: nn.Module) -> bool:
@@ -273,7 +295,9 @@ def attention_with_metric(layer: nn.Module, x: torch.Tensor, size: Optional[torc
 
 
 class HFMergeLayerMixin:
-    """Mixed into the transformers layer class: attention, merge, MLP.
+    """Mixed into the transformers layer class: attention, merge, MLP (YOLOS while merging: the first layer
+    moves the [DET] tokens from the end to after the class token, the last layer moves them back; the
+    hidden states between layers are in that order).
 
     The ``attention_mask`` a layer receives is the one transformers builds from the user's mask; the
     model-level mixin refuses a user mask, so what arrives here is the all-attend mask (transformers
@@ -284,6 +308,9 @@ class HFMergeLayerMixin:
         st = self._vm_state
         tm = self.token_merge
         x = hidden_states
+        tail_in = self.__dict__.get("_vm_tail_in", 0)
+        if tail_in:  # YOLOS: [cls, patches, det] -> [cls, det, patches], so the protected tokens lead
+            x = torch.cat([x[:, :1], x[:, -tail_in:], x[:, 1:-tail_in]], dim=1)
         merging = tm.r > 0
         size = st.size if st.prop_attn else None
         if st.need_cls and merging:
@@ -294,7 +321,11 @@ class HFMergeLayerMixin:
         x = x + out
         if merging:
             x, st.size = tm(x, metric, st.size, cls)
-        return mlp_half(self, x)
+        x = mlp_half(self, x)
+        tail_out = self.__dict__.get("_vm_tail_out", 0)
+        if tail_out:  # back to transformers' order: the head reads the last tokens
+            x = torch.cat([x[:, :1], x[:, 1 + tail_out:], x[:, 1:1 + tail_out]], dim=1)
+        return x
 
 
 class HFMergeModelMixin:
@@ -337,6 +368,37 @@ class HFVideoMAEMixin(HFMergeModelMixin):
         logits = self.classifier(self.fc_norm(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         return _classifier_output(logits, loss)
+
+
+class HFYolosEncoderMixin:
+    """YOLOS's encoder loop with its mid position embeddings (added after every layer but the last) on
+    merged tokens: a merged token gets the size-weighted average of its members' embeddings (what it
+    would hold had the embedding been added before the merge: the merge is a weighted average), read
+    off the position map (``MergeState.positions``). Without merging they are added as transformers does."""
+
+    def forward(self, hidden_states, height, width, *args, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput  # only reached with transformers loaded
+
+        st = self._vm_state
+        mid = self.interpolation((height, width)) if self.config.use_mid_position_embeddings else None
+        last = len(self.layer) - 1
+        for i, layer in enumerate(self.layer):
+            hidden_states = layer(hidden_states)
+            if mid is not None and i < last:
+                hidden_states = hidden_states + _merged_positions(mid[i], st, self._vm_tail).to(hidden_states.dtype)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+def _merged_positions(pe: torch.Tensor, st: MergeState, tail: int) -> torch.Tensor:
+    """pe [1, N0, D] (transformers' order) as the current tokens hold it: [1 or B, n, D]."""
+    if tail:
+        pe = torch.cat([pe[:, :1], pe[:, -tail:], pe[:, 1:-tail]], dim=1)
+    if st.positions is None:
+        return pe
+    B, n = st.positions.shape[0], st.size.shape[1]
+    pe32 = pe.to(st.size.dtype).expand(B, -1, -1)
+    summed = batch_scatter_add(pe32.new_zeros(B, n, pe.shape[-1]), st.positions, pe32)
+    return summed / st.size
 
 
 def _classifier_output(logits, loss):
@@ -384,18 +446,35 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
 def patch(model: nn.Module, state: MergeState, rs: List[int]) -> None:
     model._vm_state = state
     model.__class__ = mixed_class(_model_mixin(model), original_class(type(model), _model_mixin(model)))
-    for layer, r in zip(layers(model), rs):
+    ls = layers(model)
+    # YOLOS: its [DET] tokens (at the end) lead the protected prefix while any layer merges
+    tail = detection_tokens(model) if any(int(r) > 0 for r in rs) else 0
+    for i, (layer, r) in enumerate(zip(ls, rs)):
         layer.__class__ = mixed_class(HFMergeLayerMixin, type(layer))
         layer._vm_state = state
         layer.token_merge = TokenMerge(state, r)
+        layer._vm_tail_in = tail if i == 0 else 0
+        layer._vm_tail_out = tail if i == len(ls) - 1 else 0
+    if model_type(model) == "yolos":
+        enc = model.base_model.encoder
+        enc.__class__ = mixed_class(HFYolosEncoderMixin, original_class(type(enc), HFYolosEncoderMixin))
+        enc._vm_state = state
+        enc._vm_tail = tail
+        state.track_positions = bool(model.config.use_mid_position_embeddings)
 
 
 def unpatch(model: nn.Module) -> None:
     model.__class__ = original_class(type(model), _model_mixin(model))
     for layer in layers(model):
         layer.__class__ = original_class(type(layer), HFMergeLayerMixin)
-        layer.__dict__.pop("_vm_state", None)
+        for a in ("_vm_state", "_vm_tail_in", "_vm_tail_out"):
+            layer.__dict__.pop(a, None)
         layer._modules.pop("token_merge", None)
+    enc = getattr(model.base_model, "encoder", None)
+    if enc is not None:
+        enc.__class__ = original_class(type(enc), HFYolosEncoderMixin)
+        for a in ("_vm_state", "_vm_tail"):
+            enc.__dict__.pop(a, None)
     for a in ("_vm_state", "vitmerge"):
         model.__dict__.pop(a, None)
 
@@ -413,8 +492,9 @@ def flops_parts(model: nn.Module) -> Tuple[int, List[Tuple[int, int, int, int]]]
     kernel = math.prod(int(k) for k in pe.kernel_size)
     fixed = 2 * n_patches * pe.in_channels * kernel * pe.out_channels // pe.groups
     inside = {id(m) for layer in layers(model) for m in layer.modules()}
-    fixed += sum(2 * m.in_features * m.out_features for m in model.modules()
-                 if isinstance(m, nn.Linear) and id(m) not in inside)
+    per_token = max(1, detection_tokens(model))  # YOLOS's heads run on each [DET] token
+    fixed += per_token * sum(2 * m.in_features * m.out_features for m in model.modules()
+                             if isinstance(m, nn.Linear) and id(m) not in inside)
     out = []
     for layer in layers(model):
         a = attention_parts(layer)
@@ -452,6 +532,17 @@ def _set_impl(config, impl: str) -> None:
 
 def logits(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def output_names(model: nn.Module) -> Tuple[str, ...]:
+    """Graph outputs: ``logits``; detectors (YOLOS) also ``boxes`` (their ``pred_boxes``)."""
+    return (OUTPUT_NAME, BOXES_NAME) if model_type(model) in DETECTORS else (OUTPUT_NAME,)
+
+
+def outputs(model: nn.Module, output) -> Tuple[torch.Tensor, ...]:
+    if model_type(model) in DETECTORS:
+        return (output.logits, output.pred_boxes)
+    return (logits(output),)
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,6 +672,9 @@ def _check_sizes(p: Path, t: str, mod: str, cfg: Dict[str, Any], img_size, frame
         raise UsageError(f"--frames applies to video models (VideoMAE); {where} takes no frames")
     if audio_length is not None and t != "audio-spectrogram-transformer":
         raise UsageError(f"--audio-length applies to audio models (AST); {where} is not one")
+    if img_size is not None and t == "yolos":
+        raise UsageError(f"--img-size does not apply to {where}: it runs at its config.json image_size "
+                         f"{cfg.get('image_size')} (save the model with another image_size to change it)")
     if img_size is not None and t == "audio-spectrogram-transformer":
         raise UsageError(f"--img-size does not apply to {where}: set its length with --audio-length (time frames)")
     for name, v in (("--frames", frames), ("--img-size", img_size), ("--audio-length", audio_length)):
@@ -644,5 +738,5 @@ def preprocessor_config(model: nn.Module) -> Dict[str, Any]:
 
 __all__ = ["MODELS", "SUPPORTED", "is_hf", "model_type", "modality", "layers", "prefix_tokens", "has_class_token",
            "input_shape", "num_tokens", "num_classes", "attention_with_metric", "unsupported_reason", "patch",
-           "unpatch", "merge_steps", "flops_parts", "explicit_attention", "logits", "is_pretrained_folder",
+           "unpatch", "merge_steps", "flops_parts", "explicit_attention", "logits", "output_names", "outputs", "is_pretrained_folder",
            "read_config", "load_pretrained", "preprocessor_config", "ast_grid"]

@@ -57,11 +57,15 @@ class MergeState:
     record_decisions: bool = False  # collect every step's assignment (plan.assign, [B, N] int64) in .decisions
     scatter_free: bool = False  # merge with a one-hot MatMul instead of index-add (the native graph form: TensorRT)
     decisions: Optional[List[torch.Tensor]] = None
+    #: track the map from every original position to its current token (dense heads unmerge by it)
+    track_positions: bool = False
+    positions: Optional[torch.Tensor] = None  # [B, N0] int64: token of each original position (None: nothing merged yet)
 
     def reset(self) -> None:
         self.size = None
         self.source = None
         self.cls_attn = None
+        self.positions = None
         self.decisions = [] if self.record_decisions else None
 
     def __deepcopy__(self, memo):
@@ -69,12 +73,23 @@ class MergeState:
         new = copy.copy(self)
         memo[id(self)] = new
         new.options = copy.deepcopy(self.options, memo)
-        new.size = new.source = new.cls_attn = new.decisions = None
+        new.size = new.source = new.cls_attn = new.decisions = new.positions = None
         return new
 
-    def record(self, plan) -> None:
+    def record(self, plan, reduces: bool = True) -> None:
+        """Note one step's plan: its assignment (decisions) and, for a step that reduces the tokens
+        (not evo's slow-fast split, whose block hands all N tokens on), the position map."""
         if self.decisions is not None:
             self.decisions.append(plan.assign)
+        if self.track_positions and reduces:
+            self.positions = merging.compose(self.positions, plan.assign)
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """The final tokens ``x [B, n, D]`` back at every original position: ``[B, N0, D]``, each position
+        the token it was merged into (needs ``track_positions``; nothing merged: ``x`` as it is)."""
+        if not self.track_positions:
+            raise RuntimeError("unmerge needs MergeState.track_positions (set by the adapter for dense heads)")
+        return merging.unmerge(x, self.positions)
 
 
 # Reduced precision: the merge decides *which* tokens merge from similarity scores, and a tiny rounding
@@ -180,7 +195,7 @@ class SlowFastSplit(nn.Module):
     def forward(self, x: torch.Tensor, cls_attn: torch.Tensor):
         st = self.state
         p = merging.plan(st.method, _f32(x), self.r, st.protected, cls_attn=_f32(cls_attn), **st.options)
-        st.record(p)
+        st.record(p, reduces=False)
         x_slow, size = p.merge(_f32(x), _ones_size(x), scatter_free=st.scatter_free)
         return x_slow.to(x.dtype), size, p.assign, p.keep
 
