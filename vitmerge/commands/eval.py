@@ -96,10 +96,11 @@ def register(app: typer.Typer) -> None:
         """Score the unmerged and the merged model on the same images: top-1, top-5, agreement, FLOPs."""
         from ..data import open_dataset, transform_for
         from ..data.imagenet import order_mismatch_hint
-        from ..errors import DataError, ScheduleError
+        from ..errors import DataError, ScheduleError, UnsupportedModelError
         from ..models import apply
         from ..models.budget import resolve_schedule
         from ..models.build import build_model, is_model_folder, resolve_model
+        from ..models.family import family
         from ..models.shapes import num_classes
         from ..profiling.accuracy import check_classes, score_models
         from ..profiling.report import prepare_dir, write_report
@@ -121,6 +122,12 @@ def register(app: typer.Typer) -> None:
                 if v is not None:
                     kwargs[key] = v
             model = build_model(name, ckpt, **kwargs)
+            outputs = family(model).output_names(model)
+            if outputs != ("logits",):
+                raise UnsupportedModelError(
+                    f"vitmerge eval scores classifiers (top-1 / top-5); {name} is a detector (outputs: "
+                    f"{', '.join(outputs)}). Detection mAP is not in eval yet: from Python, decode its outputs with "
+                    "vitmerge.data.detection.decode_dense / decode_yolos and score them with mean_average_precision")
             ds = open_dataset(data, split=split, labels=labels, transform=transform_for(model), limit=limit,
                               class_order=value(class_order))
             weights = "checkpoint " + str(ckpt) if ckpt else "its folder's weights" if hf_folder else "random weights"
