@@ -35,6 +35,7 @@ CALIBRATION_IMAGES = "vitmerge.calibration_images"
 #: names of the graph's input and output, fixed whatever the model's forward calls them
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+BOXES_NAME = "boxes"  # a detector's second graph output ([B, Q, 4] cx, cy, w, h in [0, 1]); one name for every detector
 
 #: the keys that describe the merge schedule (copied into engine metadata, shown by profile)
 SCHEDULE_KEYS = (METHOD, R, PROP_ATTN, PROTECTED, TOKENS_IN, TOKENS_OUT, OPTIONS)
@@ -112,6 +113,6 @@ def input_info(proto, name: str | None = None) -> Tuple[str, Tuple[int, ...]]:
 
 __all__ = [
     "PREFIX", "INPUT_SHAPE", "DTYPE", "METHOD", "R", "PROP_ATTN", "PROTECTED", "TOKENS_IN", "TOKENS_OUT", "OPTIONS",
-    "DATA_CONFIG", "MERGE_OP", "MERGE_OPS", "QUANTIZATION", "CALIBRATION", "CALIBRATION_IMAGES", "INPUT_NAME", "OUTPUT_NAME",
+    "DATA_CONFIG", "MERGE_OP", "MERGE_OPS", "QUANTIZATION", "CALIBRATION", "CALIBRATION_IMAGES", "INPUT_NAME", "OUTPUT_NAME", "BOXES_NAME",
     "SCHEDULE_KEYS", "load_proto", "read", "write", "parsed", "input_info",
 ]

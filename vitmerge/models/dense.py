@@ -27,9 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-
-#: the graph output of a detector's boxes, next to ``logits`` (metadata.OUTPUT_NAME); one name for every detector
-BOXES_NAME = "boxes"
+from ..metadata import BOXES_NAME  # noqa: F401  (re-exported: the detectors' boxes output)
 
 
 class Detections(NamedTuple):

@@ -226,7 +226,7 @@ class DenseFamily(Family):
         return output.logits
 
     def output_names(self, model):
-        return (md.OUTPUT_NAME, dense.BOXES_NAME)
+        return (md.OUTPUT_NAME, md.BOXES_NAME)
 
     def outputs(self, model, output):
         return (output.logits, output.boxes)

@@ -46,8 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ModelNotFoundError, RuntimeMissingError, UnsupportedModelError, UsageError
-from ..metadata import OUTPUT_NAME
-from .dense import BOXES_NAME
+from ..metadata import BOXES_NAME, OUTPUT_NAME
 from ..merging import batch_scatter_add
 from .vit import MergeState, TokenMerge, class_attention, mixed_class, original_class
 
