@@ -48,7 +48,7 @@ from torch import nn
 from ..errors import CheckpointError, ModelNotFoundError, RuntimeMissingError, UnsupportedModelError, UsageError
 from ..metadata import BOXES_NAME, OUTPUT_NAME
 from ..merging import batch_scatter_add
-from .vit import MergeState, TokenMerge, class_attention, mixed_class, original_class
+from .vit import MergeState, TokenMerge, _f32, class_attention, mixed_class, original_class
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +362,8 @@ class HFVideoMAEMixin(HFMergeModelMixin):
         if st.size is None:
             pooled = seq.mean(1)
         else:
-            # sizes are float32 (they reach the hundreds): average in float32, back to the model's dtype
-            pooled = ((seq.float() * st.size).sum(1) / st.size.sum(1)).to(seq.dtype)
+            # sizes are (at least) float32, they reach the hundreds: average in at least float32, back to the model's dtype
+            pooled = ((_f32(seq) * st.size).sum(1) / st.size.sum(1)).to(seq.dtype)
         logits = self.classifier(self.fc_norm(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         return _classifier_output(logits, loss)
