@@ -60,18 +60,7 @@ def tome_forward(model, inputs, r_per_layer, prop_attn=True):
         x = x[0]  # [N, D]
         size = torch.ones(x.shape[0], dtype=torch.float64)
         for layer, r in zip(_layers(model), r_per_layer):
-            q_fn, k_fn, v_fn, o_fn, heads = _qkvo(layer)
-            h = layer.layernorm_before(x)
-            N = h.shape[0]
-            q, k, v = (f(h).reshape(N, heads, -1) for f in (q_fn, k_fn, v_fn))  # [N, H, hd]
-            scale = q.shape[-1] ** -0.5
-            ctx = []
-            for hh in range(heads):
-                logits = (q[:, hh] @ k[:, hh].T) * scale
-                if prop_attn:
-                    logits = logits + size.log()[None, :]
-                ctx.append(logits.softmax(-1) @ v[:, hh])
-            x = x + o_fn(torch.cat(ctx, dim=-1))
+            x, k = attention_residual(layer, x, size, prop_attn)
             if r > 0:
                 _, groups = bipartite_groups(k.mean(1), r, protected)
                 x, size = merge_rows(x, size, groups)
@@ -96,3 +85,19 @@ def _head(model, x, size):
             return (model.cls_classifier(x[0]) + model.distillation_classifier(x[1])) / 2
         return model.classifier(x[0])
     return model.classifier((x[0] + x[1]) / 2)  # AST: mean of the class and distillation tokens
+
+
+def attention_residual(layer, x, size, prop_attn):
+    """One layer's attention half on one image, head by head: (x + attention(layernorm(x)), keys [N, H, hd])."""
+    q_fn, k_fn, v_fn, o_fn, heads = _qkvo(layer)
+    h = layer.layernorm_before(x)
+    N = h.shape[0]
+    q, k, v = (f(h).reshape(N, heads, -1) for f in (q_fn, k_fn, v_fn))  # [N, H, hd]
+    scale = q.shape[-1] ** -0.5
+    ctx = []
+    for hh in range(heads):
+        logits = (q[:, hh] @ k[:, hh].T) * scale
+        if prop_attn:
+            logits = logits + size.log()[None, :]
+        ctx.append(logits.softmax(-1) @ v[:, hh])
+    return x + o_fn(torch.cat(ctx, dim=-1)), k

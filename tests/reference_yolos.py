@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from reference_tome import bipartite_groups, merge_rows
-from reference_tome_hf import _layers, _mlp, _qkvo
+from reference_tome_hf import _layers, _mlp, attention_residual
 
 
 def yolos_config(mid: bool, **kw):
@@ -58,18 +58,7 @@ def yolos_tome_forward(model, images, r_per_layer, prop_attn=True):
         size = torch.ones(n0, dtype=torch.float64)
         mid = base.encoder.interpolation(tuple(sample.shape[-2:])) if cfg.use_mid_position_embeddings else None
         for i, (layer, r) in enumerate(zip(layers, r_per_layer)):
-            q_fn, k_fn, v_fn, o_fn, heads = _qkvo(layer)
-            h = layer.layernorm_before(x)
-            N = h.shape[0]
-            q, k, v = (f(h).reshape(N, heads, -1) for f in (q_fn, k_fn, v_fn))
-            scale = q.shape[-1] ** -0.5
-            ctx = []
-            for hh in range(heads):
-                logits = (q[:, hh] @ k[:, hh].T) * scale
-                if prop_attn:
-                    logits = logits + size.log()[None, :]
-                ctx.append(logits.softmax(-1) @ v[:, hh])
-            x = x + o_fn(torch.cat(ctx, dim=-1))
+            x, k = attention_residual(layer, x, size, prop_attn)
             if r > 0:
                 _, groups = bipartite_groups(k.mean(1), r, 1 + d)
                 x, size = merge_rows(x, size, groups)
