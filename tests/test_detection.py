@@ -1,5 +1,7 @@
 """Detection: the position map of a merged model (unmerge), the dense detector, YOLOS; exported with
 two outputs and checked in ONNX Runtime."""
+import copy
+
 import pytest
 import torch
 
@@ -158,6 +160,28 @@ def test_dense_export_two_outputs_ort_vs_pytorch(method, r, tmp_path):
         ref = det(x)
     np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(boxes, ref.boxes.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_dense_fp16_export_agreement_is_a_share_of_predictions(tmp_path):
+    """An fp16 detector file: verified by the decision rule, and its agreement with float32 is the share of
+    (image, cell) predictions whose class is unchanged, recomputed here from the two PyTorch models."""
+    from vitmerge.exporter import export
+    from vitmerge.models.precision import cast_model
+
+    det = vitmerge.apply(_detector(), "tome", [4, 4, 3])
+    res = export(det, tmp_path / "det16.onnx", batch_sizes=(1, 3), dtype="fp16")
+    v = res.verification
+    assert v.ok and v.dtype == "fp16" and set(v.output_diffs) == {"boxes"}
+    low = cast_model(copy.deepcopy(det), "fp16")
+    same, n = 0, 0
+    gen = torch.Generator().manual_seed(0)  # verify's draw: the same images, batch 1 then 3
+    for b in (1, 3):
+        x = torch.randn(b, 3, 64, 64, generator=gen)
+        with torch.no_grad():
+            eq = det(x).logits.argmax(-1) == low(x.half()).logits.float().argmax(-1)
+        same, n = same + int(eq.sum()), n + eq.numel()
+    assert 0.0 <= v.vs_fp32["top1_agreement"] <= 1.0
+    assert v.vs_fp32["top1_agreement"] == pytest.approx(same / n)
 
 
 def test_verify_fails_when_only_the_boxes_differ(tmp_path):

@@ -272,8 +272,9 @@ def verify(
                 r32, d32 = _torch_outputs(reference_fp32.eval(), x, True)
                 low, dlow = _torch_outputs(model, x, True)
                 r32, low = next(iter(r32.values())), next(iter(low.values()))
-                agree32 += float((low.argmax(-1) == r32.argmax(-1)).sum())
-                n32 += b
+                same = low.argmax(-1) == r32.argmax(-1)  # [B] for a classifier, [B, queries] for a detector
+                agree32 += float(same.sum())
+                n32 += same.size
                 if d32:
                     dec32.append(decision_share(d32, dlow)[0])
         if n32:
