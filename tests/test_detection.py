@@ -349,6 +349,31 @@ def test_yolos_cli_export_merged_ort_vs_pytorch(yolos_folders, tmp_path, method,
     np.testing.assert_allclose(boxes, ref.pred_boxes.numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_yolos_native_form_is_tensorrt_ready(yolos_folders, tmp_path):
+    """--merge-op native on a YOLOS with mid position embeddings: their size-weighted sums outside the merge
+    steps take the one-hot form too, so the file holds no ScatterND and passes the TensorRT readiness check
+    (it held a ScatterND-add per mid layer before), and it still computes what PyTorch computes."""
+    import numpy as np
+    import onnx
+
+    from vitmerge.exporter import check_tensorrt
+    from vitmerge.models.build import build_merged
+
+    out = tmp_path / "yolos_native.onnx"
+    res = _cli("export", yolos_folders["mid"], "--r", "6,4,3", "--merge-op", "native", "-o", out, "--verify-batch", "2")
+    assert res.exit_code == 0, res.output
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "ScatterND" not in ops
+    assert check_tensorrt(out).ok
+    model = build_merged(str(yolos_folders["mid"]), None, "tome", [6, 4, 3])
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(9))
+    logits, boxes = _ort_outputs(out, x)
+    with torch.no_grad():
+        ref = model(x)
+    np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(boxes, ref.pred_boxes.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_yolos_cli_export_r0_equals_transformers(yolos_folders, tmp_path):
     """--r 0: the file computes what transformers' own YolosForObjectDetection computes (no vitmerge code)."""
     import numpy as np

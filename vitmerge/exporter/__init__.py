@@ -85,7 +85,11 @@ def export(
     info = getattr(model, "vitmerge", None)
     # the native form: tome's is written by graph surgery (one MatMul over the A tokens); every other method
     # is exported with its merged rows added by a one-hot MatMul instead of a ScatterND (TensorRT-ready)
-    direct_native = merge_op == "native" and info is not None and info.method != "tome"
+    # (also tome's when the model tracks positions, e.g. YOLOS' mid position embeddings: their sums outside the
+    # merge steps need the one-hot form too, which surgery of the merge steps alone would not give)
+    state = getattr(model, "_vm_state", None)
+    direct_native = merge_op == "native" and info is not None and (
+        info.method != "tome" or bool(getattr(state, "track_positions", False)))
     with staged(*output_files(out)) as stage:
         step("tracing with torch.export and translating to ONNX")
         program = export_onnx_program(model, opset=opset, decisions=decisions, scatter_free=direct_native)
