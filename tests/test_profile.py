@@ -396,7 +396,7 @@ def test_missing_cuda_provider_is_explained_with_a_working_fix(monkeypatch, inst
     """Never recommend installing onnxruntime-gpu beside onnxruntime: every fix uninstalls first."""
     from vitmerge.backends import ort as ortb
 
-    monkeypatch.setattr(ortb, "_dist_version", lambda name: installed.get(name))
+    monkeypatch.setattr(ortb, "dist_version", lambda name: installed.get(name))
     msg = ortb.cuda_problem(FakeOrt(["AzureExecutionProvider", "CPUExecutionProvider"]))
     for needle in needles:
         assert needle in msg
@@ -410,10 +410,10 @@ def test_onnxruntime_not_importable_says_which_extra(monkeypatch):
     from vitmerge.backends import ort as ortb
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    monkeypatch.setattr(ortb, "_dist_version", lambda name: None)
+    monkeypatch.setattr(ortb, "dist_version", lambda name: None)
     with pytest.raises(RuntimeMissingError, match=r"ONNX Runtime is not installed: pip install 'vitmerge\[cpu\]'"):
         ortb.import_ort()
-    monkeypatch.setattr(ortb, "_dist_version", lambda name: "1.30.0")
+    monkeypatch.setattr(ortb, "dist_version", lambda name: "1.30.0")
     with pytest.raises(RuntimeMissingError, match=r"onnxruntime 1.30.0 and onnxruntime-gpu 1.30.0 are installed: "
                                                   r"reinstall one of them: pip uninstall -y onnxruntime onnxruntime-gpu"):
         ortb.import_ort()

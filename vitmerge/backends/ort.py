@@ -12,13 +12,13 @@ Both at once leave whichever files were written last, often without the CUDA pro
 from __future__ import annotations
 
 import logging
-from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
 from .. import metadata as md
+from .._version import dist_version
 from ..errors import ModelFileError, RuntimeMissingError, UsageError, VitmergeError
 from ..plugins import DOMAIN
 from .base import Runner
@@ -65,19 +65,12 @@ def custom_nodes(proto) -> List[str]:
     return found
 
 
-def _dist_version(name: str) -> Optional[str]:
-    try:
-        return _metadata.version(name)
-    except _metadata.PackageNotFoundError:
-        return None
-
-
 def import_ort():
     """``import onnxruntime``, or :class:`RuntimeMissingError` saying which extra to install."""
     try:
         import onnxruntime as ort
     except ImportError as e:
-        have = [f"{d} {v}" for d in (CPU_DIST, GPU_DIST) if (v := _dist_version(d))]
+        have = [f"{d} {v}" for d in (CPU_DIST, GPU_DIST) if (v := dist_version(d))]
         if have:  # installed, yet not importable: the shared folder was broken by the pair
             raise RuntimeMissingError(
                 f"ONNX Runtime does not import ({e}) although {' and '.join(have)} "
@@ -96,7 +89,7 @@ def cuda_problem(ort) -> Optional[str]:
     have = list(ort.get_available_providers())
     if CUDA in have:
         return None
-    cpu_v, gpu_v = _dist_version(CPU_DIST), _dist_version(GPU_DIST)
+    cpu_v, gpu_v = dist_version(CPU_DIST), dist_version(GPU_DIST)
     if cpu_v and gpu_v:
         return (f"{CPU_DIST} {cpu_v} and {GPU_DIST} {gpu_v} are both installed. They write the same "
                 f"'onnxruntime' folder, and the files there now come without the CUDA provider (providers: "

@@ -13,12 +13,11 @@ import json
 import math
 import os
 import platform
-from importlib import metadata as _md
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .._io import atomic_write, writable_dir
-from .._version import __version__
+from .._version import __version__, dist_version
 
 Section = Tuple[str, str]  # (heading, markdown body)
 
@@ -44,13 +43,6 @@ def _memory_gib() -> Optional[float]:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _version(dist: str) -> Optional[str]:
-    try:
-        return _md.version(dist)
-    except _md.PackageNotFoundError:
-        return None
 
 
 def machine_info() -> Dict[str, Any]:
@@ -86,7 +78,7 @@ def machine_info() -> Dict[str, Any]:
     except Exception:
         info["onnxruntime"] = None
     for dist in ("onnx", "timm", "tensorrt", "nvidia-ml-py"):
-        v = _version(dist)
+        v = dist_version(dist)
         if v is not None:
             info[dist.replace("-", "_")] = v
     try:
