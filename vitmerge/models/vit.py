@@ -362,34 +362,29 @@ def patch_vit(model: nn.Module, state: MergeState, rs: List[int], pre: Optional[
 
 
 @contextlib.contextmanager
+def _state_flag(model: nn.Module, flag: str, on: bool):
+    """Set ``model._vm_state.<flag>`` meanwhile (nothing for an unpatched model or ``on=False``)."""
+    state = getattr(model, "_vm_state", None)
+    if state is None or not on:
+        yield
+        return
+    was = getattr(state, flag)
+    setattr(state, flag, True)
+    try:
+        yield
+    finally:
+        setattr(state, flag, was)
+
+
 def recording(model: nn.Module, on: bool = True):
     """Let ``model``'s merge steps collect their assignments (``model._vm_state.decisions``, one
     [B, N] int64 tensor per step that merges, in order) for the forwards run meanwhile."""
-    state = getattr(model, "_vm_state", None)
-    if state is None or not on:
-        yield
-        return
-    was = state.record_decisions
-    state.record_decisions = True
-    try:
-        yield
-    finally:
-        state.record_decisions = was
+    return _state_flag(model, "record_decisions", on)
 
 
-@contextlib.contextmanager
 def scatter_free(model: nn.Module, on: bool = True):
     """Let ``model``'s merge steps add merged rows with a one-hot MatMul (no ScatterND) meanwhile."""
-    state = getattr(model, "_vm_state", None)
-    if state is None or not on:
-        yield
-        return
-    was = state.scatter_free
-    state.scatter_free = True
-    try:
-        yield
-    finally:
-        state.scatter_free = was
+    return _state_flag(model, "scatter_free", on)
 
 
 @torch.no_grad()
