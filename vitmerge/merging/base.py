@@ -41,9 +41,16 @@ def batch_gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * N, D)[_flat(idx, N)].reshape(B, idx.shape[1], D)
 
 
-def batch_scatter_add(out: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """out [B, M, D] with rows [B, K, D] added at row idx [B, K] (duplicates accumulate)."""
+def batch_scatter_add(out: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, scatter_free: bool = False) -> torch.Tensor:
+    """out [B, M, D] with rows [B, K, D] added at row idx [B, K] (duplicates accumulate).
+
+    ``scatter_free``: the same sum as one batched MatMul by a 0/1 assignment matrix [B, M, K] (the native
+    graph form: no ScatterND-add, which TensorRT's parser refuses)."""
     B, M, D = out.shape
+    if scatter_free:
+        slots = torch.arange(M, device=out.device)
+        onehot = (idx[:, None, :] == slots[None, :, None]).to(rows.dtype)  # [B, M, K]
+        return out + onehot @ rows
     return out.reshape(B * M, D).index_add(0, _flat(idx, M), rows.reshape(-1, D)).reshape(B, M, D)
 
 
@@ -98,12 +105,8 @@ class MergePlan:
         # Values and weights travel together: one gather and one scatter move [x * w, w(, size)].
         packed = torch.cat([x * w, w] if self.weight is None else [x * w, w, size], dim=-1)
         out = batch_gather(packed, self.keep)
-        if self.r and scatter_free:
-            slots = torch.arange(self.n_out, device=x.device)
-            onehot = (self.dst[:, None, :] == slots[None, :, None]).to(packed.dtype)  # [B, n_out, r]
-            out = out + onehot @ batch_gather(packed, self.src)
-        elif self.r:
-            out = batch_scatter_add(out, self.dst, batch_gather(packed, self.src))
+        if self.r:
+            out = batch_scatter_add(out, self.dst, batch_gather(packed, self.src), scatter_free=scatter_free)
         x_out = out[..., :D] / out[..., D : D + 1]
         size_out = out[..., D : D + 1] if self.weight is None else out[..., D + 1 :]
         return x_out, size_out

@@ -396,12 +396,7 @@ def _merged_positions(pe: torch.Tensor, st: MergeState, tail: int) -> torch.Tens
         return pe
     B, n = st.positions.shape[0], st.size.shape[1]
     pe32 = pe.to(st.size.dtype).expand(B, -1, -1)
-    if st.scatter_free:  # the native graph form: a one-hot MatMul instead of ScatterND-add (TensorRT-ready)
-        slots = torch.arange(n, device=pe.device)
-        onehot = (st.positions[:, None, :] == slots[None, :, None]).to(pe32.dtype)  # [B, n, N0]
-        summed = onehot @ pe32
-    else:
-        summed = batch_scatter_add(pe32.new_zeros(B, n, pe.shape[-1]), st.positions, pe32)
+    summed = batch_scatter_add(pe32.new_zeros(B, n, pe.shape[-1]), st.positions, pe32, scatter_free=st.scatter_free)
     return summed / st.size
 
 
