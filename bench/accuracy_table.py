@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from _markdown import write_block  # noqa: E402
 
 import vitmerge  # noqa: E402
 from vitmerge import merging  # noqa: E402
@@ -212,15 +212,7 @@ def main(argv=None) -> int:
     print(table)
 
     if args.write is not None:
-        BEGIN, END = f"<!-- {MARKERS[args.task]}:begin -->", f"<!-- {MARKERS[args.task]}:end -->"
-        text = args.write.read_text() if args.write.exists() else ""
-        block = f"{BEGIN}\n{table}\n{END}"
-        if BEGIN in text and END in text:
-            text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        args.write.write_text(text)
-        print(f"\nwrote the table into {args.write}")
+        write_block(args.write, MARKERS[args.task], table)
     if args.json is not None:
         args.json.write_text(json.dumps({"model": label, "images": res.images, "unmerged_top1": un.top1,
                                          "rows": rows, "skipped": skipped}, indent=2) + "\n")

@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from _markdown import write_block  # noqa: E402
 
 import vitmerge  # noqa: E402
 from vitmerge.data import batches, open_dataset, transform_for  # noqa: E402
@@ -37,7 +37,7 @@ from vitmerge.models.budget import achieved_fraction, budget_schedule  # noqa: E
 from vitmerge.models.precision import cast_model  # noqa: E402
 from vitmerge.models.vit import run_with_decisions  # noqa: E402
 
-BEGIN, END = "<!-- precision-table:begin -->", "<!-- precision-table:end -->"
+MARKER = "precision-table"  # <!-- precision-table:begin/end --> in docs/accuracy.md
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -104,14 +104,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.write is not None:
-        text = args.write.read_text() if args.write.exists() else ""
-        block = f"{BEGIN}\n{table}\n{END}"
-        if BEGIN in text and END in text:
-            text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        args.write.write_text(text)
-        print(f"\nwrote the table into {args.write}")
+        write_block(args.write, MARKER, table)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
