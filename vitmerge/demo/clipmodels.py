@@ -39,7 +39,7 @@ from ..data import audio as audio_features
 from ..data import clips, synthetic
 from ..errors import OutputPathError, UsageError
 from ..models.hf import load_pretrained
-from .digits import _locked, default_cache_root, split_indices
+from .digits import SplitFolders, _locked, default_cache_root, split_indices
 
 TRAINING_CODE_VERSION = 1  # bump when the training procedure changes, so cached models are rebuilt
 
@@ -100,7 +100,7 @@ def default_config(kind: str) -> ClipConfig:
 
 
 @dataclass
-class ClipModel:
+class ClipModel(SplitFolders):
     """A trained video or audio demo model on disk."""
 
     kind: str
@@ -114,14 +114,6 @@ class ClipModel:
     @property
     def config_path(self) -> Path:
         return self.dir / "model.json"
-
-    @property
-    def test_dir(self) -> Path:
-        return self.data_dir / "test"
-
-    @property
-    def train_dir(self) -> Path:
-        return self.data_dir / "train"
 
     def build(self):
         """The trained model (transformers, unmerged, eval mode)."""

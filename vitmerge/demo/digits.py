@@ -94,8 +94,22 @@ class DigitsConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+class SplitFolders:
+    """A demo model's data folder (``data_dir``) holds class folders under ``train/`` and ``test/``."""
+
+    data_dir: Path
+
+    @property
+    def test_dir(self) -> Path:
+        return self.data_dir / "test"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.data_dir / "train"
+
+
 @dataclass
-class DigitsModel:
+class DigitsModel(SplitFolders):
     """A trained digits model on disk."""
 
     dir: Path
@@ -107,14 +121,6 @@ class DigitsModel:
     test_top1: float
     train_seconds: float
     cached: bool = False
-
-    @property
-    def test_dir(self) -> Path:
-        return self.data_dir / "test"
-
-    @property
-    def train_dir(self) -> Path:
-        return self.data_dir / "train"
 
     def build(self):
         """The trained model as a plain (unmerged) timm model in eval mode."""
