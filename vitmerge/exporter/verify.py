@@ -270,7 +270,8 @@ def verify(
                                              ref_dec, out_dec, rule=rule, extra=extra))
             if reference_fp32 is not None and dtype != torch.float32:
                 r32, d32 = _torch_outputs(reference_fp32.eval(), x, True)
-                low, dlow = _torch_outputs(model, x, True)
+                # fp16: the reference forward above was this model with its decisions recorded; bf16 ran an upcast copy
+                low, dlow = (ref_all, ref_dec) if ref_model is model and dec_names else _torch_outputs(model, x, True)
                 r32, low = next(iter(r32.values())), next(iter(low.values()))
                 same = low.argmax(-1) == r32.argmax(-1)  # [B] for a classifier, [B, queries] for a detector
                 agree32 += float(same.sum())
