@@ -441,15 +441,6 @@ def test_dense_cli_bad_inputs(tmp_path):
     assert not list(tmp_path.glob("*.onnx"))
 
 
-def test_eval_refuses_a_detector_with_the_way_out(tmp_path):
-    """eval scores top-1: a detector's per-cell logits are not one prediction per image, so it is refused
-    before any data is read (the data folder here does not even exist)."""
-    res = _cli("eval", "dense:vit_tiny_patch16_224", "--img-size", "64",
-               "--model-kwargs", '{"depth": 2, "num_classes": 3}', "--data", tmp_path / "nowhere")
-    text = " ".join(res.output.split())
-    assert res.exit_code == 2 and "detector" in text and "mean_average_precision" in text, text
-
-
 # --------------------------------------------------------------------------------------------
 # The offline detection set and the metric
 # --------------------------------------------------------------------------------------------

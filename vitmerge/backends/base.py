@@ -4,6 +4,7 @@ A :class:`Runner` is one model in one runtime. Two ways to use it, for the two k
 
 * ``runner(images)``: host tensor in [B, C, H, W], the model's first output back on the host as a
   float32 torch tensor. Verification, accuracy, calibration checks and the self-test use this.
+  ``runner.outputs(images)``: every named output (detectors: ``logits`` and ``boxes``) as a dict.
 * ``runner.timed(batch)``: a zero-argument callable that runs one batch on inputs prepared once
   (already on the device, so input creation and host copies are never timed), plus
   ``runner.sync()`` to wait for the device. Latency and energy measurement use this.
@@ -13,7 +14,7 @@ Runtimes implement ``_infer`` and ``_prepare``; everything else (batch range che
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,12 +44,18 @@ class Runner:
     info: Dict[str, Any] = field(default_factory=dict)  # method, r, tokens, precision, ... where known
     batch_range: Tuple[int, int] = (1, 1 << 30)
     input_dtype: Any = np.float32  # numpy dtype the model takes
+    output_names: Sequence[str] = ("logits",)  # every output, in order (the first is what ``runner(x)`` returns)
 
     # -------------------------------------------------------------- what a runtime implements
 
     def _infer(self, images: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         """Run one batch given on the host; return the first output on the host."""
         raise NotImplementedError
+
+    def _infer_all(self, images: np.ndarray) -> Sequence[np.ndarray]:
+        """Run one batch given on the host; return every output, in :attr:`output_names` order.
+        Runtimes of multi-output models (detectors: logits and boxes) override it."""
+        return [self._infer(images)]
 
     def _prepare(self, batch: int) -> Callable[[], object]:  # pragma: no cover - interface
         """Inputs for ``batch`` images made once (on the device); return a zero-argument run."""
@@ -75,6 +82,17 @@ class Runner:
         self.check_batch(int(x.shape[0]))
         out = self._infer(np.ascontiguousarray(x, dtype=self.input_dtype))
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+    def outputs(self, images) -> Dict[str, torch.Tensor]:
+        """images [B, C, H, W] on the host -> every named output (detectors: ``logits`` and ``boxes``) as
+        float32 torch tensors."""
+        x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        self.check_batch(int(x.shape[0]))
+        outs = self._infer_all(np.ascontiguousarray(x, dtype=self.input_dtype))
+        names = list(self.output_names)
+        if len(names) != len(outs):
+            raise UsageError(f"{self.label}: {len(outs)} outputs came back for the {len(names)} named ({names})")
+        return {n: torch.from_numpy(np.asarray(o, dtype=np.float32)) for n, o in zip(names, outs)}
 
     def timed(self, batch: int) -> Callable[[], object]:
         """A zero-argument callable that runs one batch of ``batch`` images prepared once."""

@@ -230,6 +230,9 @@ class OrtRunner(Runner):
     def _infer(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(self.output_names[:1], {self.input_name: images})[0]
 
+    def _infer_all(self, images: np.ndarray):
+        return self.session.run(self.output_names, {self.input_name: images})
+
     def _prepare(self, batch: int) -> Callable[[], object]:
         x = self.example(batch)
         if self.device == "cpu":

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import RuntimeMissingError, UsageError
 from ..models import apply, input_shape
-from ..models.family import forward_logits
+from ..models.family import family, forward_logits, forward_outputs
 from ..models.build import build_model
 from .base import DEVICES, TIMM_PREFIX, Runner
 
@@ -47,6 +47,7 @@ class TorchRunner(Runner):
         super().__init__(label=label, spec=spec or label, runtime="torch", device=device,
                          input_shape=tuple(input_shape(model)), info=info)
         self.model = model.eval().to(device)
+        self.output_names = tuple(family(model).output_names(model))
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -60,6 +61,13 @@ class TorchRunner(Runner):
             self.check_batch(int(images.shape[0]))
             return self._run(images.to(self.device, torch.float32)).float().cpu()
         return super().__call__(images)
+
+    def outputs(self, images) -> Dict[str, torch.Tensor]:
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+        self.check_batch(int(x.shape[0]))
+        with torch.inference_mode():
+            out = forward_outputs(self.model, x.to(self.device, torch.float32))
+        return {k: v.float().cpu() for k, v in out.items()}
 
     def _prepare(self, batch: int) -> Callable[[], object]:
         x = torch.from_numpy(self.example(batch)).to(self.device)

@@ -431,14 +431,18 @@ class TrtRunner(Runner):
             raise EngineBuildError(f"TensorRT failed to run {self.path.name} at batch {batch}")
 
     def _infer(self, images):
-        """Host batch in, first output out. One execution context serves every host call: it is bound
+        """Host batch in, first output out."""
+        return self._infer_all(images)[0]
+
+    def _infer_all(self, images):
+        """Host batch in, every output out. One execution context serves every host call: it is bound
         right before each run and the call waits for the result, so nothing else can rebind it meanwhile."""
         if self._host_ctx is None:
             self._host_ctx = self.engine.create_execution_context()
         x, outs = self._bind(self._host_ctx, torch.from_numpy(images))
         self._execute(self._host_ctx, images.shape[0])
         self.stream.synchronize()
-        return outs[0].float().cpu().numpy()
+        return [o.float().cpu().numpy() for o in outs]
 
     def _prepare(self, batch: int):
         """A run for ``batch`` on its own execution context. TensorRT keeps input shapes and buffer

@@ -15,6 +15,7 @@ import typer
 
 from ..backends.base import DEVICES, RUNTIMES
 from ..calibration import CALIBRATION_METHODS
+from ..data.detection import CLASS_MAPS
 from ..data.imagenet import CLASS_ORDERS
 from ..merging import available_methods
 from ..merging.schedule import SCHEDULES
@@ -37,6 +38,7 @@ CalibrationMethod = choices("CalibrationMethod", CALIBRATION_METHODS)
 InstanceKind = choices("InstanceKind", ("auto", "cpu", "gpu"))
 Space = choices("Space", ("pixels", "embeddings"))
 ClassOrder = choices("ClassOrder", CLASS_ORDERS)
+ClassMap = choices("ClassMap", CLASS_MAPS)
 DType = choices("DType", DTYPES)
 
 
@@ -108,7 +110,7 @@ ThreadsOpt = Annotated[int, typer.Option(
 
 
 __all__ = [
-    "choices", "value", "Method", "MergeOp", "Runtime", "EvalRuntime", "Schedule", "Device", "CalibrationMethod",
+    "choices", "value", "Method", "MergeOp", "Runtime", "EvalRuntime", "ClassMap", "Schedule", "Device", "CalibrationMethod",
     "InstanceKind", "Space", "ClassOrder", "DType", "DTypeOpt", "CheckpointOpt", "ImgSizeOpt", "FramesOpt", "AudioLengthOpt",
     "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
     "MethodOpt", "OptionOpt", "ScheduleOpt", "BudgetOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple, Union
 
 import torch
 
@@ -95,6 +96,30 @@ def check_classes(dataset: ImageDataset, num_classes: int, what: str = "the mode
         )
 
 
+@contextmanager
+def progress_task(progress: Union[bool, Any], description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress task of ``total`` items; yields ``update(completed)``. ``progress``: True for a rich bar on
+    stderr (started and stopped here), False for none, or an existing ``rich.progress.Progress`` to add to."""
+    own = None
+    if progress is True:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        own = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       console=Console(stderr=True), transient=False)
+        prog = own
+    else:
+        prog = progress or None
+    task = prog.add_task(description, total=total) if prog is not None else None
+    if own is not None:
+        own.start()
+    try:
+        yield (lambda done: prog.update(task, completed=done)) if prog is not None else (lambda done: None)
+    finally:
+        if own is not None:
+            own.stop()
+
+
 def evaluate(
     runners: Mapping[str, Runner],
     dataset: ImageDataset,
@@ -115,20 +140,7 @@ def evaluate(
     acc = {n: ModelAccuracy(n) for n in names}
     t0 = time.perf_counter()
 
-    own = None
-    if progress is True:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        own = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       console=Console(stderr=True), transient=False)
-        prog = own
-    else:
-        prog = progress or None
-    task = prog.add_task(description, total=len(dataset)) if prog is not None else None
-    try:
-        if own is not None:
-            own.start()
+    with progress_task(progress, description, len(dataset)) as update:
         for x, y in batches(dataset, batch_size, workers, stats):
             ref_top1 = None
             for n in names:
@@ -149,11 +161,7 @@ def evaluate(
                 if ref_top1 is None:
                     ref_top1 = top1
                 a.agree += int((top1 == ref_top1).sum())
-            if prog is not None:
-                prog.update(task, completed=stats.seen)
-    finally:
-        if own is not None:
-            own.stop()
+            update(stats.seen)
     images = acc[names[0]].n
     if images == 0:
         raise DataError(f"none of the {stats.seen} images of {dataset.describe()} could be read")
@@ -167,24 +175,32 @@ def score_models(models: Mapping[str, "torch.nn.Module"], dataset: ImageDataset,
     """Top-1/top-5 of PyTorch ``models`` on ``dataset`` in ``runtime`` ("torch", or "ort": each model
     exported to ONNX, verified, and scored in ONNX Runtime), plus each model's FLOPs per image and its
     fraction of the first model's. The first model is the reference for top-1 agreement."""
+    with tempfile.TemporaryDirectory(prefix="vitmerge-eval-") as tmp:
+        runners, fl = make_runners(models, runtime, Path(tmp), on_export)
+        result = evaluate(runners, dataset, batch_size=batch_size, progress=progress, workers=workers,
+                          description=f"scoring ({runtime})")
+    return result, fl
+
+
+def make_runners(models: Mapping[str, "torch.nn.Module"], runtime: str, tmp: Path,
+                 on_export: Any = None) -> Tuple[Dict[str, Any], Dict[str, Dict[str, float]]]:
+    """Runners of PyTorch ``models`` in ``runtime`` ("torch"; "ort": each exported to ONNX in ``tmp``, verified)
+    and each model's FLOPs per image with its fraction of the first model's."""
     if runtime not in ("torch", "ort"):
         raise UsageError(f"unknown runtime {runtime!r} for accuracy; use torch or ort "
                          "(TensorRT engines: score them with a TrtRunner, or profile them with `vitmerge profile`)")
     flops = {k: float(count_flops(m)) for k, m in models.items()}
     first = next(iter(flops.values()))
     fl = {k: {"flops": f, "fraction": f / first} for k, f in flops.items()}
-    with tempfile.TemporaryDirectory(prefix="vitmerge-eval-") as tmp:
-        if runtime == "ort":
-            runners = {}
-            for key, m in models.items():
-                res = export(m, Path(tmp) / f"{key.replace(' ', '_')}.onnx",
-                             on_step=(lambda s, k=key: on_export(f"{k}: {s}")) if on_export else None)
-                runners[key] = OrtRunner(res.path, label=key)
-        else:
-            runners = {k: TorchRunner(m, label=k, device="cpu") for k, m in models.items()}
-        result = evaluate(runners, dataset, batch_size=batch_size, progress=progress, workers=workers,
-                          description=f"scoring ({runtime})")
-    return result, fl
+    if runtime == "ort":
+        runners = {}
+        for key, m in models.items():
+            res = export(m, tmp / f"{key.replace(' ', '_')}.onnx",
+                         on_step=(lambda s, k=key: on_export(f"{k}: {s}")) if on_export else None)
+            runners[key] = OrtRunner(res.path, label=key)
+    else:
+        runners = {k: TorchRunner(m, label=k, device="cpu") for k, m in models.items()}
+    return runners, fl
 
 
-__all__ = ["Runner", "ModelAccuracy", "EvalResult", "evaluate", "check_classes", "score_models"]
+__all__ = ["Runner", "ModelAccuracy", "EvalResult", "evaluate", "progress_task", "make_runners", "check_classes", "score_models"]

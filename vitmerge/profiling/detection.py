@@ -1,0 +1,122 @@
+"""Detection mAP of several detectors on the same COCO-format images, in one pass over the data.
+
+The detection counterpart of :mod:`.accuracy`: each model is a :class:`vitmerge.backends.Runner` whose
+``outputs(images)`` gives ``logits`` and ``boxes``; a :class:`~vitmerge.data.detection.DetectorInput`
+decodes them into per-image detections, and torchmetrics' ``MeanAveragePrecision`` (pycocotools backend,
+through :func:`~vitmerge.data.detection.mean_average_precision`) scores them against the ground truth:
+mAP@[.5:.95], mAP@0.5, mAP@0.75. The first model is the reference: every model is also scored against
+the reference's own confident detections (score >= ``FIDELITY_SCORE``) as if they were the ground truth,
+mAP@0.5 "fidelity", which says how much merging changed *what the detector finds*, labels or not.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+import torch
+
+from ..data.detection import CocoFolder, DetectorInput, mean_average_precision
+from ..errors import DataError
+from .accuracy import make_runners, progress_task
+
+#: reference detections at least this confident are the "ground truth" of the fidelity score
+FIDELITY_SCORE = 0.5
+
+
+@dataclass
+class DetectorScore:
+    name: str
+    map: float  # mAP@[.5:.95]
+    map_50: float
+    map_75: float
+    fidelity_50: float  # mAP@0.5 against the reference's detections with score >= FIDELITY_SCORE
+    detections: float  # mean detections per image after decoding
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "map": self.map, "map_50": self.map_50, "map_75": self.map_75,
+                "fidelity_map_50": self.fidelity_50, "detections_per_image": self.detections}
+
+
+@dataclass
+class DetectionResult:
+    models: Dict[str, DetectorScore]
+    dataset: str
+    images: int
+    unreadable: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def reference(self) -> str:
+        return next(iter(self.models))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"dataset": self.dataset, "images": self.images, "unreadable_count": len(self.unreadable),
+                "unreadable": self.unreadable[:100], "notes": self.notes, "seconds": round(self.seconds, 2),
+                "reference": self.reference, "fidelity_score_threshold": FIDELITY_SCORE,
+                "models": {k: v.to_dict() for k, v in self.models.items()}}
+
+
+def evaluate_detection(runners: Mapping[str, Any], data: CocoFolder, spec: DetectorInput, batch_size: int = 16,
+                       workers: int = 0, progress: Union[bool, Any] = True,
+                       description: str = "detecting") -> DetectionResult:
+    """mAP of every runner on every readable image of ``data`` (sized and normalised for ``spec``)."""
+    if not runners:
+        raise ValueError("evaluate_detection needs at least one runner")
+    if batch_size <= 0:
+        raise DataError(f"--batch-size must be positive, got {batch_size}")
+    names = list(runners)
+    preds: Dict[str, List[Dict[str, torch.Tensor]]] = {n: [] for n in names}
+    targets: List[Dict[str, torch.Tensor]] = []
+    unreadable: List[str] = []
+    t0 = time.perf_counter()
+    with progress_task(progress, description, len(data)) as update:
+        for x, tgt, _ in data.batches(batch_size, workers, unreadable):
+            targets += tgt
+            for n in names:
+                out = runners[n].outputs(x)
+                missing = {"logits", "boxes"} - set(out)
+                if missing:
+                    raise DataError(f"model {n!r} has no output {', '.join(sorted(missing))} (outputs: "
+                                    f"{', '.join(out)}): is it a detector exported by vitmerge?")
+                if out["boxes"].shape[:2] != out["logits"].shape[:2] or out["boxes"].shape[0] != x.shape[0]:
+                    raise DataError(f"model {n!r} returned logits {tuple(out['logits'].shape)} and boxes "
+                                    f"{tuple(out['boxes'].shape)} for {x.shape[0]} images; expected [batch, queries, "
+                                    "classes] and [batch, queries, 4]")
+                preds[n] += spec.decode(out["logits"], out["boxes"])
+            update(len(targets) + len(unreadable))
+    if not targets:
+        raise DataError(f"none of the {len(unreadable)} images of {data.describe()} could be read")
+    ref = [{"boxes": p["boxes"][p["scores"] >= FIDELITY_SCORE], "labels": p["labels"][p["scores"] >= FIDELITY_SCORE]}
+           for p in preds[names[0]]]
+    scores = {}
+    for n in names:
+        m = mean_average_precision(preds[n], targets)
+        fid = mean_average_precision(preds[n], ref)["map_50"]
+        scores[n] = DetectorScore(n, m["map"], m["map_50"], m["map_75"], fid,
+                                  sum(len(p["boxes"]) for p in preds[n]) / len(targets))
+    notes = list(data.notes) + [f"preprocessing: resized to {spec.size[0]} x {spec.size[1]} (H x W), normalised with "
+                                f"{spec.source}"]
+    if all(len(r["boxes"]) == 0 for r in ref):
+        notes.append(f"the reference has no detection with score >= {FIDELITY_SCORE}: fidelity is undefined (-1)")
+    return DetectionResult(models=scores, dataset=data.describe(), images=len(targets), unreadable=unreadable,
+                           notes=notes, seconds=time.perf_counter() - t0)
+
+
+def score_detectors(models: Mapping[str, torch.nn.Module], data: CocoFolder, spec: DetectorInput,
+                    runtime: str = "torch", batch_size: int = 16, workers: int = 0,
+                    progress: Union[bool, Any] = True,
+                    on_export: Any = None) -> Tuple[DetectionResult, Dict[str, Dict[str, float]]]:
+    """mAP of PyTorch detectors ``models`` on ``data`` in ``runtime`` ("torch", or "ort": each exported to
+    ONNX, verified, scored in ONNX Runtime), plus FLOPs per image and the fraction of the first model's."""
+    with tempfile.TemporaryDirectory(prefix="vitmerge-eval-") as tmp:
+        runners, fl = make_runners(models, runtime, Path(tmp), on_export)
+        result = evaluate_detection(runners, data, spec, batch_size=batch_size, workers=workers, progress=progress,
+                                    description=f"detecting ({runtime})")
+    return result, fl
+
+
+__all__ = ["FIDELITY_SCORE", "DetectorScore", "DetectionResult", "evaluate_detection", "score_detectors"]
