@@ -118,3 +118,83 @@ def test_cli_bad_input(tmp_path, args, needle):
     assert res.exit_code == 2
     assert needle in " ".join(res.output.split())
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# --------------------------------------------------------------------------------------------
+# Detectors: boxes of the unmerged vs the merged model
+# --------------------------------------------------------------------------------------------
+
+
+def _dense(seed=3, classes=4):
+    from vitmerge.models.dense import DenseDetector
+
+    torch.manual_seed(seed)
+    bb = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=0, depth=3)
+    return DenseDetector(bb, classes).eval()
+
+
+def _expected_boxes(det, photo, min_score):
+    """Independent of the visualiser: PIL bilinear resize of the whole photo, timm's mean/std, the detector's
+    own forward, per-cell sigmoid scores with torchvision's class-wise NMS at 0.5, kept >= min_score."""
+    from PIL import Image
+    from timm.data import resolve_data_config
+    from torchvision.ops import batched_nms, box_convert
+
+    cfg = resolve_data_config({}, model=det.backbone)
+    img = np.asarray(Image.fromarray(photo).resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255
+    x = (torch.from_numpy(img).permute(2, 0, 1)[None] - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / \
+        torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = det(x)
+    s = out.logits[0].sigmoid()  # [Q, C]
+    q, c = (s > 0.05).nonzero(as_tuple=True)
+    xyxy = box_convert(out.boxes[0][q], "cxcywh", "xyxy") * 64
+    keep = batched_nms(xyxy, s[q, c], c, 0.5)[:20]
+    keep = keep[s[q, c][keep] >= min_score]
+    return {tuple(round(float(v), 3) for v in b) + (int(l),) for b, l in zip(xyxy[keep], c[keep])}
+
+
+def test_detection_boxes_are_the_detectors_own(chelsea):
+    """Unmerged boxes = the detector's own detections on the resized photo; merged = a copy merged with
+    vitmerge.apply; r = 0 draws the unmerged boxes twice; the detector handed in stays unmerged."""
+    import copy
+
+    import vitmerge
+
+    det = _dense()
+    vis = vz.visualize_detections(det, chelsea, method="tome", r=[6, 4, 2], min_score=0.3)
+    as_set = lambda d: {tuple(round(float(v), 3) for v in b) + (int(l),) for b, l in zip(d["boxes"], d["labels"])}  # noqa: E731
+    assert len(vis.unmerged["boxes"]) >= 2
+    assert as_set(vis.unmerged) == _expected_boxes(det, chelsea, 0.3)
+    merged = copy.deepcopy(det)
+    vitmerge.apply(merged, "tome", [6, 4, 2])
+    assert as_set(vis.merged) == _expected_boxes(merged, chelsea, 0.3) != as_set(vis.unmerged)
+    assert getattr(det, "vitmerge", None) is None  # the caller's model was not patched
+    assert vis.tokens == (17, 5) and vis.image.shape == (64, 64, 3)
+    same = vz.visualize_detections(det, chelsea, r=0, min_score=0.3)
+    assert as_set(same.merged) == as_set(same.unmerged)
+
+
+def test_draw_boxes_outlines_each_box_in_its_class_colour():
+    img = np.full((40, 50, 3), 128, np.uint8)
+    dets = {"boxes": np.array([[5.0, 8.0, 25.0, 30.0]]), "scores": np.array([0.9]), "labels": np.array([2])}
+    out = vz.draw_boxes(img, dets, scale=2, width=1)
+    colour = vz.BOX_COLOURS[2]
+    assert out.shape == (80, 100, 3)
+    # outline: x in [10, 49], y in [16, 59] at scale 2
+    for y, x in ((40, 10), (40, 49), (59, 30)):
+        assert tuple(out[y, x]) == colour, (y, x)
+    assert tuple(out[40, 30]) == (128, 128, 128) and tuple(out[40, 9]) == (128, 128, 128)  # inside / outside
+    assert (out[0:16, 10:40] != 128).any()  # the label above the box
+
+
+def test_cli_draws_detector_boxes_on_a_photo(tmp_path):
+    torch.save(_dense().state_dict(), tmp_path / "det.pth")
+    base = ["visualize", "dense:vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "det.pth"), "--img-size", "64",
+            "--model-kwargs", '{"depth": 3}', "--image", "skimage:astronaut"]
+    res = runner.invoke(app, [*base, "--r", "6,4,2", "--score", "0.3", "--output", str(tmp_path / "det.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "det.png").read_bytes()[:8] == PNG_MAGIC
+    assert "unmerged" in res.output and "17 -> 5" in res.output
+    res = runner.invoke(app, [*base, "--score", "1.5", "--output", str(tmp_path / "bad.png")])
+    assert res.exit_code == 2 and "--score" in res.output and not (tmp_path / "bad.png").exists()

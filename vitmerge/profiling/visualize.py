@@ -1,4 +1,5 @@
-"""Which patches merged into which token: ToMe-style pictures of a real image.
+"""Which patches merged into which token: ToMe-style pictures of a real image; for detectors, the boxes
+of the unmerged and the merged detector side by side (:func:`visualize_detections`).
 
 The model runs once with source tracking (``vitmerge.apply(..., trace_source=True)``): after the
 last block, ``last_source(model)`` is a [B, N_final, N_0] 0/1 map saying which original tokens each
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -189,5 +190,111 @@ def render(vis: MergeVisualization, output: Union[str, Path], title: Optional[st
     return save_png(fig, out)
 
 
+# --------------------------------------------------------------------------------------------
+# Detectors: boxes of the unmerged vs the merged model
+# --------------------------------------------------------------------------------------------
+
+#: outline colours of the classes (cycled), chosen to read on photographs
+BOX_COLOURS = ((255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 90), (255, 120, 230), (255, 150, 40))
+
+
+@dataclass
+class DetectionVisualization:
+    image: np.ndarray  # uint8 [H, W, 3]: the photo resized to the model's input, what both models saw
+    unmerged: Dict[str, np.ndarray]  # boxes [k, 4] (x0, y0, x1, y1) in input pixels, scores [k], labels [k]
+    merged: Dict[str, np.ndarray]
+    class_names: Optional[List[str]]
+    method: str
+    r: list
+    tokens: Tuple[int, int]  # tokens into the first block, out of the last (merged model)
+    min_score: float
+
+    def name(self, label: int) -> str:
+        names = self.class_names
+        return names[label] if names and 0 <= label < len(names) else str(label)
+
+
+def _detections(spec, out, size: Tuple[int, int], min_score: float, max_boxes: int) -> Dict[str, np.ndarray]:
+    from torchvision.ops import box_convert
+
+    d = spec.decode(out["logits"], out["boxes"])[0]
+    keep = (d["scores"] >= min_score).nonzero().flatten()
+    keep = keep[d["scores"][keep].argsort(descending=True)][:max_boxes]
+    h, w = size
+    xyxy = box_convert(d["boxes"][keep].float(), "cxcywh", "xyxy") * torch.tensor([w, h, w, h], dtype=torch.float32)
+    return {"boxes": xyxy.numpy(), "scores": d["scores"][keep].numpy(), "labels": d["labels"][keep].numpy()}
+
+
+def visualize_detections(model, image: np.ndarray, method: str = "tome", r=8, normalize: bool = True,
+                         min_score: float = 0.3, max_boxes: int = 30, **options) -> DetectionVisualization:
+    """Detections of ``model`` and of a merged copy (``method``, ``r``) on ``image`` resized to the model's
+    input (no crop: boxes cover the whole photo), decoded as ``vitmerge eval`` decodes them, those scoring
+    at least ``min_score`` (at most ``max_boxes``, best first). ``model`` itself is left unmerged."""
+    import copy
+
+    from ..data.detection import detector_input
+    from ..models.family import forward_outputs
+
+    spec = detector_input(model, normalize=normalize)
+    h, w = spec.size
+    shown = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    x = torch.from_numpy(shown.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    merged = copy.deepcopy(model)
+    apply(merged, method=method, r=r, **options)
+    with torch.inference_mode():
+        before = _detections(spec, forward_outputs(model.eval(), x), (h, w), min_score, max_boxes)
+        after = _detections(spec, forward_outputs(merged.eval(), x), (h, w), min_score, max_boxes)
+    info = merged.vitmerge
+    return DetectionVisualization(image=shown, unmerged=before, merged=after, class_names=spec.class_names,
+                                  method=method, r=list(info.r), tokens=(info.tokens_in[0], info.tokens_out[-1]),
+                                  min_score=min_score)
+
+
+def draw_boxes(image: np.ndarray, dets: Dict[str, np.ndarray], scale: int = 1, width: int = 2,
+               name=str) -> np.ndarray:
+    """``image`` upscaled ``scale`` times with every box outlined (``width`` px) in its class colour and
+    labelled ``name(label) score``; returns a new uint8 array."""
+    from PIL import ImageDraw
+
+    up = Image.fromarray(np.repeat(np.repeat(image, scale, axis=0), scale, axis=1))
+    draw = ImageDraw.Draw(up)
+    for (x0, y0, x1, y1), s, c in zip(dets["boxes"].tolist(), dets["scores"].tolist(), dets["labels"].tolist()):
+        colour = BOX_COLOURS[int(c) % len(BOX_COLOURS)]
+        box = [round(x0 * scale), round(y0 * scale), round(x1 * scale) - 1, round(y1 * scale) - 1]
+        if box[2] < box[0] or box[3] < box[1]:
+            continue  # thinner than a pixel at this scale
+        draw.rectangle(box, outline=colour, width=width)
+        text = f"{name(int(c))} {s:.2f}"
+        tx, ty = box[0], max(0, box[1] - 12)
+        tb = draw.textbbox((tx, ty), text)
+        draw.rectangle(tb, fill=colour)
+        draw.text((tx, ty), text, fill=(0, 0, 0))
+    return np.asarray(up)
+
+
+def render_detections(vis: DetectionVisualization, output: Union[str, Path], title: Optional[str] = None) -> Path:
+    """Unmerged | merged detections side by side, as a PNG (written atomically)."""
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise OutputPathError(f"output {str(out)!r} must end in .png")
+    if not out.parent.is_dir():
+        raise OutputPathError(f"output folder {str(out.parent)!r} does not exist; create it or choose another --output")
+    h, w = vis.image.shape[:2]
+    scale = max(1, math.ceil(448 / max(h, w)))
+    fig = _figure(width=10, height=5.4 * h / w + 0.6)
+    axes = fig.subplots(1, 2)
+    r_text = str(vis.r[0]) if vis.r and all(v == vis.r[0] for v in vis.r) else str(vis.r)
+    for ax, dets, label in ((axes[0], vis.unmerged, f"unmerged ({vis.tokens[0]} tokens)"),
+                            (axes[1], vis.merged, f"{vis.method} r={r_text} ({vis.tokens[0]} -> {vis.tokens[1]} tokens)")):
+        ax.imshow(draw_boxes(vis.image, dets, scale, name=vis.name))
+        ax.set_title(f"{label}: {len(dets['boxes'])} boxes >= {vis.min_score:g}")
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    return save_png(fig, out)
+
+
 __all__ = ["load_image", "prepare", "merge_groups", "colour_groups", "group_borders", "visualize_model",
-           "render", "MergeVisualization", "SKIMAGE_PHOTOS"]
+           "render", "MergeVisualization", "SKIMAGE_PHOTOS", "DetectionVisualization", "visualize_detections",
+           "draw_boxes", "render_detections", "BOX_COLOURS"]
