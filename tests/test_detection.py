@@ -198,6 +198,33 @@ def test_verify_fails_when_only_the_boxes_differ(tmp_path):
     assert not rep.ok
 
 
+def test_check_compares_every_output_of_two_detector_files(tmp_path):
+    """`vitmerge check A B` on two detector files whose logits agree but whose boxes do not: exit 1, naming
+    boxes, with the boxes' max |diff| in the table equal to the difference computed here in ONNX Runtime."""
+    import numpy as np
+
+    from vitmerge.exporter import export
+    from vitmerge.exporter.verify import compare_files
+
+    det = vitmerge.apply(_detector(), "tome", [4, 0, 0])
+    export(det, tmp_path / "a.onnx", batch_sizes=(1,))
+    export(det, tmp_path / "same.onnx", batch_sizes=(1,))
+    with torch.no_grad():
+        det.box_head.bias += 0.02  # every box moves a little, the logits do not
+    export(det, tmp_path / "b.onnx", batch_sizes=(1,))
+    res = _cli("check", tmp_path / "a.onnx", tmp_path / "same.onnx")
+    assert res.exit_code == 0, res.output
+    res = _cli("check", tmp_path / "a.onnx", tmp_path / "b.onnx", "--batch", "2")
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1 and "boxes max|diff|" in text and "logits max|diff|" not in text, text
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    (la, ba), (lb, bb) = _ort_outputs(tmp_path / "a.onnx", torch.from_numpy(x)), _ort_outputs(tmp_path / "b.onnx", torch.from_numpy(x))
+    c = compare_files(tmp_path / "a.onnx", tmp_path / "b.onnx", (2,))[0]
+    assert c.max_abs_diff == pytest.approx(float(np.abs(la - lb).max()), abs=1e-7)
+    assert c.outputs["boxes"][0] == pytest.approx(float(np.abs(ba.astype(np.float64) - bb).max()), rel=1e-6)
+    assert f"{c.outputs['boxes'][0]:.2e}" in text
+
+
 def test_dense_bad_inputs():
     import timm
 

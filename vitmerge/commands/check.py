@@ -40,13 +40,14 @@ def register(app: typer.Typer) -> None:
         target: Optional[str] = typer.Option(None, "--target", help="Check one file for a runtime instead of comparing "
                                              "two: 'tensorrt' (a static check against TensorRT's ONNX operator table)"),
         batches: str = typer.Option("1,4", "--batch", help="Batch sizes to run, comma-separated"),
-        atol: float = typer.Option(1e-4, "--atol", help="Absolute tolerance on the logits"),
-        rtol: float = typer.Option(1e-3, "--rtol", help="Tolerance relative to max |A logits|"),
+        atol: float = typer.Option(1e-4, "--atol", help="Absolute tolerance on each output (logits; detectors' boxes too)"),
+        rtol: float = typer.Option(1e-3, "--rtol", help="Tolerance relative to max |A's output|, per output"),
         seed: int = typer.Option(0, "--seed", help="Seed of the random input images"),
     ):
         """Run A and B in ONNX Runtime on the same random images: max |diff| and top-1 agreement per batch.
 
-        Exits 1 when any batch is over tolerance (atol + rtol * max|A|). Graphs with vitmerge::TokenMerge
+        Every output is compared (detectors: logits and boxes), each with its own tolerance. Exits 1 when
+        any output of any batch is over tolerance (atol + rtol * max|A's output|). Graphs with vitmerge::TokenMerge
         nodes run with the custom-op kernel registered.
 
         With one file and --target tensorrt: a static readiness check (no GPU needed) against TensorRT's
@@ -66,6 +67,8 @@ def register(app: typer.Typer) -> None:
             raise fail("give two files to compare (vitmerge check A.onnx B.onnx), or one file and a runtime to check it "
                        "for (vitmerge check F.onnx --target tensorrt)")
 
+        import numpy as np
+
         from ..errors import VerificationError
         from ..exporter.surgery import graph_form
         from ..exporter.verify import compare_files as compare
@@ -75,16 +78,20 @@ def register(app: typer.Typer) -> None:
             with console.status("running both graphs in ONNX Runtime"):
                 checks = compare(reference, candidate, bs, atol=atol, rtol=rtol, seed=seed)
             t = Table(title=f"{reference.name} ({graph_form(reference)}) vs {candidate.name} ({graph_form(candidate)})")
-            for col in ("batch", "max |diff|", "tolerance", "top-1 agreement", ""):
+            others = list(checks[0].outputs) if checks else []
+            for col in ("batch", "max |diff|", "tolerance", "top-1 agreement",
+                        *(f"{o}: max |diff| (tol)" for o in others), ""):
                 t.add_column(col, justify="right")
             for c in checks:
                 t.add_row(str(c.batch), f"{c.max_abs_diff:.2e}", f"{c.tolerance:.1e}", f"{c.top1_agreement:.0%}",
+                          *(f"{d:.2e} ({tol:.1e})" for d, tol in c.outputs.values()),
                           "[green]ok[/]" if c.ok else "[red]over[/]")
             console.print(t)
             bad = [c for c in checks if not c.ok]
             if bad:
-                raise VerificationError(
-                    "outputs differ: " + "; ".join(f"batch {c.batch}: max|diff| {c.max_abs_diff:.3g} > tol {c.tolerance:.3g}"
-                                                   for c in bad)
-                )
+                raise VerificationError("outputs differ: " + "; ".join(
+                    f"batch {c.batch}: " + ", ".join(
+                        f"{name} max|diff| {d:.3g} > tol {tol:.3g}"
+                        for name, (d, tol) in [("logits", (c.max_abs_diff, c.tolerance)), *c.outputs.items()]
+                        if not (np.isfinite(d) and d <= tol)) for c in bad))
             console.print("[bold green]same outputs[/] within tolerance")

@@ -292,8 +292,10 @@ def compare_files(a: PathLike, b: PathLike, batch_sizes: Sequence[int] = (1, 4),
                   rtol: float = 1e-3, seed: int = 0, threads: int = 0) -> List[BatchCheck]:
     """Run ``a`` and ``b`` in ONNX Runtime (CPU) on the same random images; ``a`` is the reference.
 
-    Returns one :class:`BatchCheck` per batch size (max |diff|, top-1 agreement, tolerance
-    atol + rtol * max |a|). Graphs with TokenMerge nodes get the custom-op kernel registered.
+    Returns one :class:`BatchCheck` per batch size: max |diff|, top-1 agreement and tolerance
+    atol + rtol * max |a| of the first output (logits), and the same max |diff| / tolerance of every other
+    output (detectors: ``boxes``) in ``outputs``. The merge-decision outputs of a debug export are not
+    compared. Graphs with TokenMerge nodes get the custom-op kernel registered.
     """
     for p in (a, b):
         if not Path(p).is_file():
@@ -301,11 +303,18 @@ def compare_files(a: PathLike, b: PathLike, batch_sizes: Sequence[int] = (1, 4),
     ra, rb = OrtRunner(a, threads=threads), OrtRunner(b, threads=threads)
     if ra.input_shape != rb.input_shape:
         raise SurgeryError(f"the two graphs take different inputs: {a} {ra.input_shape}, {b} {rb.input_shape}")
+    names_a = [n for n in ra.output_names if not n.startswith(DECISIONS)]
+    names_b = [n for n in rb.output_names if not n.startswith(DECISIONS)]
+    if names_a != names_b:
+        raise SurgeryError(f"the two graphs have different outputs: {Path(a).name} {names_a}, {Path(b).name} "
+                           f"{names_b}: compare two forms of the same model")
     rng = np.random.default_rng(seed)
     checks = []
     for n in batch_sizes:
         x = rng.standard_normal((int(n), *ra.input_shape), dtype=np.float32)
-        checks.append(batch_check(n, ra(x).numpy(), rb(x).numpy(), atol, rtol))
+        oa, ob = ra.outputs(x), rb.outputs(x)
+        extra = {k: (oa[k].numpy(), ob[k].numpy()) for k in names_a[1:]}
+        checks.append(batch_check(n, oa[names_a[0]].numpy(), ob[names_a[0]].numpy(), atol, rtol, extra=extra))
     return checks
 
 
