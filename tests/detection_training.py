@@ -69,18 +69,43 @@ def train_dense(data, steps: int = 1500, batch: int = 32, lr: float = 1e-3, seed
     return det.eval()
 
 
-def make_yolos(seed: int = 0):
+def make_yolos(seed: int = 0, backbone=None):
+    """YOLOS of the dense detector's size; ``backbone``: a timm ViT of that size (e.g. a trained dense detector's)
+    whose weights the encoder starts from, as YOLOS starts from a pretrained DeiT (the [DET] tokens, their
+    position embeddings and the heads start fresh)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     cfg = tf.YolosConfig(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, intermediate_size=384,
                          image_size=[64, 64], patch_size=8, num_detection_tokens=10, use_mid_position_embeddings=False,
-                         num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return tf.YolosForObjectDetection(cfg)
+                         num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                         layer_norm_eps=1e-6)  # timm's ViT eps: the same encoder function as the backbone's
+    m = tf.YolosForObjectDetection(cfg)
+    if backbone is not None:
+        sd, src = m.state_dict(), backbone.state_dict()
+        n0 = src["pos_embed"].shape[1]  # class token + patches; the [DET] positions follow them
+        sd["vit.embeddings.cls_token"] = src["cls_token"]
+        sd["vit.embeddings.position_embeddings"][:, :n0] = src["pos_embed"]
+        for a, b in (("patch_embeddings.projection", "patch_embed.proj"),):
+            for t in ("weight", "bias"):
+                sd[f"vit.embeddings.{a}.{t}"] = src[f"{b}.{t}"]
+        for i in range(cfg.num_hidden_layers):
+            L, B = f"vit.encoder.layer.{i}.", f"blocks.{i}."
+            for t in ("weight", "bias"):
+                q, k, v = src[B + f"attn.qkv.{t}"].chunk(3, dim=0)
+                sd[L + f"attention.attention.query.{t}"], sd[L + f"attention.attention.key.{t}"] = q, k
+                sd[L + f"attention.attention.value.{t}"] = v
+                for a, b in (("attention.output.dense", "attn.proj"), ("intermediate.dense", "mlp.fc1"),
+                             ("output.dense", "mlp.fc2"), ("layernorm_before", "norm1"), ("layernorm_after", "norm2")):
+                    sd[L + f"{a}.{t}"] = src[B + f"{b}.{t}"]
+        for t in ("weight", "bias"):
+            sd[f"vit.layernorm.{t}"] = src[f"norm.{t}"]
+        m.load_state_dict(sd)
+    return m
 
 
-def train_yolos(data, steps: int = 3000, batch: int = 32, lr: float = 5e-4, seed: int = 0, log=print):
-    m = make_yolos(seed).train()
+def train_yolos(data, steps: int = 3000, batch: int = 32, lr: float = 5e-4, seed: int = 0, log=print, backbone=None):
+    m = make_yolos(seed, backbone).train()
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
