@@ -268,4 +268,6 @@ def test_eval_detector_bad_inputs(tmp_path):
     assert res.exit_code == 2 and "COCO-format" in " ".join(res.output.split())
     res = _cli(*base, "--data", tmp_path / "coco", "--class-map", "name")  # a dense detector names no classes
     assert res.exit_code == 2 and "class names" in " ".join(res.output.split())
-    assert not (tmp_path / "rep").exists()
+    res = _cli("eval", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs", '{"depth": 1}', "--data",
+               tmp_path / "coco", "--no-normalize")  # a classifier: detector-only options are refused, not ignored
+    assert res.exit_code == 2 and "apply to detectors" in " ".join(res.output.split())

@@ -194,6 +194,9 @@ def register(app: typer.Typer) -> None:
                                 class_map=value(class_map), num_classes=spec.num_classes,
                                 class_names=spec.class_names, limit=limit)
             else:
+                if value(class_map) != "auto" or not normalize:
+                    raise UsageError("--class-map and --no-normalize apply to detectors; a classifier is "
+                                     "preprocessed by its own data config")
                 ds = open_dataset(data, split=split, labels=labels, transform=transform_for(model), limit=limit,
                                   class_order=value(class_order))
                 check_classes(ds, num_classes(model), f"{name} ({weights})")
