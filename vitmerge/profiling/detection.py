@@ -5,8 +5,10 @@ The detection counterpart of :mod:`.accuracy`: each model is a :class:`vitmerge.
 decodes them into per-image detections, and torchmetrics' ``MeanAveragePrecision`` (pycocotools backend,
 through :func:`~vitmerge.data.detection.mean_average_precision`) scores them against the ground truth:
 mAP@[.5:.95], mAP@0.5, mAP@0.75. The first model is the reference: every model is also scored against
-the reference's own confident detections (score >= ``FIDELITY_SCORE``) as if they were the ground truth,
-mAP@0.5 "fidelity", which says how much merging changed *what the detector finds*, labels or not.
+the reference's own detections as if they were the ground truth, mAP@0.5 "fidelity", which says how much
+merging changed *what the detector finds*: on each image the model's k most confident detections against
+the reference's k most confident, k = the number of ground-truth boxes of that image (no score threshold,
+which would mean different things for sigmoid and softmax scores). The reference scores 1 by definition.
 """
 from __future__ import annotations
 
@@ -22,17 +24,13 @@ from ..data.detection import CocoFolder, DetectorInput, mean_average_precision
 from ..errors import DataError
 from .accuracy import make_runners, progress_task
 
-#: reference detections at least this confident are the "ground truth" of the fidelity score
-FIDELITY_SCORE = 0.5
-
-
 @dataclass
 class DetectorScore:
     name: str
     map: float  # mAP@[.5:.95]
     map_50: float
     map_75: float
-    fidelity_50: float  # mAP@0.5 against the reference's detections with score >= FIDELITY_SCORE
+    fidelity_50: float  # mAP@0.5 of its top-k detections per image against the reference's (k = ground-truth boxes)
     detections: float  # mean detections per image after decoding
 
     def to_dict(self) -> Dict[str, Any]:
@@ -56,8 +54,17 @@ class DetectionResult:
     def to_dict(self) -> Dict[str, Any]:
         return {"dataset": self.dataset, "images": self.images, "unreadable_count": len(self.unreadable),
                 "unreadable": self.unreadable[:100], "notes": self.notes, "seconds": round(self.seconds, 2),
-                "reference": self.reference, "fidelity_score_threshold": FIDELITY_SCORE,
+                "reference": self.reference,
                 "models": {k: v.to_dict() for k, v in self.models.items()}}
+
+
+def _top_k(preds: List[Dict[str, torch.Tensor]], ks: List[int]) -> List[Dict[str, torch.Tensor]]:
+    """Each image's ``k`` most confident detections."""
+    out = []
+    for p, k in zip(preds, ks):
+        top = p["scores"].argsort(descending=True)[:k]
+        out.append({key: v[top] for key, v in p.items()})
+    return out
 
 
 def evaluate_detection(runners: Mapping[str, Any], data: CocoFolder, spec: DetectorInput, batch_size: int = 16,
@@ -90,18 +97,16 @@ def evaluate_detection(runners: Mapping[str, Any], data: CocoFolder, spec: Detec
             update(len(targets) + len(unreadable))
     if not targets:
         raise DataError(f"none of the {len(unreadable)} images of {data.describe()} could be read")
-    ref = [{"boxes": p["boxes"][p["scores"] >= FIDELITY_SCORE], "labels": p["labels"][p["scores"] >= FIDELITY_SCORE]}
-           for p in preds[names[0]]]
+    ks = [len(t["boxes"]) for t in targets]
+    ref = [{"boxes": p["boxes"], "labels": p["labels"]} for p in _top_k(preds[names[0]], ks)]
     scores = {}
     for n in names:
         m = mean_average_precision(preds[n], targets)
-        fid = mean_average_precision(preds[n], ref)["map_50"]
+        fid = mean_average_precision(_top_k(preds[n], ks), ref)["map_50"]
         scores[n] = DetectorScore(n, m["map"], m["map_50"], m["map_75"], fid,
                                   sum(len(p["boxes"]) for p in preds[n]) / len(targets))
     notes = list(data.notes) + [f"preprocessing: resized to {spec.size[0]} x {spec.size[1]} (H x W), normalised with "
                                 f"{spec.source}"]
-    if all(len(r["boxes"]) == 0 for r in ref):
-        notes.append(f"the reference has no detection with score >= {FIDELITY_SCORE}: fidelity is undefined (-1)")
     return DetectionResult(models=scores, dataset=data.describe(), images=len(targets), unreadable=unreadable,
                            notes=notes, seconds=time.perf_counter() - t0)
 
@@ -119,4 +124,4 @@ def score_detectors(models: Mapping[str, torch.nn.Module], data: CocoFolder, spe
     return result, fl
 
 
-__all__ = ["FIDELITY_SCORE", "DetectorScore", "DetectionResult", "evaluate_detection", "score_detectors"]
+__all__ = ["DetectorScore", "DetectionResult", "evaluate_detection", "score_detectors"]
