@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple, Union
 
@@ -22,7 +22,7 @@ import torch
 
 from ..data.detection import CocoFolder, DetectorInput, mean_average_precision
 from ..errors import DataError
-from .accuracy import make_runners, progress_task
+from .accuracy import EvalResult, make_runners, progress_task
 
 @dataclass
 class DetectorScore:
@@ -39,23 +39,10 @@ class DetectorScore:
 
 
 @dataclass
-class DetectionResult:
+class DetectionResult(EvalResult):
+    """:class:`~.accuracy.EvalResult` of detectors: the same fields and report, a score per model."""
+
     models: Dict[str, DetectorScore]
-    dataset: str
-    images: int
-    unreadable: List[str] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def reference(self) -> str:
-        return next(iter(self.models))
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"dataset": self.dataset, "images": self.images, "unreadable_count": len(self.unreadable),
-                "unreadable": self.unreadable[:100], "notes": self.notes, "seconds": round(self.seconds, 2),
-                "reference": self.reference,
-                "models": {k: v.to_dict() for k, v in self.models.items()}}
 
 
 def _top_k(preds: List[Dict[str, torch.Tensor]], ks: List[int]) -> List[Dict[str, torch.Tensor]]:
