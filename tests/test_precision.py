@@ -200,6 +200,7 @@ def test_cli_dtype(tmp_path):
     assert {e.key: e.value for e in proto.metadata_props}["vitmerge.dtype"] == "fp16"
 
 
+@pytest.mark.slow  # calibrates a whole model (about 20 s alone): INT8 and fp16 each have default-suite tests
 def test_int8_qdq_composes_with_fp16(digits_model, tmp_path):
     """Calibrating a float16 export gives quantized MatMuls, merge steps still float32 (untouched), the rest float16;
     ONNX Runtime runs it and top-1 on held-out digits stays within a point of the float16 file."""
