@@ -173,3 +173,56 @@ def test_export_matches_onnx_runtime(tmp_path):
     scopes = {p.value for n in proto.graph.node for p in n.metadata_props if p.key == "namespace"}
     assert any("blocks.1.token_merge" in s for s in scopes)
     assert any("blocks.1.token_merge.spread" in s for s in scopes)
+
+
+def test_tradeoff_bounds_and_types():
+    from vitmerge.merging.evo import check_options
+
+    for ok in (0, 0.0, 1, 1.0, 0.25):
+        check_options(ok)  # both ends of [0, 1] are valid: 0 keeps g, 1 replaces it
+        check_options(tradeoff=ok)
+    for bad in (-0.01, 1.01, True, False, "0.5", None, float("nan")):
+        with pytest.raises(ScheduleError, match=r"tradeoff must be a number in \[0, 1\], got "):
+            check_options(bad)
+
+
+def test_plan_defaults_errors_and_r0():
+    from vitmerge.merging.evo import evo_plan
+
+    g = torch.Generator().manual_seed(5)
+    metric = torch.randn(2, 12, 4, generator=g)
+    att = torch.rand(2, 12, generator=g)
+    default, one = evo_plan(metric, 4, cls_attn=att), evo_plan(metric, 4, 1, cls_attn=att)  # protected: 1
+    assert all(torch.equal(getattr(default, k), getattr(one, k)) for k in ("keep", "src", "dst"))
+    with pytest.raises(ScheduleError, match=r"the 'evo' method needs the class-token attention"):
+        evo_plan(metric, 4, 1)
+    # r = 0 and r = 1 are different plans: 0 is the identity (inputs returned bit for bit), 1 merges two
+    # placeholders into one representative
+    x = torch.randn(2, 12, 64, generator=g)
+    out, size = evo_plan(metric, 0, 1, cls_attn=att).merge(x)
+    assert torch.equal(out, x) and torch.equal(size, torch.ones(2, 12, 1))
+    assert evo_plan(metric, 1, 1, cls_attn=att).n_out == 11
+
+
+def test_plan_follows_the_metric_device_and_dtype():
+    """Index tensors on the metric's device (meta stands in for a GPU); fp16 tokens merge to fp16."""
+    from vitmerge.merging.evo import evo_plan
+
+    plan = evo_plan(torch.randn(2, 12, 4, device="meta"), 4, 2, cls_attn=torch.rand(2, 12, device="meta"))
+    assert {plan.keep.device.type, plan.src.device.type, plan.dst.device.type} == {"meta"}
+    g = torch.Generator().manual_seed(0)
+    metric, x = torch.randn(2, 12, 4, generator=g).half(), torch.randn(2, 12, 8, generator=g).half()
+    out, size = evo_plan(metric, 4, 1, cls_attn=torch.rand(2, 12, generator=g)).merge(x)
+    assert out.dtype == size.dtype == torch.float16
+
+
+def test_at_least_one_informative_token():
+    """r + 1 placeholders and at least one informative token must fit in the unprotected tokens:
+    with N <= protected + 2 nothing can be summarised, whatever r asks."""
+    from vitmerge.merging.evo import evo_plan, max_r
+
+    for n, p in ((3, 1), (2, 1), (4, 2), (2, 0)):
+        assert max_r(n, p) == 0 and merging.effective_r("evo", n, 5, p) == 0
+        plan = evo_plan(torch.randn(2, n, 3), 5, p, cls_attn=torch.rand(2, n))
+        assert plan.n_out == n and plan.r == 0
+    assert max_r(4, 1) == 1 and max_r(17, 1) == 14

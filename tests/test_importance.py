@@ -114,12 +114,68 @@ def test_plan_is_deterministic_and_clamped():
     assert importance_plan(metric, 0, 1, cls_attn=imp).n_out == 12
 
 
+def test_plan_defaults_and_r0():
+    """protected defaults to the one class token; r = 0 is the identity plan (merge returns its inputs
+    bit for bit, not a weighted average of one-token groups)."""
+    g = torch.Generator().manual_seed(3)
+    metric = torch.randn(2, 12, 4, generator=g)
+    imp = torch.rand(2, 12, generator=g)
+    default, one = importance_plan(metric, 4, cls_attn=imp), importance_plan(metric, 4, 1, cls_attn=imp)
+    assert torch.equal(default.keep, one.keep) and torch.equal(default.src, one.src)
+    assert torch.equal(default.dst, one.dst)
+    x = torch.randn(2, 12, 64, generator=g)
+    size = torch.randint(1, 5, (2, 12, 1), generator=g).float()
+    out, out_size = importance_plan(metric, 0, 1, cls_attn=imp).merge(x, size)
+    assert torch.equal(out, x) and torch.equal(out_size, size)
+
+
+@pytest.mark.parametrize("N,r,protected", [(17, 4, 1), (13, 6, 1), (19, 5, 3), (9, 2, 0)])
+def test_match_flops_counts_the_plans_products(N, r, protected):
+    """match_flops (the budget solver's cost of one step) = the FLOPs FlopCounterMode measures while the
+    plan is computed; no merge (r = 0, the default) costs nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from vitmerge.merging.importance import match_flops
+
+    C = 24
+    metric = torch.randn(2, N, C, generator=torch.Generator().manual_seed(N))
+    for rr in (r, 0):
+        with FlopCounterMode(display=False) as counter:
+            importance_plan(metric, rr, protected, cls_attn=torch.rand(2, N))
+        measured = counter.get_total_flops() // 2  # per image
+        assert match_flops(N, protected, C, r=rr) == measured
+    assert match_flops(N, protected, C) == 0
+
+
 def test_plan_needs_class_attention():
     metric = torch.randn(1, 5, 3)
-    with pytest.raises(ScheduleError, match="class-token attention"):
+    with pytest.raises(ScheduleError, match=r"the 'importance' method needs the class-token attention of the block "
+                                            r"\(cls_attn=\[B, N\]\); apply it with vitmerge\.apply\(model, method"):
         merging.plan("importance", metric, 2, 1)
-    with pytest.raises(ScheduleError, match=r"\[B, N\]"):
+    with pytest.raises(ScheduleError, match=r"cls_attn must be \[B, N\] = \(1, 5\), got \(1, 4\)"):
         merging.plan("importance", metric, 2, 1, cls_attn=torch.rand(1, 4))
+
+
+def test_nothing_to_merge_into():
+    """With no unprotected token left to keep (N <= protected + 1) nothing merges, whatever r asks."""
+    from vitmerge.merging.importance import max_r
+
+    for n, p in ((2, 1), (1, 1), (3, 2), (1, 0)):
+        assert max_r(n, p) == 0 and merging.effective_r("importance", n, 5, p) == 0
+        plan = importance_plan(torch.randn(2, n, 3), 5, p, cls_attn=torch.rand(2, n))
+        assert plan.n_out == n and plan.r == 0
+    assert max_r(3, 1) == 1 and max_r(17, 1) == 15
+
+
+def test_plan_follows_the_metric_device_and_dtype():
+    """Every index tensor is made on the metric's device (a stray CPU arange breaks GPU runs: the meta
+    device stands in for one here), and half-precision tokens merge to half precision even with a
+    float32 attention."""
+    plan = importance_plan(torch.randn(2, 12, 4, device="meta"), 4, 2, cls_attn=torch.rand(2, 12, device="meta"))
+    assert {plan.keep.device.type, plan.src.device.type, plan.dst.device.type} == {"meta"}
+    g = torch.Generator().manual_seed(0)
+    metric, x = torch.randn(2, 12, 4, generator=g).half(), torch.randn(2, 12, 8, generator=g).half()
+    out, size = importance_plan(metric, 4, 1, cls_attn=torch.rand(2, 12, generator=g)).merge(x)
+    assert out.dtype == size.dtype == torch.float16
 
 
 # ------------------------------------------------------------------ model level

@@ -224,3 +224,251 @@ def test_latency_budget():
         solve_budget_latency({10: -1.0, 197: 2.0}, 0.5, L, N, p)
     with pytest.raises(ScheduleError, match=r"\(0, 1\]"):
         solve_budget_latency(lat, 2, L, N, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets for any method (one r, FLOPs counted by running the model) and the CLI's options
+# ---------------------------------------------------------------------------------------------
+
+
+def small_vit(**kw):
+    """17 tokens (16 patches + class token), 2 narrow blocks: every r can be tried by brute force."""
+    torch.manual_seed(0)
+    cfg = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=4)
+    cfg.update(kw)
+    m = timm.create_model("vit_tiny_patch16_224", **cfg).eval()
+    for b in m.blocks:
+        b.attn.fused_attn = False
+    return m
+
+
+_COUNTS = {}
+
+
+def memo_count_flops(model, shape=None):
+    """count_flops, once per model structure and static schedule (all a model's FLOPs depend on): the
+    brute force below and the solver under test share the counts instead of each running the model."""
+    info = getattr(model, "vitmerge", None)
+    key = (len(model.blocks), model.embed_dim, tuple(model.patch_embed.img_size), shape,
+           None if info is None else (info.method, repr(info.tokens), info.pre_r, repr(sorted(info.options.items()))))
+    if key not in _COUNTS:
+        _COUNTS[key] = count_flops(model, shape)
+    return _COUNTS[key]
+
+
+@pytest.fixture
+def memo_flops(monkeypatch):
+    from vitmerge.models import budget
+
+    monkeypatch.setattr(budget, "count_flops", memo_count_flops)
+
+
+def counted_fractions(model, method, single=False, **options):
+    """{r: FLOPs of a patched copy with one r / FLOPs of the model} for every r the method accepts
+    (r from 0 up to the first it refuses)."""
+    import copy
+
+    base = memo_count_flops(model)
+    out = {}
+    for r in range(0, 17):
+        m = copy.deepcopy(model)
+        try:
+            vitmerge.apply(m, method, r=r if single else [r] * len(m.blocks), **options)
+        except ScheduleError:
+            break
+        out[r] = memo_count_flops(m) / base
+    return out
+
+
+def smallest_r(fractions, f, n_blocks=None):
+    r = min((r for r, got in fractions.items() if got <= f), default=None)
+    return r if r is None or n_blocks is None else [r] * n_blocks
+
+
+@pytest.mark.parametrize("method,options,single", [
+    ("evo", {}, False),  # no FLOP model: the counted fallback, one r per block; refuses r > 14 of 15
+    ("tome", {}, False),  # refuses r > 8: the largest accepted r is searched for
+    ("vwt", {"mode": "intra"}, True),  # groups once before the encoder: a single r; takes r = 15
+])
+def test_constant_r_for_budget_is_the_smallest_r_that_fits(method, options, single, memo_flops):
+    from vitmerge.models.budget import constant_r_for_budget
+
+    m = small_vit()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fr = counted_fractions(m, method, single, **options)
+    n = None if single else 2
+    # 1.0: evo's r = 0 still computes the class attention it tracks (a little over 1.0), so it takes r = 1;
+    # fr[3] exactly: "at most" the budget; below the least fraction any accepted r gives: a clear error
+    for f in ((1.0,) if method == "evo" else ()) + (fr[3], 0.9 * min(fr.values())):
+        want = smallest_r(fr, f, n)
+        if want is None:
+            with pytest.raises(ScheduleError, match=f"{method}: a FLOP budget of {f} cannot be met with one r "
+                                                    rf"\(r={max(fr)} gives {fr[max(fr)]:.3f}\)"):
+                constant_r_for_budget(m, f, method, **options)
+        else:
+            assert constant_r_for_budget(m, f, method, **options) == want, f
+    assert getattr(m, "vitmerge", None) is None  # the model itself is never patched
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    # a patched model is measured from its unmerged form, and stays patched as it was
+    vitmerge.apply(m, method, r=2 if single else [2, 2], **options)
+    assert constant_r_for_budget(m, fr[5], method, **options) == smallest_r(fr, fr[5], n)
+    assert m.vitmerge.method == method
+
+
+def test_constant_r_for_budget_errors(memo_flops):
+    from vitmerge.models.budget import constant_r_for_budget
+
+    m = small_vit()
+    for bad in (0, -0.1, 1.01, "half", None, float("nan")):
+        with pytest.raises(ScheduleError, match=r"FLOP budget must be a fraction in \(0, 1\]"):
+            constant_r_for_budget(m, bad, "tome")
+    assert constant_r_for_budget(m, 1.0, "tome") == [0, 0]
+    assert constant_r_for_budget(m, "0.8", "tome") == constant_r_for_budget(m, 0.8, "tome")
+
+
+def test_budget_schedule_picks_the_solver_by_method(memo_flops):
+    from vitmerge.models.budget import budget_schedule, constant_r_for_budget
+
+    m = small_vit()
+    # tome merges inside the blocks and has a FLOP model: the analytic per-block solver
+    assert budget_schedule(m, 0.7, "tome") == solve_budget(m, 0.7, "tome")
+    assert budget_schedule(m, 0.7) == solve_budget(m, 0.7, "tome")  # tome is the default method
+    assert budget_schedule(m, 0.7, "hash", bits=3) == solve_budget(m, 0.7, "hash", bits=3)
+    # no FLOP model (evo) or a pre-encoder method (vwt): one r, counted
+    assert budget_schedule(m, 0.7, "evo") == constant_r_for_budget(m, 0.7, "evo")
+    assert budget_schedule(m, 0.7, "vwt", mode="intra") == smallest_r(counted_fractions(m, "vwt", True, mode="intra"), 0.7)
+
+
+def test_achieved_fraction_counts_both_models():
+    from vitmerge.models.budget import achieved_fraction
+
+    m = small_vit()
+    base = count_flops(m)
+    vitmerge.apply(m, "tome", r=[4, 3])
+    merged = count_flops(m)
+    assert merged < base
+    assert achieved_fraction(m) == merged / base
+    vitmerge.remove(m)
+    assert achieved_fraction(m) == 1.0
+
+
+def test_latency_table_file(tmp_path):
+    import json
+
+    from vitmerge.models.budget import load_latency_table
+
+    good = tmp_path / "lat.json"
+    good.write_text(json.dumps({"17": 1.5, "9": "0.75"}))
+    table = load_latency_table(good)
+    assert table == {17: 1.5, 9: 0.75} and all(type(k) is int and type(v) is float for k, v in table.items())
+    assert load_latency_table(str(good)) == table
+    missing = tmp_path / "none.json"
+    with pytest.raises(ScheduleError, match=f"--budget-latency table '{missing}' does not exist"):
+        load_latency_table(missing)
+    for text in ("[1, 2]", '{"a": 1}', '{"5": "fast"}', "{5: 1}", '{"5": null}'):
+        good.write_text(text)
+        with pytest.raises(ScheduleError, match=f"table '{good}' must be a JSON object .\"token count\": millis"):
+            load_latency_table(good)
+    good.write_text('{"17": 1.0}')
+    with pytest.raises(ScheduleError, match=f"table '{good}' needs at least two token counts"):
+        load_latency_table(good)
+
+
+def test_resolve_schedule(tmp_path, memo_flops):
+    import json
+
+    from vitmerge.models.budget import budget_schedule, resolve_schedule
+
+    m = small_vit(depth=4)  # 17 tokens, 1 prefix token, 4 blocks
+    assert resolve_schedule(m, "tome", 3) == 3  # constant: as given
+    assert resolve_schedule(m, "tome", [1, 2, 3, 4]) == [1, 2, 3, 4]
+    assert resolve_schedule(m, "tome", 4, schedule="decreasing") == [8, 5, 2, 0]  # 2r down to 0, truncated
+    assert resolve_schedule(m, "tome", 0, budget=0.7) == solve_budget(m, 0.7, "tome")
+    assert resolve_schedule(m, "evo", 0, budget=0.8) == budget_schedule(m, 0.8, "evo")  # tested above
+    table = tmp_path / "lat.json"
+    table.write_text(json.dumps({"1": 1.0, "17": 17.0}))  # block latency linear in the tokens
+
+    def cost(rs):  # the documented latency model, by hand: mean latency at tokens in and out
+        t, total = 17, 0.0
+        for r in rs:
+            e = min(r, (t - 1) // 2)
+            total += t if e == 0 else 0.5 * (t + t - e)
+            t -= e
+        return total
+
+    for method in ("tome", "importance"):
+        rs = resolve_schedule(m, method, 0, budget=0.6, budget_latency=table)
+        assert rs == solve_budget_latency({1: 1.0, 17: 17.0}, 0.6, 4, 17, 1, method)
+    rs = resolve_schedule(m, "tome", 0, budget=0.6, budget_latency=str(table))
+    assert 0.55 * cost([0] * 4) <= cost(rs) <= 0.6 * cost([0] * 4)
+    with pytest.raises(ScheduleError, match=r"--budget-latency TABLE needs --budget F"):
+        resolve_schedule(m, "tome", 0, budget_latency=table)
+
+
+def test_named_schedule_edges():
+    assert decreasing(3, 4, inflection=-1) == [8, 4, 0] and decreasing(3, 4, inflection=1) == [0, 4, 8]
+    for bad in (-1.5, -1.0001, 1.0001, 2.0):
+        with pytest.raises(ScheduleError, match=rf"inflection must be in \[-1, 1\], got {bad}"):
+            decreasing(3, 4, bad)
+    assert parse_schedule(4, 0, "decreasing") == [0, 0, 0, 0]  # r = 0 is valid: no merging
+    with pytest.raises(ScheduleError, match="r must be >= 0, got -1"):
+        parse_schedule(4, -1, "decreasing")
+    with pytest.raises(ScheduleError, match=r"unknown schedule 'zigzag': choose one of constant, decreasing "
+                                            r"\(or a budget: solve_budget / --budget F\)$"):
+        parse_schedule(4, 4, "zigzag")
+
+
+def test_latency_table_interpolation():
+    """The interpolated block latency against a direct reading of the documented rule: linear between
+    measured counts (numpy.interp), proportional to the count below the smallest, the last segment
+    extended above the largest; one point: proportional everywhere."""
+    import numpy as np
+
+    from vitmerge.merging.schedule import _interpolator
+
+    table = {20: 1.2, 50: 2.5, "100": "4.0", 197: 9.0}
+    f = _interpolator(table)
+    xs, ys = [20, 50, 100, 197], [1.2, 2.5, 4.0, 9.0]
+    for n in range(20, 198):
+        assert f(n) == pytest.approx(float(np.interp(n, xs, ys)), rel=1e-12)
+    for n in (1, 5, 19):
+        assert f(n) == pytest.approx(1.2 * n / 20, rel=1e-12)
+    for n in (198, 250):
+        assert f(n) == pytest.approx(9.0 + (9.0 - 4.0) * (n - 197) / 97, rel=1e-12)
+    one = _interpolator({10: 2.0})
+    assert [one(n) for n in (5, 10, 30)] == pytest.approx([1.0, 2.0, 6.0], rel=1e-12)
+    assert _interpolator(lambda n: n * 2)(3) == 6.0 and type(_interpolator(lambda n: 6)(3)) is float
+    with pytest.raises(ScheduleError, match=r"^the latency table must be a non-empty \{token count: latency\} "
+                                            r"mapping or a callable$"):
+        _interpolator({})
+    with pytest.raises(ScheduleError, match="non-empty"):
+        _interpolator([(10, 1.0)])
+    with pytest.raises(ScheduleError, match=r"^latency table entry 'ten': 1.0 is not \(token count: latency\)$"):
+        _interpolator({"ten": 1.0})
+    for k, v in ((10, 0.0), (10, -1.0), (0, 1.0), (10, float("inf")), (10, float("nan"))):
+        with pytest.raises(ScheduleError, match=rf"^latency table entry {k!r}: {v!r} needs a token count >= 1 "
+                                                r"and a latency > 0$"):
+            _interpolator({k: v, 197: 2.0})
+
+
+def test_latency_budget_arguments_and_one_token_steps():
+    def lat(n):
+        return float(n)  # linear: a block costs its token count
+
+    assert solve_budget_latency(lat, 0.9, 1, 3) == [1]  # protected defaults to 1 (with 2, nothing could merge)
+    # one block, 3 tokens, ToMe removes at most one: cost 3 unmerged, (3 + 2) / 2 = 2.5 with r = 1
+    assert solve_budget_latency(lat, 2.5 / 3, 1, 3, 1) == [1]
+    assert solve_budget_latency(lat, 0.99, 1, 3, 1) == [1]
+    assert solve_budget_latency(lat, 1.0, 1, 3, 1) == [0]
+    with pytest.raises(ScheduleError, match=r"^a latency budget of 0.8 of the unmerged model is unreachable with "
+                                            r"method 'tome': merging as much as it can in every block still costs "
+                                            r"0\.8333; use a budget >= 0\.8333$"):
+        solve_budget_latency(lat, 0.8, 1, 3, 1)
+    # the edges of the valid arguments
+    assert solve_budget_latency(lat, 1.0, 1, 1, 0) == [0]
+    assert solve_budget_latency(lat, 1.0, 2, 5, 5) == [0, 0]
+    assert solve_budget_latency(lat, 0.9, 1, 3, 0) == [1]
+    for L, N, p in ((0, 17, 1), (2, 0, 0), (2, 17, -1), (2, 17, 18)):
+        with pytest.raises(ScheduleError, match=rf"^need num_layers >= 1, n_tokens >= 1 and 0 <= protected <= "
+                                                rf"n_tokens, got {L}, {N}, {p}$"):
+            solve_budget_latency(lat, 0.5, L, N, p)
