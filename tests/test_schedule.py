@@ -182,7 +182,8 @@ def test_budget_needs_a_cost_model(vit, monkeypatch):
 
     spec = dataclasses.replace(merging.METHODS["tome"], name="unmodelled", match_flops=None)
     monkeypatch.setitem(merging.METHODS, "unmodelled", spec)
-    with pytest.raises(ScheduleError, match="no FLOP model for method 'unmodelled'.*explicit r"):
+    with pytest.raises(ScheduleError, match="no FLOP model for method 'unmodelled': budgets can be solved for tome, hash, importance; "
+                                            "give 'unmodelled' an explicit r per block instead"):
         solve_budget(vit, 0.5, method="unmodelled")
 
 
@@ -313,6 +314,7 @@ def test_constant_r_for_budget_is_the_smallest_r_that_fits(method, options, sing
     vitmerge.apply(m, method, r=2 if single else [2, 2], **options)
     assert constant_r_for_budget(m, fr[5], method, **options) == smallest_r(fr, fr[5], n)
     assert m.vitmerge.method == method
+    assert count_flops(m) == pytest.approx(fr[2] * memo_count_flops(small_vit()), rel=1e-12)  # still merging
 
 
 def test_constant_r_for_budget_errors(memo_flops):
@@ -324,6 +326,7 @@ def test_constant_r_for_budget_errors(memo_flops):
             constant_r_for_budget(m, bad, "tome")
     assert constant_r_for_budget(m, 1.0, "tome") == [0, 0]
     assert constant_r_for_budget(m, "0.8", "tome") == constant_r_for_budget(m, 0.8, "tome")
+    assert constant_r_for_budget(m, 0.8) == constant_r_for_budget(m, 0.8, "tome")  # tome is the default
 
 
 def test_budget_schedule_picks_the_solver_by_method(memo_flops):
@@ -472,3 +475,83 @@ def test_latency_budget_arguments_and_one_token_steps():
         with pytest.raises(ScheduleError, match=rf"^need num_layers >= 1, n_tokens >= 1 and 0 <= protected <= "
                                                 rf"n_tokens, got {L}, {N}, {p}$"):
             solve_budget_latency(lat, 0.5, L, N, p)
+
+
+def test_flop_model_parts_and_protected(memo_flops):
+    import sys
+    from pathlib import Path
+
+    from vitmerge.errors import UnsupportedModelError
+    from vitmerge.models.budget import model_flops_parts
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hf_models
+
+    hf = hf_models.make("vit")  # the transformers family reads its own structure
+    assert schedule_flops(hf, [0, 0]) == count_flops(hf)
+    odd = small_vit()
+    odd.blocks[1].attn = torch.nn.Identity()
+    with pytest.raises(UnsupportedModelError, match=r"^cannot solve a FLOP budget for this model: block 1 uses "
+                                                    r"Identity, not timm's standard Attention$"):
+        model_flops_parts(odd)
+    m = small_vit()
+    # protected given explicitly overrides the model's prefix tokens (1 here): with none protected,
+    # importance can remove 16 of the 17 tokens in block 0 instead of 15
+    assert schedule_flops(m, [16, 0], "importance", protected=1) == schedule_flops(m, [16, 0], "importance")
+    assert schedule_flops(m, [16, 0], "importance", protected=0) < schedule_flops(m, [16, 0], "importance")
+    msg = _err(lambda: solve_budget(m, 0.05, "importance", protected=1))
+    least = float(re.search(r">= ([0-9.]+)", msg).group(1))
+    with pytest.raises(ScheduleError, match="unreachable"):
+        solve_budget(m, least - 0.002, "importance", protected=1)
+    rs = solve_budget(m, least - 0.002, "importance", protected=0)  # reachable with no token protected
+    assert schedule_flops(m, rs, "importance", protected=0) <= (least - 0.002) * schedule_flops(m, [0, 0])
+
+
+def test_importance_flop_model_against_count_flops():
+    """The importance cost model counts every product FlopCounterMode sees but the class-attention row
+    the method computes in each merging block (q_cls . K^T: 2 * N * dim), which the block model leaves out."""
+    m = small_vit(depth=3)
+    rs = [4, 0, 3]
+    vitmerge.apply(m, "importance", r=rs)
+    measured = count_flops(m)
+    tokens = m.vitmerge.tokens
+    vitmerge.remove(m)
+    cls_rows = sum(2 * n_in * m.embed_dim for n_in, e, _ in tokens if e)
+    assert schedule_flops(m, rs, "importance") + cls_rows == measured
+
+
+def test_budget_messages_and_options(vit, memo_flops, caplog, monkeypatch):
+    import dataclasses
+    import logging
+
+    from vitmerge import merging
+    from vitmerge.models.budget import budget_schedule, resolve_schedule
+
+    with pytest.raises(ScheduleError, match=r"^a FLOP budget of 0.05 of the unmerged model is unreachable with "
+                                            r"method 'tome': "):
+        solve_budget(vit, 0.05, "tome")
+    with caplog.at_level(logging.INFO, logger="vitmerge.models.budget"):
+        rs = solve_budget(vit, 0.7, "tome")
+    assert [r.getMessage() for r in caplog.records] == [f"FLOP budget 0.7 with tome: r per block {rs} (analytic block model)"]
+    m = small_vit()
+    with pytest.raises(ScheduleError, match=r"^--budget-latency TABLE needs --budget F \(the latency fraction to meet\)$"):
+        resolve_schedule(m, "tome", 0, budget_latency="lat.json")
+    # the method's options reach the solver (vwt's default mode needs a vocabulary)
+    want = smallest_r(counted_fractions(m, "vwt", True, mode="intra"), 0.8)
+    assert resolve_schedule(m, "vwt", 0, budget=0.8, mode="intra") == want
+    # a method that groups before the encoder takes the counted single r even if it had a matching-cost model
+    spec = dataclasses.replace(merging.METHODS["vwt"], match_flops=merging.METHODS["importance"].match_flops)
+    monkeypatch.setitem(merging.METHODS, "vwt", spec)
+    assert budget_schedule(m, 0.8, "vwt", mode="intra") == want
+
+
+def test_merge_cost_defaults_and_options():
+    from vitmerge.models.budget import merge_flops
+
+    assert merge_flops("importance", 17, 1, 64) == 0  # r defaults to 0: nothing merged, nothing matched
+    m = small_vit()
+    rows = token_counts(17, [4, 4], 1, tome_cap)
+    # hash's projections cost 2 * n * dim * bits * rounds per merging block: the options reach the model
+    extra = sum(2 * n_in * 16 * (6 - 4) * 3 for n_in, e, _ in rows if e)  # head_dim 16, 3 rounds
+    assert schedule_flops(m, [4, 4], "hash", bits=6, rounds=3) - schedule_flops(m, [4, 4], "hash", bits=4,
+                                                                                  rounds=3) == extra
