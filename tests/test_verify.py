@@ -20,7 +20,8 @@ import vitmerge
 from vitmerge.backends.ort import OrtRunner
 from vitmerge.cli import app
 from vitmerge.errors import SurgeryError, VerificationError
-from vitmerge.exporter.verify import BatchCheck, VerifyReport, batch_check, check_onnx, compare_files, verify
+from vitmerge.exporter.verify import (BatchCheck, VerifyReport, batch_check, check_onnx, compare_files, decision_share,
+                                     upcast_copy, verify)
 
 verify_mod = importlib.import_module("vitmerge.exporter.verify")  # the module (the package re-exports the function)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -280,3 +281,184 @@ def test_report_combines_batches():
     assert rep.ok and rep.max_abs_diff == 0.5 and rep.top1_agreement == 0.75
     rep.checks.append(BatchCheck(8, 3.0, 2.0, 1.0, 1.0))
     assert not rep.ok and rep.max_abs_diff == 3.0
+
+
+def test_decision_share_against_a_loop():
+    """Share of identical merge decisions over all steps, and which images have every decision identical,
+    recomputed with plain Python loops over the entries."""
+    g = np.random.default_rng(3)
+    ref = [g.integers(0, 5, size=(4, 6)), g.integers(0, 3, size=(4, 2, 3)), g.integers(0, 9, size=(4, 1))]
+    out = [a.copy() for a in ref]
+    out[0][1, 4] += 1  # image 1 differs in step 0
+    out[1][3, 1, 2] += 1  # image 3 differs in step 1 (a 3-d decision)
+    out[1][3, 0, 0] += 1
+    share, per_image = decision_share(ref, out)
+    entries = [(r.reshape(4, -1), o.reshape(4, -1)) for r, o in zip(ref, out)]
+    same = sum(int(a == b) for r, o in entries for rr, oo in zip(r, o) for a, b in zip(rr, oo))
+    total = sum(r.size for r, _ in entries)
+    assert total == 24 + 24 + 4 and share == same / total == (total - 3) / total
+    want = [all((r[i] == o[i]).all() for r, o in entries) for i in range(4)]
+    assert per_image.tolist() == want == [True, False, True, False]
+    assert decision_share(ref, [a.copy() for a in ref])[0] == 1.0
+    share0, img0 = decision_share([], [])
+    assert share0 == 1.0 and img0.dtype == bool and img0.shape == (0,)
+    with pytest.raises(VerificationError, match=r"^2 merge-decision outputs, but the model has 3 merge steps$"):
+        decision_share(ref, out[:2])
+
+
+def test_batch_check_decisions_rule_and_other_outputs():
+    """Rule "decisions": max |diff| and top-1 only over the images whose decisions all match; rule "max"
+    over all of them; every other output compared with its own tolerance on the same images."""
+    ref = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 4.0], [3.0, 0.0, 1.0]], dtype=np.float32)
+    out = ref.copy()
+    out[1] = [5.0, 2.0, 0.0]  # image 1: a different merge, big difference and another top-1
+    out[3, 2] += 0.5  # image 3: same decisions, within the tolerance below
+    rd = [np.array([[0, 1], [2, 3], [1, 1], [0, 0]])]
+    od = [rd[0].copy()]
+    od[0][1, 0] = 5  # 1 of 8 decisions differs, in image 1
+    boxes_ref = np.zeros((4, 2, 4)) + 0.5
+    boxes_out = boxes_ref.copy()
+    boxes_out[1, 0, 0] = 0.9  # only on image 1 (excluded by the decisions rule)
+    boxes_out[2, 1, 3] = 0.52
+    kw = dict(atol=0.25, rtol=0.1, extra={"boxes": (boxes_ref, boxes_out)})
+    c = batch_check(4, ref, out, ref_decisions=rd, out_decisions=od, rule="decisions", min_decisions=0.8, **kw)
+    assert c.decisions_identical == 7 / 8 and c.images_compared == 3 and c.top1_compared == 1.0
+    assert c.max_abs_diff == 0.5 and c.tolerance == 0.25 + 0.1 * 4.0 and c.top1_agreement == 0.75
+    assert c.outputs["boxes"] == (pytest.approx(0.02), 0.25 + 0.1 * 0.5)
+    assert c.ok  # 7/8 >= 0.8, 0.5 <= 0.65, 0.02 <= 0.3, top-1 agrees on the compared images
+    assert not batch_check(4, ref, out, ref_decisions=rd, out_decisions=od, rule="decisions",
+                           min_decisions=0.9, **kw).ok  # 7/8 < 0.9
+    m = batch_check(4, ref, out, ref_decisions=rd, out_decisions=od, rule="max", **kw)
+    assert m.images_compared == 4 and m.max_abs_diff == 5.0 and m.top1_compared == 0.75
+    assert m.outputs["boxes"][0] == pytest.approx(0.4) and m.decisions_identical == 7 / 8 and not m.ok
+    # the same numbers, but a boxes difference beyond its own tolerance on a compared image fails alone
+    far = boxes_out.copy()
+    far[0, 0, 0] = 0.85
+    bad = batch_check(4, ref, out, ref_decisions=rd, out_decisions=od, rule="decisions", min_decisions=0.8,
+                      atol=0.25, rtol=0.1, extra={"boxes": (boxes_ref, far)})
+    assert bad.max_abs_diff == 0.5 and bad.outputs["boxes"][0] == pytest.approx(0.35) and not bad.ok
+    nan = boxes_out.copy()
+    nan[0, 0, 0] = np.nan
+    assert not batch_check(4, ref, ref, atol=0.25, rtol=0.1, extra={"boxes": (boxes_ref, nan)}).ok
+    # top-1 must agree on every compared image under the decisions rule, even within the tolerance
+    flip = ref.copy()
+    flip[3] = [3.0, 0.0, 3.5]
+    f = batch_check(4, ref, flip, atol=3.0, rtol=0.0, ref_decisions=rd, out_decisions=rd, rule="decisions")
+    assert f.max_abs_diff == 2.5 and f.top1_compared == 0.75 and not f.ok
+    assert batch_check(4, ref, flip, atol=3.0, rtol=0.0, rule="max").ok
+    # a model without merge steps: no share, every image compared
+    e = batch_check(4, ref, out, atol=9.0, rtol=0.0, ref_decisions=[], out_decisions=[], rule="decisions")
+    assert e.decisions_identical is None and e.images_compared == 4 and e.top1_compared == 0.75
+    # every image's decisions differ: nothing to compare the logits on, and the share decides
+    od_all = [rd[0] + 1]
+    n = batch_check(4, ref, out, atol=0.0, rtol=0.0, ref_decisions=rd, out_decisions=od_all, rule="decisions",
+                    min_decisions=0.0, extra={"boxes": (boxes_ref, boxes_out)})
+    assert n.images_compared == 0 and n.max_abs_diff == 0.0 and n.top1_compared is None
+    assert n.outputs["boxes"][0] == 0.0 and n.ok
+    with pytest.raises(VerificationError, match=r"^output 'boxes' shape \(4, 2, 3\) != reference \(4, 2, 4\) "
+                                                r"at batch 4$"):
+        batch_check(4, ref, out, atol=1.0, rtol=0.0, extra={"boxes": (boxes_ref, boxes_out[..., :3])})
+
+
+def test_report_rule_lines_and_output_diffs():
+    assert VerifyReport("f.onnx").describe_rule() == "not verified"
+    c = BatchCheck(1, 0.0, 2.0, 1.0, 3e-4, outputs={"boxes": (0.25, 1.0)})
+    rep = VerifyReport("f.onnx", [c, BatchCheck(4, 0.0, 2.0, 1.0, 1e-4, outputs={"boxes": (0.5, 1.0)})])
+    assert rep.describe_rule() == ("fp32, ONNX Runtime CPU vs PyTorch: max|logit diff| <= atol + rtol * max|ref| "
+                                   "(3.0e-04 at batch 1), max|boxes diff| <= its own atol + rtol * max|ref| "
+                                   "at every batch")
+    assert rep.output_diffs == {"boxes": 0.5}
+    rep.checks[0].decisions_identical = 1.0
+    assert rep.describe_rule().endswith("at every batch; merge decisions compared and reported")
+    d = VerifyReport("g.onnx", [BatchCheck(2, 0.0, 1.0, 1.0, 0.015, decisions_identical=0.995, rule="decisions")],
+                     dtype="fp16", how="H")
+    assert d.describe_rule() == ("fp16, H: >= 99% of merge decisions identical, and on images whose decisions all "
+                                 "match max|logit diff| <= atol + rtol * max|ref| (1.5e-02 at batch 2) and top-1 "
+                                 "agrees")
+    assert d.decisions_identical == 0.995 and VerifyReport("h.onnx", [BatchCheck(1, 0.0, 1.0, 1.0, 1.0)]).decisions_identical is None
+
+
+def test_upcast_copy_makes_every_bfloat16_float32(tmp_path):
+    """Initializers, graph inputs/outputs/value_info, Cast targets, Constant tensors and subgraphs (If
+    branches): none stays bfloat16, and the values are the bfloat16 values exactly (torch's rounding)."""
+    bf = TensorProto.BFLOAT16
+    w = torch.tensor([[1.1, -2.3], [0.7, 3.14159]])
+    c = torch.tensor([0.3, -0.6])
+
+    def bf16_tensor(t, name):
+        bits = t.to(torch.bfloat16).view(torch.int16).numpy().astype(np.uint16)
+        return helper.make_tensor(name, bf, list(t.shape), bits.tobytes(), raw=True)
+
+    then_g = helper.make_graph([helper.make_node("Constant", [], ["t"], value=bf16_tensor(c, "tc"))], "then", [],
+                               [helper.make_tensor_value_info("t", bf, [2])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["cst"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", bf, [2])])
+    nodes = [helper.make_node("Cast", ["x"], ["xb"], to=bf),
+             helper.make_node("MatMul", ["xb", "w"], ["y"]),
+             helper.make_node("Constant", [], ["cst"], value=bf16_tensor(c, "c")),
+             helper.make_node("If", ["flag"], ["branch"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Add", ["y", "branch"], ["z"]),
+             helper.make_node("Cast", ["z"], ["out"], to=TensorProto.FLOAT)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2]),
+                                       helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2])],
+                          initializer=[bf16_tensor(w, "w")],
+                          value_info=[helper.make_tensor_value_info("y", bf, [1, 2])])
+    src = tmp_path / "bf16.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    dst = upcast_copy(src, tmp_path / "up.onnx")
+    assert dst == tmp_path / "up.onnx"
+    text = str(onnx.load(str(dst)))
+    assert "BFLOAT16" not in text and f"data_type: {bf}\n" not in text and f"elem_type: {bf}\n" not in text
+    onnx.checker.check_model(str(dst), full_check=True)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    x = np.array([[0.5, -1.5]], dtype=np.float32)
+    wb, cb = w.to(torch.bfloat16).double(), c.to(torch.bfloat16).double()
+    xb = torch.from_numpy(x).to(torch.bfloat16).double()
+    for flag, add in ((True, cb), (False, -cb)):
+        got = sess.run(None, {"x": x, "flag": np.array(flag)})[0]
+        np.testing.assert_allclose(got, (xb @ wb + add).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_verify_compares_the_merge_decisions_of_a_debug_export(tiny, tmp_path):
+    """A file with merge_decisions.* outputs (what export verifies before dropping them): PyTorch's decisions
+    are recorded and compared. Faithful: every decision identical; the merge flipped to the least similar
+    tokens: the report's share is the one recomputed from the file's decisions and PyTorch's own."""
+    from vitmerge.exporter.onnx_export import export_onnx_program, save_program
+    from vitmerge.models.vit import run_with_decisions
+
+    model, _ = tiny
+    path = save_program(export_onnx_program(model, decisions=True), model, tmp_path, "dec.onnx")
+    assert [o.name for o in onnx.load(str(path)).graph.output][1:] == ["merge_decisions.0", "merge_decisions.1"]
+    rep = verify(model, path, batch_sizes=(2,))
+    assert rep.ok and rep.decisions_identical == 1.0 and rep.checks[0].images_compared == 2
+    wrong = _edited(path, tmp_path / "wrong.onnx", merge_least_similar)
+    bad = verify(model, wrong, batch_sizes=(3,), seed=5)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    _, want = run_with_decisions(model, x)
+    run = OrtRunner(wrong)
+    got = run.session.run(None, {run.input_name: x.numpy()})[1:]
+    share = np.mean(np.concatenate([(w.numpy() == g).ravel() for w, g in zip(want, got)]))
+    assert bad.decisions_identical == pytest.approx(share) and share < 0.9 and not bad.ok
+
+
+def test_reference_forward_runs_in_the_model_dtype():
+    """verify's PyTorch side casts the float32 images to the model's dtype (here float16 on CPU) and returns
+    float32 outputs and the decisions of that forward."""
+    from vitmerge.exporter.verify import _torch_outputs
+
+    torch.manual_seed(1)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48,
+                              num_heads=2, num_classes=10).eval()
+    vitmerge.apply(model, "tome", r=4)
+    model.half()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # as verify calls it
+        outs, dec = _torch_outputs(model, x, True)
+        want = model(x.half()).float().numpy()
+        assert _torch_outputs(model, x, False)[1] is None
+    (name, logits), = outs.items()
+    assert logits.dtype == np.float32 and np.array_equal(logits, want)
+    assert len(dec) == 2 and all(d.shape == (2, n) for d, n in zip(dec, (17, 13)))
