@@ -239,6 +239,32 @@ def test_compare_files_same_and_wrong_merge(tiny, tmp_path):
     small = _mean_pool_model(tmp_path / "small.onnx", 16)
     with pytest.raises(SurgeryError, match=r"different inputs: .*tiny.onnx \(3, 32, 32\), .*small.onnx \(3, 16, 16\)"):
         compare_files(path, small)
+    # same input, other outputs (a detector's extra output): named, with both files' output lists
+    det = tmp_path / "two.onnx"
+    proto = onnx.load(str(path))
+    first = proto.graph.output[0]
+    proto.graph.node.append(helper.make_node("Identity", [first.name], ["boxes"]))
+    proto.graph.output.append(helper.make_tensor_value_info("boxes", first.type.tensor_type.elem_type, None))
+    onnx.save(proto, str(det))
+    with pytest.raises(SurgeryError, match=rf"^the two graphs have different outputs: tiny.onnx \['{first.name}'\], "
+                                           rf"two.onnx \['{first.name}', 'boxes'\]: compare two forms of the same "
+                                           rf"model$"):
+        compare_files(path, det)
+
+
+def test_compare_files_runs_both_files_with_the_given_threads(tiny, monkeypatch):
+    _, path = tiny
+    made = []
+
+    class Counting(OrtRunner):
+        def __init__(self, p, threads=None, **kw):
+            made.append(threads)
+            super().__init__(p, threads=threads, **kw)
+
+    monkeypatch.setattr(verify_mod, "OrtRunner", Counting)
+    compare_files(path, path, batch_sizes=(1,), threads=2)
+    compare_files(path, path, batch_sizes=(1,))
+    assert made == [2, 2, 0, 0]  # 0: ONNX Runtime's own default, the documented default of `check --threads`
 
 
 def test_check_command_fails_on_one_wrong_column(tiny, tmp_path):
@@ -368,6 +394,10 @@ def test_report_rule_lines_and_output_diffs():
                                    "(3.0e-04 at batch 1), max|boxes diff| <= its own atol + rtol * max|ref| "
                                    "at every batch")
     assert rep.output_diffs == {"boxes": 0.5}
+    two = VerifyReport("f.onnx", [BatchCheck(1, 0.0, 2.0, 1.0, 3e-4, outputs={"boxes": (0.0, 1.0),
+                                                                            "scores": (0.0, 1.0)})])
+    assert "max|ref| (3.0e-04 at batch 1), max|boxes diff| <= its own atol + rtol * max|ref|, max|scores diff| <= its " \
+           "own atol + rtol * max|ref| at every batch" in two.describe_rule()
     rep.checks[0].decisions_identical = 1.0
     assert rep.describe_rule().endswith("at every batch; merge decisions compared and reported")
     d = VerifyReport("g.onnx", [BatchCheck(2, 0.0, 1.0, 1.0, 0.015, decisions_identical=0.995, rule="decisions")],
@@ -393,7 +423,11 @@ def test_upcast_copy_makes_every_bfloat16_float32(tmp_path):
                                [helper.make_tensor_value_info("t", bf, [2])])
     else_g = helper.make_graph([helper.make_node("Neg", ["cst"], ["e"])], "else", [],
                                [helper.make_tensor_value_info("e", bf, [2])])
-    nodes = [helper.make_node("Cast", ["x"], ["xb"], to=bf),
+    # a Cast to another type and an int attribute that happens to equal BFLOAT16's code (16) stay as they are
+    nodes = [helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["xi"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Constant", [], ["sixteen"], value_int=bf),
+             helper.make_node("Cast", ["xf"], ["xb"], to=bf),
              helper.make_node("MatMul", ["xb", "w"], ["y"]),
              helper.make_node("Constant", [], ["cst"], value=bf16_tensor(c, "c")),
              helper.make_node("If", ["flag"], ["branch"], then_branch=then_g, else_branch=else_g),
@@ -401,7 +435,8 @@ def test_upcast_copy_makes_every_bfloat16_float32(tmp_path):
              helper.make_node("Cast", ["z"], ["out"], to=TensorProto.FLOAT)]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2]),
                                        helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2]),
+                           helper.make_tensor_value_info("sixteen", TensorProto.INT64, [])],
                           initializer=[bf16_tensor(w, "w")],
                           value_info=[helper.make_tensor_value_info("y", bf, [1, 2])])
     src = tmp_path / "bf16.onnx"
@@ -414,12 +449,13 @@ def test_upcast_copy_makes_every_bfloat16_float32(tmp_path):
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-    x = np.array([[0.5, -1.5]], dtype=np.float32)
+    x = np.array([[0.5, -1.75]], dtype=np.float32)  # the int32 round trip truncates: [0, -1]
     wb, cb = w.to(torch.bfloat16).double(), c.to(torch.bfloat16).double()
-    xb = torch.from_numpy(x).to(torch.bfloat16).double()
+    xb = torch.tensor([[0.0, -1.0]], dtype=torch.float64)
     for flag, add in ((True, cb), (False, -cb)):
-        got = sess.run(None, {"x": x, "flag": np.array(flag)})[0]
+        got, sixteen = sess.run(None, {"x": x, "flag": np.array(flag)})
         np.testing.assert_allclose(got, (xb @ wb + add).numpy(), rtol=1e-6, atol=1e-6)
+        assert sixteen == 16
 
 
 def test_verify_compares_the_merge_decisions_of_a_debug_export(tiny, tmp_path):
