@@ -498,3 +498,35 @@ def test_reference_forward_runs_in_the_model_dtype():
     (name, logits), = outs.items()
     assert logits.dtype == np.float32 and np.array_equal(logits, want)
     assert len(dec) == 2 and all(d.shape == (2, n) for d, n in zip(dec, (17, 13)))
+
+
+def test_verify_default_seed_and_tolerances(tiny):
+    """The default images are seed 0's (the same numbers as seed=0, others with seed=1); the default tolerance
+    is float32's (1e-4 + 1e-3 * max|ref|)."""
+    model, path = tiny
+    rep, zero, one = verify(model, path, batch_sizes=(2,)), verify(model, path, batch_sizes=(2,), seed=0), \
+        verify(model, path, batch_sizes=(2,), seed=1)
+    assert rep.max_abs_diff == zero.max_abs_diff != one.max_abs_diff
+    c = rep.checks[0]
+    assert c.tolerance == pytest.approx(1e-4 + 1e-3 * c.max_abs_ref, rel=1e-12) and c.rule == "max"
+
+
+def test_compare_files_compares_every_other_output(tiny, tmp_path):
+    """Two files with equal logits and boxes 0.5 apart: the boxes difference is measured and fails alone."""
+    _, path = tiny
+
+    def with_boxes(out, shift):
+        proto = onnx.load(str(path))
+        first = proto.graph.output[0]
+        proto.graph.initializer.append(numpy_helper.from_array(np.array(shift, dtype=np.float32), "shift"))
+        proto.graph.node.append(helper.make_node("Add", [first.name, "shift"], ["boxes"]))
+        proto.graph.output.append(helper.make_tensor_value_info("boxes", first.type.tensor_type.elem_type, None))
+        onnx.save(proto, str(out))
+        return out
+
+    a, b = with_boxes(tmp_path / "a.onnx", 0.0), with_boxes(tmp_path / "b.onnx", 0.5)
+    c, = compare_files(a, b, batch_sizes=(2,))
+    logits = _ort(path, np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32))
+    assert c.max_abs_diff == 0.0 and c.outputs["boxes"][0] == pytest.approx(0.5, abs=1e-6)
+    assert c.outputs["boxes"][1] == pytest.approx(1e-4 + 1e-3 * np.abs(logits).max(), rel=1e-5) and not c.ok
+    assert compare_files(a, a, batch_sizes=(2,))[0].ok
