@@ -530,3 +530,140 @@ def test_compare_files_compares_every_other_output(tiny, tmp_path):
     assert c.max_abs_diff == 0.0 and c.outputs["boxes"][0] == pytest.approx(0.5, abs=1e-6)
     assert c.outputs["boxes"][1] == pytest.approx(1e-4 + 1e-3 * np.abs(logits).max(), rel=1e-5) and not c.ok
     assert compare_files(a, a, batch_sizes=(2,))[0].ok
+
+
+# ------------------------------------------------------------------------- verify's other paths
+
+
+def _gen_images(batch_sizes, seed=0):
+    """The images verify draws: one torch.randn per batch size from a generator seeded once (its docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, 32, 32, generator=gen) for b in batch_sizes]
+
+
+@pytest.fixture(scope="module")
+def reduced(tiny, tmp_path_factory):
+    """tiny's float16 and bfloat16 files (no decision outputs) and the models they came from."""
+    from vitmerge.models.precision import cast_model
+
+    model, _ = tiny
+    d = tmp_path_factory.mktemp("reduced")
+    out = {}
+    for name in ("fp16", "bf16"):
+        low = cast_model(copy.deepcopy(model), name)
+        vitmerge.export(low, d / f"tiny_{name}.onnx", check=False)
+        out[name] = (low, d / f"tiny_{name}.onnx")
+    return out
+
+
+def test_fp16_verify_uses_the_decision_rule_and_measures_agreement_with_float32(tiny, reduced):
+    from vitmerge.models.vit import run_with_decisions
+
+    model, _ = tiny
+    m16, p16 = reduced["fp16"]
+    rep = verify(m16, p16, batch_sizes=(1, 3), reference_fp32=model)
+    assert rep.ok and rep.dtype == "fp16" and rep.how == "ONNX Runtime CPU vs PyTorch" and rep.path == str(p16)
+    assert [c.rule for c in rep.checks] == ["decisions", "decisions"]
+    assert all(c.tolerance == pytest.approx(1e-2 + 2e-2 * c.max_abs_ref, rel=1e-12) for c in rep.checks)
+    agree, n, shares = 0, 0, []
+    for x in _gen_images((1, 3)):
+        lo, dlo = run_with_decisions(m16, x)
+        hi, dhi = run_with_decisions(model, x)
+        agree += int((lo.argmax(-1) == hi.argmax(-1)).sum())
+        n += x.shape[0]
+        eq = [(a == b).numpy() for a, b in zip(dhi, dlo)]
+        shares.append(sum(int(e.sum()) for e in eq) / sum(e.size for e in eq))
+    assert rep.vs_fp32 == {"top1_agreement": pytest.approx(agree / n, abs=1e-12),
+                           "decisions_identical": pytest.approx(float(np.mean(shares)), abs=1e-12)}
+    assert verify(m16, p16, batch_sizes=(1,)).vs_fp32 == {}  # no reference given: nothing measured
+    assert verify(model, tiny[1], batch_sizes=(1,), reference_fp32=model).vs_fp32 == {}  # float32 itself
+
+
+def test_bf16_verify_runs_an_upcast_copy_and_removes_it(tiny, reduced):
+    """bfloat16: ONNX Runtime CPU has no bfloat16 kernels, so an upcast copy of the file runs, against the model
+    upcast in PyTorch, by the max rule; the copy is gone afterwards; the caller's model stays bfloat16."""
+    from vitmerge.models.precision import cast_model, model_dtype
+    from vitmerge.models.vit import run_with_decisions
+
+    model, _ = tiny
+    mb, pb = reduced["bf16"]
+    before = sorted(p.name for p in pb.parent.iterdir())
+    rep = verify(mb, pb, batch_sizes=(2,), reference_fp32=model)
+    assert sorted(p.name for p in pb.parent.iterdir()) == before and model_dtype(mb) == torch.bfloat16
+    assert rep.ok and rep.dtype == "bf16" and rep.checks[0].rule == "max"
+    assert rep.how == ("float32 upcast copy in ONNX Runtime CPU vs the model upcast in PyTorch (no bfloat16 CPU "
+                       "kernels)")
+    x, = _gen_images((2,))
+    up = cast_model(copy.deepcopy(mb), torch.float32)
+    with torch.no_grad():
+        ref = up(x).numpy()
+    assert rep.checks[0].max_abs_ref == pytest.approx(np.abs(ref).max(), rel=1e-6)
+    got = OrtRunner(upcast_copy(pb, pb.parent / "mine.onnx"))(x.numpy()).numpy()
+    assert rep.checks[0].max_abs_diff == pytest.approx(np.abs(got.astype(np.float64) - ref).max(), rel=1e-5, abs=1e-9)
+    lo, hi = run_with_decisions(mb, x)[0], run_with_decisions(model, x)[0]  # the bfloat16 model itself vs float32
+    assert rep.vs_fp32["top1_agreement"] == float((lo.argmax(-1) == hi.argmax(-1)).float().mean())
+
+
+def test_verify_explicit_tolerance_and_output_mismatch(tiny, tmp_path):
+    model, path = tiny
+    c = verify(model, path, batch_sizes=(1,), atol=0.5, rtol=0.0).checks[0]
+    assert c.tolerance == 0.5
+    assert verify(model, path, batch_sizes=(1,), atol=0.0, rtol=0.5).checks[0].tolerance == \
+        pytest.approx(0.5 * c.max_abs_ref, rel=1e-12)
+    proto = onnx.load(str(path))
+    first = proto.graph.output[0]
+    proto.graph.node.append(helper.make_node("Identity", [first.name], ["boxes"]))
+    proto.graph.output.append(helper.make_tensor_value_info("boxes", first.type.tensor_type.elem_type, None))
+    two = tmp_path / "two.onnx"
+    onnx.save(proto, str(two))
+    with pytest.raises(VerificationError, match=rf"^{two} has outputs \['{first.name}', 'boxes'\], but the model gives "
+                                                rf"\['{first.name}'\]: export it again from this model$"):
+        verify(model, two, batch_sizes=(1,))
+
+
+def test_verify_compares_a_detectors_boxes(tmp_path):
+    """A dense detector's file: the boxes are compared too, each with its own tolerance; a file whose boxes are
+    off (logits untouched) fails on the boxes alone."""
+    from vitmerge.models.dense import DenseDetector
+
+    torch.manual_seed(0)
+    bb = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2,
+                           num_classes=0)
+    det = DenseDetector(bb, 3, hidden=16).eval()
+    vitmerge.apply(det, "tome", r=3)
+    path = tmp_path / "det.onnx"
+    vitmerge.export(det, path, check=False)
+    rep = verify(det, path, batch_sizes=(2,))
+    x, = _gen_images((2,))
+    with torch.no_grad():
+        boxes = det(x).boxes.numpy()
+    got = OrtRunner(path).outputs(x.numpy())["boxes"].numpy()
+    d, tol = rep.checks[0].outputs["boxes"]
+    assert rep.ok and d == pytest.approx(np.abs(got.astype(np.float64) - boxes).max(), rel=1e-5, abs=1e-12)
+    assert tol == pytest.approx(1e-4 + 1e-3 * np.abs(boxes).max(), rel=1e-6)
+    proto = onnx.load(str(path))
+    out = next(o for o in proto.graph.output if o.name == "boxes")
+    for n in proto.graph.node:  # the boxes output now comes out of an Add of 0.01
+        n.output[:] = [f"{o}_pre" if o == "boxes" else o for o in n.output]
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(0.01, dtype=np.float32), "off"))
+    proto.graph.node.append(helper.make_node("Add", ["boxes_pre", "off"], ["boxes"]))
+    onnx.save(proto, str(tmp_path / "off.onnx"))
+    bad = verify(det, tmp_path / "off.onnx", batch_sizes=(2,))
+    assert bad.max_abs_diff == rep.max_abs_diff and bad.checks[0].outputs["boxes"][0] > 0.009 and not bad.ok
+    assert out.name == "boxes"
+
+
+@pytest.mark.slow  # a 12-block export: ~20 s
+def test_verify_orders_the_decisions_of_twelve_merge_steps_numerically(tmp_path):
+    """merge_decisions.10 and .11 come after .9, not after .1: a 12-block model (ViT-B's depth) verified with its
+    decisions compares each step with its own PyTorch step."""
+    from vitmerge.exporter.onnx_export import export_onnx_program, save_program
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=12, embed_dim=32,
+                              num_heads=1, num_classes=5).eval()
+    vitmerge.apply(model, "tome", r=1)
+    path = save_program(export_onnx_program(model, decisions=True), model, tmp_path, "d12.onnx")
+    assert len([o for o in onnx.load(str(path)).graph.output if o.name.startswith("merge_decisions.")]) == 12
+    rep = verify(model, path, batch_sizes=(1,))
+    assert rep.ok and rep.decisions_identical == 1.0
