@@ -9,7 +9,11 @@ and type combinations as the builder asks, and enqueued on host buffers (the mer
 CPU interpreter). Outputs are compared with the float64 loop reference of tests/reference_tome.py.
 """
 import contextlib
+import importlib.abc
+import importlib.util
 import os
+import sys
+import types
 
 import numpy as np
 import onnx
@@ -103,14 +107,14 @@ def _desc(trt_mod, a):
     return d
 
 
-def _enqueue(trt_mod, plugin, inputs, out_shapes):
-    """What TensorRT does at run time: descriptors, device pointers and element strides per I/O."""
+def _enqueue(trt_mod, plugin, inputs, out_shapes, stream=0):
+    """What TensorRT does at run time: descriptors, device pointers and element strides per I/O, the stream."""
     ins = [np.ascontiguousarray(a) for a in inputs]
     outs = [np.full(s, np.nan, dtype=ins[0].dtype) for s in out_shapes]
     strides = lambda a: tuple(s // a.itemsize for s in a.strides)  # noqa: E731
     plugin.enqueue([_desc(trt_mod, a) for a in ins], [_desc(trt_mod, o) for o in outs],
                    [a.ctypes.data for a in ins], [o.ctypes.data for o in outs],
-                   [strides(a) for a in ins], [strides(o) for o in outs], 0)
+                   [strides(a) for a in ins], [strides(o) for o in outs], stream)
     return outs
 
 
@@ -190,6 +194,47 @@ def test_registration_refused_by_tensorrt_is_one_clear_error(trt, monkeypatch):
     assert "\n" not in str(e.value) and trt_mod.__version__ in str(e.value)
 
 
+def test_registration_refusal_quotes_the_error_on_one_line(trt, monkeypatch):
+    """The refusal's own text, whitespace collapsed to one line, after its type; a text-less one by its type alone."""
+    trt_mod, _ = trt
+
+    def refusing(text):
+        def define(trtp_):
+            raise ValueError(text)
+        return define
+
+    head = f"TensorRT {trt_mod.__version__}'s tensorrt.plugin rejected the vitmerge::TokenMerge plugin "
+    tail = "; use TensorRT 10.8 to 11.x or build the plugin-free form (vitmerge export --merge-op native)"
+    monkeypatch.setattr(tensorrt_plugin, "_define_token_merge", refusing("annotation of 'r':\n    must be a class,  not str"))
+    with pytest.raises(EngineBuildError) as e:
+        tensorrt_plugin.register()
+    assert str(e.value) == head + "(ValueError: annotation of 'r': must be a class, not str)" + tail
+    monkeypatch.setattr(tensorrt_plugin, "_define_token_merge", refusing(""))
+    with pytest.raises(EngineBuildError) as e:
+        tensorrt_plugin.register()
+    assert str(e.value) == head + "(ValueError)" + tail
+
+
+def test_register_after_a_refusal_defines_what_is_still_missing(trt, monkeypatch):
+    """TokenMerge defined, TokenMergeCls refused: a later register() skips the first and defines the second."""
+    trt_mod, _ = trt
+    registry = trt_mod.get_plugin_registry()
+    define_cls = tensorrt_plugin._define_token_merge_cls
+
+    def refuse(trtp_):
+        raise TypeError("refused")
+
+    monkeypatch.setattr(tensorrt_plugin, "_define_token_merge_cls", refuse)
+    with pytest.raises(EngineBuildError, match=r"rejected the vitmerge::TokenMergeCls plugin \(TypeError: refused\)"):
+        tensorrt_plugin.register()
+    assert registry.get_creator("TokenMerge", "1", "vitmerge") is not None
+    assert registry.get_creator("TokenMergeCls", "1", "vitmerge") is None
+    monkeypatch.setattr(tensorrt_plugin, "_define_token_merge_cls", define_cls)
+    assert tensorrt_plugin.register() == ("vitmerge::TokenMerge", "vitmerge::TokenMergeCls")
+    assert registry.get_creator("TokenMergeCls", "1", "vitmerge") is not None
+    assert not [m for s, m in trt_mod.log_messages if s == trt_mod.ILogger.Severity.ERROR]  # TokenMerge not defined twice
+
+
 def test_unsupported_or_missing_tensorrt_is_a_clear_error():
     with trt_standin.fake_tensorrt("10.3.0"):
         with pytest.raises(RuntimeMissingError, match=r"TensorRT 10\.3\.0 is not supported.*10\.8 to 11\.x"):
@@ -197,6 +242,59 @@ def test_unsupported_or_missing_tensorrt_is_a_clear_error():
     with trt_standin.fake_tensorrt("10.16.1.11"):  # a tensorrt without its tensorrt.plugin package
         with pytest.raises(RuntimeMissingError, match="tensorrt.plugin module cannot be imported"):
             tensorrt_plugin.register()
+
+
+def test_missing_tensorrt_message_in_full(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    with pytest.raises(RuntimeMissingError) as e:
+        tensorrt_plugin.require_tensorrt()
+    assert str(e.value) == ("TensorRT not installed: TensorRT engines need an NVIDIA GPU machine with TensorRT 10.8 to "
+                            "11.x (pip install 'vitmerge[tensorrt]'); run the ONNX file in ONNX Runtime instead")
+
+
+def test_unsupported_tensorrt_messages_in_full(monkeypatch):
+    """Below 10.8, 12.0 itself (the range ends before it) and a tensorrt without a version are refused, whole text;
+    a tensorrt.plugin that fails to import is quoted on one line."""
+    def unsupported(shown):
+        return (f"TensorRT {shown} is not supported by the TokenMerge plugin (needs TensorRT 10.8 to 11.x): pip install "
+                "'vitmerge[tensorrt]', or build the plugin-free form (vitmerge export --merge-op native)")
+
+    for version in ("10.7.1", "12.0.0"):
+        with trt_standin.fake_tensorrt(version):
+            with pytest.raises(RuntimeMissingError) as e:
+                tensorrt_plugin.require_plugin_api()
+        assert str(e.value) == unsupported(version)
+    with trt_standin.fake_tensorrt("10.16.1.11") as m:
+        del m.__version__
+        with pytest.raises(RuntimeMissingError) as e:
+            tensorrt_plugin.require_plugin_api()
+    assert str(e.value) == unsupported("?")
+
+    class BrokenPlugin(importlib.abc.MetaPathFinder, importlib.abc.Loader):  # tensorrt.plugin's import fails
+        def find_spec(self, name, path, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "tensorrt.plugin" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise OSError("libnvrtc.so.12: cannot open shared object file:\n    No such file or directory")
+
+    with trt_standin.fake_tensorrt("10.16.1.11") as m, monkeypatch.context() as mp:
+        m.__path__ = []  # a package, as the real tensorrt is
+        mp.setattr(sys, "meta_path", [BrokenPlugin(), *sys.meta_path])
+        with pytest.raises(RuntimeMissingError) as e:
+            tensorrt_plugin.require_plugin_api()
+    assert str(e.value) == ("TensorRT 10.16.1.11's tensorrt.plugin module cannot be imported (OSError: libnvrtc.so.12: "
+                            "cannot open shared object file: No such file or directory); reinstall TensorRT (pip install "
+                            "'vitmerge[tensorrt]') or build the plugin-free form (vitmerge export --merge-op native)")
+
+
+def test_tensorrt_version_reads_major_minor_or_zero():
+    """(major, minor) from __version__; (0, 0), below every release, when there is none or it is not numeric."""
+    assert tensorrt_plugin.tensorrt_version(types.SimpleNamespace(__version__="10.16.1.11")) == (10, 16)
+    assert tensorrt_plugin.tensorrt_version(types.SimpleNamespace()) == (0, 0)
+    assert tensorrt_plugin.tensorrt_version(types.SimpleNamespace(__version__="dev")) == (0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +346,7 @@ def test_type_combinations_the_builder_sees(trt, cls):
     assert p["tactics"] == []  # the default tactic only
 
 
-@pytest.mark.parametrize("B,N,r,protected", [(2, 17, 4, 1), (3, 30, 7, 2), (1, 12, 0, 1)])
+@pytest.mark.parametrize("B,N,r,protected", [(2, 17, 4, 1), (3, 30, 7, 2), (1, 12, 0, 1), (2, 10, 3, 0)])
 def test_enqueue_merges_like_the_loop_reference(trt, host_buffers, B, N, r, protected):
     """The whole path: parser fields -> create_plugin -> descriptors -> enqueue on TensorRT's buffers."""
     trt_mod, _ = trt
@@ -261,6 +359,34 @@ def test_enqueue_merges_like_the_loop_reference(trt, host_buffers, B, N, r, prot
     ref_x, ref_s = _tome_reference(x, metric, size, r, protected)
     np.testing.assert_allclose(x_out, ref_x, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(s_out[..., 0], ref_s)
+
+
+def test_merge_runs_on_the_stream_tensorrt_gives(trt, host_buffers, monkeypatch):
+    """enqueue's stream argument is the one the PyTorch work is put on."""
+    trt_mod, _ = trt
+    tensorrt_plugin.register()
+    seen = []
+    monkeypatch.setattr(tensorrt_plugin, "_on_stream", lambda stream: seen.append(stream) or contextlib.nullcontext())
+    plugin = _create(trt_mod, _prepared_node(_model(9, 4, 8, 2, 1)))
+    plugin.get_output_data_types([trt_mod.float32] * 3, [3, 3, 3])
+    _enqueue(trt_mod, plugin, _inputs(1, 9, 4, 8, seed=2), [(1, 7, 8), (1, 7, 1)], stream=0x7E57)
+    assert seen == [0x7E57]
+
+
+def test_malformed_int_field_is_a_clear_error_at_the_builders_first_question(trt):
+    """A node that reaches the parser without prepare_onnx's check (r an INTS attribute): the parser hands r
+    over as a two-element int32 array; asking the plugin for its outputs names the attribute."""
+    trt_mod, _ = trt
+    tensorrt_plugin.register()
+    node = _model(9, 4, 8, 2, 1).graph.node[0]
+    (i,) = [j for j, a in enumerate(node.attribute) if a.name == "r"]
+    del node.attribute[i]
+    node.attribute.extend([helper.make_attribute("r", [2, 3]), helper.make_attribute("plugin_namespace", "vitmerge")])
+    plugin = _create(trt_mod, node)
+    with pytest.raises(ModelFileError) as e:
+        plugin.get_output_data_types([trt_mod.float32] * 3, [3, 3, 3])
+    assert str(e.value) == ("TokenMerge attribute 'r' must be one integer, got array([2, 3], dtype=int32); "
+                            "re-create the plugin form with vitmerge export --merge-op plugin")
 
 
 def test_serialized_plugin_deserializes_and_runs_the_same(trt, host_buffers):
@@ -359,6 +485,80 @@ def test_attribute_readers_take_every_form():
         tensorrt_plugin.merge_attrs(1, 1, "tome", "[1]")
     with pytest.raises(ModelFileError, match="not a vitmerge method"):
         tensorrt_plugin.merge_attrs(1, 1, "nope\x00", "{}")
+
+
+def test_attribute_errors_name_the_attribute_in_full():
+    """Each reader's error names the attribute it read and says what to do; the whole text is checked."""
+    redo = "; re-create the plugin form with vitmerge export --merge-op plugin"
+
+    def error(fn, *args):
+        with pytest.raises(ModelFileError) as e:
+            fn(*args)
+        return str(e.value)
+
+    assert error(tensorrt_plugin.int_attr, 2.5, "r") == "TokenMerge attribute 'r' must be one integer, got 2.5" + redo
+    assert error(tensorrt_plugin.merge_attrs, 2.5, 1, "tome", "{}") == \
+        "TokenMerge attribute 'r' must be one integer, got 2.5" + redo
+    assert error(tensorrt_plugin.merge_attrs, 2, "1", "tome", "{}") == \
+        "TokenMerge attribute 'protected' must be one integer, got '1'" + redo
+    for r, p in ((-1, 1), (2, -1)):  # either one negative is enough
+        assert error(tensorrt_plugin.merge_attrs, r, p, "tome", "{}") == \
+            f"TokenMerge attributes r={r}, protected={p} must not be negative"
+    # a bad byte first, then 50 more: the message quotes the first 40 bytes
+    assert error(tensorrt_plugin.merge_attrs, 2, 1, b"\xff" + b"a" * 50, "{}") == \
+        "TokenMerge attribute 'method' is not UTF-8 text (b'\\xff" + "a" * 39 + "')"
+    assert error(tensorrt_plugin.merge_attrs, 2, 1, "tome", b"{\xff}") == \
+        "TokenMerge attribute 'options' is not UTF-8 text (b'{\\xff}')"
+    assert error(tensorrt_plugin.str_attr, 5, "method") == "TokenMerge attribute 'method' must be a string, got 5"
+    assert error(tensorrt_plugin.merge_attrs, 2, 1, "nope\x00", "{}") == (
+        f"TokenMerge attribute method='nope' is not a vitmerge method ({', '.join(merging.available_methods())}); "
+        "the file was written by another vitmerge: re-export it")
+
+
+def test_attribute_values_at_their_edges():
+    """protected = 0 (no class token) is valid; empty options (the parser's lone NUL) mean no options; only
+    NULs are stripped from a string's end."""
+    assert tensorrt_plugin.merge_attrs(2, 0, "tome", "{}") == (2, 0, "tome", {})
+    assert tensorrt_plugin.merge_attrs(2, 1, "tome", "") == (2, 1, "tome", {})
+    assert tensorrt_plugin.merge_attrs(2, 1, "tome", b"\x00") == (2, 1, "tome", {})
+    assert tensorrt_plugin.str_attr(b"MAX\x00", "method") == "MAX"
+
+
+def test_check_node_says_what_is_wrong_in_full():
+    model = _model(9, 4, 8, 2, 1)
+    node = model.graph.node[0]
+    (i,) = [j for j, a in enumerate(node.attribute) if a.name == "method"]
+    del node.attribute[i]
+    with pytest.raises(ModelFileError) as e:
+        tensorrt_plugin.check_node(node)
+    assert str(e.value) == ("TokenMerge node 'merge0': attribute 'method' must be STRING, it is missing; "
+                            "re-create the plugin form with vitmerge export --merge-op plugin")
+    for cls, drop_input, drop_output, message in (
+            (False, True, False, "has 2 inputs and 2 outputs; TokenMerge takes 3 and gives 2"),
+            (False, False, True, "has 3 inputs and 1 outputs; TokenMerge takes 3 and gives 2"),
+            (True, True, False, "has 3 inputs and 2 outputs; TokenMergeCls takes 4 and gives 2")):
+        node = _model(9, 4, 8, 2, 1, method="importance" if cls else "tome", cls=cls).graph.node[0]
+        if drop_input:
+            del node.input[-1]
+        if drop_output:
+            del node.output[-1]
+        with pytest.raises(ModelFileError) as e:
+            tensorrt_plugin.check_node(node)
+        assert str(e.value) == "TokenMerge node 'merge0' " + message
+
+
+def test_prepare_onnx_twice_and_foreign_nodes():
+    """A prepared model prepared again keeps one plugin_namespace; a TokenMerge op of another domain, or another
+    op of the vitmerge domain, is not a TokenMerge node (not checked, not marked)."""
+    once = onnx.load_from_string(tensorrt_plugin.prepare_onnx(_model(9, 4, 8, 2, 1)))
+    twice = onnx.load_from_string(tensorrt_plugin.prepare_onnx(once))
+    assert [a.name for a in twice.graph.node[0].attribute].count("plugin_namespace") == 1
+    for field, value in (("domain", "com.example"), ("op_type", "TokenPrune")):
+        model = _model(9, 4, 8, 2, 1, options="{not json")  # not a valid TokenMerge node: it must not be checked
+        setattr(model.graph.node[0], field, value)
+        assert tensorrt_plugin.token_merge_nodes(model) == [] and not tensorrt_plugin.has_token_merge(model)
+        prepared = onnx.load_from_string(tensorrt_plugin.prepare_onnx(model))
+        assert not any(a.name == "plugin_namespace" for a in prepared.graph.node[0].attribute)
 
 
 def test_prepare_onnx_checks_nodes_before_tensorrt_sees_them():

@@ -53,7 +53,7 @@ IntAttr = npt.NDArray[np.int32]  # how an ONNX INT attribute reaches a plugin: a
 
 
 def tensorrt_version(trt) -> Tuple[int, int]:
-    """(major, minor) of an imported ``tensorrt`` module."""
+    """(major, minor) of an imported ``tensorrt`` module; (0, 0), below every release, without a readable version."""
     try:
         major, minor = str(trt.__version__).split(".")[:2]
         return int(major), int(minor)
