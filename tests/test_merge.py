@@ -192,3 +192,120 @@ def test_plans_stay_on_the_metric_device(r):
     assert p.keep.device.type == "meta" and p.src.device.type == "meta"
     src = p.merge_source()
     assert src.device.type == "meta" and tuple(src.shape) == (2, 9 - r, 9)
+
+
+def test_bad_arguments_full_messages():
+    """The errors as the user reads them: every method listed, every unknown option named with what the method
+    takes, N (not C) in the protected range even when C > N."""
+    with pytest.raises(ScheduleError, match=r"^unknown merge method 'nope'; available: tome, hash, importance, evo, "
+                                            r"vwt$"):
+        merging.plan("nope", torch.randn(1, 4, 2), 1)
+    with pytest.raises(ScheduleError, match=r"^method 'tome' got unknown option\(s\) bits, zeta; it takes no options "
+                                            r"\(see docs/methods/tome.md\)$"):
+        merging.METHODS["tome"].check_options(zeta=1, bits=2)
+    with pytest.raises(ScheduleError, match=r"^method 'hash' got unknown option\(s\) mode; it takes bits, rounds, "
+                                            r"seed \(see docs/methods/hash.md\)$"):
+        merging.METHODS["hash"].check_options(mode="x", bits=8)
+    merging.METHODS["hash"].check_options(bits=8, rounds=1)  # known options pass
+    metric = torch.randn(1, 6, 32)  # C = 32 > N = 6: the range is [0, N]
+    with pytest.raises(ValueError, match=r"^protected=7 is outside \[0, N=6\]$"):
+        merging.plan("tome", metric, 1, protected=7)
+    assert merging.plan("tome", metric, 1, protected=6).r == 0  # all protected: valid, nothing merges
+
+
+def test_plan_protects_the_class_token_by_default():
+    """protected defaults to 1 (the class token): tokens may merge into token 1 (B's first), never into token 0."""
+    g = torch.Generator().manual_seed(0)
+    moved = 0
+    for _ in range(20):
+        metric = torch.randn(1, 9, 4, generator=g)
+        p = merging.plan("tome", metric, 4)
+        assert torch.equal(p.keep, merging.plan("tome", metric, 4, protected=1).keep)
+        assert 0 not in p.src.tolist()[0] and p.keep[0, 0] == 0
+        a = p.assign[0]
+        assert int((a == a[0]).sum()) == 1  # the class token's slot holds it alone
+        moved += int((a == a[1]).sum()) > 1  # with protected=2 nothing could merge into token 1
+    assert moved > 0
+
+
+def _scatter_add_loop(out, idx, rows):
+    res = out.double().clone()
+    for b in range(out.shape[0]):
+        for k in range(idx.shape[1]):
+            res[b, idx[b, k]] += rows[b, k].double()
+    return res
+
+
+def test_batch_scatter_add_both_forms_against_a_loop():
+    """Index-add and the one-hot MatMul (native graph form) add the same rows, duplicates accumulating, as a
+    float64 loop; the default is the index-add (what eager merging and the standard export use)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vitmerge.merging.base import batch_scatter_add
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(1)
+    out = torch.randn(2, 5, 3, generator=g)
+    idx = torch.tensor([[4, 0, 4, 2], [1, 1, 1, 3]])
+    rows = torch.randn(2, 4, 3, generator=g)
+    want = _scatter_add_loop(out, idx, rows)
+    for free in (False, True):
+        got = batch_scatter_add(out, idx, rows, scatter_free=free)
+        assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-6)
+    with Ops() as ops:
+        batch_scatter_add(out, idx, rows)
+    assert "index_add" in ops.seen and "bmm" not in ops.seen
+    with Ops() as ops:
+        batch_scatter_add(out, idx, rows, scatter_free=True)
+    assert "index_add" not in ops.seen
+    meta = batch_scatter_add(out.to("meta"), idx.to("meta"), rows.to("meta"), scatter_free=True)
+    assert meta.device.type == "meta" and tuple(meta.shape) == (2, 5, 3)
+
+
+@pytest.mark.parametrize("free", [False, True])
+def test_merge_uses_the_form_it_is_asked_for(free):
+    """MergePlan.merge(scatter_free=True) adds merged rows without an index-add (TensorRT's parser refuses the
+    ScatterND it exports as); both forms give the loop reference's size-weighted average."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    metric, x, size = _random(2, 11, 4, 6, seed=3)
+    plan = merging.plan("tome", metric, 3)
+    Ops.seen = set()
+    with Ops():
+        xm, sm = plan.merge(x, size, scatter_free=free)
+    assert ("index_add" in Ops.seen) != free
+    for b in range(2):
+        ref_x, ref_s = _loop_weighted_merge(x[b], size[b, :, 0], torch.ones(11), plan.keep[b].tolist(),
+                                            plan.src[b].tolist(), plan.dst[b].tolist())
+        torch.testing.assert_close(xm[b], ref_x, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sm[b, :, 0], ref_s, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [9, 10, 17])
+def test_tome_match_flops_counts_the_score_matrix(n):
+    """match_flops = the FLOPs torch's FlopCounterMode sees in a tome plan (the A x B score MatMul), odd and even
+    token counts alike."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitmerge.merging.bipartite import match_flops
+
+    metric = torch.randn(1, n, 8)
+    with FlopCounterMode(display=False) as fc:
+        merging.plan("tome", metric, 2)
+    assert match_flops(n, 1, 8) == fc.get_total_flops() and isinstance(match_flops(n, 1, 8), int)
+    assert match_flops(n, 1, 8, r=3) == match_flops(n, 1, 8)  # r does not change the score matrix
