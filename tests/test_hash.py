@@ -18,10 +18,11 @@ from reference_tome import merge_rows
 # ---------------------------------------------------------------- independent float64 reference
 
 
-def reference_hash_groups(metric, r, protected, bits=16, rounds=2, seed=0):
+def reference_hash_groups(metric, r, protected, bits=16, rounds=2, seed=0, orders_only=False):
     """One image, written from the method's description with plain loops over float64 numbers.
 
-    Returns the output tokens in order, each a list of input indices (the first one stays)."""
+    Returns the output tokens in order, each a list of input indices (the first one stays); with
+    ``orders_only``, the hash orders (lists of token indices, one per round)."""
     N, C = metric.shape
     toks = list(range(protected, N))
     U = len(toks)
@@ -37,10 +38,13 @@ def reference_hash_groups(metric, r, protected, bits=16, rounds=2, seed=0):
         return value
 
     orders = [sorted(toks, key=lambda i: (gray_rank(i, k), i)) for k in range(rounds)]
+    if orders_only:
+        return orders
     pos0 = {t: n for n, t in enumerate(orders[0])}
 
     def cos(a, b):
-        return float(metric[a] @ metric[b]) / (float(metric[a].norm()) * float(metric[b].norm()))
+        na, nb = float(metric[a].norm()), float(metric[b].norm())
+        return float(metric[a] @ metric[b]) / (na * nb) if na * nb > 0 else 0.0  # a zero token: similar to nothing
 
     best = {}
     for i in toks:
@@ -212,7 +216,7 @@ def test_simhash_bits_disagree_in_proportion_to_the_angle():
         assert abs(differ - p) < 4 * math.sqrt(p * (1 - p) / n)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("r,sources", [(1, [1]), (2, [1, 3]), (3, [1, 3, 5])])
 def test_equal_scores_merge_the_lower_index_first(dtype, r, sources):
     """Documented tie-break: tokens whose best partner scores are equal merge away lower index first.
@@ -326,3 +330,208 @@ def test_export_verifies_in_onnx_runtime(tmp_path):
     assert any((f == proj).all() for f in found)
     ops = {n.op_type for n in proto.graph.node}
     assert "TopK" in ops and not ops & {"RandomNormal", "RandomNormalLike", "RandomUniform", "NonZero", "Loop"}
+
+
+# ---------------------------------------------------------------- gaps found by mutation testing
+
+
+def test_plan_is_built_on_the_metrics_device():
+    """Every tensor the plan creates follows the metric's device (on a GPU, a CPU-made index would fail
+    or force a copy). PyTorch's meta device runs the same code without data, and any tensor made on
+    the CPU instead makes an op fail there."""
+    hashing.projection(8, 16, 2, 0)  # a CPU projection in the cache must not be handed out for meta
+    for protected in (0, 1, 2):
+        metric = torch.randn(2, 30, 8, device="meta")
+        plan = hashing.hash_plan(metric, 10, protected=protected)
+        assert {plan.keep.device.type, plan.src.device.type, plan.dst.device.type} == {"meta"}
+        assert plan.keep.shape == (2, 20) and plan.src.shape == (2, 10)
+    assert hashing.projection(8, 16, 2, 0, device="meta").device.type == "meta"
+    assert hashing.hash_orders(torch.randn(1, 12, 8, device="meta"), 16, 2, 0).device.type == "meta"
+
+
+def test_projection_is_cached_and_ignores_the_default_dtype():
+    """One draw per (channels, bits, rounds, seed, device, dtype), reused; always drawn in float32, so a
+    user's ``torch.set_default_dtype(torch.float64)`` does not change the numbers (the exported file's
+    constant must equal what PyTorch uses)."""
+    hashing._PROJECTIONS.clear()
+    p = hashing.projection(16, 8, 3, 2)
+    assert hashing.projection(16, 8, 3, 2) is p
+    hashing._PROJECTIONS.clear()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        q = hashing.projection(16, 8, 3, 2)
+    finally:
+        torch.set_default_dtype(old)
+    hashing._PROJECTIONS.clear()
+    assert q.dtype == torch.float32 and torch.equal(q, p)
+
+
+@pytest.mark.parametrize("opts,message", [
+    (dict(bits=2.5), "hash option bits must be an integer, got 2.5"),
+    (dict(rounds="2"), "hash option rounds must be an integer, got '2'"),
+    (dict(seed=True), "hash option seed must be an integer, got True"),
+    (dict(bits=41), "hash option bits=41 is out of range: use 1 <= bits <= 40 (default 16); bits is the number of "
+                    "random-projection sign bits per hash round"),
+    (dict(rounds=0), "hash option rounds=0 is out of range: use rounds >= 1 (default 2); rounds is the number of "
+                     "independent hash orders whose neighbours are scored"),
+])
+def test_option_errors_say_which_option_and_why(opts, message):
+    with pytest.raises(ScheduleError) as e:
+        hashing.check_options(**opts)
+    assert str(e.value) == message
+
+
+def test_forty_bits_is_allowed():
+    metric, x, size = _random(1, 20, 8, 3, 0)
+    plan = merging.plan("hash", metric, 6, protected=1, bits=40, rounds=1)
+    _check_against(plan, x, size, [reference_hash_groups(metric[0], 6, 1, bits=40, rounds=1)])
+
+
+def test_defaults_protect_one_token_in_a_plan_and_none_in_the_orders():
+    metric, _, _ = _random(2, 25, 8, 3, 4)
+    orders = hashing.hash_orders(metric, 16, 2, 0)
+    assert orders.shape == (2, 2, 25)
+    assert torch.equal(orders, hashing.hash_orders(metric, 16, 2, 0, protected=0))
+    plan = hashing.hash_plan(metric, 8)
+    ref = hashing.hash_plan(metric, 8, protected=1)
+    assert torch.equal(plan.keep, ref.keep) and torch.equal(plan.src, ref.src) and torch.equal(plan.dst, ref.dst)
+    assert not torch.equal(plan.keep, hashing.hash_plan(metric, 8, protected=2).keep)
+
+
+def test_zero_tokens_and_tiny_norms():
+    """A zero token (padding, a dead feature) projects to exactly 0: its SimHash bits are 0 (the sign
+    test is strict) and its cosine with anything is 0. And the plan depends on directions only: scaling
+    tokens by positive powers of two (exact) down to 2^-30 changes nothing (norms are clamped only below
+    1e-12, where a token counts as zero)."""
+    B, N, C = 2, 24, 8
+    metric, x, size = _random(B, N, C, 4, 21)
+    metric[:, [3, 4, 10, 17]] = 0.0
+    orders = hashing.hash_orders(metric, 16, 2, 0, protected=1) + 1  # token indices
+    assert orders.tolist() == [reference_hash_groups(metric[b], 9, 1, orders_only=True) for b in range(B)]
+    plan = merging.plan("hash", metric, 9, protected=1)
+    _check_against(plan, x, size, [reference_hash_groups(metric[b], 9, 1) for b in range(B)])
+    scale = 2.0 ** -torch.randint(0, 30, (B, N, 1), generator=torch.Generator().manual_seed(2)).double()
+    small = merging.plan("hash", metric * scale, 9, protected=1)
+    assert torch.equal(small.assign, plan.assign)
+
+
+def test_long_sequence_merges_the_best_scored_tokens():
+    """At 3000 tokens (scores closer together than at 40), the r sources are exactly the tokens whose best
+    forward partner is most similar, recomputed here in float64 numpy from the hash orders (which
+    test_matches_loop_reference checks on short sequences)."""
+    import numpy as np
+
+    N, C, r, p = 3001, 8, 1400, 1
+    metric, _, _ = _random(1, N, C, 1, 5)
+    orders = hashing.hash_orders(metric, 16, 2, 0, protected=p)[0].numpy()  # [R, U]
+    U = N - p
+    unit = metric[0, p:].numpy()
+    unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
+    pos = np.argsort(orders, axis=1)  # pos[k, i]: where token i sits in order k
+    best = np.full(U, -np.inf)
+    for k, order in enumerate(orders):
+        for shift in ((1,) if k == 0 else (-1, 1)):
+            q = pos[k] + shift
+            ok = (q >= 0) & (q < U)
+            j = np.where(ok, order[np.clip(q, 0, U - 1)], 0)
+            ok &= pos[0, j] > pos[0]  # forward in round 0's order
+            best = np.maximum(best, np.where(ok, (unit * unit[j]).sum(1), -np.inf))
+    want = np.argsort(-best, kind="stable")[:r]
+    assert np.sort(best)[::-1][r - 1] - np.sort(best)[::-1][r] > 1e-9  # the cut is not a near-tie
+    plan = merging.plan("hash", metric, r, protected=p)
+    assert sorted(plan.src[0].tolist()) == sorted((want + p).tolist())
+
+
+def test_graph_friendly_ops():
+    """What the exported graph needs of the eager code, checked on the ops PyTorch runs: every sort key is
+    int64 (exact, no ties left to the runtime), every CumSum runs on floats (TensorRT's CumSum takes no
+    integers) and every scatter writes each position once (ONNX leaves the order of repeated writes
+    undefined, so a permutation is the only portable form)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append((func.overloadpacket.__name__, args))
+            return func(*args, **(kwargs or {}))
+
+    metric, _, _ = _random(3, 40, 8, 1, 8)
+    with Record():
+        merging.plan("hash", metric.float(), 25, protected=1, rounds=3)
+    names = [n for n, _ in seen]
+    assert "topk" in names and "cumsum" in names and "scatter" in names
+    for name, args in seen:
+        if name in ("topk", "sort"):
+            assert args[0].dtype == torch.long, name
+        if name == "cumsum":
+            assert args[0].dtype.is_floating_point
+        if name == "scatter":
+            index = args[2]
+            assert all(len(set(row)) == len(row) for row in index.tolist())
+
+
+@pytest.mark.parametrize("n,protected,C,bits,rounds", [(30, 1, 8, 4, 3), (17, 0, 12, 16, 2), (9, 2, 5, 1, 1)])
+def test_match_flops(n, protected, C, bits, rounds):
+    """The projection MatMul as torch's FlopCounterMode counts it, plus one C-long dot product (2 C FLOPs)
+    per neighbour pair in each of the ``rounds`` orders of the U = n - protected tokens, which the counter
+    does not see (a row-wise vecdot, not a matmul)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        merging.plan("hash", torch.randn(1, n, C), 3, protected=protected, bits=bits, rounds=rounds)
+    dots = 2 * C * rounds * (n - protected - 1)
+    got = hashing.match_flops(n, protected, C, r=3, bits=bits, rounds=rounds)
+    assert got == fc.get_total_flops() + dots and isinstance(got, int)
+    assert hashing.match_flops(n, protected, C, r=5, bits=bits, rounds=rounds) == got  # r does not matter
+    # one unprotected token: no neighbour pair, only the projection
+    assert hashing.match_flops(4, 3, C, bits=bits, rounds=rounds) == 2 * 4 * C * bits * rounds
+    assert hashing.match_flops(3, 3, C, bits=bits, rounds=rounds) == 2 * 3 * C * bits * rounds
+
+
+def _gathered_rows(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rows = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "index_select":
+                rows.append(args[2].numel())
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = fn()
+    return out, rows
+
+
+@pytest.mark.parametrize("B,U,C", [
+    (2, 683, 384),  # B * U - 2 is a multiple of the step (682): the last pair starts a block
+    (3, 1000, 384), (1, 129, 8192),  # a step of 64 rows (wide tokens): 2 blocks just above 2 steps
+    (1, 300_000, 1),  # C = 1: 2^18 rows per step
+    (2, 682, 384), (1, 40, 8),  # 2 steps or fewer: one gather
+])
+def test_neighbour_dots_blocks(B, U, C, monkeypatch):
+    """Eager CPU scoring gathers at most ``step + 1`` rows at a time, step = max(64, 2^18 // C) (1 MiB of
+    float32), as soon as B * U exceeds 2 steps; below that, or while a graph is traced, one gather of all
+    B * U rows. The numbers are the same either way (a float64 reference)."""
+    g = torch.Generator().manual_seed(B + U)
+    x = torch.randn(B, U + 1, C, generator=g)
+    order = torch.stack([torch.randperm(U, generator=g) for _ in range(B)])
+    step = max(64, (1 << 18) // C)
+    got, rows = _gathered_rows(lambda: hashing._neighbour_dots(x, order, offset=1))
+    if B * U > 2 * step:
+        assert len(rows) == math.ceil((B * U - 1) / step) and max(rows) == step + 1
+        assert sum(rows) == B * U + len(rows) - 1  # blocks overlap by the one row they share
+    else:
+        assert rows == [B * U]
+    if U < 10_000:
+        xs = x[:, 1:].double().gather(1, order[..., None].expand(-1, -1, C))
+        torch.testing.assert_close(got.double(), (xs[:, :-1] * xs[:, 1:]).sum(-1), rtol=1e-5, atol=1e-4)
+    else:  # C = 1: products of neighbours
+        xs = x[:, 1:, 0].double().gather(1, order)
+        torch.testing.assert_close(got.double(), xs[:, :-1] * xs[:, 1:], rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(hashing, "tracing", lambda: True)
+    traced, rows = _gathered_rows(lambda: hashing._neighbour_dots(x, order, offset=1))
+    assert rows == [B * U] and torch.equal(traced, got)
