@@ -382,3 +382,216 @@ def test_export_matches_onnx_runtime_on_flat_regions(tmp_path):
     proto = onnx.load(str(tmp_path / "vwt.onnx"))
     scopes = {p.value for n in proto.graph.node for p in n.metadata_props if p.key == "namespace"}
     assert any("vwt_merge" in s for s in scopes)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing
+
+
+def _lloyd_fixed_point(x, cent):
+    """Each centroid is the normalised mean of the unit rows nearest to it (the spherical k-means
+    fixed point), checked in float64."""
+    u = F.normalize(x.double(), dim=-1)
+    lab = (u @ cent.double().T).argmax(-1)
+    for c in range(cent.shape[0]):
+        members = u[lab == c]
+        assert len(members), f"word {c} serves no point"
+        torch.testing.assert_close(cent[c].double(), F.normalize(members.sum(0), dim=0), rtol=0, atol=1e-5)
+
+
+def test_spherical_kmeans_converges_to_a_fixed_point_and_reports_progress():
+    g = torch.Generator().manual_seed(3)
+    centres = F.normalize(torch.randn(6, 12, generator=g), dim=-1)
+    pts = (centres.repeat_interleave(50, 0) + 0.3 * torch.randn(300, 12, generator=g)) * 7.0  # not unit norm
+    calls = []
+    cent = spherical_kmeans(pts, 6, iters=100, progress=calls.append)
+    torch.testing.assert_close(cent.norm(dim=-1), torch.ones(6))
+    _lloyd_fixed_point(pts, cent)
+    assert 2 <= len(calls) < 100 and calls == list(range(len(calls)))  # stops once nothing moves
+    assert torch.equal(spherical_kmeans(pts, 6), spherical_kmeans(pts, 6, seed=0))  # the default seed is 0
+    # hard data (uniform on the sphere, 64 words) is still moving after 30 iterations: the default stops there
+    x = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
+    calls = []
+    spherical_kmeans(x, 64, progress=calls.append)
+    assert calls == list(range(30))
+
+
+def test_spherical_kmeans_plusplus_seeding():
+    """With no Lloyd iteration the result is the k-means++ seeds: after the first seed, the next is drawn
+    with probability proportional to 1 - cosine to the nearest seed. 500 copies of one direction and a
+    single point at cosine 0.5 (distance 0.5, the only positive one once a copy is the first seed): the
+    two seeds are the two directions, whichever comes first."""
+    a = torch.tensor([1.0, 0.0, 0.0])
+    b = torch.tensor([0.5, 0.75 ** 0.5, 0.0])
+    pts = torch.cat([a.expand(500, 3), b[None]])
+    for seed in range(5):
+        seeds = spherical_kmeans(pts, 2, iters=0, seed=seed)
+        cos = seeds @ torch.stack([a, b]).T
+        assert sorted(cos.argmax(-1).tolist()) == [0, 1] and (cos.max(-1).values > 1 - 1e-6).all()
+
+
+def test_spherical_kmeans_degenerate_data():
+    """As many points as words: each point is a word. All points identical: every distance is 0, so the
+    seeding draws uniformly, and emptied words are re-seeded with a point (never a zero vector)."""
+    g = torch.Generator().manual_seed(1)
+    pts = torch.randn(5, 8, generator=g)
+    cent = spherical_kmeans(pts, 5)
+    assert sorted((cent @ F.normalize(pts, dim=-1).T).argmax(-1).tolist()) == [0, 1, 2, 3, 4]
+    same = torch.randn(8, generator=g).expand(10, 8)
+    cent = spherical_kmeans(same, 3)
+    torch.testing.assert_close(cent, F.normalize(same[:3], dim=-1))
+    # two directions and three words: one word empties in the first iteration and is re-seeded
+    two = torch.cat([torch.eye(4)[0].expand(6, 4), torch.eye(4)[1].expand(6, 4)])
+    cent = spherical_kmeans(two, 3, seed=2)
+    torch.testing.assert_close(cent.norm(dim=-1), torch.ones(3))
+    assert ((cent @ torch.eye(4)[:2].T).max(0).values > 1 - 1e-6).all()
+
+
+def test_intra_rank_is_per_image():
+    """The variance ranking of one image does not depend on the others in the batch, nor on its scale:
+    a dim copy (x 0.01, variances 1e-4 of the original, all below 1) merges the same patches."""
+    g = torch.Generator().manual_seed(6)
+    feats = torch.randn(1, 16, 48, generator=g) * (torch.arange(16) + 1.0)[torch.randperm(16, generator=g)][:, None]
+    plan = vwt_plan(torch.cat([feats, 0.01 * feats]), 7, 1, mode="intra")
+    want = sorted((1 + feats[0].double().var(-1).argsort()[:7]).tolist())
+    assert sorted(plan.src[0].tolist()) == want and sorted(plan.src[1].tolist()) == want
+
+
+def signed_patterns(shape, dim, gen, scales=(1.0,)):
+    """Random +-1 patterns [*shape, dim] times a scale from ``scales``: cosines of two are multiples of
+    2 / dim (exact), and negative ones occur (embedding-space features)."""
+    x = torch.randint(0, 2, (*shape, dim), generator=gen).float() * 2 - 1
+    pick = torch.randint(len(scales), (*shape, 1), generator=gen)
+    return x * torch.tensor(scales)[pick]
+
+
+@pytest.mark.parametrize("P,r,protected,words,thresh,cdtype", [
+    (20, 8, 1, 40, None, torch.float32),  # more words than feature channels (16)
+    (20, 12, 1, 40, 0.5, torch.float32),  # a threshold that leaves some patches unmatched, hit exactly (1 - 0.5)
+    (24, 10, 2, 6, 0.75, torch.float64),  # a float64 vocabulary with float32 patches
+    (12, 11, 1, 1, None, torch.float32),  # one word: patches opposite to it (cosine -1) still go before its leader
+])
+def test_inter_grouping_signed_features(P, r, protected, words, thresh, cdtype):
+    g = torch.Generator().manual_seed(P * words + r)
+    cent = signed_patterns((words,), 16, g) / 4  # unit norm
+    feats = signed_patterns((3, P), 16, g, scales=(1.0, 2.0, 0.5))
+    feats[:, ::3] = cent[torch.randint(words, (3, len(range(0, P, 3))), generator=g)] * 2  # exact word matches
+    feats[:, 1::4] = -feats[:, 1::4]  # and opposites
+    cent = cent.to(cdtype)
+    plan = vwt_plan(feats, r, protected, mode="inter", centroids=cent, thresh=thresh)
+    check_plan(plan, feats, r, protected, "inter", cent, thresh)
+    if thresh is not None:  # the threshold changed something here
+        assert plan.keep.tolist() != vwt_plan(feats, r, protected, mode="inter", centroids=cent).keep.tolist()
+
+
+@pytest.mark.parametrize("r", [0, -3])
+def test_nothing_to_remove_is_the_identity_plan(r):
+    feats = torch.randn(2, 9, 12)
+    for plan in (vwt_plan(feats, r, 2, mode="intra"), vwt_plan(feats, r, 2, mode="inter", centroids=F.normalize(feats[0, :4]))):
+        assert plan.identity and plan.n_out == 11 and torch.equal(plan.keep, torch.arange(11).expand(2, 11))
+        x = torch.randn(2, 11, 3)
+        assert torch.equal(plan.merge(x)[0], x)
+    one = vwt_plan(feats, 1, 2, mode="intra")  # r = 1 removes one patch
+    assert not one.identity and one.n_out == 10 and one.src.shape == (2, 1)
+
+
+def test_destination_steps_keep_keys_exact():
+    """The destination key q * n_keep + position must stay an exact float32 integer (below 2^24), with q at
+    most (2 + bonus) * steps: steps is the largest count up to 512 for which that holds (at least 1)."""
+    from vitmerge.merging.vwt import SAME_WORD_BONUS, dst_levels
+
+    top = 2 + int(SAME_WORD_BONUS)
+    for n in [1, 2, 7, 100, *range(5440, 5700), 10_000, 65_536, 1 << 20, 2_000_000, 1 << 23]:  # 512 steps up to ~5460
+        want = max([s for s in range(1, 513) if (top * s + 1) * n <= 2 ** 24] or [1])
+        got = dst_levels(n)
+        assert got == want and isinstance(got, int), n
+
+
+@pytest.mark.parametrize("opts,message", [
+    (dict(mode="words"), "unknown vwt mode 'words'; use one of inter, intra"),
+    (dict(space="patches"), "unknown vwt space 'patches'; use one of pixels, embeddings"),
+    (dict(thresh=2.5), "thresh is a cosine distance in [0, 2], got 2.5"),
+    (dict(thresh=-0.1), "thresh is a cosine distance in [0, 2], got -0.1"),
+    (dict(thresh=True), "thresh is a cosine distance in [0, 2], got True"),
+    (dict(thresh="0.5"), "thresh is a cosine distance in [0, 2], got '0.5'"),
+])
+def test_option_errors(opts, message):
+    from vitmerge.merging.vwt import check_options
+
+    with pytest.raises(ScheduleError) as e:
+        check_options(**opts)
+    assert str(e.value) == message
+
+
+def test_valid_options_pass():
+    from vitmerge.merging.vwt import check_options
+
+    for opts in (dict(), dict(mode="intra"), dict(space="pixels"), dict(space="embeddings"), dict(thresh=0),
+                 dict(thresh=2), dict(thresh=0.3), dict(space=None, thresh=None)):
+        check_options(**opts)
+
+
+def test_plan_errors_and_defaults():
+    g = torch.Generator().manual_seed(12)
+    feats = torch.randn(2, 10, 6, generator=g)
+    cent = F.normalize(torch.randn(4, 6, generator=g), dim=-1)
+    with pytest.raises(ScheduleError) as e:
+        vwt_plan(feats, 3)
+    assert str(e.value) == "vwt mode 'inter' needs a vocabulary (centroids); build one with `vitmerge vocab build`"
+    with pytest.raises(ScheduleError) as e:
+        vwt_plan(feats, 3, centroids=torch.randn(4, 7))
+    assert str(e.value) == "vocabulary words have 7 features but the patches have 6"
+    with pytest.raises(ScheduleError) as e:
+        vwt_plan(feats, 3, mode="words")
+    assert str(e.value) == "unknown vwt mode 'words'; use one of inter, intra"
+    # defaults: mode inter, one protected token
+    plan = vwt_plan(feats, 3, centroids=cent)
+    ref = vwt_plan(feats, 3, 1, mode="inter", centroids=cent)
+    assert torch.equal(plan.keep, ref.keep) and torch.equal(plan.src, ref.src) and torch.equal(plan.dst, ref.dst)
+    assert plan.n_out == 8 and plan.keep[:, 0].tolist() == [0, 0]
+
+
+def test_intra_ranks_by_the_pixels_it_is_given():
+    """intra: the variance comes from ``pixels`` when given (the features only choose destinations)."""
+    g = torch.Generator().manual_seed(13)
+    feats = torch.randn(1, 12, 8, generator=g)
+    pixels = torch.randn(1, 12, 48, generator=g) * torch.linspace(3.0, 0.5, 12)[:, None]  # variance falls with index
+    plan = vwt_plan(feats, 4, 1, mode="intra", pixels=pixels)
+    assert sorted(plan.src[0].tolist()) == sorted(1 + j for j in pixels[0].var(-1).argsort()[:4].tolist()) == [9, 10, 11, 12]
+
+
+def test_max_r():
+    from vitmerge.merging.vwt import max_r
+
+    assert [max_r(n, 1) for n in (0, 1, 2, 3, 17)] == [0, 0, 0, 1, 15]
+    assert max_r(5, 0) == 4
+
+
+def test_score_steps_keep_ranks_exact():
+    """A rank (tier, quantised score, index) over 2 tiers is exact in float32 when (2 L + 2) P <= 2^24 for
+    L steps. levels is one step below the largest such L, at most 1024, and at least 8 (else an error that
+    names the largest patch count that works)."""
+    from vitmerge.merging.vwt import quant_levels
+
+    def largest(P):
+        lo, hi = 0, 2 ** 24
+        while lo < hi:  # binary search for the largest L with exact ranks
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if (2 * mid + 2) * P <= 2 ** 24 else (lo, mid - 1)
+        return lo
+
+    for P in [1, 16, 196, 1000, 4096, 8190, 8191, 8192, 8193, 20_000, 100_003, 838_860]:
+        got = quant_levels(P)
+        assert got == min(1024, largest(P) - 1) and isinstance(got, int), P
+    assert quant_levels(838_860) == 8
+    with pytest.raises(ScheduleError) as e:
+        quant_levels(838_861)
+    assert str(e.value) == "vwt supports at most 838860 patches per image, got 838861"
+
+
+def test_plan_is_built_on_the_features_device():
+    """Every tensor the plan creates follows the features' device (checked on PyTorch's meta device)."""
+    feats = torch.randn(2, 16, 12, device="meta")
+    cent = torch.randn(5, 12, device="meta")
+    for plan in (vwt_plan(feats, 6, 2, mode="inter", centroids=cent, thresh=0.5), vwt_plan(feats, 6, 2, mode="intra"),
+                 vwt_plan(feats, 0, 2, mode="intra")):
+        assert {plan.keep.device.type, plan.src.device.type, plan.dst.device.type} == {"meta"}
