@@ -6,6 +6,7 @@
   sequences: :func:`vitmerge.merging.topk.topk` sorts long rows in chunks, exactly.
 """
 import math
+import warnings
 
 import numpy as np
 import onnx
@@ -452,3 +453,99 @@ def test_build_refuses_scatter_add_with_the_way_out(tmp_path):
     with pytest.raises(EngineBuildError, match="ScatterND.*--merge-op native"):
         validate(BuildRequest(onnx_path=std, output=tmp_path / "m.engine"))
     assert not (tmp_path / "m.engine").exists()
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing
+
+
+def _ops(fn):
+    """(op name, input shapes) of every aten op fn runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append((func.overloadpacket.__name__, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = fn()
+    return out, seen
+
+
+def test_sort_positions_defaults_and_chunk_sizes():
+    """Defaults: descending, keys may tie (ties to the lower index). Distinct keys are sorted in chunks of
+    CHUNK (2048) by one TopK over [B, chunks, 2048]; keys that may tie in chunks of CHUNK_TIES (512) by
+    pairwise counting ([.., 512, 512] comparisons, no TopK). A row no longer than a chunk is one chunk."""
+    g = torch.Generator().manual_seed(4)
+    tied = torch.randint(0, 5, (2, 700), generator=g)
+    pos = sort_positions(tied)
+    order = torch.empty_like(pos).scatter(1, pos, torch.arange(700).expand_as(pos))
+    assert (order.numpy() == reference_order(tied.numpy(), largest=True)).all()
+
+    distinct = torch.stack([torch.randperm(5000, generator=g)[:3000] for _ in range(2)])
+    _, ops = _ops(lambda: sort_positions(distinct, unique=True))
+    assert [s for n, s in ops if n == "topk"] == [[(2, 2, 2048)]]
+    _, ops = _ops(lambda: sort_positions(distinct[:, :1000], unique=True))
+    assert [s for n, s in ops if n == "topk"] == [[(2, 1, 2048)]]
+    _, ops = _ops(lambda: sort_positions(tied))
+    assert not [n for n, _ in ops if n == "topk"]
+    compares = [s for n, s in ops if n in ("gt", "lt") and len(s) == 2 and len(s[0]) == 4]
+    assert compares and all(max(s[0][-2:] + s[1][-2:]) == 512 for s in compares)
+    assert any(s[0][1] == 2 or s[1][1] == 2 for s in compares)  # 700 keys: 2 chunks of 512
+
+
+def test_sort_positions_on_the_keys_device():
+    key = torch.randint(0, 9, (2, 3000), device="meta")
+    for unique in (True, False):
+        assert sort_positions(key, unique=unique).device.type == "meta"
+
+
+def test_tracing_is_seen_by_every_tracer():
+    """tracing() is True under torch.jit.trace (as under export, compile and the ONNX exporter) and False
+    in eager code."""
+    seen = []
+
+    def f(x):
+        seen.append(topk_mod.tracing())
+        return x + 1
+
+    f(torch.zeros(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated, still used by tools
+        torch.jit.trace(f, torch.zeros(2))
+    assert seen[0] is False and seen[1] is True
+
+
+def test_each_length_takes_its_path(monkeypatch):
+    """Up to TOPK_LIMIT keys: the one TopK. Longer: chunked TopKs (no Sort) while a graph is traced or
+    when asked, one stable Sort (no TopK) in eager code or when asked not to chunk."""
+    g = torch.Generator().manual_seed(5)
+    at_limit = torch.randn(2, TOPK_LIMIT, generator=g)
+    for chunked in (True, False, None):
+        _, ops = _ops(lambda: topk(at_limit, 7, chunked=chunked))
+        assert [(n, s) for n, s in ops if n in ("topk", "sort")] == [("topk", [(2, TOPK_LIMIT)])]
+    long = torch.stack([torch.randperm(TOPK_LIMIT + 10, generator=g) for _ in range(2)])
+
+    def paths(**kw):
+        _, ops = _ops(lambda: topk(long, 9, unique=True, **kw))
+        return {n for n, _ in ops if n in ("topk", "sort")}
+
+    assert paths(chunked=True) == {"topk"} and paths(chunked=False) == {"sort"} and paths() == {"sort"}
+    monkeypatch.setattr(topk_mod, "tracing", lambda: True)
+    assert paths() == {"topk"} and paths(chunked=False) == {"sort"}
+
+
+def test_tracing_under_compile_and_export():
+    seen = []
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            seen.append(topk_mod.tracing())
+            return x + 1
+
+    torch.export.export(M(), (torch.zeros(2),))
+    torch.compile(M(), backend="eager", fullgraph=True)(torch.zeros(2))
+    M()(torch.zeros(2))
+    assert seen == [True, True, False]
