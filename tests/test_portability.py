@@ -500,6 +500,8 @@ def test_sort_positions_on_the_keys_device():
     key = torch.randint(0, 9, (2, 3000), device="meta")
     for unique in (True, False):
         assert sort_positions(key, unique=unique).device.type == "meta"
+        out = topk(key.float(), 5, unique=unique, chunked=True)
+        assert out.indices.device.type == "meta" and out.values.device.type == "meta"
 
 
 def test_tracing_is_seen_by_every_tracer():
