@@ -83,7 +83,7 @@ def importance_forward(model, images, rs, prop_attn=True):
 
 # ------------------------------------------------------------------ plan level
 
-@pytest.mark.parametrize("N,r,protected", [(17, 5, 1), (26, 20, 2), (10, 8, 1), (9, 3, 0)])
+@pytest.mark.parametrize("N,r,protected", [(17, 5, 1), (26, 20, 2), (10, 8, 1), (9, 3, 0), (11, 1, 1)])
 def test_plan_matches_loop_reference(N, r, protected):
     g = torch.Generator().manual_seed(N * 31 + r)
     B, C, D = 3, 8, 5

@@ -438,6 +438,8 @@ def test_latency_table_interpolation():
         assert f(n) == pytest.approx(1.2 * n / 20, rel=1e-12)
     for n in (198, 250):
         assert f(n) == pytest.approx(9.0 + (9.0 - 4.0) * (n - 197) / 97, rel=1e-12)
+    three = _interpolator({10: 1.0, 20: 3.0, 40: 4.0})  # the last segment, whatever the number of points
+    assert [three(n) for n in (40, 60, 80)] == pytest.approx([4.0, 5.0, 6.0], rel=1e-12)
     one = _interpolator({10: 2.0})
     assert [one(n) for n in (5, 10, 30)] == pytest.approx([1.0, 2.0, 6.0], rel=1e-12)
     assert _interpolator(lambda n: n * 2)(3) == 6.0 and type(_interpolator(lambda n: 6)(3)) is float
