@@ -214,12 +214,16 @@ def test_bad_arguments_full_messages():
 
 
 def test_plan_protects_the_class_token_by_default():
-    """protected defaults to 1 (the class token): tokens may merge into token 1 (B's first), never into token 0."""
+    """protected defaults to 1 (the class token), in merging.plan and in the method's own function: tokens may
+    merge into token 1 (B's first), never into token 0."""
+    from vitmerge.merging.bipartite import bipartite_plan
+
     g = torch.Generator().manual_seed(0)
     moved = 0
     for _ in range(20):
         metric = torch.randn(1, 9, 4, generator=g)
         p = merging.plan("tome", metric, 4)
+        assert torch.equal(bipartite_plan(metric, 4).keep, p.keep) and torch.equal(bipartite_plan(metric, 4).dst, p.dst)
         assert torch.equal(p.keep, merging.plan("tome", metric, 4, protected=1).keep)
         assert 0 not in p.src.tolist()[0] and p.keep[0, 0] == 0
         a = p.assign[0]
