@@ -272,6 +272,10 @@ def test_batch_scatter_add_both_forms_against_a_loop():
     assert "index_add" not in ops.seen
     meta = batch_scatter_add(out.to("meta"), idx.to("meta"), rows.to("meta"), scatter_free=True)
     assert meta.device.type == "meta" and tuple(meta.shape) == (2, 5, 3)
+    plan = merging.plan("tome", torch.randn(2, 9, 4, generator=g), 3)  # and MergePlan.merge's default
+    with Ops() as ops:
+        plan.merge(torch.randn(2, 9, 3, generator=g))
+    assert "index_add" in ops.seen and "bmm" not in ops.seen
 
 
 @pytest.mark.parametrize("free", [False, True])
