@@ -31,6 +31,8 @@ MODELS = {
     "p2": (dict(img_size=64, depth=3, reg_tokens=1), [4, 3, 0]),
     # no class token (global average pool): nothing protected
     "p0": (dict(img_size=48, depth=2, class_token=False, global_pool="avg"), [2, 2]),
+    # the common case: one class token (A's first token protected, nothing in B)
+    "p1": (dict(img_size=48, depth=2), [3, 2]),
     "r0": (dict(img_size=32, depth=2), 0),
 }
 
@@ -92,7 +94,7 @@ def test_no_merge_steps_at_r0(exported, tmp_path):
         assert (tmp_path / f"{form}.onnx").read_bytes() == path.read_bytes()  # passed through unchanged
 
 
-@pytest.mark.parametrize("key", ["p2", "p0"])
+@pytest.mark.parametrize("key", ["p2", "p1", "p0"])
 @pytest.mark.parametrize("form", ["native", "plugin"])
 def test_rewritten_graph_matches_original(exported, tmp_path, key, form):
     model, path = exported[key]
@@ -238,3 +240,21 @@ def test_check_command(exported, tmp_path):
     assert res.exit_code == 2 and "no ONNX file" in res.output
     res = runner.invoke(app, ["check", str(path), str(exported["r0"][1])])
     assert res.exit_code == 2 and "different inputs" in res.output
+
+
+def test_standard_copy_takes_external_weights_along(exported, tmp_path):
+    """A file whose weights sit in an external-data file is copied with its weights (here small enough
+    to go inline), not as a graph that points at a file left behind."""
+    model, path = exported["r0"]
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    src = src_dir / "ext.onnx"
+    onnx.save(onnx.load(str(path)), str(src), save_as_external_data=True, location="ext.onnx.data")
+    assert (src_dir / "ext.onnx.data").exists()
+    out = tmp_path / "copy.onnx"
+    res = rewrite(src, out, "standard")
+    assert res.merges == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx", "src"]
+    x = _images(model, 2).numpy()
+    want = ort_session(src).run(None, {"images": x})[0]
+    (src_dir / "ext.onnx.data").unlink()  # the copy must not need it
+    np.testing.assert_array_equal(ort_session(out).run(None, {"images": x})[0], want)
