@@ -557,3 +557,87 @@ def test_merge_cost_defaults_and_options():
     extra = sum(2 * n_in * 16 * (6 - 4) * 3 for n_in, e, _ in rows if e)  # head_dim 16, 3 rounds
     assert schedule_flops(m, [4, 4], "hash", bits=6, rounds=3) - schedule_flops(m, [4, 4], "hash", bits=4,
                                                                                   rounds=3) == extra
+
+
+def _reference_solve(L, N, p, eff, cost, fraction):
+    """The solver as its docstring describes it, written plainly: the smallest constant r that fits by a
+    linear scan, then passes from the last block to the first, each giving one token back in a block
+    wherever the budget still holds, until a pass changes nothing."""
+    def run(rs):
+        rows = token_counts(N, rs, p, eff)
+        return [e for _, e, _ in rows], cost(rows)
+
+    base = run([0] * L)[1]
+    budget = fraction * base * (1 + 1e-12)
+    if base <= budget:
+        return [0] * L
+    r = next(r for r in range(N + 1) if run([r] * L)[1] <= budget)
+    rs = run([r] * L)[0]
+    while True:
+        before = list(rs)
+        for i in range(L - 1, -1, -1):
+            if rs[i] > 0:
+                trial = rs[:i] + [rs[i] - 1] + rs[i + 1:]
+                eff_trial, c = run(trial)
+                if c <= budget:
+                    rs = eff_trial
+        if rs == before:
+            return rs
+
+
+def test_solver_against_a_plain_reference():
+    """Random block counts, token counts, protected tokens, methods (their own r limits) and costs (tokens
+    in and out, attention-like quadratic term): the solver returns what the plain reference does."""
+    import random
+
+    from vitmerge import merging
+
+    rng = random.Random(0)
+    checked = 0
+    while checked < 150:
+        method = rng.choice(["tome", "hash", "importance"])
+        L, N, p = rng.randint(1, 7), rng.randint(3, 80), rng.randint(0, 2)
+        a, b = rng.random(), rng.random()
+
+        def cost(rows, a=a, b=b):
+            return sum(a * t_in + b * t_out + 0.001 * t_in * t_in for t_in, _, t_out in rows)
+
+        def eff(n, r, pr, m=method):
+            return merging.effective_r(m, n, r, pr)
+
+        f = rng.uniform(0.05, 1.0)
+        cap = eff(N, N, p)
+        if cost(token_counts(N, [cap] * L, p, eff)) > f * cost(token_counts(N, [0] * L, p, eff)):
+            continue  # unreachable: test_budget_errors covers the message
+        assert solve(L, N, p, eff, cost, f, "test", method) == _reference_solve(L, N, p, eff, cost, f), (method, L, N, p, f)
+        checked += 1
+
+
+def test_parse_r_forms_and_messages():
+    """Only a 2-tuple whose second item is a float is (r, inflection); other tuples and lists are one r per
+    block, whatever their items' types."""
+    assert parse_r(4, (4, 0.0)) == [4, 4, 4, 4]  # inflection 0: constant (not the default -1)
+    assert parse_r(4, (4, -1.0)) == decreasing(4, 4, -1.0) == [8, 5, 2, 0]
+    assert parse_r(2, [4, 2.0]) == [4, 2]
+    assert parse_r(2, (4, 1)) == [4, 1] and parse_r(3, (3, 2, 1)) == [3, 2, 1]
+    for bad, message in ((True, "r must be an int, a list of ints or an (r, inflection) tuple, not bool"),
+                         ([2, -1], "every r must be >= 0, got [2, -1]"), (-2, "r must be >= 0, got -2")):
+        with pytest.raises(ScheduleError) as e:
+            parse_r(2, bad)
+        assert str(e.value) == message
+
+
+def test_budget_fraction_messages():
+    def cap(n, r, p):
+        return max(0, min(r, n - p - 1))
+
+    def cost(rows):
+        return sum(n_out for _, _, n_out in rows)
+
+    with pytest.raises(ScheduleError) as e:
+        solve(4, 100, 1, cap, cost, 1.5, "FLOP", "tome")
+    assert str(e.value) == ("the FLOP budget must be a fraction of the unmerged model in (0, 1], got 1.5 "
+                            "(e.g. 0.5 for half the cost)")
+    with pytest.raises(ScheduleError) as e:
+        solve(4, 100, 1, cap, cost, "half", "latency", "tome")
+    assert str(e.value) == "the latency budget must be a number in (0, 1], got 'half'"
