@@ -258,3 +258,20 @@ def test_standard_copy_takes_external_weights_along(exported, tmp_path):
     want = ort_session(src).run(None, {"images": x})[0]
     (src_dir / "ext.onnx.data").unlink()  # the copy must not need it
     np.testing.assert_array_equal(ort_session(out).run(None, {"images": x})[0], want)
+
+
+def test_merging_file_without_steps_is_refused_with_its_method(exported, tmp_path):
+    """A file whose metadata says it merges (r > 0) but whose merge steps cannot be found (an optimiser or
+    another tool dropped the node scopes) is refused, naming the method; nothing is written."""
+    _, path = exported["p2"]
+    proto = onnx.load(str(path))
+    for n in proto.graph.node:
+        del n.metadata_props[:]
+    stripped = tmp_path / "stripped.onnx"
+    onnx.save(proto, str(stripped))
+    out = tmp_path / "native.onnx"
+    with pytest.raises(SurgeryError) as e:
+        rewrite(stripped, out, "native")
+    assert str(e.value) == (f"{stripped} merges tokens (method tome) but has no blocks.N.token_merge steps to rewrite: "
+                            "the native form does not exist for this method; use the standard form")
+    assert not out.exists()
