@@ -300,7 +300,8 @@ def test_constant_r_for_budget_is_the_smallest_r_that_fits(method, options, sing
     n = None if single else 2
     # 1.0: evo's r = 0 still computes the class attention it tracks (a little over 1.0), so it takes r = 1;
     # fr[3] exactly: "at most" the budget; below the least fraction any accepted r gives: a clear error
-    for f in ((1.0,) if method == "evo" else ()) + (fr[3], 0.9 * min(fr.values())):
+    # and the fraction of the largest accepted r exactly: reachable, so no error
+    for f in ((1.0,) if method == "evo" else ()) + (fr[3], fr[max(fr)], 0.9 * min(fr.values())):
         want = smallest_r(fr, f, n)
         if want is None:
             with pytest.raises(ScheduleError, match=f"{method}: a FLOP budget of {f} cannot be met with one r "
