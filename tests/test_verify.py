@@ -667,3 +667,31 @@ def test_verify_orders_the_decisions_of_twelve_merge_steps_numerically(tmp_path)
     assert len([o for o in onnx.load(str(path)).graph.output if o.name.startswith("merge_decisions.")]) == 12
     rep = verify(model, path, batch_sizes=(1,))
     assert rep.ok and rep.decisions_identical == 1.0
+
+
+def test_batch_check_one_sided_decisions_and_empty_outputs():
+    """Decisions are compared only when both sides give them; an output with no elements (a detector that
+    found nothing) compares as equal with the bare atol as its tolerance."""
+    g = np.random.default_rng(3)
+    ref = g.standard_normal((3, 10)).astype(np.float32)
+    out = ref + np.float32(1e-3)
+    plain = batch_check(3, ref, out, atol=0.01, rtol=0.0)
+    dec = [np.arange(12).reshape(3, 4)]
+    for kw in (dict(ref_decisions=dec), dict(out_decisions=dec)):
+        one = batch_check(3, ref, out, atol=0.01, rtol=0.0, **kw)
+        assert one.ok and one.decisions_identical == plain.decisions_identical and one.images_compared == 3
+    empty = np.zeros((3, 0, 4), dtype=np.float32)
+    res = batch_check(3, ref, out, atol=0.01, rtol=0.5, extra={"boxes": (empty, empty)})
+    assert res.ok and res.outputs["boxes"] == (0.0, 0.01)
+
+
+def test_torch_outputs_of_a_model_vitmerge_never_patched():
+    from vitmerge.exporter.verify import _torch_outputs
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # as verify() calls it
+        outs, dec = _torch_outputs(model, x, with_decisions=False)
+        assert dec is None and len(outs) == 1
+        np.testing.assert_array_equal(next(iter(outs.values())), model(x).numpy())
