@@ -275,3 +275,22 @@ def test_merging_file_without_steps_is_refused_with_its_method(exported, tmp_pat
     assert str(e.value) == (f"{stripped} merges tokens (method tome) but has no blocks.N.token_merge steps to rewrite: "
                             "the native form does not exist for this method; use the standard form")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("form", ["native", "plugin"])
+def test_file_without_method_metadata_is_refused(exported, tmp_path, form):
+    """The rewritten forms need the method and protected count from the file's metadata: without them, a
+    clear refusal that names the form and the missing keys, and nothing is written."""
+    _, path = exported["p2"]
+    proto = onnx.load(str(path))
+    keep = [p for p in proto.metadata_props if p.key not in ("vitmerge.method", "vitmerge.protected")]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    out = tmp_path / f"{form}.onnx"
+    with pytest.raises(SurgeryError) as e:
+        rewrite(bare, out, form)
+    assert str(e.value) == (f"the {form} form needs the merge method and protected-token count, which this file's "
+                            "metadata lacks (keys vitmerge.method, vitmerge.protected): export it with `vitmerge export`")
+    assert not out.exists()
