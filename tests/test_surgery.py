@@ -101,7 +101,7 @@ def test_rewritten_graph_matches_original(exported, tmp_path, key, form):
     out = tmp_path / f"{form}.onnx"
     res = rewrite(path, out, form)
     n_merges = sum(1 for t in model.vitmerge.tokens if t[1] > 0)
-    assert res.merges == n_merges
+    assert res.merges == n_merges and res.form == form and res.path == out
     onnx.checker.check_model(str(out), full_check=True)
     proto = onnx.load(str(out))
     ops = [n.op_type for n in proto.graph.node]
@@ -294,3 +294,17 @@ def test_file_without_method_metadata_is_refused(exported, tmp_path, form):
     assert str(e.value) == (f"the {form} form needs the merge method and protected-token count, which this file's "
                             "metadata lacks (keys vitmerge.method, vitmerge.protected): export it with `vitmerge export`")
     assert not out.exists()
+
+
+def test_rewrite_runs_the_checker_by_default(exported, tmp_path, monkeypatch):
+    _, path = exported["p2"]
+
+    def reject(*a, **k):
+        raise onnx.checker.ValidationError("stand-in finding")
+
+    monkeypatch.setattr(onnx.checker, "check_model", reject)
+    out = tmp_path / "native.onnx"
+    with pytest.raises(SurgeryError, match="fails the ONNX checker: stand-in finding"):
+        rewrite(path, out, "native")
+    assert not out.exists()
+    assert rewrite(path, out, "native", check=False).merges == 2  # check=False skips it
