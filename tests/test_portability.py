@@ -23,6 +23,8 @@ from vitmerge.merging import topk as topk_mod
 from vitmerge.merging.base import MergePlan, identity_plan
 from vitmerge.merging.topk import TOPK_LIMIT, sort_positions, topk
 
+from aten_ops import record_ops
+
 
 # ------------------------------------------------------------------ independent references
 
@@ -459,19 +461,9 @@ def test_build_refuses_scatter_add_with_the_way_out(tmp_path):
 
 
 def _ops(fn):
-    """(op name, input shapes) of every aten op fn runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append((func.overloadpacket.__name__, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        out = fn()
-    return out, seen
+    """fn's result and (op name, input shapes) of every aten op it runs."""
+    out, ops = record_ops(fn)
+    return out, [(name, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]) for name, args in ops]
 
 
 def test_sort_positions_defaults_and_chunk_sizes():

@@ -474,7 +474,7 @@ def test_inter_grouping_signed_features(P, r, protected, words, thresh, cdtype):
     g = torch.Generator().manual_seed(P * words + r)
     cent = signed_patterns((words,), 16, g) / 4  # unit norm
     feats = signed_patterns((3, P), 16, g, scales=(1.0, 2.0, 0.5))
-    feats[:, ::3] = cent[torch.randint(words, (3, len(range(0, P, 3))), generator=g)] * 2  # exact word matches
+    feats[:, ::3] = cent[torch.randint(words, (3, feats[:, ::3].shape[1]), generator=g)] * 2  # exact word matches
     feats[:, 1::4] = -feats[:, 1::4]  # and opposites
     cent = cent.to(cdtype)
     plan = vwt_plan(feats, r, protected, mode="inter", centroids=cent, thresh=thresh)
