@@ -62,12 +62,14 @@ def test_fp16_export_runs_in_ort_cpu_and_tracks_fp32(method, tmp_path):
     assert io == [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT]
     assert {e.key: e.value for e in proto.metadata_props}["vitmerge.dtype"] == "fp16"
     assert not [o.name for o in proto.graph.output if o.name.startswith("merge_decisions")]  # dropped after verifying
-    # every scatter of the merge runs in float32 (ONNX Runtime's CPU ScatterND-add has no float16 kernel)
+    # no scatter with a reduction; the merged rows are summed by a MatMul in float32 (the merge rule)
     typed = onnx.shape_inference.infer_shapes(proto)
     kinds = {v.name: v.type.tensor_type.elem_type for v in typed.graph.value_info}
-    scatters = [n for n in typed.graph.node if n.op_type.startswith("Scatter")]
-    assert scatters and all(kinds.get(n.input[0]) in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
-                            for n in scatters), [(n.name, kinds.get(n.input[0])) for n in scatters]
+    assert not [n for n in typed.graph.node if n.op_type.startswith("Scatter")
+                and any(a.name == "reduction" and a.s not in (b"", b"none") for a in n.attribute)]
+    merge_mm = [n for n in scoped(typed, "vwt_merge" if method == "vwt" else "token_merge") if n.op_type == "MatMul"]
+    assert merge_mm and all(kinds.get(i) == onnx.TensorProto.FLOAT for n in merge_mm for i in n.input if i in kinds), \
+        [(n.name, [kinds.get(i) for i in n.input]) for n in merge_mm]
     steps = scoped(proto, "vwt_merge" if method == "vwt" else "token_merge")
     assert any(n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT for n in steps)
     # the written file itself, on new images: close to the float32 model

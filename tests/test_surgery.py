@@ -51,7 +51,7 @@ def exported(tmp_path_factory):
     for key in MODELS:
         model = _model(key)
         path = d / f"{key}.onnx"
-        vitmerge.export(model, path, check=False)  # ORT comparisons below do the checking
+        vitmerge.export(model, path, check=False, merge_op="standard")  # ORT comparisons below do the checking
         out[key] = (model, path)
     return out
 
@@ -106,7 +106,8 @@ def test_rewritten_graph_matches_original(exported, tmp_path, key, form):
     proto = onnx.load(str(out))
     ops = [n.op_type for n in proto.graph.node]
     if form == "native":
-        assert not {"GatherND", "ScatterND", "GatherElements", "ScatterElements"} & set(ops)
+        # the lean step: row gathers (GatherND) and one-hot MatMuls, no scatter of any kind
+        assert not {"ScatterND", "GatherElements", "ScatterElements"} & set(ops)
         assert {e.key: e.value for e in proto.metadata_props}["vitmerge.merge_op"] == "native"
     else:
         nodes = [n for n in proto.graph.node if n.domain == "vitmerge"]
@@ -219,9 +220,11 @@ def test_native_and_plugin_refuse_what_they_cannot_do(exported, tmp_path):
     graph.model_metadata["vitmerge.method"] = "hash"
     graph.model_metadata.pop("vitmerge.options", None)  # as written by an exporter that did not record them
     m = find_merges(graph)[0]
-    # surgery rewrites ToMe only; for other methods the error names the exporter's native form as the way out
-    with pytest.raises(SurgeryError, match=r"native form for method 'tome'.*--method hash --merge-op native"):
-        surgery.native_merge(graph, m)
+    # surgery writes the lean step for tome and importance only: for other methods the native form is the
+    # exporter's own (scatter-free) graph, so the step is left exactly as it is
+    before = len(graph.nodes)
+    assert surgery.native_merge(graph, m) is False and len(graph.nodes) == before
+    assert surgery.lean_reason(m) == "method 'hash' has no hand-written step"
     with pytest.raises(SurgeryError, match="vitmerge.options"):  # other methods need their options recorded
         surgery.plugin_merge(graph, m)
 
@@ -233,8 +236,18 @@ def test_check_command(exported, tmp_path):
     res = runner.invoke(app, ["check", str(path), str(plugin), "--batch", "1,2"])
     assert res.exit_code == 0, res.output
     assert "same outputs" in res.output and "100%" in res.output
-    # the native form differs by float rounding only: over a zero tolerance, the command says so and fails
+    # the lean native step adds the same rows in the same order as the exporter's one-hot MatMul: bit for bit
     res = runner.invoke(app, ["check", str(path), str(native), "--atol", "0", "--rtol", "0"])
+    assert res.exit_code == 0, res.output
+    # a file whose outputs differ (one head weight nudged): over a zero tolerance, the command says so and fails
+    proto = onnx.load(str(native))
+    w = next(t for t in proto.graph.initializer if t.name.endswith("head.weight"))
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr[0, 0] += 1e-3
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    nudged = tmp_path / "nudged.onnx"
+    onnx.save(proto, str(nudged))
+    res = runner.invoke(app, ["check", str(path), str(nudged), "--atol", "0", "--rtol", "0"])
     assert res.exit_code == 1 and "over" in res.output
     res = runner.invoke(app, ["check", str(path), str(tmp_path / "missing.onnx")])
     assert res.exit_code == 2 and "no ONNX file" in res.output

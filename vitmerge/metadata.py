@@ -28,6 +28,7 @@ OPTIONS = "vitmerge.options"  # the method's options (JSON object): the plugin f
 DATA_CONFIG = "vitmerge.data_config"  # timm data config: the preprocessing the model expects
 MERGE_OP = "vitmerge.merge_op"  # graph form: one of MERGE_OPS
 MERGE_OPS = ("standard", "native", "plugin")  # the graph forms a merge step can take (docs/surgery.md)
+STEP_NODES = "vitmerge.step_nodes"  # nodes per merge step (JSON object: block -> count), as written
 QUANTIZATION = "vitmerge.quantization"  # e.g. int8-qdq
 CALIBRATION = "vitmerge.calibration"
 CALIBRATION_IMAGES = "vitmerge.calibration_images"
@@ -113,6 +114,6 @@ def input_info(proto, name: str | None = None) -> Tuple[str, Tuple[int, ...]]:
 
 __all__ = [
     "PREFIX", "INPUT_SHAPE", "DTYPE", "METHOD", "R", "PROP_ATTN", "PROTECTED", "TOKENS_IN", "TOKENS_OUT", "OPTIONS",
-    "DATA_CONFIG", "MERGE_OP", "MERGE_OPS", "QUANTIZATION", "CALIBRATION", "CALIBRATION_IMAGES", "INPUT_NAME", "OUTPUT_NAME", "BOXES_NAME",
+    "DATA_CONFIG", "MERGE_OP", "MERGE_OPS", "STEP_NODES", "QUANTIZATION", "CALIBRATION", "CALIBRATION_IMAGES", "INPUT_NAME", "OUTPUT_NAME", "BOXES_NAME",
     "SCHEDULE_KEYS", "load_proto", "read", "write", "parsed", "input_info",
 ]

@@ -176,8 +176,9 @@ def validate(req: BuildRequest):
     if scatter_add:
         raise EngineBuildError(
             f"{req.onnx_path.name} adds merged tokens with ScatterND(reduction=add) ({len(scatter_add)} nodes, e.g. "
-            f"{scatter_add[0]}), which TensorRT's ONNX parser does not take: export it again with --merge-op native "
-            "(plugin-free, every method) or --merge-op plugin; `vitmerge check FILE --target tensorrt` lists such nodes"
+            f"{scatter_add[0]}), which TensorRT's ONNX parser does not take (a file written by an older vitmerge or another tool): export it "
+            "again with `vitmerge export` (every form it writes adds merged rows with a one-hot MatMul); "
+            "`vitmerge check FILE --target tensorrt` lists such nodes"
         )
     return model
 

@@ -5,7 +5,8 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+import json
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import onnx
 import torch
@@ -30,6 +31,7 @@ from .onnx_export import (
     save_program,
 )
 from .surgery import rewrite
+from .intrange import integer_ranges, random_inputs
 from .trt_check import Readiness, check_tensorrt
 from .verify import VerifyReport, check_onnx, compare_files, verify
 
@@ -52,7 +54,7 @@ def export(
     atol: Optional[float] = None,
     rtol: Optional[float] = None,
     on_step: Optional[Callable[[str], None]] = None,
-    merge_op: str = "standard",
+    merge_op: str = "native",
     dtype: Union[str, torch.dtype, None] = None,
 ) -> ExportResult:
     """Export ``model`` (plain or patched by :func:`vitmerge.apply`) to ``output``.
@@ -61,8 +63,10 @@ def export(
     with PyTorch in ONNX Runtime at every batch size in ``batch_sizes`` (one file, dynamic batch);
     only then is it moved to ``output``. Any failure leaves no output file.
 
-    merge_op: the graph form of every merge step: ``standard`` (as exported), ``native`` (rewritten
-    into plugin-free ops runtimes execute well) or ``plugin`` (one ``vitmerge::TokenMerge`` node each).
+    merge_op: the graph form of every merge step: ``native`` (the default: ToMe and importance steps
+    rewritten into the lean hand-written step of :mod:`.lean`, every other step as exported), ``standard``
+    (as exported) or ``plugin`` (one ``vitmerge::TokenMerge`` node each). Every form is exported with the
+    merged rows added by a one-hot MatMul (no ScatterND with a reduction: TensorRT-ready and deterministic).
     dtype: ``fp32`` / ``fp16`` / ``bf16`` (default: what the model is in). A reduced-precision export
     casts a copy of the model (:func:`vitmerge.models.precision.cast_model`: merge steps stay float32,
     inputs and outputs are float32) and is verified with the decision rule of :mod:`.verify`; the
@@ -82,17 +86,13 @@ def export(
     elif model_dtype(model) != torch.float32:
         reference_fp32 = cast_model(copy.deepcopy(model), torch.float32)
     decisions = check and decision_steps(model) > 0
-    info = getattr(model, "vitmerge", None)
-    # the native form: tome's is written by graph surgery (one MatMul over the A tokens); every other method
-    # is exported with its merged rows added by a one-hot MatMul instead of a ScatterND (TensorRT-ready)
-    # (also tome's when the model tracks positions, e.g. YOLOS' mid position embeddings: their sums outside the
-    # merge steps need the one-hot form too, which surgery of the merge steps alone would not give)
-    state = getattr(model, "_vm_state", None)
-    direct_native = merge_op == "native" and info is not None and (
-        info.method != "tome" or bool(getattr(state, "track_positions", False)))
+    if merge_op not in md.MERGE_OPS:
+        raise ValueError(f"merge_op must be one of {', '.join(md.MERGE_OPS)}, got {merge_op!r}")
     with staged(*output_files(out)) as stage:
         step("tracing with torch.export and translating to ONNX")
-        program = export_onnx_program(model, opset=opset, decisions=decisions, scatter_free=direct_native)
+        # every sum of merged rows is a one-hot MatMul, never a ScatterND-add: TensorRT's parser refuses the
+        # latter, and ONNX Runtime runs it racing across threads (outputs that change from run to run)
+        program = export_onnx_program(model, opset=opset, decisions=decisions, scatter_free=True)
         step("writing")
         written = save_program(program, model, stage, out.name)
         big = large_topk(onnx.load(str(written), load_external_data=False))
@@ -101,10 +101,6 @@ def export(
                         "TensorRT's TopK layer refuses k > %d (fewer tokens, or a method without full sorts, "
                         "keeps the graph TensorRT-ready)", out.name, len(big), TENSORRT_TOPK_MAX, max(big),
                         TENSORRT_TOPK_MAX)
-        if direct_native:
-            proto = onnx.load(str(written), load_external_data=False)
-            md.write(proto, {md.MERGE_OP: "native"})
-            onnx.save(proto, str(written))
         report = None
         if check:
             step("ONNX checker")
@@ -115,7 +111,7 @@ def export(
                             reference_fp32=reference_fp32)
             _raise_unless_ok(report)
             drop_decisions(written)  # the file computes its outputs (logits, detectors' boxes) and nothing else
-        if merge_op != "standard" and not direct_native:
+        if merge_op != "standard":
             step(f"graph surgery: merge steps -> {merge_op} form")
             rewrite(written, written, merge_op)
             if check:
@@ -124,8 +120,56 @@ def export(
                 final = verify(model, written, batch_sizes=batch_sizes, atol=atol, rtol=rtol)
                 _raise_unless_ok(final, f" ({merge_op} form)")
         if report is not None:
+            step("integer ranges (every integer tensor must stay inside int32)")
+            check_integers(report, written, batch_sizes)
             report.path = str(out)
+        md_steps = step_nodes(onnx.load(str(written), load_external_data=False))
+        if md_steps:
+            proto = onnx.load(str(written), load_external_data=False)
+            md.write(proto, {md.STEP_NODES: json.dumps(md_steps)})
+            onnx.save(proto, str(written))
     return ExportResult(path=out, verification=report)
+
+
+def check_integers(report: VerifyReport, path: Path, batch_sizes: Sequence[int] = (1, 4)) -> None:
+    """Run ``path`` with every integer tensor exposed (:mod:`.intrange`) on random batches of each size;
+    record the widest value in ``report`` and raise :class:`VerificationError` naming every node whose
+    integers leave int32 (TensorRT and other runtimes compute INT64 as INT32: they would wrap there)."""
+    if md.read(md.load_proto(path)).get(md.DTYPE) == "bf16":  # no bfloat16 CPU kernels: its float32 upcast copy
+        import tempfile
+
+        from .verify import upcast_copy
+
+        with tempfile.TemporaryDirectory(prefix="vitmerge-int-") as d:
+            up = upcast_copy(path, Path(d) / path.name)
+            ranges = integer_ranges(up, random_inputs(up, batch_sizes))
+    else:
+        ranges = integer_ranges(path, random_inputs(path, batch_sizes))
+    if ranges:
+        widest = max(ranges, key=lambda r: max(abs(r.lo), abs(r.hi)))
+        report.int_extent = (max(abs(widest.lo), abs(widest.hi)), f"{widest.op} {widest.node} ({widest.tensor})")
+    report.int_violations = [r for r in ranges if not r.ok]
+    if report.int_violations:
+        bad = "; ".join(r.describe() for r in report.int_violations[:5])
+        more = f" (and {len(report.int_violations) - 5} more)" if len(report.int_violations) > 5 else ""
+        raise VerificationError(
+            f"integers outside the int32 range: {bad}{more}. ONNX Runtime computes them exactly, but TensorRT (and "
+            "other runtimes that run INT64 as INT32) would wrap them and compute something else. The file was not "
+            "written; this is a bug in vitmerge's export of this method: please report it")
+
+
+def step_nodes(proto) -> Dict[int, int]:
+    """Nodes per merge step (its name scope ``blocks.N.token_merge``), block -> count."""
+    from .surgery import _SCOPE
+
+    count: Dict[int, int] = {}
+    for n in proto.graph.node:
+        ns = next((p.value for p in n.metadata_props if p.key == "namespace"), "")
+        m = _SCOPE.search(ns)
+        if m:
+            b = int(m.group(2))
+            count[b] = count.get(b, 0) + 1
+    return dict(sorted(count.items()))
 
 
 def _raise_unless_ok(report: VerifyReport, what: str = "") -> None:
@@ -145,6 +189,6 @@ def _raise_unless_ok(report: VerifyReport, what: str = "") -> None:
 
 
 __all__ = [
-    "export", "ExportResult", "verify", "VerifyReport", "check_onnx", "compare_files", "rewrite", "check_tensorrt", "Readiness",
+    "export", "ExportResult", "step_nodes", "check_integers", "verify", "VerifyReport", "check_onnx", "compare_files", "rewrite", "check_tensorrt", "Readiness",
     "export_onnx_program", "metadata", "large_topk", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET", "TENSORRT_TOPK_MAX",
 ]

@@ -41,6 +41,7 @@ from .. import metadata as md
 from .._io import staged
 from ..errors import SurgeryError
 from ..merging import METHODS
+from . import lean
 from ..plugins import DOMAIN, DOMAIN_VERSION, OP_TYPE, OP_TYPE_CLS, OP_TYPES as PLUGIN_OPS
 
 FORMS = md.MERGE_OPS
@@ -306,6 +307,10 @@ class _Emitter:
     def i64(self, *values):
         return self.const(np.array(values, dtype=np.int64), "i64")
 
+    def var(self, what: str, dtype=None, shape=None) -> "gs.Variable":
+        """A new tensor of this step (the output of a node added later)."""
+        return gs.Variable(self._name(what), dtype=dtype, shape=shape)
+
 
 def _onnx_type(t) -> int:
     """The ONNX element type of a graph-surgeon tensor (its dtype is a numpy dtype or an ONNX enum)."""
@@ -473,28 +478,15 @@ def _tome_slots(e: _Emitter, m: MergeSubgraph, protected: int, metric):
     return e.op("Cast", [e.op("Equal", [slot, rows], dtype=bool)], {"to": 1}, dtype=f32)  # [B, n_out - p, ta]
 
 
-def native_merge(graph, m: MergeSubgraph) -> None:
-    """Rewrite one ToMe step into plugin-free ops: sums = W @ [x*size, size] (one batched MatMul)
-    plus the B tokens at static rows, then x' = sums_x / sums_size."""
-    method, protected = _need(m, "native")
-    _refuse_stepless(method, "native")
-    if method != "tome":
-        raise SurgeryError(
-            f"graph surgery writes the native form for method 'tome'; for {method!r} the exporter writes it: "
-            f"vitmerge export ... --method {method} --merge-op native (merged rows added by a one-hot MatMul, "
-            "no ScatterND); or use --merge-op plugin"
-        )
+def _dense_tome_merge(graph, m: MergeSubgraph, protected: int) -> None:
+    """The previous native ToMe step (a dense 0/1 matrix over the A tokens): kept for steps the lean
+    form cannot write (more kept tokens than one TensorRT TopK sorts)."""
     e = _Emitter(graph, m, "native")
     f32 = np.float32
     T, D, p, nu = m.n_in, m.dim, protected, (m.n_in + 1) // 2 - m.r - (protected + 1) // 2
     size = m.size if m.size is not None else _ones_size(e, m.x)
     batch = m.x.shape[0]
     _detach(m)
-    if m.r == 0:  # nothing merges: pass through
-        e.op("Identity", [m.x], outputs=[m.x_out])
-        if m.size_out is not None:
-            _emit_into(e, _as_f32(e, size), m.size_out)
-        return
     pa, pb = (p + 1) // 2, p // 2
     x, size = _as_f32(e, m.x), _as_f32(e, size)  # reduced-precision models merge in float32
     w = _tome_slots(e, m, p, _as_f32(e, m.metric))
@@ -514,13 +506,66 @@ def native_merge(graph, m: MergeSubgraph) -> None:
     _emit_into(e, e.op("Div", [sums_x, sums_w], dtype=f32), m.x_out)
 
 
+#: methods whose whole merge step graph surgery writes by hand (:mod:`.lean`); every other method's native
+#: form is the exporter's own graph with the merged rows added by a one-hot MatMul (no ScatterND)
+LEAN_METHODS = ("tome", "importance")
+
+
+def lean_reason(m: MergeSubgraph) -> Optional[str]:
+    """Why step ``m`` keeps the exporter's graph in the native form (None: the lean step is written)."""
+    if m.method not in LEAN_METHODS:
+        return f"method {m.method!r} has no hand-written step"
+    limits = lean.tome_limits if m.method == "tome" else lean.importance_limits
+    return limits(m.n_in, m.r, m.protected or 0)
+
+
+def native_merge(graph, m: MergeSubgraph) -> bool:
+    """Rewrite one merge step into the lean native form (:mod:`.lean`: ~20 portable ops, no scatter).
+
+    Returns False (step left as exported) for methods without a hand-written step or a step larger than
+    one TensorRT TopK sorts; for ToMe such a step gets the previous dense form instead.
+    """
+    method, protected = _need(m, "native")
+    _refuse_stepless(method, "native")
+    if method not in LEAN_METHODS:
+        return False
+    if lean_reason(m):
+        if method == "tome":
+            _dense_tome_merge(graph, m, protected)
+            return True
+        return False
+    e = _Emitter(graph, m, "native")
+    f32 = onnx.TensorProto.FLOAT
+    x, metric = _as_f32(e, m.x), _as_f32(e, m.metric)
+    size = _as_f32(e, m.size)
+    # write straight into the step's output tensors where they are float32 (no extra Identity)
+    x_target = m.x_out if _onnx_type(m.x_out) == f32 else None
+    s_target = m.size_out if m.size_out is not None and _onnx_type(m.size_out) == f32 else None
+    _detach(m)
+    if method == "tome":
+        x_new, s_new = lean.tome_step(e, x, metric, size, m.n_in, m.r, protected, m.dim, outs=(x_target, s_target))
+    else:
+        if m.cls_attn is None:
+            raise SurgeryError(f"merge step blocks.{m.block}.token_merge (method importance) has no class-attention "
+                               "input: only the standard form exists for this graph")
+        from ..merging.importance import MIN_WEIGHT
+
+        x_new, s_new = lean.importance_step(e, x, metric, size, _as_f32(e, m.cls_attn), m.n_in, m.r, protected,
+                                            m.dim, int(m.metric.shape[-1]), MIN_WEIGHT, outs=(x_target, s_target))
+    if x_target is None:
+        _emit_into(e, x_new, m.x_out)
+    if m.size_out is not None and s_target is None:
+        _emit_into(e, s_new, m.size_out)
+    return True
+
+
 def to_native(graph) -> int:
-    """Pass: every merge step -> plugin-free native ops. Returns the number rewritten."""
+    """Pass: every merge step -> the lean native step where one exists (:func:`native_merge`).
+    Returns the number rewritten."""
     merges = find_merges(graph)
-    for m in merges:
-        native_merge(graph, m)
+    n = sum(bool(native_merge(graph, m)) for m in merges)
     graph.cleanup().toposort()
-    return len(merges)
+    return n
 
 
 PASSES: Dict[str, Callable] = {"native": to_native, "plugin": to_plugin}

@@ -82,10 +82,14 @@ class VerifyReport:
     dtype: str = "fp32"
     how: str = "ONNX Runtime CPU vs PyTorch"
     vs_fp32: Dict[str, float] = field(default_factory=dict)  # reduced precision: PyTorch at dtype vs float32
+    #: the widest integer the file computed on the verification inputs: (max |value|, "op node tensor"); None: not run
+    int_extent: Optional[Tuple[int, str]] = None
+    #: integer tensors that left the int32 range (exporter.intrange.IntRange), which fails the check
+    int_violations: List = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
+        return all(c.ok for c in self.checks) and not self.int_violations
 
     @property
     def max_abs_diff(self) -> float:

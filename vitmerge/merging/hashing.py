@@ -29,8 +29,9 @@ Step by step, for the ``U = N - protected`` unprotected tokens of one image:
 Output order: protected tokens first (original order), then the kept tokens in original order.
 Shapes stay static: sorts are TopK with a static k (:func:`.topk.topk`: chunks of at most
 TensorRT's TopK limit for long sequences), chain resolution is a fixed number of gathers, the kept
-order is a count; the token count depends only on ``r``. Every sort key is an exact int64 by
-construction (no float64 tensor in the graph). Design and cost: ``docs/methods/hash.md``.
+order is a count; the token count depends only on ``r``. Every sort key is an exact integer inside
+int32 by construction (:func:`check_key_range`, :func:`score_scale`; no float64 tensor in the graph):
+runtimes that compute INT64 as INT32 (TensorRT) get the same keys. Design and cost: ``docs/methods/hash.md``.
 """
 from __future__ import annotations
 
@@ -47,9 +48,8 @@ from .topk import topk, tracing
 DEFAULT_BITS = 16
 DEFAULT_ROUNDS = 2
 DEFAULT_SEED = 0
-MAX_BITS = 40  # sort keys are int64: rank (< 2^bits) * U + index must stay far below 2^63
-
-_SCORE_SCALE = float(2 ** 30)
+MAX_BITS = 24  # the Gray-code rank (< 2^bits) is an exact float32 integer; with the token index it must fit int32
+INT32_MAX = 2 ** 31 - 1  # every integer of the plan stays at or below this (TensorRT runs INT64 as INT32)
 _PROJECTIONS: Dict[tuple, torch.Tensor] = {}
 
 
@@ -70,6 +70,26 @@ def check_options(bits: int = DEFAULT_BITS, rounds: int = DEFAULT_ROUNDS, seed: 
         )
     if seed < 0:
         raise ScheduleError(f"hash option seed={seed} must be >= 0")
+
+
+def check_key_range(bits: int, n_free: int) -> None:
+    """Raise :class:`ScheduleError` when the hash-order keys ``rank * U + index`` (rank < 2^bits, U = n_free
+    unprotected tokens) could leave int32 (TensorRT and other runtimes compute INT64 as INT32)."""
+    if (1 << bits) * n_free - 1 > INT32_MAX:
+        fit = max(b for b in range(0, MAX_BITS + 1) if (1 << b) * n_free - 1 <= INT32_MAX) if n_free <= 2 ** 31 else 0
+        raise ScheduleError(
+            f"hash option bits={bits} with {n_free} unprotected tokens: the sort keys rank (< 2^{bits}) x {n_free} + "
+            f"index would leave the int32 range that TensorRT computes integers in; use -O bits={fit} or fewer "
+            f"(or fewer tokens)")
+
+
+def score_scale(n_free: int) -> float:
+    """The power of two that puts a partner score (+2, in [0, 3]) on an integer grid such that the merge key
+    ``level * U + (U - 1 - index)`` stays inside int32 (and the level below 2^24, exact in float32)."""
+    q = 0
+    while q < 22 and 3 * (2 ** (q + 1)) * n_free + n_free - 1 <= INT32_MAX:
+        q += 1
+    return float(2 ** q)
 
 
 def max_r(n_tokens: int, protected: int) -> int:
@@ -121,6 +141,7 @@ def hash_orders(x: torch.Tensor, bits: int, rounds: int, seed: int, protected: i
     """
     B, N, C = x.shape
     U = N - protected
+    check_key_range(bits, U)
     proj = projection(C, bits, rounds, seed, device=x.device, dtype=x.dtype)
     # project all rows (one matrix product on the contiguous metric), then drop the protected ones
     signs = (x @ proj > 0)[:, protected:].to(x.dtype).reshape(B, U, rounds, bits)  # the SimHash codes
@@ -185,6 +206,7 @@ def hash_plan(
     if r <= 0:
         return identity_plan(metric)
     U = N - protected
+    check_key_range(bits, U)
     dev = metric.device
     low = torch.full((B, 1), -2.0, dtype=metric.dtype, device=dev)  # below any cosine similarity
 
@@ -219,10 +241,12 @@ def hash_plan(
         partner = torch.stack(cand, dim=-1).gather(-1, which[..., None])[..., 0]  # [B, U]
 
         # The r tokens with the most similar partners merge away. TopK's order of equal values is
-        # runtime-specific, so rank by a unique int64 key: the score on a 2^-30 grid (finer than
-        # float32 resolution near 1), then the lower token index first.
+        # runtime-specific, so rank by a unique integer key: the score (+2, in [0, 3]) on a 2^-q grid as
+        # fine as int32 allows for U tokens (score_scale: 2^-21 at U = 196, 2^-17 at U = 4096), then
+        # the lower token index first. Every key is below 2^31: exact in TensorRT's INT32 too.
         exact = best.to(torch.promote_types(best.dtype, torch.float32))  # float16 would overflow
-        key = (exact * _SCORE_SCALE).to(torch.long) * U + (U - 1 - ar)
+        level = torch.floor((exact + 2.0) * score_scale(U))
+        key = level.to(torch.long) * U + (U - 1 - ar)
         src = topk(key, r, largest=True, unique=True).indices  # [B, r]
         is_src = torch.zeros(B, U, dtype=torch.long, device=dev).scatter(1, src, torch.ones_like(src))
         # Follow merge chains to their root: the edges point forward in the backbone (a forest).
@@ -255,4 +279,5 @@ SPEC = MethodSpec(
 )
 
 __all__ = ["hash_plan", "max_r", "match_flops", "SPEC", "projection", "hash_orders", "check_options",
+           "check_key_range", "score_scale", "MAX_BITS",
            "DEFAULT_BITS", "DEFAULT_ROUNDS", "DEFAULT_SEED"]
