@@ -280,7 +280,7 @@ def test_finds_similar_tokens_on_clustered_data():
 
 
 @pytest.mark.parametrize("opts,match", [
-    (dict(bits=0), "bits=0 is out of range"), (dict(bits=-3), "bits=-3"), (dict(bits=99), "bits <= 40"),
+    (dict(bits=0), "bits=0 is out of range"), (dict(bits=-3), "bits=-3"), (dict(bits=99), "bits <= 24"),
     (dict(rounds=0), "rounds=0 is out of range"), (dict(rounds=-1), "rounds >= 1"),
     (dict(bits=2.5), "must be an integer"), (dict(seed=-1), "seed"),
 ])
@@ -372,7 +372,7 @@ def test_projection_is_cached_and_ignores_the_default_dtype():
     (dict(bits=2.5), "hash option bits must be an integer, got 2.5"),
     (dict(rounds="2"), "hash option rounds must be an integer, got '2'"),
     (dict(seed=True), "hash option seed must be an integer, got True"),
-    (dict(bits=41), "hash option bits=41 is out of range: use 1 <= bits <= 40 (default 16); bits is the number of "
+    (dict(bits=25), "hash option bits=25 is out of range: use 1 <= bits <= 24 (default 16); bits is the number of "
                     "random-projection sign bits per hash round"),
     (dict(rounds=0), "hash option rounds=0 is out of range: use rounds >= 1 (default 2); rounds is the number of "
                      "independent hash orders whose neighbours are scored"),
@@ -383,10 +383,29 @@ def test_option_errors_say_which_option_and_why(opts, message):
     assert str(e.value) == message
 
 
-def test_forty_bits_is_allowed():
+def test_max_bits_is_allowed():
     metric, x, size = _random(1, 20, 8, 3, 0)
-    plan = merging.plan("hash", metric, 6, protected=1, bits=40, rounds=1)
-    _check_against(plan, x, size, [reference_hash_groups(metric[0], 6, 1, bits=40, rounds=1)])
+    plan = merging.plan("hash", metric, 6, protected=1, bits=24, rounds=1)
+    _check_against(plan, x, size, [reference_hash_groups(metric[0], 6, 1, bits=24, rounds=1)])
+
+
+def test_keys_that_would_leave_int32_are_refused():
+    """rank (< 2^bits) x U + index must fit int32 (TensorRT computes INT64 as INT32): 24 bits take U <= 128
+    unprotected tokens, 16 bits (the default) U <= 32768; beyond, a clear refusal naming the bits that fit."""
+    hashing.check_key_range(24, 128)
+    hashing.check_key_range(16, 32768)
+    with pytest.raises(ScheduleError) as e:
+        hashing.check_key_range(24, 129)
+    assert str(e.value) == ("hash option bits=24 with 129 unprotected tokens: the sort keys rank (< 2^24) x 129 + "
+                            "index would leave the int32 range that TensorRT computes integers in; use -O bits=23 "
+                            "or fewer (or fewer tokens)")
+    metric = torch.randn(1, 131, 4)
+    with pytest.raises(ScheduleError, match="bits=24 with 130 unprotected tokens"):
+        merging.plan("hash", metric, 6, protected=1, bits=24)
+    # the merge-score key: level (< 3 * scale) * U + U - 1 stays inside int32 at every U, finest grid 2^-22
+    for U in (2, 64, 196, 1567, 4095, 16383, 100_000):
+        q = hashing.score_scale(U)
+        assert 3 * q * U + U - 1 <= 2 ** 31 - 1 and (q == 2 ** 22 or 3 * 2 * q * U + U - 1 > 2 ** 31 - 1)
 
 
 def test_defaults_protect_one_token_in_a_plan_and_none_in_the_orders():

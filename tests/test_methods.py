@@ -24,7 +24,7 @@ from vitmerge.merging import METHODS
 
 B, U, C, D = 2, 29, 12, 6
 # options that make every score distinct (the invariances hold for distinct scores / hash codes)
-TEST_OPTIONS = {"hash": {"bits": 40, "rounds": 2}, "vwt": {"mode": "intra"}}
+TEST_OPTIONS = {"hash": {"bits": 24, "rounds": 2}, "vwt": {"mode": "intra"}}
 
 
 def make_inputs(spec, protected, seed):

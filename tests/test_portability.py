@@ -515,13 +515,15 @@ def test_tracing_is_seen_by_every_tracer():
 
 
 def test_each_length_takes_its_path(monkeypatch):
-    """Up to TOPK_LIMIT keys: the one TopK. Longer: chunked TopKs (no Sort) while a graph is traced or
-    when asked, one stable Sort (no TopK) in eager code or when asked not to chunk."""
+    """Up to TOPK_LIMIT keys: the one TopK in a graph (or for distinct keys); in eager code keys that may tie
+    take one stable Sort (PyTorch's topk orders ties arbitrarily). Longer: chunked TopKs (no Sort) while a
+    graph is traced or when asked, one stable Sort (no TopK) in eager code or when asked not to chunk."""
     g = torch.Generator().manual_seed(5)
     at_limit = torch.randn(2, TOPK_LIMIT, generator=g)
-    for chunked in (True, False, None):
-        _, ops = _ops(lambda: topk(at_limit, 7, chunked=chunked))
-        assert [(n, s) for n, s in ops if n in ("topk", "sort")] == [("topk", [(2, TOPK_LIMIT)])]
+    for chunked, unique, op in ((True, False, "topk"), (False, False, "sort"), (None, False, "sort"),
+                                (None, True, "topk"), (False, True, "topk")):
+        _, ops = _ops(lambda: topk(at_limit, 7, unique=unique, chunked=chunked))
+        assert [(n, s) for n, s in ops if n in ("topk", "sort")] == [(op, [(2, TOPK_LIMIT)])], (chunked, unique)
     long = torch.stack([torch.randperm(TOPK_LIMIT + 10, generator=g) for _ in range(2)])
 
     def paths(**kw):

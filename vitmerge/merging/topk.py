@@ -127,15 +127,21 @@ def topk(key: torch.Tensor, k: int, largest: bool = True, unique: bool = False, 
     graph at most :data:`TOPK_LIMIT` long (see the module docstring).
 
     ``unique``: the caller promises distinct keys in every row (cheaper chunk sort). Rows up to
-    ``TOPK_LIMIT`` keys use one TopK, as before. Longer rows: the chunked sort while a graph is
-    traced; in eager PyTorch one stable ``torch.sort``, which gives the very same order (by key, ties
-    to the lower index) faster. ``chunked`` forces one or the other (tests).
+    ``TOPK_LIMIT`` keys are one TopK in a traced graph. Longer rows: the chunked sort while a graph is
+    traced. In eager PyTorch keys that may tie are sorted with one stable ``torch.sort`` (PyTorch's
+    own topk orders equal keys arbitrarily), which gives the exported graph's order: by key, ties to the
+    lower index. ``chunked`` forces the chunked or the eager path (tests).
     """
     n = key.shape[-1]
     k = int(k)
-    if n <= TOPK_LIMIT:
+    traced = tracing() if chunked is None else chunked
+    if n <= TOPK_LIMIT and (traced or unique):
+        # one TopK in the graph; ONNX TopK's documented tie rule (lower index first) holds in every runtime
+        # that follows the spec. Eager PyTorch with distinct keys: its topk gives the same order.
         return TopK(*key.topk(k, dim=-1, largest=largest, sorted=True))
-    if not (tracing() if chunked is None else chunked):
+    if not traced:
+        # eager PyTorch: its topk does not order equal keys by index, so a stable sort gives the exported
+        # graph's order (by key, ties to the lower index) here too
         values, indices = torch.sort(key, dim=-1, descending=largest, stable=True)
         return TopK(values[..., :k], indices[..., :k])
     pos = sort_positions(key, largest=largest, unique=unique)
