@@ -13,11 +13,18 @@ from ._common import EXIT_FAILED, console, fail, int_list, user_errors
 TARGETS = ("tensorrt",)
 
 
-def _readiness(path: Path, target: str) -> None:
-    """One line per offending node (op, node name, reason), then PASSED / FAILED; exit 1 on findings."""
-    from ..exporter.trt_check import check_tensorrt
+def _readiness(path: Path, target: str, batches=(1, 4), seed: int = 0) -> None:
+    """One line per offending node (op, node name, reason), then PASSED / FAILED; exit 1 on findings.
+
+    Static (TensorRT's operator table), then dynamic: the file run in ONNX Runtime on random inputs with the
+    range of every integer tensor recorded (a value outside int32 is a finding: TensorRT would wrap it)."""
+    from ..exporter.trt_check import check_tensorrt, integer_findings
 
     report = check_tensorrt(path)
+    with console.status("recording every integer tensor's range in ONNX Runtime"):
+        ints, note = integer_findings(path, batches, seed=seed)
+    report.findings.extend(ints)
+    report.notes.append(note)
     for note in report.notes:
         console.print(f"note: {note}", soft_wrap=True)
     for f in report.findings:
@@ -50,9 +57,11 @@ def register(app: typer.Typer) -> None:
         any output of any batch is over tolerance (atol + rtol * max|A's output|). Graphs with vitmerge::TokenMerge
         nodes run with the custom-op kernel registered.
 
-        With one file and --target tensorrt: a static readiness check (no GPU needed) against TensorRT's
-        ONNX operator support (types, TopK's K limit, Scatter reductions, DOUBLE, custom domains and their
-        plugins). Prints one line per offending node and exits 1 when there is any, 0 when clean.
+        With one file and --target tensorrt: a readiness check (no GPU needed) against TensorRT's ONNX operator
+        support (types, TopK's K limit, Scatter reductions, DOUBLE, custom domains and their plugins), then the
+        file run in ONNX Runtime on random inputs (--batch, --seed) with every integer tensor's range recorded:
+        a value outside int32 is a finding (TensorRT computes INT64 as INT32). Prints one line per offending node
+        and exits 1 when there is any, 0 when clean.
         """
         if target is not None:
             if target.lower() not in TARGETS:
@@ -61,7 +70,7 @@ def register(app: typer.Typer) -> None:
                 raise fail(f"--target checks one file; got two ({reference}, {candidate}): drop --target to compare "
                            "them, or check each on its own")
             with user_errors():
-                _readiness(reference, target.lower())
+                _readiness(reference, target.lower(), int_list(batches, "--batch"), seed)
             return
         if candidate is None:
             raise fail("give two files to compare (vitmerge check A.onnx B.onnx), or one file and a runtime to check it "

@@ -28,6 +28,20 @@ def token_table(model) -> Table:
     return t
 
 
+def step_nodes_text(nodes: dict) -> str:
+    """``{0: 19, 1: 20, 2: 20}`` -> ``block 0: 19, blocks 1-2: 20`` (runs of equal counts)."""
+    items = sorted((int(b), int(n)) for b, n in nodes.items())
+    runs, out = [], []
+    for b, n in items:
+        if runs and runs[-1][2] == n and runs[-1][1] == b - 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b, n])
+    for a, z, n in runs:
+        out.append(f"block {a}: {n}" if a == z else f"blocks {a}-{z}: {n}")
+    return ", ".join(out)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export", short_help="timm ViT or transformers folder -> merged ONNX (static token counts), verified.")
     def export_cmd(
@@ -57,8 +71,9 @@ def register(app: typer.Typer) -> None:
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset")] = 18,
         merge_op: Annotated[MergeOp, typer.Option(
             "--merge-op", case_sensitive=False,
-            help="Graph form of each merge step: standard (as exported), native (plugin-free rewrite) or plugin "
-                 "(one vitmerge::TokenMerge node); see docs/surgery.md")] = "standard",
+            help="Graph form of each merge step: native (the default: one file for ONNX Runtime and TensorRT, "
+                 "ToMe / importance steps in ~20 portable ops), standard (the exporter's own graph) or plugin "
+                 "(one vitmerge::TokenMerge node); see docs/surgery.md")] = "native",
         verify_batches: Annotated[str, typer.Option(
             "--verify-batch", help="Batch sizes ONNX Runtime is checked at (one file: dynamic batch)")] = "1,4",
         no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the ONNX Runtime check (not recommended)")] = False,
@@ -104,6 +119,11 @@ def register(app: typer.Typer) -> None:
                                      if "decisions_identical" in v else ""))
                 if value(merge_op) != "standard":
                     console.print(f"  the {value(merge_op)} form was run in ONNX Runtime and checked the same way")
+                if rep.int_extent is not None:
+                    console.print(f"  integers: widest |value| {rep.int_extent[0]:,} ({rep.int_extent[1]}): inside int32, "
+                                  "as TensorRT computes them")
             else:
                 console.print("[yellow]not verified (--no-verify)[/]")
+            if result.step_nodes:
+                console.print(f"nodes per merge step ({value(merge_op)} form): {step_nodes_text(result.step_nodes)}")
             console.print(f"[bold green]wrote[/] {result.path}")

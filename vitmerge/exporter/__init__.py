@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import json
 from typing import Callable, Dict, Optional, Sequence, Union
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 class ExportResult:
     path: Path
     verification: Optional[VerifyReport]
+    #: nodes of each merge step in the written file (block -> count; empty without merging)
+    step_nodes: Dict[int, int] = field(default_factory=dict)
+    form: str = "native"
 
 
 def export(
@@ -123,12 +126,12 @@ def export(
             step("integer ranges (every integer tensor must stay inside int32)")
             check_integers(report, written, batch_sizes)
             report.path = str(out)
-        md_steps = step_nodes(onnx.load(str(written), load_external_data=False))
+        proto = onnx.load(str(written), load_external_data=False)
+        md_steps = step_nodes(proto)
         if md_steps:
-            proto = onnx.load(str(written), load_external_data=False)
             md.write(proto, {md.STEP_NODES: json.dumps(md_steps)})
             onnx.save(proto, str(written))
-    return ExportResult(path=out, verification=report)
+    return ExportResult(path=out, verification=report, step_nodes=md_steps, form=merge_op)
 
 
 def check_integers(report: VerifyReport, path: Path, batch_sizes: Sequence[int] = (1, 4)) -> None:

@@ -504,5 +504,25 @@ def check_tensorrt(source: Union[str, Path, onnx.ModelProto]) -> Readiness:
     return report
 
 
-__all__ = ["check_tensorrt", "Readiness", "Finding", "plugin_status", "type_name", "OP_TYPES", "UNSUPPORTED",
+def integer_findings(path, batch_sizes=(1, 4), seed: int = 0) -> Tuple[List[Finding], Optional[str]]:
+    """Run ``path`` in ONNX Runtime on random inputs with every integer tensor recorded
+    (:mod:`.intrange`): one :class:`Finding` per tensor whose values leave int32 (TensorRT computes INT64 as
+    INT32 in many layers: they would wrap). Returns (findings, widest integer as a note, or why none)."""
+    from .. import metadata as md
+    from .intrange import integer_ranges, random_inputs
+
+    proto = md.load_proto(path)
+    if md.read(proto).get(md.DTYPE) == "bf16":
+        return [], "integer ranges not run: ONNX Runtime's CPU provider has no bfloat16 kernels"
+    ranges = integer_ranges(path, random_inputs(path, batch_sizes, seed=seed))
+    bad = [Finding(r.op, r.node, f"computes {r.tensor} in [{r.lo}, {r.hi}] on random inputs: outside int32, which "
+                                 "TensorRT computes INT64 in (the values would wrap)") for r in ranges if not r.ok]
+    if not ranges:
+        return bad, "no integer tensors"
+    widest = max(ranges, key=lambda r: max(abs(r.lo), abs(r.hi)))
+    return bad, (f"integers on random inputs (batch {', '.join(map(str, batch_sizes))}): widest |value| "
+                 f"{max(abs(widest.lo), abs(widest.hi)):,} ({widest.op} {widest.node})")
+
+
+__all__ = ["check_tensorrt", "integer_findings", "Readiness", "Finding", "plugin_status", "type_name", "OP_TYPES", "UNSUPPORTED",
            "TABLE_SOURCE", "TOPK_MAX_K", "OPSET_RANGE"]
