@@ -97,10 +97,16 @@ def int32_violations(path: Union[str, Path], inputs: Iterable[np.ndarray]) -> Li
 
 
 def random_inputs(path: Union[str, Path], batch_sizes: Sequence[int] = (1, 4), seed: int = 0) -> List[np.ndarray]:
-    """Random float32 batches shaped like the file's input (its batch axis set to each size)."""
+    """Random float32 batches shaped like the file's one input: its batch axis set to each size (a file
+    with a static batch axis gets one batch of that size)."""
     from .. import metadata as md
 
-    _, shape = md.input_info(md.load_proto(path))
+    proto = md.load_proto(path)
+    name, shape = md.input_info(proto)
+    inp = next(i for i in proto.graph.input if i.name == name)
+    dim0 = inp.type.tensor_type.shape.dim[0] if inp.type.tensor_type.shape.dim else None
+    if dim0 is not None and dim0.HasField("dim_value") and dim0.dim_value > 0:
+        batch_sizes = (int(dim0.dim_value),)
     rng = np.random.default_rng(seed)
     return [rng.standard_normal((int(b), *shape), dtype=np.float32) for b in batch_sizes]
 

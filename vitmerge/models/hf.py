@@ -48,7 +48,7 @@ from torch import nn
 from ..errors import CheckpointError, ModelNotFoundError, RuntimeMissingError, UnsupportedModelError, UsageError
 from ..metadata import BOXES_NAME, OUTPUT_NAME
 from ..merging import batch_scatter_add
-from .vit import MergeState, TokenMerge, _f32, class_attention, mixed_class, original_class
+from .vit import MergeState, TokenMerge, _f32, biased_logits, class_attention, mixed_class, original_class
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +273,10 @@ def attention_with_metric(layer: nn.Module, x: torch.Tensor, size: Optional[torc
     if a.impl != "eager" and not _exporting():  # transformers' sdpa (and other fused kernels): PyTorch's SDPA
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=att_bias, dropout_p=p, scale=a.scale)
     else:  # eager, and every exported graph (the explicit form exports to plain MatMul / Softmax)
-        logits = torch.matmul(q, k.transpose(2, 3)) * a.scale
-        if att_bias is not None:
-            logits = logits + att_bias
+        if att_bias is None:
+            logits = torch.matmul(q, k.transpose(2, 3)) * a.scale  # as transformers' eager
+        else:
+            logits = biased_logits(q, k, a.scale, att_bias)  # the bias folded into the product: one [N, N] buffer
         if logits.dtype in (torch.float16, torch.bfloat16):
             w = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # as transformers' eager
         else:

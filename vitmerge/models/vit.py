@@ -118,6 +118,24 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Option
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
+def biased_logits(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention logits ``(q * scale) @ k^T + bias`` for the explicit (exported) attention.
+
+    q, k [B, H, N, hd]; bias [B, 1, 1, N] (proportional attention: log of the token sizes) or None. The bias
+    is folded into the matrix product as one more channel (q gets a 1, k gets the key's log size), so the
+    [B, H, N, N] logits are written once: no separate full-size Add (and no second [N, N] buffer alive at
+    once), which at long sequences is the difference between the merged file's memory peak sitting below
+    the unmerged one's or above it. The same sums as ``logits + bias`` up to float rounding.
+    """
+    q = q * scale
+    if bias is None:
+        return q @ k.transpose(-2, -1)
+    B, H, N, _ = k.shape
+    qa = F.pad(q, (0, 1), value=1.0)  # [B, H, N, hd + 1]
+    kb = torch.cat([k, bias.transpose(-1, -2).to(k.dtype).expand(B, H, N, 1)], dim=-1)  # [B, H, N, hd + 1]
+    return qa @ kb.transpose(-2, -1)
+
+
 def attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor], need_cls: bool = False):
     """timm Attention.forward plus proportional attention; returns (out, keys averaged over heads),
     and with ``need_cls`` also the class-token attention row averaged over heads ([B, N])."""
@@ -135,9 +153,7 @@ def attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torch
             q, k, v, attn_mask=att_bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
     else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if att_bias is not None:
-            logits = logits + att_bias
+        logits = biased_logits(q, k, attn.scale, att_bias)
         out = attn.attn_drop(logits.softmax(dim=-1)) @ v
     out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
     out = attn.norm(out)
