@@ -56,7 +56,7 @@ def _token_merge_model(N, C, D, r, protected, method="tome", cls=False):
     if cls:
         ins.append(helper.make_tensor_value_info("cls_attn", TensorProto.FLOAT, ["B", N]))
     node = helper.make_node("TokenMergeCls" if cls else "TokenMerge", [i.name for i in ins], ["x_out", "size_out"],
-                            domain="vitmerge", r=r, protected=protected, method=method, options="{}")
+                            domain="vitmerge", r=str(r), protected=str(protected), method=method, options="{}")
     outs = [helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["B", n_out, D]),
             helper.make_tensor_value_info("size_out", TensorProto.FLOAT, ["B", n_out, 1])]
     model = helper.make_model(helper.make_graph([node], "token_merge", ins, outs),
@@ -244,7 +244,7 @@ def test_onnx_prepared_for_tensorrt_names_the_plugin():
     assert has_token_merge(model)
     prepared = onnx.load_from_string(prepare_onnx(model))
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in prepared.graph.node[0].attribute}
-    assert attrs["plugin_namespace"] == b"vitmerge" and attrs["r"] == 2
+    assert attrs["plugin_namespace"] == b"vitmerge" and attrs["r"] == b"2"
     assert not any(a.name == "plugin_namespace" for a in model.graph.node[0].attribute)  # original untouched
 
 

@@ -222,8 +222,11 @@ def test_cli_profile_two_models_writes_report(onnx_pair, tmp_path):
         (a.name, 1), (b.name, 1), (a.name, 2), (b.name, 2)]
     assert rows[0]["speedup_vs_first"] == 1.0 and rows[1]["r_mean"] == 4.0
     assert all(r["p50_ms"] > 0 and r["throughput_ips"] > 0 and r["samples"] == 4 for r in rows)
+    # peak memory of each file at each batch, each in a process of its own; batch 2 needs more than batch 1
+    assert all(r["peak_memory_mb"] > 0 and "own process" in r["peak_memory_note"] for r in rows)
+    assert rows[2]["peak_memory_mb"] >= rows[0]["peak_memory_mb"] * 0.9
     md = (rep / "report.md").read_text()
-    assert "| model | runtime | device | batch | p50 ms |" in md and "## Energy" in md
+    assert "| model | runtime | device | batch | p50 ms |" in md and "## Energy" in md and "## Peak memory" in md
     png = (rep / "latency_vs_r.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     assert doc["plots"] == ["latency_vs_r.png"]
@@ -433,4 +436,10 @@ def test_gpu_extra_never_installs_the_cpu_runtime_beside_the_gpu_one():
     assert "onnxruntime" not in core and "onnxruntime-gpu" not in core
     assert "onnxruntime" in extras["cpu"] and "onnxruntime-gpu" not in extras["cpu"]
     assert "onnxruntime-gpu" in extras["gpu"] and "onnxruntime" not in extras["gpu"]
-    assert not any("onnxruntime" in deps or "onnxruntime-gpu" in deps for k, deps in extras.items() if k not in ("cpu", "gpu"))
+    # the CUDA 12 route: onnxruntime-gpu below 1.27 (CUDA 12 builds), TensorRT's cu12 meta-package, never `tensorrt`
+    cu12 = proj["optional-dependencies"]["gpu-cu12"]
+    assert extras["gpu-cu12"] == {"onnxruntime-gpu", "nvidia-ml-py"} and any("<1.27" in r for r in cu12)
+    assert extras["tensorrt-cu12"] == {"tensorrt-cu12"} and extras["tensorrt"] == {"tensorrt"}
+    assert all(">=10.16" in r for r in proj["optional-dependencies"]["tensorrt"] + proj["optional-dependencies"]["tensorrt-cu12"])
+    assert not any("onnxruntime" in deps or "onnxruntime-gpu" in deps for k, deps in extras.items()
+                   if k not in ("cpu", "gpu", "gpu-cu12"))

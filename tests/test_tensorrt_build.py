@@ -123,6 +123,9 @@ def test_build_writes_engine_and_metadata_packaging_can_read(fake_trt, tmp_path)
     meta = json.loads(res.metadata.read_text())
     assert meta["tensorrt_version"] == fake_trt.__version__ and meta["gpu"] == "Stand-in GPU"
     assert (meta["precision"], meta["typing"], meta["builder_flags"]) == ("fp32", "strong", [])
+    # TF32 is on in every new TensorRT builder config: cleared, so "fp32" is float32 math (spec["flags"] above is
+    # what the builder was left with: TF32 not among them) and the metadata says so
+    assert meta["tf32"] is False and meta["cleared_builder_flags"] == ["TF32"]
     assert meta["inputs"] == [{"name": "images", "dtype": "float32", "shape": [-1, 3, 8, 8]}]
     assert meta["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [-1, 3]}]
     assert meta["token_merge_plugin"] is False and meta["plugin_aot"] is False
@@ -232,7 +235,7 @@ def _plugin_images_model(path, r=3):
              helper.make_node("Transpose", ["flat"], ["x"], perm=[0, 2, 1]),
              helper.make_node("ReduceSum", ["x", "last"], ["size"], keepdims=1),
              helper.make_node("TokenMerge", ["x", "x", "size"], ["x_out", "size_out"], name="merge0",
-                              domain="vitmerge", r=r, protected=1, method="tome", options="{}"),
+                              domain="vitmerge", r=str(r), protected="1", method="tome", options="{}"),
              helper.make_node("ReduceMean", ["x_out", "tokens"], ["logits"], keepdims=0)]
     inits = [helper.make_tensor("shape", TensorProto.INT64, [3], [0, 3, n]),
              helper.make_tensor("last", TensorProto.INT64, [1], [2]),
@@ -251,7 +254,8 @@ SOURCES = trt_standin.available_sources()
 
 @pytest.mark.skipif(not SOURCES, reason="TensorRT's Python sources not found: `make install` fetches them into "
                                          ".venv/trt-bindings/ (or set VITMERGE_TRT_BINDINGS)")
-@pytest.mark.parametrize("version", sorted(SOURCES, key=trt_standin.version_tuple))
+@pytest.mark.parametrize("version", sorted((v for v in SOURCES if trt_standin.version_tuple(v) >= (10, 16)),
+                                           key=trt_standin.version_tuple))
 def test_build_cli_with_the_token_merge_plugin(tmp_path, monkeypatch, version):
     """`vitmerge build` on a TokenMerge graph: the plugin is registered through tensorrt.plugin, the
     parser emulation creates it from the node, the builder walks its type combinations; the metadata
@@ -352,3 +356,42 @@ def test_engine_of_another_tensorrt_is_a_clear_error(tmp_path, monkeypatch):
     with trt_standin.fake_tensorrt(V11):
         with pytest.raises(RuntimeMissingError, match=r"could not load m\.engine \(built with TensorRT 10\.16"):
             TrtRunner(res.engine)
+
+
+def test_engine_without_its_metadata_says_what_is_missing(tmp_path, monkeypatch):
+    """An engine whose metadata file was not copied along: the error names the missing file (not a version or GPU
+    mismatch) and the two ways out."""
+    from vitmerge.errors import ModelFileError
+
+    with trt_standin.fake_tensorrt(V10):
+        monkeypatch.setattr(trt_backend, "gpu_name", lambda: "Stand-in GPU")
+        res = build_engine(BuildRequest(onnx_path=_images_model(tmp_path / "m.onnx"), output=tmp_path / "m.engine"))
+    res.metadata.unlink()
+    (tmp_path / "m.engine").write_bytes(b"not an engine any TensorRT loads")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with trt_standin.fake_tensorrt(V10):
+        with pytest.raises(ModelFileError) as e:
+            TrtRunner(tmp_path / "m.engine")
+    text = str(e.value)
+    assert "its metadata file m.engine.json (written by vitmerge build" in text and "is missing" in text
+    assert "Put the metadata file back, or rebuild: vitmerge build MODEL.onnx --output m.engine" in text
+
+
+def test_every_tensorrt_type_has_its_buffer_type_or_a_clear_error():
+    """Engine I/O buffers are allocated by type: INT64, BOOL, UINT8, FP8 get theirs (a float32 buffer would have the
+    wrong byte size); a type PyTorch cannot hold (INT4) is refused by name."""
+    from vitmerge.errors import ModelFileError
+
+    with trt_standin.fake_tensorrt(V10) as m:
+        table = trt_backend.torch_dtypes(m, torch)
+        want = {m.float32: torch.float32, m.float16: torch.float16, m.bfloat16: torch.bfloat16, m.int8: torch.int8,
+                m.int32: torch.int32, m.int64: torch.int64, m.bool: torch.bool, m.uint8: torch.uint8,
+                m.fp8: torch.float8_e4m3fn}
+        assert table == want
+        for t, d in want.items():
+            assert trt_backend.engine_dtype(table, t, "x") is d
+        with pytest.raises(ModelFileError) as e:
+            trt_backend.engine_dtype(table, m.int4, "logits", "m.engine")
+    assert str(e.value) == ("m.engine: tensor 'logits' has TensorRT type int4, which vitmerge cannot give a buffer for; "
+                            "build the engine from a file whose inputs and outputs are float32 (vitmerge export "
+                            "writes such files)")

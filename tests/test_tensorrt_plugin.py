@@ -1,10 +1,10 @@
 """vitmerge's TokenMerge plugins run through TensorRT's own ``tensorrt.plugin`` Python sources.
 
-Each test runs for every TensorRT source tree ``make install`` fetched (10.8, the oldest supported;
-10.16, the newest 10.x; 11.4): the real ``tensorrt_bindings/__init__.py`` and ``plugin/*.py`` on a
+Each test runs for every TensorRT source tree ``make install`` fetched (10.16, the oldest supported and
+the newest 10.x; 11.4): the real ``tensorrt_bindings/__init__.py`` and ``plugin/*.py`` on a
 stand-in for the compiled module (tests/trt_standin.py; no GPU, no libnvinfer). The plugins are
 registered through those sources, created from plugin fields built exactly as TensorRT's ONNX parser
-builds them (INT -> one-element int32 array, STRING -> bytes + NUL), asked for output types, shapes
+builds them (every TokenMerge attribute is a STRING -> bytes + NUL), asked for output types, shapes
 and type combinations as the builder asks, and enqueued on host buffers (the merge runs in Triton's
 CPU interpreter). Outputs are compared with the float64 loop reference of tests/reference_tome.py.
 """
@@ -30,7 +30,9 @@ from vitmerge.plugins import tensorrt_plugin
 SOURCES = trt_standin.available_sources()
 NO_SOURCES = ("TensorRT's Python sources not found: `make install` fetches the tensorrt-cu12/cu13-bindings wheels "
               "(about 1.2 MB each, from PyPI) into .venv/trt-bindings/; or set VITMERGE_TRT_BINDINGS to such a folder")
-VERSIONS = sorted(SOURCES, key=trt_standin.version_tuple) or [pytest.param(None, marks=pytest.mark.skip(reason=NO_SOURCES))]
+# the supported versions (older source trees, if a folder still holds them, only serve the refusal tests)
+VERSIONS = sorted((v for v in SOURCES if trt_standin.version_tuple(v) >= tensorrt_plugin.SUPPORTED[0]),
+                  key=trt_standin.version_tuple) or [pytest.param(None, marks=pytest.mark.skip(reason=NO_SOURCES))]
 HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
 
 
@@ -70,7 +72,8 @@ def _model(N, C, D, r, protected, method="tome", options="{}", cls=False, dtype=
     if cls:
         ins.append(helper.make_tensor_value_info("cls_attn", dtype, ["B", N]))
     node = helper.make_node("TokenMergeCls" if cls else "TokenMerge", [i.name for i in ins], ["x_out", "size_out"],
-                            name="merge0", domain="vitmerge", r=r, protected=protected, method=method, options=options)
+                            name="merge0", domain="vitmerge", r=str(r), protected=str(protected), method=method,
+                            options=options)
     outs = [helper.make_tensor_value_info("x_out", dtype, ["B", N - r, D]),
             helper.make_tensor_value_info("size_out", dtype, ["B", N - r, 1])]
     return helper.make_model(helper.make_graph([node], "tm", ins, outs),
@@ -173,7 +176,8 @@ def test_registers_through_tensorrt_plugin(trt):
         creator = trt_mod.get_plugin_registry().get_creator(name, "1", "vitmerge")
         fields = {f.name: f.type for f in creator.field_names}
         # what the ONNX parser will match the node's attributes against
-        assert fields == {"r": trt_mod.PluginFieldType.INT32, "protected": trt_mod.PluginFieldType.INT32,
+        # every attribute is text: the one field type every supported TensorRT reads right on Python 3.11-3.13
+        assert fields == {"r": trt_mod.PluginFieldType.CHAR, "protected": trt_mod.PluginFieldType.CHAR,
                           "method": trt_mod.PluginFieldType.CHAR, "options": trt_mod.PluginFieldType.CHAR}
     assert not [m for s, m in trt_mod.log_messages if s == trt_mod.ILogger.Severity.ERROR]  # no duplicate creators
 
@@ -204,7 +208,7 @@ def test_registration_refusal_quotes_the_error_on_one_line(trt, monkeypatch):
         return define
 
     head = f"TensorRT {trt_mod.__version__}'s tensorrt.plugin rejected the vitmerge::TokenMerge plugin "
-    tail = "; use TensorRT 10.8 to 11.x or build the plugin-free form (vitmerge export --merge-op native)"
+    tail = "; use TensorRT 10.16 to 11.x or use the default plugin-free file (vitmerge export)"
     monkeypatch.setattr(tensorrt_plugin, "_define_token_merge", refusing("annotation of 'r':\n    must be a class,  not str"))
     with pytest.raises(EngineBuildError) as e:
         tensorrt_plugin.register()
@@ -237,7 +241,7 @@ def test_register_after_a_refusal_defines_what_is_still_missing(trt, monkeypatch
 
 def test_unsupported_or_missing_tensorrt_is_a_clear_error():
     with trt_standin.fake_tensorrt("10.3.0"):
-        with pytest.raises(RuntimeMissingError, match=r"TensorRT 10\.3\.0 is not supported.*10\.8 to 11\.x"):
+        with pytest.raises(RuntimeMissingError, match=r"TensorRT 10\.3\.0 is not supported.*10\.16 to 11\.x"):
             tensorrt_plugin.register()
     with trt_standin.fake_tensorrt("10.16.1.11"):  # a tensorrt without its tensorrt.plugin package
         with pytest.raises(RuntimeMissingError, match="tensorrt.plugin module cannot be imported"):
@@ -248,22 +252,24 @@ def test_missing_tensorrt_message_in_full(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
     with pytest.raises(RuntimeMissingError) as e:
         tensorrt_plugin.require_tensorrt()
-    assert str(e.value) == ("TensorRT not installed: TensorRT engines need an NVIDIA GPU machine with TensorRT 10.8 to "
+    assert str(e.value) == ("TensorRT not installed: TensorRT engines need an NVIDIA GPU machine with TensorRT 10.16 to "
                             "11.x (pip install 'vitmerge[tensorrt]'); run the ONNX file in ONNX Runtime instead")
 
 
 def test_unsupported_tensorrt_messages_in_full(monkeypatch):
-    """Below 10.8, 12.0 itself (the range ends before it) and a tensorrt without a version are refused, whole text;
-    a tensorrt.plugin that fails to import is quoted on one line."""
-    def unsupported(shown):
-        return (f"TensorRT {shown} is not supported by the TokenMerge plugin (needs TensorRT 10.8 to 11.x): pip install "
-                "'vitmerge[tensorrt]', or build the plugin-free form (vitmerge export --merge-op native)")
+    """Below 10.16 (10.8-10.15 with the reason: NumPy 2 corrupts their string fields), 12.0 itself (the range ends
+    before it) and a tensorrt without a version are refused, whole text; a tensorrt.plugin that fails to import is
+    quoted on one line."""
+    def unsupported(shown, why=""):
+        return (f"TensorRT {shown} is not supported by the TokenMerge plugin (needs TensorRT 10.16 to 11.x){why}: pip "
+                "install 'vitmerge[tensorrt]', or use the default plugin-free file (vitmerge export)")
 
-    for version in ("10.7.1", "12.0.0"):
+    for version, why in (("10.7.1", ""), ("12.0.0", ""), ("10.8.0.43", f" ({tensorrt_plugin.WHY_10_16})"),
+                         ("10.15.1", f" ({tensorrt_plugin.WHY_10_16})")):
         with trt_standin.fake_tensorrt(version):
             with pytest.raises(RuntimeMissingError) as e:
                 tensorrt_plugin.require_plugin_api()
-        assert str(e.value) == unsupported(version)
+        assert str(e.value) == unsupported(version, why)
     with trt_standin.fake_tensorrt("10.16.1.11") as m:
         del m.__version__
         with pytest.raises(RuntimeMissingError) as e:
@@ -287,7 +293,7 @@ def test_unsupported_tensorrt_messages_in_full(monkeypatch):
             tensorrt_plugin.require_plugin_api()
     assert str(e.value) == ("TensorRT 10.16.1.11's tensorrt.plugin module cannot be imported (OSError: libnvrtc.so.12: "
                             "cannot open shared object file: No such file or directory); reinstall TensorRT (pip install "
-                            "'vitmerge[tensorrt]') or build the plugin-free form (vitmerge export --merge-op native)")
+                            "'vitmerge[tensorrt]') or use the default plugin-free file (vitmerge export)")
 
 
 def test_tensorrt_version_reads_major_minor_or_zero():
@@ -303,7 +309,7 @@ def test_tensorrt_version_reads_major_minor_or_zero():
 
 
 def test_created_from_parser_fields_describes_its_outputs(trt):
-    """Items 2 and 3: r and protected as one-element int32 arrays, method and options as bytes + NUL."""
+    """Every attribute as the parser hands a STRING over: bytes + NUL (r and protected as decimal text)."""
     trt_mod, _ = trt
     tensorrt_plugin.register()
     N, C, D, r = 17, 8, 24, 5
@@ -329,7 +335,8 @@ def test_created_from_parser_fields_describes_its_outputs(trt):
 
 @pytest.mark.parametrize("cls", [False, True], ids=["TokenMerge", "TokenMergeCls"])
 def test_type_combinations_the_builder_sees(trt, cls):
-    """The autotune descriptor: all FP32 or all FP16, linear; the builder configures one and gets tactics."""
+    """The autotune descriptor: all FP32, linear (never FP16: a weakly typed --fp16 build must not run the merge
+    plan in half precision); the builder configures it and gets tactics."""
     trt_mod, _ = trt
     tensorrt_plugin.register()
     node = _prepared_node(_model(9, 4, 8, 2, 1, method="importance" if cls else "tome", cls=cls))
@@ -342,7 +349,7 @@ def test_type_combinations_the_builder_sees(trt, cls):
     n_io = (4 if cls else 3) + 2
     err = trt_standin._drive_plugin(trt_mod, p, {"min": 1, "opt": 4, "max": 8})
     assert err is None
-    assert sorted(p["combinations"], key=str) == sorted([[trt_mod.float32] * n_io, [trt_mod.float16] * n_io], key=str)
+    assert p["combinations"] == [[trt_mod.float32] * n_io]
     assert p["tactics"] == []  # the default tactic only
 
 
@@ -374,18 +381,19 @@ def test_merge_runs_on_the_stream_tensorrt_gives(trt, host_buffers, monkeypatch)
 
 
 def test_malformed_int_field_is_a_clear_error_at_the_builders_first_question(trt):
-    """A node that reaches the parser without prepare_onnx's check (r an INTS attribute): the parser hands r
-    over as a two-element int32 array; asking the plugin for its outputs names the attribute."""
+    """A node that reaches the parser without prepare_onnx's check with r an INT (a file of an older vitmerge):
+    the parser hands r over as an int32 array, the plugin reads its bytes as text; asking the plugin for its
+    outputs names the attribute and the way out."""
     trt_mod, _ = trt
     tensorrt_plugin.register()
     node = _model(9, 4, 8, 2, 1).graph.node[0]
     (i,) = [j for j, a in enumerate(node.attribute) if a.name == "r"]
     del node.attribute[i]
-    node.attribute.extend([helper.make_attribute("r", [2, 3]), helper.make_attribute("plugin_namespace", "vitmerge")])
+    node.attribute.extend([helper.make_attribute("r", 2), helper.make_attribute("plugin_namespace", "vitmerge")])
     plugin = _create(trt_mod, node)
     with pytest.raises(ModelFileError) as e:
         plugin.get_output_data_types([trt_mod.float32] * 3, [3, 3, 3])
-    assert str(e.value) == ("TokenMerge attribute 'r' must be one integer, got array([2, 3], dtype=int32); "
+    assert str(e.value) == ("TokenMerge attribute 'r' must be an integer, got '\\x02'; "
                             "re-create the plugin form with vitmerge export --merge-op plugin")
 
 
@@ -470,6 +478,8 @@ def test_jit_only(trt):
 
 
 def test_attribute_readers_take_every_form():
+    assert tensorrt_plugin.int_attr("7", "r") == 7 and tensorrt_plugin.int_attr(b"16\x00", "r") == 16
+    assert tensorrt_plugin.int_attr(np.frombuffer(b"12\x00", dtype=np.int8), "r") == 12
     int32 = np.array([7], dtype=np.int32)
     assert tensorrt_plugin.int_attr(int32, "r") == 7 and type(tensorrt_plugin.int_attr(int32, "r")) is int
     assert tensorrt_plugin.int_attr(np.int64(3), "r") == 3 and tensorrt_plugin.int_attr(4, "r") == 4
@@ -499,8 +509,9 @@ def test_attribute_errors_name_the_attribute_in_full():
     assert error(tensorrt_plugin.int_attr, 2.5, "r") == "TokenMerge attribute 'r' must be one integer, got 2.5" + redo
     assert error(tensorrt_plugin.merge_attrs, 2.5, 1, "tome", "{}") == \
         "TokenMerge attribute 'r' must be one integer, got 2.5" + redo
-    assert error(tensorrt_plugin.merge_attrs, 2, "1", "tome", "{}") == \
-        "TokenMerge attribute 'protected' must be one integer, got '1'" + redo
+    assert error(tensorrt_plugin.merge_attrs, 2, "x1", "tome", "{}") == \
+        "TokenMerge attribute 'protected' must be an integer, got 'x1'" + redo
+    assert error(tensorrt_plugin.int_attr, b"2.5\x00", "r") == "TokenMerge attribute 'r' must be an integer, got '2.5'" + redo
     for r, p in ((-1, 1), (2, -1)):  # either one negative is enough
         assert error(tensorrt_plugin.merge_attrs, r, p, "tome", "{}") == \
             f"TokenMerge attributes r={r}, protected={p} must not be negative"
@@ -565,7 +576,7 @@ def test_prepare_onnx_checks_nodes_before_tensorrt_sees_them():
     model = _model(9, 4, 8, 2, 1)
     prepared = onnx.load_from_string(tensorrt_plugin.prepare_onnx(model))
     attrs = {a.name: helper.get_attribute_value(a) for a in prepared.graph.node[0].attribute}
-    assert attrs["plugin_namespace"] == b"vitmerge" and attrs["r"] == 2 and "aot" not in attrs
+    assert attrs["plugin_namespace"] == b"vitmerge" and attrs["r"] == b"2" and "aot" not in attrs
     assert not any(a.name == "plugin_namespace" for a in model.graph.node[0].attribute)  # original untouched
     bad = _model(9, 4, 8, 2, 1, options="{not json")
     with pytest.raises(ModelFileError, match="not valid JSON"):
@@ -573,9 +584,12 @@ def test_prepare_onnx_checks_nodes_before_tensorrt_sees_them():
     wrong = _model(9, 4, 8, 2, 1)
     node = wrong.graph.node[0]
     del node.attribute[0]  # r
-    node.attribute.append(helper.make_attribute("r", "2"))  # a STRING, which the parser would hand over as text
-    with pytest.raises(ModelFileError, match="attribute 'r' must be INT, it is STRING"):
+    node.attribute.append(helper.make_attribute("r", 2))  # an INT, as an older vitmerge wrote it
+    with pytest.raises(ModelFileError) as e:
         tensorrt_plugin.prepare_onnx(wrong)
+    assert str(e.value) == ("TokenMerge node 'merge0': attribute 'r' must be STRING, it is INT (an INT r / protected: "
+                            "the file was written by an older vitmerge); re-create the plugin form with vitmerge export "
+                            "--merge-op plugin")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,7 +609,7 @@ def plugin_form(tmp_path_factory, one_torch_thread):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
     vitmerge.apply(model, r=4)
-    src = vitmerge.export(model, d / "t.onnx", check=False).path
+    src = vitmerge.export(model, d / "t.onnx", check=False, merge_op="standard").path
     surgery.rewrite(src, d / "tp.onnx", "plugin")
     return onnx.load(str(d / "tp.onnx"))
 
@@ -621,3 +635,62 @@ def test_exported_plugin_form_parses_and_runs(trt, host_buffers, plugin_form):
         np.testing.assert_allclose(got_x, ref_x, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(got_s[..., 0], ref_s)
         n -= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# What the compiled module does with NumPy 2 (item 1 of the second TensorRT reading)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_string_field_probe_sees_numpy_abi_corruption(monkeypatch):
+    """TensorRT 10.8-10.15's tensorrt.so (pybind11 < 2.12) reads NumPy 2 arrays with an item size of 0: every
+    element of PluginField.data repeats element 0. The probe tells such a module from a NumPy-2-aware one, and the
+    plugin refuses to register on it, saying why and what to install."""
+    with trt_standin.fake_tensorrt("10.16.1.11") as m:
+        assert tensorrt_plugin.string_fields_intact(m)  # the stand-in, like 10.16: bytes come back as they went in
+
+        real = m.PluginField
+
+        class NumPy1Layout(real):  # what 10.8-10.15 return under NumPy 2
+            @property
+            def data(self):
+                d = np.asarray(real.data.fget(self))
+                return np.full_like(d, d.reshape(-1)[0])
+
+        monkeypatch.setattr(m, "PluginField", NumPy1Layout)
+        assert NumPy1Layout("m", np.frombuffer(b"tome\x00", np.int8).copy(), m.PluginFieldType.CHAR).data.tobytes() == b"ttttt"
+        assert not tensorrt_plugin.string_fields_intact(m)
+        with pytest.raises(RuntimeMissingError) as e:
+            tensorrt_plugin.require_plugin_api()
+    assert str(e.value) == (
+        f"TensorRT 10.16.1.11's PluginField returns string data corrupted under NumPy {np.__version__} "
+        f"({tensorrt_plugin.WHY_10_16}): install a NumPy-2-aware TensorRT (pip install 'tensorrt>=10.16'), or use "
+        "the default plugin-free file (vitmerge export)")
+
+
+def _python313():
+    """An interpreter of Python 3.13 with numpy and onnx: VITMERGE_PY313, or the venv `make install` makes."""
+    import shutil
+
+    cand = os.environ.get("VITMERGE_PY313") or str(trt_standin.REPO / ".venv313" / "bin" / "python")
+    return cand if shutil.which(cand) or os.path.isfile(cand) else None
+
+
+def test_plugin_registers_under_python_313():
+    """Item 2 of the second TensorRT reading: on Python 3.13, TensorRT 10.9-10.16's validators call issubclass on
+    every annotation; the plugin's attributes are plain str, so registration, creation from the parser's fields
+    and the output shapes work there too, for every fetched TensorRT version (tests/plugin_py313_check.py)."""
+    import subprocess
+
+    py = _python313()
+    if py is None:
+        pytest.skip("no Python 3.13 with numpy and onnx: `make install` makes .venv313 where a python3.13 exists "
+                    "(pyenv or PATH), or set VITMERGE_PY313")
+    if not SOURCES:
+        pytest.skip(NO_SOURCES)
+    out = subprocess.run([py, str(trt_standin.REPO / "tests" / "plugin_py313_check.py")], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines and all(ln.startswith("OK ") and "(Python 3.13" in ln for ln in lines), out.stdout
+    assert {ln.split()[1] for ln in lines} == {v for v in SOURCES if trt_standin.version_tuple(v) >= (10, 16)}

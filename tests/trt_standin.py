@@ -419,12 +419,18 @@ def compiled_module(version: str) -> types.ModuleType:
 
     class IBuilderConfig:
         def __init__(self):
-            self.flags, self.profiles, self.pools = set(), [], {}
+            # TensorRT turns TF32 on by default in every new builder config
+            self.flags, self.profiles, self.pools = {m.BuilderFlag.TF32}, [], {}
 
         def set_flag(self, flag):
             if not isinstance(flag, m.BuilderFlag):
                 raise TypeError(f"set_flag(): incompatible argument {flag!r}")
             self.flags.add(flag)
+
+        def clear_flag(self, flag):
+            if not isinstance(flag, m.BuilderFlag):
+                raise TypeError(f"clear_flag(): incompatible argument {flag!r}")
+            self.flags.discard(flag)
 
         def get_flag(self, flag):
             return flag in self.flags

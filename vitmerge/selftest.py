@@ -45,7 +45,8 @@ MODEL_KWARGS = {"img_size": 64, "depth": 2}
 R = 4
 BATCH = 3
 METHOD_OPTIONS = {"vwt": {"mode": "intra"}}
-PLUGIN_METHODS = ("tome", "hash", "importance")  # methods with a per-block (x, metric, size) step
+# methods with a per-block (x, metric, size) step: the ones a TokenMerge node can stand for
+PLUGIN_METHODS = tuple(m for m, spec in merging.METHODS.items() if spec.form == "block")
 
 
 @dataclasses.dataclass
@@ -179,7 +180,79 @@ def run(methods: Optional[Sequence[str]] = None, quick: bool = False,
             row(f"{method}: TensorRT engine", lambda f=files, r=ref: _tensorrt(f, r, images, tmp, method, cuda))
         row("energy: NVML (GPU) counter", lambda: _energy("cuda"))
         row("energy: RAPL (CPU) counter", lambda: _energy("cpu"))
+    row("CUDA driver vs PyTorch's CUDA", _driver_check)
+    row("TensorRT: plugin string fields intact (NumPy ABI of tensorrt.so)", _trt_fields)
     return SelftestResult(rows=rows, machine=machine())
+
+
+def driver_cuda_version() -> Optional[tuple]:
+    """(major, minor) of the newest CUDA the installed NVIDIA driver supports, or None without a driver.
+
+    From NVML when nvidia-ml-py is installed, else from ``nvidia-smi``'s header ("CUDA Version: 12.4"). Works
+    when PyTorch sees no GPU (which is what a driver too old for PyTorch's CUDA looks like)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            v = int(pynvml.nvmlSystemGetCudaDriverVersion())
+        finally:
+            pynvml.nvmlShutdown()
+        return v // 1000, (v % 1000) // 10
+    except Exception:
+        pass
+    import re
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+CUDA12_ROUTE = ("the CUDA 12 route (docs/gpu.md): a cu12 PyTorch (pip install torch --index-url "
+                "https://download.pytorch.org/whl/cu126), pip install 'vitmerge[gpu-cu12,tensorrt-cu12]' "
+                "(onnxruntime-gpu < 1.27, tensorrt-cu12 >= 10.16), never both TensorRT meta-packages at once; or "
+                "update the driver to R580 or newer for CUDA 13")
+
+
+def driver_check(torch_cuda: Optional[str], driver: Optional[tuple]) -> str:
+    """PASS text, or :class:`VitmergeError` with the fix when the driver is older than PyTorch's CUDA."""
+    if not torch_cuda:
+        raise Skip(f"PyTorch {torch.__version__} is a CPU build (torch.version.cuda is None)")
+    if driver is None:
+        raise Skip("no NVIDIA driver found (no NVML, no nvidia-smi)")
+    want = tuple(int(v) for v in torch_cuda.split(".")[:2])
+    text = f"driver supports CUDA {driver[0]}.{driver[1]}, PyTorch {torch.__version__} is built for CUDA {torch_cuda}"
+    if driver[0] < want[0]:  # within one major version CUDA's minor-version compatibility holds
+        raise VitmergeError(f"{text}: PyTorch sees no GPU and TensorRT / onnxruntime-gpu of the same CUDA cannot start. "
+                            f"Fix: {CUDA12_ROUTE if want[0] >= 13 and driver[0] == 12 else 'update the NVIDIA driver'}")
+    if driver < want:
+        return text + " (same major version: CUDA's minor-version compatibility applies)"
+    return text
+
+
+def _driver_check() -> str:
+    return driver_check(torch.version.cuda, driver_cuda_version())
+
+
+def _trt_fields() -> str:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise Skip("TensorRT not installed") from None
+    from .plugins.tensorrt_plugin import WHY_10_16, string_fields_intact
+
+    if not string_fields_intact(trt):
+        raise VitmergeError(f"TensorRT {trt.__version__} under NumPy {np.__version__}: PluginField('m', b'tome\\0', "
+                            f"CHAR).data does not give b'tome\\0' back ({WHY_10_16}). Fix: pip install 'tensorrt>=10.16'")
+    return f"TensorRT {trt.__version__}, NumPy {np.__version__}: b'tome\\0' comes back intact"
 
 
 def _need_ref(ref) -> None:
@@ -188,6 +261,8 @@ def _need_ref(ref) -> None:
 
 
 def _ort_cuda(files: Dict[str, Path], ref, images) -> str:
+    from .backends.ort import placement_report
+
     ort = import_ort()
     problem = cuda_problem(ort)
     if problem is not None:
@@ -196,7 +271,14 @@ def _ort_cuda(files: Dict[str, Path], ref, images) -> str:
         raise Skip("no CUDA device")
     _need_ref(ref)
     form = "native" if "native" in files else "standard"
-    return f"{form} form: " + _compare(ref["ort"], OrtRunner(files[form], runtime="ort-cuda")(images).numpy(), 1e-2)
+    text = f"{form} form: " + _compare(ref["ort"], OrtRunner(files[form], runtime="ort-cuda")(images).numpy(), 1e-2)
+    on_cpu = placement_report(files[form])
+    if on_cpu:
+        ops = sorted({op for op, _ in on_cpu})
+        text += f"; {len(on_cpu)} compute node(s) placed on the CPU ({', '.join(ops)}): copies to the host and back"
+    else:
+        text += "; every compute node on CUDA"
+    return text
 
 
 def _fp16(model, ref, images, tmp: Path, method: str) -> str:
@@ -244,7 +326,7 @@ def _tensorrt(files: Dict[str, Path], ref, images, tmp: Path, method: str, cuda:
         raise Skip("no CUDA device: TensorRT builds and runs engines on an NVIDIA GPU")
     _need_ref(ref)
     out = []
-    for form in [f for f in ("native", "plugin") if f in files]:  # the standard form's ScatterND-add is ORT's
+    for form in [f for f in ("native", "plugin") if f in files]:
         try:
             eng = build_engine(BuildRequest(onnx_path=files[form], output=tmp / f"{method}_{form}.engine",
                                             min_batch=1, opt_batch=BATCH, max_batch=BATCH)).engine

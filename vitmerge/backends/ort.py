@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -169,6 +169,7 @@ def cuda_session(path: PathLike, threads: int = 0):
     problem = cuda_problem(ort)
     if problem:
         raise RuntimeMissingError(f"ONNX Runtime CUDA is not available: {problem}")
+    preload_cuda_libraries(ort)
     sess = session(path, [(CUDA, {"device_id": 0}), CPU], threads)
     if sess.get_providers()[0] != CUDA:
         raise RuntimeMissingError(
@@ -177,6 +178,65 @@ def cuda_session(path: PathLike, threads: int = 0):
             "use --runtime ort for the CPU"
         )
     return sess
+
+
+def preload_cuda_libraries(ort) -> bool:
+    """Load the CUDA / cuDNN libraries onnxruntime-gpu was built for from the NVIDIA pip packages
+    (``onnxruntime.preload_dlls()``, ONNX Runtime >= 1.21), instead of relying on ``import torch`` having
+    loaded compatible ones first. Returns whether it ran (older ONNX Runtimes do not have it)."""
+    fn = getattr(ort, "preload_dlls", None)
+    if fn is None:
+        return False
+    try:
+        fn()
+    except Exception as e:  # the libraries are not pip-installed: ONNX Runtime then searches the system paths
+        log.info("onnxruntime.preload_dlls() did not load the CUDA libraries (%s): using the system's", e)
+        return False
+    return True
+
+
+#: ops ONNX Runtime keeps on the CPU by design (shape arithmetic on small int tensors): not worth a report
+_HOST_OPS = {"Shape", "Size", "Constant", "ConstantOfShape", "Range", "Squeeze", "Unsqueeze", "Reshape", "Concat",
+             "Gather", "Slice", "Cast", "Identity", "Flatten"}
+
+
+def cpu_placed_nodes(sess, feeds: dict) -> List[Tuple[str, str]]:
+    """(op, node) of every compute node ONNX Runtime ran on the CPU provider in one profiled run of ``sess``
+    (a session created with profiling on, e.g. :func:`placement_report`). Shape-only ops are left out."""
+    import json as _json
+
+    sess.run(None, feeds)
+    prof = sess.end_profiling()
+    try:
+        events = _json.loads(Path(prof).read_text())
+    finally:
+        Path(prof).unlink(missing_ok=True)
+    out = []
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and \
+                args.get("provider") == CPU and args.get("op_name") not in _HOST_OPS:
+            out.append((args.get("op_name", "?"), e["name"][: -len("_kernel_time")]))
+    return sorted(set(out))
+
+
+def placement_report(path: PathLike, batch: int = 1) -> List[Tuple[str, str]]:
+    """Compute nodes of ``path`` that ONNX Runtime places on the CPU under the CUDA provider (one profiled run
+    on random inputs): each one is a device-to-host copy and back at run time. Empty when all run on CUDA."""
+    ort = import_ort()
+    problem = cuda_problem(ort)
+    if problem:
+        raise RuntimeMissingError(f"ONNX Runtime CUDA is not available: {problem}")
+    preload_cuda_libraries(ort)
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=[(CUDA, {"device_id": 0}), CPU])
+    inp = sess.get_inputs()[0]
+    shape = [batch if not isinstance(d, int) or d <= 0 else d for d in inp.shape]
+    shape[0] = batch
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return cpu_placed_nodes(sess, {inp.name: x})
 
 
 def _dim(d) -> Optional[int]:

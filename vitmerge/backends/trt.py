@@ -1,6 +1,6 @@
 """TensorRT: build an engine from ONNX, read and write its metadata, run it behind the runner interface.
 
-Supported: TensorRT 10.8 to 11.x (``pip install 'vitmerge[tensorrt]'``). Nothing here has run on a
+Supported: TensorRT 10.16 to 11.x (``pip install 'vitmerge[tensorrt]'``). Nothing here has run on a
 GPU yet; the tests drive this code with a stand-in for TensorRT's compiled module (and TensorRT's own
 ``tensorrt.plugin`` Python sources) on machines without one.
 
@@ -38,7 +38,7 @@ import torch
 from .. import metadata as md
 from .._io import staged
 from ..errors import (EngineBuildError, ModelFileError, ModelNotFoundError, OutputPathError, RuntimeMissingError,
-                      UsageError)
+                      UsageError, VitmergeError)
 from ..plugins.tensorrt_plugin import SUPPORTED_TEXT, prepare_onnx, register, require_tensorrt, token_merge_nodes
 from .base import ENGINE_SUFFIXES, Runner
 
@@ -118,10 +118,15 @@ class PrecisionPlan:
     strongly_typed: bool
     flags: Tuple[str, ...]  # BuilderFlag names to set (weakly typed builds only)
     precision: str  # what the engine computes in, e.g. "fp32", "fp16", "int8+fp32", "int8+fp16"
+    #: BuilderFlag names to clear. TF32 is on by default in TensorRT: an "fp32" engine would run its float32
+    #: matrix products in TF32 (10 mantissa bits), and so would the merge steps of every engine (they stay
+    #: float32 in reduced-precision files), which can flip near-tied merge decisions against float32
+    cleared: Tuple[str, ...] = ("TF32",)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"precision": self.precision, "typing": "strong" if self.strongly_typed else "weak",
-                "builder_flags": list(self.flags)}
+                "builder_flags": list(self.flags), "cleared_builder_flags": list(self.cleared),
+                "tf32": "TF32" not in self.cleared}
 
 
 def precision_plan(req: BuildRequest, types: FileTypes, trt) -> PrecisionPlan:
@@ -196,6 +201,30 @@ _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8
                 "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8", "INT4": "int4", "FP4": "float4"}
 
 
+def torch_dtypes(trt, torch) -> Dict[Any, Any]:
+    """TensorRT DataType -> torch dtype, for every type this TensorRT and this PyTorch both have. An engine's
+    I/O buffers are allocated with these: a wrong type is a buffer of the wrong byte size."""
+    pairs = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int8": "int8", "int32": "int32",
+             "int64": "int64", "bool": "bool", "uint8": "uint8", "fp8": "float8_e4m3fn"}
+    out = {}
+    for trt_name, torch_name in pairs.items():
+        t, d = getattr(trt, trt_name, None), getattr(torch, torch_name, None)
+        if t is not None and d is not None:
+            out[t] = d
+    return out
+
+
+def engine_dtype(table: Dict[Any, Any], dtype, tensor: str, engine: str = "the engine"):
+    """The torch dtype for an engine tensor of TensorRT type ``dtype``; :class:`ModelFileError` for a type
+    without one (int4, fp4: no PyTorch buffer can hold them), never a float32 buffer of the wrong size."""
+    try:
+        return table[dtype]
+    except (KeyError, TypeError):
+        raise ModelFileError(f"{engine}: tensor {tensor!r} has TensorRT type {dtype_name(dtype)}, which vitmerge cannot "
+                             "give a buffer for; build the engine from a file whose inputs and outputs are float32 "
+                             "(vitmerge export writes such files)") from None
+
+
 def dtype_name(dtype) -> str:
     """A TensorRT DataType as the name the engine metadata uses (numpy's spelling)."""
     key = getattr(dtype, "name", None) or str(dtype).split(".")[-1]
@@ -260,6 +289,9 @@ def build_engine(req: BuildRequest, on_step: Optional[Callable[[str], None]] = N
     config.add_optimization_profile(profile)
     for name in plan.flags:
         config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in plan.cleared:
+        if hasattr(trt.BuilderFlag, name):
+            config.clear_flag(getattr(trt.BuilderFlag, name))
     step(f"building the {plan.precision} engine (minutes)")
     t0 = time.perf_counter()
     try:
@@ -362,13 +394,28 @@ class TrtRunner(Runner):
             if not Path(lib).is_file():
                 raise RuntimeMissingError(f"{path.name} needs the plugin library {lib}, which does not exist here")
             ctypes.CDLL(lib, mode=getattr(os, "RTLD_GLOBAL", 0))
+        plugin_note = ""
         if meta and (meta.get("token_merge_plugin") or meta.get("merge_op") == "plugin") and not plugin_libraries(meta):
             register()  # the Python (JIT) TokenMerge plugin: its creators must exist before deserialization
+        elif meta is None:
+            # no metadata: nothing says whether the engine holds TokenMerge plugins, so register them if this
+            # TensorRT can (harmless otherwise) and say what is missing if the engine still does not load
+            try:
+                register()
+            except VitmergeError as e:
+                plugin_note = f"; the TokenMerge plugin could not be registered ({e})"
         logger = trt.Logger(trt.Logger.ERROR)
         trt.init_libnvinfer_plugins(logger, "")
         engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
         if engine is None:
-            built = (meta or {}).get("tensorrt_version")
+            if meta is None:
+                raise ModelFileError(
+                    f"TensorRT {trt.__version__} could not load {path.name}, and its metadata file "
+                    f"{metadata_path_for(path).name} (written by vitmerge build: the TensorRT version, GPU and plugins "
+                    f"the engine needs) is missing next to it{plugin_note}. Put the metadata file back, or rebuild: "
+                    "vitmerge build MODEL.onnx --output " + path.name
+                )
+            built = meta.get("tensorrt_version")
             raise RuntimeMissingError(
                 f"TensorRT {trt.__version__} could not load {path.name}"
                 + (f" (built with TensorRT {built})" if built else "")
@@ -386,8 +433,9 @@ class TrtRunner(Runner):
             lo, hi = int(mn[0]), int(mx[0])
         else:
             lo = hi = int(shape[0])
-        self._torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8,
-                             trt.int32: torch.int32, getattr(trt, "bfloat16", trt.float32): torch.bfloat16}
+        self._torch_dtype = torch_dtypes(trt, torch)
+        for name in [*inputs, *outputs]:
+            engine_dtype(self._torch_dtype, engine.get_tensor_dtype(name), name, path.name)
         meta = meta or {}
         sched = meta.get("schedule") if isinstance(meta.get("schedule"), dict) else {}
         info = {k: meta[k] for k in ("precision", "tensorrt_version", "gpu") if k in meta}
@@ -414,7 +462,7 @@ class TrtRunner(Runner):
         """Bind input ``x`` (cast to the engine's input type, on the device) and fresh output buffers
         to execution context ``ctx``. Returns (x, outputs): they must live as long as ``ctx`` runs."""
         x = x.to(device=self._buffer_device,
-                 dtype=self._torch_dtype.get(self.engine.get_tensor_dtype(self.input_name), torch.float32))
+                 dtype=engine_dtype(self._torch_dtype, self.engine.get_tensor_dtype(self.input_name), self.input_name))
         x = x.contiguous()
         if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
             raise UsageError(f"{self.path.name} does not accept input shape {tuple(x.shape)}")
@@ -422,7 +470,7 @@ class TrtRunner(Runner):
         outs = []
         for name in self.output_names:
             o = torch.empty(tuple(ctx.get_tensor_shape(name)), device=self._buffer_device,
-                            dtype=self._torch_dtype.get(self.engine.get_tensor_dtype(name), torch.float32))
+                            dtype=engine_dtype(self._torch_dtype, self.engine.get_tensor_dtype(name), name))
             ctx.set_tensor_address(name, o.data_ptr())
             outs.append(o)
         return x, outs
@@ -463,7 +511,7 @@ class TrtRunner(Runner):
         self.stream.synchronize()
 
 
-__all__ = ["BuildRequest", "BuildResult", "build_engine", "validate", "file_types", "precision_plan", "FileTypes",
+__all__ = ["torch_dtypes", "engine_dtype", "BuildRequest", "BuildResult", "build_engine", "validate", "file_types", "precision_plan", "FileTypes",
            "PrecisionPlan", "dtype_name", "TrtRunner", "write_engine",
            "metadata_path_for", "engine_metadata_path", "load_engine_metadata", "plugin_libraries",
            "ENGINE_SUFFIXES", "gpu_name"]

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         max_batch: int = typer.Option(32, "--max-batch", help="Largest batch the engine accepts"),
         workspace_gb: float = typer.Option(4.0, "--workspace-gb", help="Builder workspace limit in GiB"),
     ):
-        """Build a TensorRT engine (needs TensorRT 10.8 to 11.x and an NVIDIA GPU). Precision follows the file:
+        """Build a TensorRT engine (needs TensorRT 10.16 to 11.x and an NVIDIA GPU). Precision follows the file:
         FP16/BF16 or Q/DQ files are built strongly typed. Graphs with vitmerge::TokenMerge nodes use the
         TokenMerge plugin (JIT: the engine then runs only where Python and vitmerge are)."""
         from ..backends.trt import BuildRequest, build_engine

@@ -38,6 +38,11 @@ def step_nodes_text(nodes: dict) -> str:
         else:
             runs.append([b, b, n])
     for a, z, n in runs:
+        if a == -1:
+            out.append(f"pre-encoder step: {n}")
+            if z > -1:
+                out.append(f"block 0: {n}" if z == 0 else f"blocks 0-{z}: {n}")
+            continue
         out.append(f"block {a}: {n}" if a == z else f"blocks {a}-{z}: {n}")
     return ", ".join(out)
 

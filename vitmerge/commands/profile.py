@@ -69,6 +69,9 @@ def register(app: typer.Typer) -> None:
         energy_windows: Annotated[int, typer.Option(
             "--energy-windows", rich_help_panel=MEASURE_PANEL,
             help="Energy windows per model and batch size, interleaved; the median and min-max are reported")] = 3,
+        memory: Annotated[bool, typer.Option(
+            "--memory/--no-memory", rich_help_panel=MEASURE_PANEL,
+            help="Peak memory of each ONNX file (ONNX Runtime CPU) at each batch size, each in a process of its own")] = True,
         report_dir: ReportDirOpt = None,
         checkpoint: Annotated[Optional[Path], typer.Option(
             "--checkpoint", "-c", rich_help_panel=TIMM_PANEL, help="Local weights for timm:NAME (random without)")] = None,
@@ -119,9 +122,13 @@ def register(app: typer.Typer) -> None:
                 result = profile_targets(
                     targets, batches, rounds=rounds, iters=iters, warmup=warmup, energy=energy,
                     energy_seconds=energy_seconds, energy_windows=energy_windows, on_round=lambda: progress.advance(task),
-                    on_status=lambda s: progress.update(task, description=s),
+                    on_status=lambda s: progress.update(task, description=s), memory=memory,
                 )
             console.print(latency_table(result))
+            for r in result.rows:
+                if r.peak_mb is not None:
+                    console.print(f"{r.label}, batch {r.batch}: peak memory {r.peak_mb:,.0f} MB above the loaded model "
+                                  "(own process, default ONNX Runtime options)")
             for line in energy_lines(result):
                 console.print(line)
             if report_dir is not None:

@@ -30,7 +30,7 @@ from .onnx_export import (
     output_files,
     save_program,
 )
-from .surgery import rewrite
+from .surgery import LEAN_METHODS, rewrite
 from .intrange import integer_ranges, random_inputs
 from .trt_check import Readiness, check_tensorrt
 from .verify import VerifyReport, check_onnx, compare_files, verify
@@ -114,7 +114,13 @@ def export(
                             reference_fp32=reference_fp32)
             _raise_unless_ok(report)
             drop_decisions(written)  # the file computes its outputs (logits, detectors' boxes) and nothing else
-        if merge_op != "standard":
+        info = getattr(model, "vitmerge", None)
+        if merge_op == "native" and (info is None or info.method not in LEAN_METHODS):
+            # no hand-written step for this method: its native form is the exporter's own (scatter-free) graph
+            proto = onnx.load(str(written), load_external_data=False)
+            md.write(proto, {md.MERGE_OP: "native"})
+            onnx.save(proto, str(written))
+        elif merge_op != "standard":
             step(f"graph surgery: merge steps -> {merge_op} form")
             rewrite(written, written, merge_op)
             if check:
@@ -162,15 +168,16 @@ def check_integers(report: VerifyReport, path: Path, batch_sizes: Sequence[int] 
 
 
 def step_nodes(proto) -> Dict[int, int]:
-    """Nodes per merge step (its name scope ``blocks.N.token_merge``), block -> count."""
+    """Nodes per merge step (its name scope ``blocks.N.token_merge``), block -> count; -1 is vwt's grouping step
+    before the encoder (``vwt_merge``)."""
     from .surgery import _SCOPE
 
     count: Dict[int, int] = {}
     for n in proto.graph.node:
         ns = next((p.value for p in n.metadata_props if p.key == "namespace"), "")
         m = _SCOPE.search(ns)
-        if m:
-            b = int(m.group(2))
+        b = int(m.group(2)) if m else (-1 if "vwt_merge" in ns else None)  # -1: vwt's step before the encoder
+        if b is not None:
             count[b] = count.get(b, 0) + 1
     return dict(sorted(count.items()))
 

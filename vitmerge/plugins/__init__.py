@@ -1,8 +1,8 @@
 """Kernels behind the custom ``vitmerge::TokenMerge`` node, and the node's contract.
 
 The node: ``vitmerge::TokenMerge(x [B,N,D], metric [B,N,C], size [B,N,1]) -> (x' [B,N-r,D],
-size' [B,N-r,1])`` with attributes ``r``, ``protected`` (INT), ``method`` and ``options`` (STRING,
-options as JSON). Methods that read the class-token attention use ``vitmerge::TokenMergeCls`` with a
+size' [B,N-r,1])`` with STRING attributes ``r``, ``protected`` (decimal text), ``method`` and ``options``
+(JSON). Methods that read the class-token attention use ``vitmerge::TokenMergeCls`` with a
 fourth input ``cls_attn [B, N]``. Graph surgery writes these nodes; the kernels run them:
 
 * :mod:`.ort_tokenmerge`: ONNX Runtime (CPU) through onnxruntime-extensions; ``register_ort(so)``.

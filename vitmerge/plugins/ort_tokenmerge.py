@@ -68,15 +68,16 @@ def library_path() -> str:
         ) from None
     if not _REGISTERED:
         f = PyCustomOpDef.dt_float
-        attrs = {"r": PyCustomOpDef.dt_int64, "protected": PyCustomOpDef.dt_int64,
+        # every attribute is a STRING (r and protected as decimal text: see tensorrt_plugin's docstring)
+        attrs = {"r": PyCustomOpDef.dt_string, "protected": PyCustomOpDef.dt_string,
                  "method": PyCustomOpDef.dt_string, "options": PyCustomOpDef.dt_string}
 
         @onnx_op(op_type="vitmerge::TokenMerge", inputs=[f, f, f], outputs=[f, f], attrs=attrs)
-        def _token_merge_op(x, metric, size, r=0, protected=1, method="tome", options="{}"):
+        def _token_merge_op(x, metric, size, r="0", protected="1", method="tome", options="{}"):
             return token_merge(x, metric, size, r, protected, method, options)
 
         @onnx_op(op_type="vitmerge::TokenMergeCls", inputs=[f, f, f, f], outputs=[f, f], attrs=attrs)
-        def _token_merge_cls_op(x, metric, size, cls_attn, r=0, protected=1, method="tome", options="{}"):
+        def _token_merge_cls_op(x, metric, size, cls_attn, r="0", protected="1", method="tome", options="{}"):
             return token_merge(x, metric, size, r, protected, method, options, cls_attn=cls_attn)
 
         _REGISTERED = True

@@ -1,4 +1,4 @@
-"""TensorRT plugins for ``vitmerge::TokenMerge`` / ``TokenMergeCls`` (``tensorrt.plugin``, TensorRT 10.8 to 11.x).
+"""TensorRT plugins for ``vitmerge::TokenMerge`` / ``TokenMergeCls`` (``tensorrt.plugin``, TensorRT 10.16 to 11.x).
 
 The plugin computes the merge plan in PyTorch on TensorRT's CUDA stream (matching + TopK, the same
 code as the PyTorch model) and the size-weighted average with the Triton kernel of
@@ -9,20 +9,26 @@ code as the PyTorch model) and the size-weighted average with the Triton kernel 
 with them therefore runs only in a Python process that has called :func:`register` (``TrtRunner``
 does), never in ``trtexec`` or Triton Inference Server's TensorRT backend; ``vitmerge build``
 records ``"plugin_aot": false`` and ``vitmerge package`` refuses such engines with the reason. For
-those servers, build the plugin-free graph (``vitmerge export --merge-op native``).
+those servers, use the default plugin-free file (``vitmerge export``).
 
 How the ONNX parser reaches the plugin: a node whose op equals the plugin name and that carries a
 STRING attribute ``plugin_namespace`` naming the namespace (:func:`prepare_onnx` adds it in memory;
 without an ``aot`` attribute the parser asks for the JIT implementation). The parser then hands over
-the node's attributes that the plugin declares, converted its own way (onnx-tensorrt ``loadFields``):
+the node's attributes that the plugin declares, converted its own way (onnx-tensorrt ``loadFields``).
+**Every attribute is a STRING** (``r`` and ``protected`` as decimal text, ``method``, ``options`` as
+JSON): the parser hands a STRING as its bytes plus a terminating NUL, counted in the length, and
+``tensorrt.plugin`` decodes all of it, so ``'tome'`` arrives as ``'tome\\x00'``; :func:`str_attr` and
+:func:`int_attr` strip it (an engine deserialized later gets the strings back without one). Why strings
+for numbers: the two other ways break on a supported stack. An ``int``-annotated field is read as
+``int(one-element int32 array)``, a TypeError on NumPy >= 2.4; a ``numpy.typing.NDArray[np.int32]``
+annotation makes TensorRT 10.9-10.16's validators call ``issubclass`` on a generic alias, a TypeError on
+Python >= 3.13. ``str`` validates everywhere.
 
-* INT attributes (``r``, ``protected``) as one-element int32 arrays. ``tensorrt.plugin`` 10.x turns
-  an ``int``-annotated field into ``int(array)``, a TypeError on NumPy >= 2.4, so they are declared
-  as ``numpy.typing.NDArray[np.int32]`` (what TensorRT's own samples do) and read with
-  :func:`int_attr`.
-* STRING attributes (``method``, ``options``) as their bytes plus a terminating NUL, counted in the
-  length; ``tensorrt.plugin`` decodes all of it, so ``'tome'`` arrives as ``'tome\\x00'``.
-  :func:`str_attr` strips it (an engine deserialized later gets the strings back without one).
+Why TensorRT >= 10.16: the ``tensorrt.so`` of 10.8-10.15 is built with a pybind11 older than 2.12 (NumPy
+1's dtype layout). Under NumPy 2 its ``PluginField.data`` reads an item size of 0, so every element
+repeats element 0: ``tome\\x00`` arrives as ``ttttt``, and the first enqueue fails. 10.16 and 11.x are
+NumPy-2 aware. :func:`string_fields_intact` checks the installed TensorRT for it in one call (``vitmerge
+selftest`` runs it; the plugin refuses to register where it fails).
 
 The annotations must be real classes: ``tensorrt.plugin`` reads them with ``inspect.signature`` and
 ``issubclass``, so this module must not use ``from __future__ import annotations``.
@@ -33,7 +39,6 @@ import json
 from typing import List, Tuple
 
 import numpy as np
-import numpy.typing as npt
 
 from ..errors import EngineBuildError, ModelFileError, RuntimeMissingError, VitmergeError
 from . import DOMAIN, OP_TYPE, OP_TYPE_CLS
@@ -44,12 +49,13 @@ PLUGIN_NAME_CLS = OP_TYPE_CLS  # with a fourth input, the class-attention row (i
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 PLUGIN_ID_CLS = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME_CLS}"
 PLUGIN_IDS = (PLUGIN_ID, PLUGIN_ID_CLS)
-#: TensorRT versions whose ``tensorrt.plugin`` sources the tests run (10.8: first without the 10.7
-#: preview API; 12: not released when this was written)
-SUPPORTED = ((10, 8), (12, 0))
-SUPPORTED_TEXT = "TensorRT 10.8 to 11.x"
-
-IntAttr = npt.NDArray[np.int32]  # how an ONNX INT attribute reaches a plugin: a one-element int32 array
+ATTRIBUTES = ("r", "protected", "method", "options")  # every one a STRING in the ONNX node
+#: TensorRT versions whose ``tensorrt.plugin`` sources the tests run (10.16: the first whose compiled module
+#: reads NumPy 2 arrays right, see the module docstring; 12: not released when this was written)
+SUPPORTED = ((10, 16), (12, 0))
+SUPPORTED_TEXT = "TensorRT 10.16 to 11.x"
+WHY_10_16 = ("TensorRT 10.8-10.15's tensorrt.so is built for NumPy 1: under NumPy 2 the plugin's string attributes "
+             "arrive corrupted ('tome' as 'ttttt')")
 
 
 def tensorrt_version(trt) -> Tuple[int, int]:
@@ -78,17 +84,24 @@ def require_plugin_api():
     trt = require_tensorrt()
     version = tensorrt_version(trt)
     if not SUPPORTED[0] <= version < SUPPORTED[1]:
+        why = f" ({WHY_10_16})" if (10, 8) <= version < SUPPORTED[0] else ""
         raise RuntimeMissingError(
             f"TensorRT {getattr(trt, '__version__', '?')} is not supported by the TokenMerge plugin (needs "
-            f"{SUPPORTED_TEXT}): pip install 'vitmerge[tensorrt]', or build the plugin-free form "
-            "(vitmerge export --merge-op native)"
+            f"{SUPPORTED_TEXT}){why}: pip install 'vitmerge[tensorrt]', or use the default plugin-free file "
+            "(vitmerge export)"
+        )
+    if not string_fields_intact(trt):
+        raise RuntimeMissingError(
+            f"TensorRT {trt.__version__}'s PluginField returns string data corrupted under NumPy "
+            f"{np.__version__} ({WHY_10_16}): install a NumPy-2-aware TensorRT (pip install 'tensorrt>=10.16'), "
+            "or use the default plugin-free file (vitmerge export)"
         )
     try:
         import tensorrt.plugin as trtp
     except Exception as e:  # absent, or its sources expect a compiled module this TensorRT does not have
         raise RuntimeMissingError(
             f"TensorRT {trt.__version__}'s tensorrt.plugin module cannot be imported ({_one_line(e)}); reinstall "
-            "TensorRT (pip install 'vitmerge[tensorrt]') or build the plugin-free form (vitmerge export --merge-op native)"
+            "TensorRT (pip install 'vitmerge[tensorrt]') or use the default plugin-free file (vitmerge export)"
         ) from None
     return trt, trtp
 
@@ -103,8 +116,30 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def string_fields_intact(trt) -> bool:
+    """Does this TensorRT's compiled ``PluginField`` give a CHAR field's bytes back as they went in?
+
+    False on TensorRT 10.8-10.15 under NumPy 2 (``b'tome\\x00'`` comes back as ``b'ttttt'``): their
+    plugin attributes would arrive corrupted. Needs only ``tensorrt`` installed (no GPU)."""
+    try:
+        data = np.frombuffer(b"tome\x00", dtype=np.int8).copy()
+        field = trt.PluginField("method", data, trt.PluginFieldType.CHAR)
+        return bytes(np.asarray(field.data).tobytes()) == b"tome\x00"
+    except Exception:  # a TensorRT without this API: nothing says the fields are intact
+        return False
+
+
 def int_attr(value, name: str) -> int:
-    """An INT attribute: a Python/NumPy integer or a one-element integer array (the ONNX parser's form)."""
+    """An integer attribute: decimal text (the plugin form's STRING: str, bytes, a byte array, with or without
+    the parser's NUL), a Python/NumPy integer or a one-element integer array."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iu" and value.dtype.itemsize == 1 and value.size > 1:
+        value = value.tobytes()  # a STRING field's bytes
+    if isinstance(value, (str, bytes, bytearray)):
+        text = str_attr(value, name).strip()
+        if not text.lstrip("-").isdigit():
+            raise ModelFileError(f"TokenMerge attribute {name!r} must be an integer, got {text!r}; re-create the "
+                                 "plugin form with vitmerge export --merge-op plugin")
+        return int(text)
     arr = np.asarray(value)
     if arr.size != 1 or arr.dtype.kind not in "iu":
         raise ModelFileError(
@@ -162,15 +197,13 @@ def check_node(node) -> Tuple[int, int, str, dict]:
     import onnx
 
     kinds = {a.name: a.type for a in node.attribute}
-    want = {"r": onnx.AttributeProto.INT, "protected": onnx.AttributeProto.INT,
-            "method": onnx.AttributeProto.STRING, "options": onnx.AttributeProto.STRING}
-    for key, kind in want.items():
-        if kinds.get(key) != kind:
+    for key in ATTRIBUTES:
+        if kinds.get(key) != onnx.AttributeProto.STRING:
             have = onnx.AttributeProto.AttributeType.Name(kinds[key]) if key in kinds else "missing"
+            older = " (an INT r / protected: the file was written by an older vitmerge)" if have == "INT" else ""
             raise ModelFileError(
-                f"TokenMerge node {node.name!r}: attribute {key!r} must be "
-                f"{onnx.AttributeProto.AttributeType.Name(kind)}, it is {have}; re-create the plugin form with "
-                "vitmerge export --merge-op plugin"
+                f"TokenMerge node {node.name!r}: attribute {key!r} must be STRING, it is {have}{older}; re-create the "
+                "plugin form with vitmerge export --merge-op plugin"
             )
     n_in = 4 if node.op_type == PLUGIN_NAME_CLS else 3
     if len(node.input) != n_in or len(node.output) != 2:
@@ -199,7 +232,7 @@ def _on_stream(stream: int):
     return torch.cuda.stream(torch.cuda.ExternalStream(stream))
 
 
-def _out_desc(x, size, r):
+def _out_desc(x, size, r):  # r: the STRING attribute (decimal text)
     """x' and size': the inputs' types, N - r tokens (static counts)."""
     n = int_attr(r, "r")  # a Python int: shape expressions take ints, not NumPy arrays
     x_out, size_out = x.like(), size.like()
@@ -219,14 +252,15 @@ def _run(x, metric, size, cls_attn, r, protected, method, options, outputs, stre
         merge_tokens(_as_torch(x), _as_torch(metric), _as_torch(size), r, protected, method, out=out, **opts)
 
 
-# type/format combinations the kernel runs: every input and output FP32, or every one FP16
-_COMBINATION = {3: "FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16",
-                4: "FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16"}
+# type/format combinations the kernel runs: every input and output FP32. The merge decides which tokens merge
+# from scores, so it runs in float32 (graph surgery casts a reduced-precision model's inputs to float32 around
+# the node); advertising FP16 too would let a weakly typed --fp16 build pick it and merge in half precision
+_COMBINATION = {3: "FP32, FP32, FP32, FP32, FP32", 4: "FP32, FP32, FP32, FP32, FP32, FP32"}
 
 
 def _define_token_merge(trtp) -> None:
     @trtp.register(PLUGIN_ID)
-    def _desc(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc, r: IntAttr, protected: IntAttr,
+    def _desc(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc, r: str, protected: str,
               method: str, options: str) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         return _out_desc(x, size, r)
 
@@ -236,7 +270,7 @@ def _define_token_merge(trtp) -> None:
         return [trtp.AutoTuneCombination(_COMBINATION[3])]
 
     @trtp.impl(PLUGIN_ID)
-    def _impl(x: trtp.Tensor, metric: trtp.Tensor, size: trtp.Tensor, r: IntAttr, protected: IntAttr, method: str,
+    def _impl(x: trtp.Tensor, metric: trtp.Tensor, size: trtp.Tensor, r: str, protected: str, method: str,
               options: str, outputs: Tuple[trtp.Tensor, trtp.Tensor], stream: int) -> None:
         _run(x, metric, size, None, r, protected, method, options, outputs, stream)
 
@@ -244,7 +278,7 @@ def _define_token_merge(trtp) -> None:
 def _define_token_merge_cls(trtp) -> None:
     @trtp.register(PLUGIN_ID_CLS)
     def _desc(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc, cls_attn: trtp.TensorDesc,
-              r: IntAttr, protected: IntAttr, method: str, options: str) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+              r: str, protected: str, method: str, options: str) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         return _out_desc(x, size, r)
 
     @trtp.autotune(PLUGIN_ID_CLS)
@@ -253,8 +287,8 @@ def _define_token_merge_cls(trtp) -> None:
         return [trtp.AutoTuneCombination(_COMBINATION[4])]
 
     @trtp.impl(PLUGIN_ID_CLS)
-    def _impl(x: trtp.Tensor, metric: trtp.Tensor, size: trtp.Tensor, cls_attn: trtp.Tensor, r: IntAttr,
-              protected: IntAttr, method: str, options: str, outputs: Tuple[trtp.Tensor, trtp.Tensor],
+    def _impl(x: trtp.Tensor, metric: trtp.Tensor, size: trtp.Tensor, cls_attn: trtp.Tensor, r: str,
+              protected: str, method: str, options: str, outputs: Tuple[trtp.Tensor, trtp.Tensor],
               stream: int) -> None:
         _run(x, metric, size, cls_attn, r, protected, method, options, outputs, stream)
 
@@ -282,7 +316,7 @@ def register() -> tuple:
         except Exception as e:  # tensorrt.plugin validates the definitions with its own exception types
             raise EngineBuildError(
                 f"TensorRT {trt.__version__}'s tensorrt.plugin rejected the {PLUGIN_NAMESPACE}::{name} plugin "
-                f"({_one_line(e)}); use {SUPPORTED_TEXT} or build the plugin-free form (vitmerge export --merge-op native)"
+                f"({_one_line(e)}); use {SUPPORTED_TEXT} or use the default plugin-free file (vitmerge export)"
             ) from None
     return PLUGIN_IDS
 
@@ -318,6 +352,6 @@ def prepare_onnx(model) -> bytes:
     return model.SerializeToString()
 
 
-__all__ = ["PLUGIN_NAMESPACE", "PLUGIN_NAME", "PLUGIN_NAME_CLS", "PLUGIN_IDS", "SUPPORTED_TEXT", "register",
+__all__ = ["string_fields_intact", "ATTRIBUTES", "WHY_10_16", "PLUGIN_NAMESPACE", "PLUGIN_NAME", "PLUGIN_NAME_CLS", "PLUGIN_IDS", "SUPPORTED_TEXT", "register",
            "require_tensorrt", "require_plugin_api", "tensorrt_version", "int_attr", "str_attr", "merge_attrs",
            "check_node", "prepare_onnx", "has_token_merge", "token_merge_nodes"]

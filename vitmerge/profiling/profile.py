@@ -37,6 +37,8 @@ class ProfileRow:
     info: Dict[str, Any]
     speedup: float = 1.0  # p50 of the first target / p50 of this one, same batch
     energy: Any = None  # EnergyResult
+    peak_mb: Optional[float] = None  # memory inference needs above the loaded model (own process); None: not measured
+    peak_note: Optional[str] = None  # how it was measured, or why not
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"label": self.label, "model": self.spec, "runtime": self.runtime, "device": self.device,
@@ -44,6 +46,8 @@ class ProfileRow:
              "method": self.info.get("method"), "r": self.info.get("r"), "r_mean": self.info.get("r_mean")}
         if self.energy is not None:
             d["energy"] = self.energy.to_dict()
+        if self.peak_mb is not None or self.peak_note:
+            d["peak_memory_mb"], d["peak_memory_note"] = self.peak_mb, self.peak_note
         return d
 
 
@@ -81,8 +85,12 @@ def profile_targets(
     energy_windows: int = 3,
     energy_rest: Optional[float] = None,
     energy_clock: Optional[en.Clock] = None,
+    memory: bool = False,
 ) -> ProfileResult:
-    """Latency (interleaved across targets, per batch size) and, optionally, energy per image.
+    """Latency (interleaved across targets, per batch size) and, optionally, energy per image and peak memory.
+
+    Memory (``memory``, :mod:`.memory`): every ONNX file (ONNX Runtime CPU) in a process of its own at each batch
+    size, default session options; other runtimes are reported as not measured, with the reason.
 
     Energy (:mod:`.energy`): after the latency rounds every device rests (``energy_rest``, default
     the counter's: 10 s on NVML, 2 s on RAPL), its idle baseline is measured, then ``energy_windows``
@@ -125,12 +133,27 @@ def profile_targets(
                                                  "energy_seconds": energy_seconds if energy else None,
                                                  "energy_windows": energy_windows if energy else None,
                                                  "energy_rest_seconds": energy_rest if energy else None})
+    if memory:
+        _measure_memory_rows(result, status)
     if not energy:
         result.energy_note = "energy: not measured (disabled with --no-energy)"
         return result
     _measure_energy_rows(result, runners, sync_all, status, energy_seconds, energy_windows, energy_rest,
                          energy_clock or en.REAL_CLOCK)
     return result
+
+
+def _measure_memory_rows(result: ProfileResult, status) -> None:
+    from pathlib import Path
+
+    from .memory import peak_memory_mb
+
+    for row in result.rows:
+        if row.runtime != "ort" or not str(row.spec).endswith(".onnx") or not Path(row.spec).is_file():
+            row.peak_note = f"not measured: peak memory is measured for ONNX files in ONNX Runtime CPU, not {row.runtime}"
+            continue
+        status(f"peak memory: {row.label} at batch {row.batch} (own process)")
+        row.peak_mb, row.peak_note = peak_memory_mb(row.spec, row.batch)
 
 
 def _measure_energy_rows(result: ProfileResult, runners, sync_all, status, seconds, windows, rest, clock) -> None:
@@ -212,6 +235,12 @@ def profile_sections(result: ProfileResult) -> List[Tuple[str, str]]:
                       "speed-up vs first"], latency_rows,
                      formats=[None, None, None, None, ".3f", ".3f", ".3f", ",.1f", ".2f"])
     sections = [("Latency and throughput", text)]
+    mem = [r for r in result.rows if r.peak_mb is not None or r.peak_note]
+    if mem:
+        how = next((r.peak_note for r in mem if r.peak_mb is not None), None)
+        mrows = [(r.label, r.batch, r.peak_mb if r.peak_mb is not None else r.peak_note) for r in mem]
+        sections.append(("Peak memory", (f"MB that inference needs above the loaded model: {how}.\n\n" if how else "")
+                         + md_table(["model", "batch", "peak MB"], mrows, formats=[None, None, ",.0f"])))
     measured = [r for r in result.rows if r.energy is not None and r.energy.measured]
     if measured:
         def mj(v):
