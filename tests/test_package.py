@@ -311,3 +311,17 @@ def test_cli_bad_input(tmp_path, args, needle):
     assert res.exit_code == 2, res.output
     assert needle in " ".join(res.output.replace("│", " ").split())  # typer's error box wraps long lines
     assert repo_entries(repo) == []
+
+
+def test_default_name_is_the_stem_so_int8_and_fp32_do_not_collide(vit_onnx, tmp_path):
+    """`package x.int8.onnx` is model `x.int8` (the stem: only the last suffix goes), beside `x` from x.onnx."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    fp32, int8 = tmp_path / "vit.onnx", tmp_path / "vit.int8.onnx"
+    shutil.copyfile(vit_onnx, fp32)
+    shutil.copyfile(vit_onnx, int8)
+    assert package(fp32, repo, max_batch=4).model_dir.name == "vit"
+    assert package(int8, repo, max_batch=4).model_dir.name == "vit.int8"
+    assert repo_entries(repo) == ["vit", "vit.int8"]
+    assert parse_config(repo / "vit.int8" / "config.pbtxt").name == "vit.int8"

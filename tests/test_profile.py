@@ -1,5 +1,6 @@
 """`vitmerge profile`: statistics on synthetic workloads with known timings, real ORT/PyTorch runs, errors."""
 import json
+import os
 import time
 
 import numpy as np
@@ -443,3 +444,25 @@ def test_gpu_extra_never_installs_the_cpu_runtime_beside_the_gpu_one():
     assert all(">=10.16" in r for r in proj["optional-dependencies"]["tensorrt"] + proj["optional-dependencies"]["tensorrt-cu12"])
     assert not any("onnxruntime" in deps or "onnxruntime-gpu" in deps for k, deps in extras.items()
                    if k not in ("cpu", "gpu", "gpu-cu12"))
+
+
+def test_piped_profile_table_keeps_every_number(onnx_pair):
+    """Output that is not a terminal (a log, CI, `| tee`): rich would crop the table at 80 columns ("vs 1st" read
+    "1."). Piped, every row keeps its full speed-up and throughput."""
+    import subprocess
+    import sys
+
+    a, b = onnx_pair
+    long_a = a.parent / ("a_rather_long_file_name_for_a_model_" + a.name)
+    long_a.write_bytes(a.read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    p = subprocess.run([sys.executable, "-m", "vitmerge.cli", "profile", str(long_a), str(b), "--batch", "1",
+                        "--rounds", "1", "--iters", "1", "--warmup", "0", "--no-energy", "--no-memory"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [ln for ln in p.stdout.splitlines() if ("ort/cpu" in ln)]
+    assert len(rows) == 2, p.stdout
+    import re
+
+    assert all(re.search(r"\d+\.\d\dx\s*$", ln) for ln in rows), rows  # "1.00x", never "1."
+    assert all(re.search(r"\d[\d,]*\.\d ", ln) for ln in rows), rows  # img/s in full

@@ -15,7 +15,21 @@ from rich.markup import escape
 
 from ..errors import ScheduleError, UsageError, VerificationError, VitmergeError
 
-console = Console(highlight=False)
+def _pipe_width() -> Optional[int]:
+    """Width for output that is not a terminal (logs, CI, `| tee`): rich would use 80 columns and crop table cells
+    (a "vs 1st" column read "1."); numbers are never cropped, so pipes get wide lines instead. A terminal: its own."""
+    import os
+    import sys
+
+    try:
+        if sys.stdout.isatty():
+            return None
+    except (AttributeError, ValueError):
+        pass
+    return max(int(os.environ.get("COLUMNS") or 0), 240)
+
+
+console = Console(highlight=False, width=_pipe_width())
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # errors stay one greppable line
 
 EXIT_USAGE = 2  # bad input (model name, checkpoint, r, paths, data layout)

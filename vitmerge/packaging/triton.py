@@ -266,7 +266,8 @@ def package(
     is_engine = src.suffix.lower() in ENGINE_SUFFIXES
     if not is_engine and src.suffix.lower() != ".onnx":
         raise ModelNotFoundError(f"{src.name}: give an .onnx file or a TensorRT engine ({', '.join(ENGINE_SUFFIXES)})")
-    name = name or re.sub(r"[^A-Za-z0-9_.\-]", "_", src.name.split(".")[0]) or "model"
+    # the file's stem: only the last suffix goes (x.int8.onnx -> x.int8, beside x.onnx -> x: no collision)
+    name = name or re.sub(r"[^A-Za-z0-9_.\-]", "_", src.stem) or "model"
     if not _NAME_OK.match(name) or name in (".", ".."):
         raise OutputPathError(f"model name {name!r} may only use letters, digits, '_', '-' and '.'")
     if version < 1:
