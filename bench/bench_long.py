@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -104,29 +103,14 @@ def merge_tensors(path: Path) -> Dict[str, Any]:
     return {"merge_max_elements": biggest, "merge_max_mb_fp32": biggest * 4 / 2 ** 20, "topk_over_trt_limit": topk}
 
 
-_PEAK_CHILD = r"""
-import json, sys, numpy as np
-from vitmerge.backends.ort import session
-def status(key):
-    for line in open('/proc/self/status'):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-sess = session(sys.argv[1])
-inp = sess.get_inputs()[0]
-x = np.random.default_rng(0).standard_normal([1] + list(inp.shape[1:])).astype(np.float32)
-before = status('VmRSS:')
-open('/proc/self/clear_refs', 'w').write('5')
-for _ in range(2):
-    sess.run(None, {inp.name: x})
-print(json.dumps({"rss_before": before, "peak": status('VmHWM:')}))
-"""
-
-
 def peak_memory(path: Path) -> Dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(path)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    d = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"inference_peak_mb": (d["peak"] - d["rss_before"]) / 2 ** 20, "process_peak_mb": d["peak"] / 2 ** 20}
+    """Inference peak of ``path`` at batch 1 in a fresh process (vitmerge.profiling.memory, as `vitmerge profile`)."""
+    from vitmerge.profiling.memory import peak_memory_mb
+
+    mb, why = peak_memory_mb(path, 1)
+    if mb is None:
+        raise RuntimeError(why)
+    return {"inference_peak_mb": mb}
 
 
 def run_config(family: str, n: int, depth: int, budget: float, rounds: int, workdir: Path, say=print) -> Dict[str, Any]:

@@ -43,14 +43,8 @@ def check(version: str, folder: Path) -> None:
         f32 = trt.float32
         assert list(plugin.get_output_data_types([f32] * 3, [3, 3, 3])) == [f32, f32]
         builder = trt.IExprBuilder()
-
-        def exprs(*dims):
-            e = trt.DimsExprs(len(dims))
-            for j, d in enumerate(dims):
-                e[j] = trt.IDimensionExpr(symbol="batch") if d is None else builder.constant(d)
-            return e
-
-        out = plugin.get_output_shapes([exprs(None, 17, 24), exprs(None, 17, 8), exprs(None, 17, 1)], [], builder)
+        exprs = [trt_standin.dims_exprs(trt, builder, None, 17, w) for w in (24, 8, 1)]
+        out = plugin.get_output_shapes(exprs, [], builder)
         got = [[e.evaluate({"batch": 3}) for e in o] for o in out]
         assert got == [[3, 12, 24], [3, 12, 1]], got
         assert tensorrt_plugin.int_attr(np.frombuffer(b"5\x00", np.int8), "r") == 5

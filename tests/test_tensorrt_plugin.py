@@ -320,10 +320,7 @@ def test_created_from_parser_fields_describes_its_outputs(trt):
     builder = trt_mod.IExprBuilder()
 
     def exprs(*dims):
-        e = trt_mod.DimsExprs(len(dims))
-        for j, d in enumerate(dims):
-            e[j] = trt_mod.IDimensionExpr(symbol="batch") if d is None else builder.constant(d)
-        return e
+        return trt_standin.dims_exprs(trt_mod, builder, *dims)
 
     out = plugin.get_output_shapes([exprs(None, N, D), exprs(None, N, C), exprs(None, N, 1)], [], builder)
     for b in (1, 7):

@@ -609,6 +609,15 @@ def _creation_request(m, attrs, network):
     return Q.UNKNOWN
 
 
+def dims_exprs(m, builder, *dims):
+    """A ``DimsExprs`` of constants, with None standing for the symbolic batch dimension (what the builder
+    hands a plugin's ``get_output_shapes``)."""
+    e = m.DimsExprs(len(dims))
+    for j, d in enumerate(dims):
+        e[j] = m.IDimensionExpr(symbol="batch") if d is None else builder.constant(d)
+    return e
+
+
 def parser_fields(m, node, field_names) -> list:
     """The plugin fields TensorRT's ONNX parser builds for ``node`` (onnx-tensorrt ``loadFields``)."""
     import onnx
