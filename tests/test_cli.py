@@ -90,3 +90,54 @@ def test_quiet_prints_no_tables_but_errors_still_show(restore_logging):
     assert "warning: no --checkpoint given" in res.output  # warnings still show
     res = runner.invoke(app, ["-q", "export", "no_such_model_xyz", "-o", "x.onnx"])
     assert res.exit_code == 2 and "error:" in res.output and "no_such_model_xyz" in res.output
+
+
+# ------------------------------------------------------------------ start-up: --help and argument errors stay light
+
+
+def _torch_loaded_after(argv):
+    """Run `vitmerge ARGV` in a fresh interpreter; (exit code, whether torch got imported, output)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom vitmerge.cli import app\n"
+            "try:\n    app(sys.argv[1:], prog_name='vitmerge')\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('TORCH-LOADED' if 'torch' in sys.modules else 'TORCH-NOT-LOADED', code)\n")
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    return p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["export", "--help"], ["eval", "--help"],
+    ["export", "vit_small_patch16_224", "-o", "x.txt"],                    # a wrong output suffix
+    ["export", "vit_small_patch16_224", "-o", "/tmp/x.onnx", "--r", "abc"],  # a malformed --r
+    ["profile", "a.onnx", "--batch", "0"], ["check", "a.onnx", "b.onnx"], ["check", "a.onnx", "a.onnx", "--batch=-1"],
+    ["build", "missing.onnx", "-o", "m.engine"], ["package", "missing.onnx", "--repo", "r"],
+    ["export", "--method", "nope", "m", "-o", "m.onnx"],
+])
+def test_help_and_argument_errors_do_not_import_torch(argv):
+    """`--help` and argument errors answer before torch (2-3 s of imports on a laptop) is loaded: every command
+    module imports only light modules at the top, and commands check their arguments before the library."""
+    out = _torch_loaded_after(argv)
+    assert "TORCH-NOT-LOADED" in out, out[-2000:]
+    if argv[-1] != "--help" and argv != ["--help"]:
+        assert "Traceback" not in out and ("error" in out.lower() or "invalid" in out.lower()), out[-2000:]
+
+
+def test_cli_choice_lists_are_the_librarys():
+    """The choices are written out in commands/_options.py (importing the library's lists costs torch): they must
+    stay equal to the lists they stand for."""
+    from vitmerge.backends.base import DEVICES, RUNTIMES
+    from vitmerge.calibration import CALIBRATION_METHODS
+    from vitmerge.commands import _options as o
+    from vitmerge.data.detection import CLASS_MAPS
+    from vitmerge.data.imagenet import CLASS_ORDERS
+    from vitmerge.merging import available_methods
+    from vitmerge.merging.schedule import SCHEDULES
+    from vitmerge.models.precision import DTYPES
+
+    assert list(o.METHODS) == available_methods()
+    assert (o.RUNTIMES, o.DEVICES, o.CALIBRATION_METHODS, o.CLASS_MAPS, o.CLASS_ORDERS, o.SCHEDULES) == \
+        (tuple(RUNTIMES), tuple(DEVICES), tuple(CALIBRATION_METHODS), tuple(CLASS_MAPS), tuple(CLASS_ORDERS),
+         tuple(SCHEDULES))
+    assert list(o.DTYPES) == list(DTYPES)

@@ -303,7 +303,7 @@ def test_runtime_errors(onnx_pair, tmp_path):
     (["{tmp}/missing.onnx"], "does not exist"),
     (["{a}", "--batch", "1,x"], "comma-separated integers"),
     (["{a}", "--runtime", "trt"], "build an engine first"),
-    (["{a}", "--batch", "0"], "batch sizes must be >= 1"),
+    (["{a}", "--batch", "0"], "--batch values must be at least 1"),
     (["{notonnx}"], "not a readable ONNX model"),
 ])
 def test_cli_bad_input(onnx_pair, tmp_path, args, needle):

@@ -37,6 +37,20 @@ def writable_dir(path: PathLike, what: str) -> Path:
     return d
 
 
+def check_output_path(output: PathLike, suffix: str = ".onnx") -> Path:
+    """The output file path of an export: ``suffix`` ending, an existing writable folder (checked before minutes of work)."""
+    out = Path(output)
+    if out.suffix != suffix:
+        raise OutputPathError(f"output {str(out)!r} must end in {suffix}")
+    if not out.parent.is_dir():
+        raise OutputPathError(
+            f"output directory {str(out.parent)!r} does not exist: create it (mkdir -p {out.parent}) or choose another --output"
+        )
+    if not os.access(out.parent, os.W_OK):
+        raise OutputPathError(f"output directory {str(out.parent)!r} is not writable")
+    return out
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -69,6 +69,8 @@ class Runner:
 
     def check_batch(self, batch: int) -> None:
         lo, hi = self.batch_range
+        if batch < 1:  # not the model's limit: no model takes an empty or negative batch
+            raise UsageError(f"batch sizes must be at least 1, got {batch}")
         if not lo <= batch <= hi:
             raise UsageError(
                 f"{self.label}: batch {batch} is outside what this model accepts ({lo}..{hi}); "

@@ -93,15 +93,22 @@ def loud_warnings() -> Iterator[None]:
         warnings.showwarning = old
 
 
-def int_list(text: str, what: str = "value") -> List[int]:
-    """'1,8,64' -> [1, 8, 64] with a clear error."""
+def int_list(text: str, what: str = "value", minimum: Optional[int] = None) -> List[int]:
+    """'1,8,64' -> [1, 8, 64] with a clear error; ``minimum``: each value must be at least that."""
     try:
         out = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise fail(f"{what} must be comma-separated integers like 1,8,64; got {text!r}") from None
     if not out:
         raise fail(f"{what} is empty; give comma-separated integers like 1,8,64")
+    if minimum is not None and any(v < minimum for v in out):
+        raise fail(f"{what} values must be at least {minimum}; got {text!r}")
     return out
+
+
+def batch_list(text: str, what: str = "--batch") -> List[int]:
+    """Batch sizes: comma-separated integers, each at least 1."""
+    return int_list(text, what, minimum=1)
 
 
 def float_list(text: str, what: str = "value") -> List[float]:

@@ -1,8 +1,10 @@
 """Option definitions shared by the commands (one definition each), and the choices as Enums.
 
-Choices are Enums built from the library's own lists (the method registry, the graph forms, the
-runtimes, ...), so ``--help`` lists them, a typo fails before any work starts, and a method added to
-the registry appears here without an edit. Commands take ``Method`` etc. and pass ``.value`` on.
+Choices are Enums, so ``--help`` lists them and a typo fails before any work starts. Their values are
+written out here rather than imported: the lists live in modules that import torch (the method registry,
+the precisions, the dataset readers), and the CLI must answer ``--help`` and argument errors in well under a
+second. ``tests/test_cli.py`` checks that each list equals the library's own (a method added to the registry
+fails that test until it is named here). Commands take ``Method`` etc. and pass ``.value`` on.
 """
 from __future__ import annotations
 
@@ -13,14 +15,17 @@ from typing import Annotated, Iterable, List, Optional
 import typer
 
 
-from ..backends.base import DEVICES, RUNTIMES
-from ..calibration import CALIBRATION_METHODS
-from ..data.detection import CLASS_MAPS
-from ..data.imagenet import CLASS_ORDERS
-from ..merging import available_methods
-from ..merging.schedule import SCHEDULES
 from ..metadata import MERGE_OPS
-from ..models.precision import DTYPES
+
+# the library's lists, by value (see the module docstring; tests/test_cli.py keeps them equal)
+METHODS = ("tome", "hash", "importance", "evo", "vwt")  # merging.available_methods()
+RUNTIMES = ("torch", "ort", "ort-cuda", "trt")  # backends.base.RUNTIMES
+DEVICES = ("auto", "cpu", "cuda")  # backends.base.DEVICES
+CALIBRATION_METHODS = ("entropy", "minmax", "percentile")  # calibration.CALIBRATION_METHODS
+CLASS_MAPS = ("auto", "id", "order", "name")  # data.detection.CLASS_MAPS
+CLASS_ORDERS = ("sorted", "devkit")  # data.imagenet.CLASS_ORDERS
+SCHEDULES = ("constant", "decreasing")  # merging.schedule.SCHEDULES
+DTYPES = ("fp32", "fp16", "bf16")  # models.precision.DTYPES
 
 
 def choices(name: str, values: Iterable[str]) -> type:
@@ -28,7 +33,7 @@ def choices(name: str, values: Iterable[str]) -> type:
     return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
 
-Method = choices("Method", available_methods())
+Method = choices("Method", METHODS)
 MergeOp = choices("MergeOp", MERGE_OPS)
 Runtime = choices("Runtime", RUNTIMES)
 EvalRuntime = choices("EvalRuntime", ("torch", "ort"))

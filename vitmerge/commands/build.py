@@ -12,7 +12,7 @@ from ._common import console, loud_warnings, user_errors
 def register(app: typer.Typer) -> None:
     @app.command("build", short_help="TensorRT engine from an exported ONNX file (needs TensorRT and an NVIDIA GPU).")
     def build_cmd(
-        model: Path = typer.Argument(..., metavar="MODEL.onnx", help="ONNX file from `vitmerge export` (any graph form) or `vitmerge calibrate` (INT8 Q/DQ)"),
+        model: Path = typer.Argument(..., metavar="MODEL.onnx", exists=True, dir_okay=False, help="ONNX file from `vitmerge export` (any graph form) or `vitmerge calibrate` (INT8 Q/DQ)"),
         output: Path = typer.Option(..., "--output", "-o", help="Where to write the engine (.engine); metadata goes to <name>.json"),
         fp16: bool = typer.Option(False, "--fp16", help="Let TensorRT 10.x pick FP16 kernels for a float32 file (weakly typed build); files that already carry FP16 are built as they are"),
         int8: bool = typer.Option(False, "--int8", help="Require INT8: the file must carry Q/DQ nodes (vitmerge calibrate)"),

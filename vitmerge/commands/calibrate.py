@@ -19,7 +19,7 @@ def _default_baseline_output(output: Path, baseline: Path) -> Path:
 def register(app: typer.Typer) -> None:
     @app.command("calibrate", short_help="INT8 Q/DQ quantization from real images; FP32 vs INT8 accuracy.")
     def calibrate_cmd(
-        model: Annotated[Path, typer.Argument(metavar="MODEL.onnx", help="FP32 ONNX file from `vitmerge export` (merged or not)")],
+        model: Annotated[Path, typer.Argument(metavar="MODEL.onnx", exists=True, dir_okay=False, help="FP32 ONNX file from `vitmerge export` (merged or not)")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the INT8 QDQ .onnx file")],
         data: DataOpt = None,
         num: Annotated[int, typer.Option("--num", "-n", help="Calibration images (a train/ split is used when there is one)")] = 256,

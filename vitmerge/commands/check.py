@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ._common import EXIT_FAILED, console, fail, int_list, user_errors
+from ._common import EXIT_FAILED, console, fail, batch_list, user_errors
 
 TARGETS = ("tensorrt",)
 
@@ -70,11 +70,16 @@ def register(app: typer.Typer) -> None:
                 raise fail(f"--target checks one file; got two ({reference}, {candidate}): drop --target to compare "
                            "them, or check each on its own")
             with user_errors():
-                _readiness(reference, target.lower(), int_list(batches, "--batch"), seed)
+                _readiness(reference, target.lower(), batch_list(batches, "--batch"), seed)
             return
         if candidate is None:
             raise fail("give two files to compare (vitmerge check A.onnx B.onnx), or one file and a runtime to check it "
                        "for (vitmerge check F.onnx --target tensorrt)")
+
+        bs = batch_list(batches, "--batch")
+        for p in (reference, candidate):  # before ONNX Runtime is imported: a typo answers at once
+            if not p.is_file():
+                raise fail(f"no ONNX file at {str(p)!r}")
 
         import numpy as np
 
@@ -82,7 +87,6 @@ def register(app: typer.Typer) -> None:
         from ..exporter.surgery import graph_form
         from ..exporter.verify import compare_files as compare
 
-        bs = int_list(batches, "--batch")
         with user_errors():
             with console.status("running both graphs in ONNX Runtime"):
                 checks = compare(reference, candidate, bs, atol=atol, rtol=rtol, seed=seed)

@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._common import console, int_list, loud_warnings, user_errors
+from ._common import console, batch_list, loud_warnings, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from .._io import atomic_write
         from ._common import parse_json_option
 
-        bs = int_list(batches, "--batch")
+        bs = batch_list(batches, "--batch")
         with user_errors(), loud_warnings():
             kw = parse_json_option(model_kwargs, "--model-kwargs")
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def _full_demo(out_dir: Path, methods: str, budgets: str, batches: str, rounds: 
     except ValueError:
         raise fail(f"--budgets must be comma-separated fractions like 0.75,0.5; got {budgets!r}") from None
     settings = demo.DemoSettings(out_dir=out_dir, methods=[m.strip() for m in methods.split(",") if m.strip()],
-                                 budgets=budget_list, batches=int_list(batches, "--batch"), rounds=rounds, iters=iters,
+                                 budgets=budget_list, batches=batch_list(batches, "--batch"), rounds=rounds, iters=iters,
                                  vit_s=vit_s, vit_s_model=vit_s_model, vit_s_r=r,
                                  **({} if clips else {"clips": ()}))
     with user_errors(), loud_warnings():

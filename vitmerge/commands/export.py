@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, int_list, loud_warnings, parse_json_option, parse_options, parse_r_option, user_errors
+from ._common import console, batch_list, loud_warnings, parse_json_option, parse_options, parse_r_option, user_errors
 from ._options import (MERGE_PANEL, AudioLengthOpt, BudgetOpt, CheckpointOpt, DTypeOpt, FramesOpt, ImgSizeOpt, MergeOp,
                        MethodOpt, ModelKwargsOpt, NumClassesOpt, OptionOpt, PropAttnOpt, ScheduleOpt, value)
 
@@ -85,20 +85,24 @@ def register(app: typer.Typer) -> None:
     ):
         """Export a timm ViT or a transformers classifier (image, video, audio) with token merging to ONNX: static
         per-block token counts, dynamic batch, verified against PyTorch in ONNX Runtime before the file is written."""
+        from .._io import check_output_path
+
+        # everything that can be refused without torch is refused first (and answers in well under a second)
+        r_spec = parse_r_option(r)
+        batches = batch_list(verify_batches, "--verify-batch")
+        with user_errors():
+            check_output_path(output)  # fail before minutes of work
+            extra_options = parse_options(option)
+            kwargs = parse_json_option(model_kwargs, "--model-kwargs")
         from ..exporter import export
-        from ..exporter.onnx_export import check_output_path
         from ..models.build import build_merged
         from ..models.flops import flop_ratio
 
-        r_spec = parse_r_option(r)
-        batches = int_list(verify_batches, "--verify-batch")
         with user_errors(), loud_warnings():
-            check_output_path(output)  # fail before minutes of work
             model = build_merged(model_name, checkpoint, value(method), r_spec, img_size, prop_attn=prop_attn,
                                  num_classes=num_classes, schedule=value(schedule), budget=budget,
                                  budget_latency=budget_latency, frames=frames, audio_length=audio_length,
-                                 model_kwargs=parse_json_option(model_kwargs, "--model-kwargs"),
-                                 **parse_options(option))
+                                 model_kwargs=kwargs, **extra_options)
             if getattr(model, "vitmerge", None) is not None:
                 console.print(token_table(model))
             base, merged, ratio = flop_ratio(model)

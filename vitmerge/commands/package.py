@@ -13,7 +13,7 @@ from ._options import InstanceKind, value
 def register(app: typer.Typer) -> None:
     @app.command("package", short_help="Triton Inference Server model repository from an .onnx file or an engine.")
     def package_cmd(
-        model: Path = typer.Argument(..., metavar="MODEL", help="MODEL.onnx, or a TensorRT engine (.engine/.plan) with its metadata JSON next to it"),
+        model: Path = typer.Argument(..., metavar="MODEL", exists=True, help="MODEL.onnx, or a TensorRT engine (.engine/.plan) with its metadata JSON next to it"),
         repo: Path = typer.Option(..., "--repo", help="Model repository folder (created if missing)"),
         name: Optional[str] = typer.Option(None, "--name", help="Model name in the repository (default: the file's stem)"),
         max_batch: int = typer.Option(32, "--max-batch", help="max_batch_size; 0 disables batching"),

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, int_list, loud_warnings, parse_r_option, user_errors
+from ._common import console, err_console, fail, batch_list, loud_warnings, parse_r_option, user_errors
 from ._options import Device, Method, ReportDirOpt, Runtime, ThreadsOpt, value
 
 TIMM_PANEL = "timm:NAME and transformers folders (PyTorch eager)"
@@ -93,17 +93,17 @@ def register(app: typer.Typer) -> None:
         ratios are fair. Options for timm:NAME models apply only to those."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from ..backends import open_runner
-        from ..profiling.profile import profile_targets, write_profile_report
-        from ..profiling.report import prepare_dir
-
-        batches = int_list(batch, "--batch")
+        batches = batch_list(batch, "--batch")
         runtimes = [value(rt) for rt in runtime] if runtime else [None]
         r_spec = parse_r_option(r)
         if energy_seconds is not None and energy_seconds <= 0:
             raise fail("--energy-seconds must be > 0")
         if energy_windows < 1:
             raise fail("--energy-windows must be >= 1")
+
+        from ..backends import open_runner
+        from ..profiling.profile import profile_targets, write_profile_report
+        from ..profiling.report import prepare_dir
         with user_errors(), loud_warnings():
             if report_dir is not None:
                 prepare_dir(report_dir)  # fail before minutes of measuring

@@ -11,7 +11,6 @@ from typing import Callable, List, Optional
 
 import typer
 
-from ..calibration.vocabulary import DEFAULT_MAX_PATCHES, build_vocabulary, find_images, sample_files
 from ._common import console, loud_warnings, user_errors
 from ._options import CheckpointOpt, ImgSizeOpt, ModelKwargsOpt, Space, value
 
@@ -31,7 +30,7 @@ def register(app: typer.Typer) -> None:
         space: Space = typer.Option("pixels", "--space", case_sensitive=False, help="pixels (raw patches, as in the VWT paper; independent of the weights) or embeddings (patch embeddings of these weights: needs --checkpoint)"),
         img_size: ImgSizeOpt = None,
         model_kwargs: ModelKwargsOpt = None,
-        max_patches: int = typer.Option(DEFAULT_MAX_PATCHES, "--max-patches", help="Patches clustered at most (spread evenly over the images)"),
+        max_patches: int = typer.Option(50_000, "--max-patches", help="Patches clustered at most (spread evenly over the images)"),
         iters: int = typer.Option(30, "--iters", help="k-means iterations at most"),
         seed: int = typer.Option(0, "--seed", help="Seed of the patch sample and the k-means initialisation"),
     ):
@@ -51,6 +50,7 @@ def register(app: typer.Typer) -> None:
                 raise ScheduleError(f"--num must be at least 1, got {num}")
             if max_patches < words:
                 raise ScheduleError(f"--max-patches ({max_patches}) must be at least --words ({words})")
+            from ..calibration.vocabulary import build_vocabulary, find_images, sample_files
             from ._common import parse_json_option
 
             space = value(space)

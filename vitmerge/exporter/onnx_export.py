@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import metadata as md
 from ..data.transforms import data_config
-from ..errors import OutputPathError
+from .._io import check_output_path  # noqa: F401  (re-exported: the exporter's API)
 from ..models import input_shape
 from ..models.family import family, forward_outputs
 from ..models.precision import dtype_name, model_dtype
@@ -70,19 +70,6 @@ def decision_steps(model: nn.Module) -> int:
     if getattr(model, "_vm_state", None) is None:
         return 0
     return sum(1 for s in family(model).merge_steps(model) if getattr(s, "r", 0) > 0)
-
-
-def check_output_path(output: Union[str, Path]) -> Path:
-    out = Path(output)
-    if out.suffix != ".onnx":
-        raise OutputPathError(f"output {str(out)!r} must end in .onnx")
-    if not out.parent.is_dir():
-        raise OutputPathError(
-            f"output directory {str(out.parent)!r} does not exist: create it (mkdir -p {out.parent}) or choose another --output"
-        )
-    if not os.access(out.parent, os.W_OK):
-        raise OutputPathError(f"output directory {str(out.parent)!r} is not writable")
-    return out
 
 
 def metadata(model: nn.Module) -> dict:
