@@ -72,7 +72,12 @@ def data_config_for_onnx(proto, given: Optional[dict] = None) -> Tuple[dict, Opt
     elif md.DATA_CONFIG in meta:
         cfg = json.loads(meta[md.DATA_CONFIG])
     else:
-        cfg = dict(resolve_data_config({}))
+        # timm 1.x asserts unless given a model or a pretrained config: hand it ImageNet's defaults as the latter
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        cfg = dict(resolve_data_config({}, pretrained_cfg={
+            "input_size": (3, 224, 224), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "crop_pct": 0.875, "crop_mode": "center"}))
         warn = ("the ONNX file names no preprocessing (no vitmerge.data_config metadata) and none was given: "
                 "using timm's ImageNet defaults (mean/std, crop 0.875). Give --config model.json or "
                 "--model NAME for the model's own preprocessing.")

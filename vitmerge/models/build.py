@@ -130,6 +130,7 @@ def build_model(
 
     check_model_name(name)
     sd = load_state_dict(checkpoint) if checkpoint is not None else None
+    asked_classes = num_classes
     if num_classes is None and sd is not None:
         num_classes = _head_classes(sd)
     if img_size is not None:
@@ -147,6 +148,7 @@ def build_model(
                 sd = filt(sd, model)
             except Exception as e:
                 raise CheckpointError(f"checkpoint does not fit {name!r}: {e}") from None
+        check_shapes(model, sd, name, asked_classes)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise CheckpointError(
@@ -162,6 +164,29 @@ def build_model(
             stacklevel=2,
         )
     return model.eval()
+
+
+def check_shapes(model: nn.Module, sd: Dict[str, torch.Tensor], name: str, asked_classes: Optional[int] = None) -> None:
+    """:class:`CheckpointError` (one line: what differs, what to do) when tensors of the checkpoint have other shapes
+    than the model's of the same name: a checkpoint of another model size, or another number of classes."""
+    own = model.state_dict()
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
+           if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if not bad:
+        return
+    shown = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in bad[:3])
+    more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+    heads = all(k.split(".")[0] in ("head", "fc", "classifier", "cls_head", "box_head") for k, _, _ in bad)
+    if heads and asked_classes is not None:
+        fix = (f"--num-classes {asked_classes} does not match the checkpoint's head: drop --num-classes (it is read "
+               "from the checkpoint) or give the number of classes the checkpoint was trained with")
+    elif heads:
+        fix = "give --num-classes with the number of classes the checkpoint was trained with"
+    else:
+        fix = ("the checkpoint is of another model size: give the timm name it was trained as (e.g. "
+               "vit_tiny_patch16_224 for a ViT-Ti checkpoint), or --model-kwargs / --img-size as it was built")
+    raise CheckpointError(f"checkpoint does not fit {name}: {len(bad)} tensor(s) have other shapes ({shown}{more}); "
+                          f"{fix}")
 
 
 def _build_dense(name: str, checkpoint, img_size, num_classes, frames, audio_length, kwargs) -> nn.Module:
@@ -192,10 +217,8 @@ def _build_dense(name: str, checkpoint, img_size, num_classes, frames, audio_len
         warnings.warn(f"no --checkpoint given: dense:{name} has RANDOM weights. Shapes, export and latency are real; "
                       "detections are meaningless.", stacklevel=3)
         return model.eval()
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shapes that do not fit
-        raise CheckpointError(f"checkpoint does not fit dense:{name}: {str(e).splitlines()[0]} ...") from None
+    check_shapes(model, sd, f"dense:{name}", num_classes if head is None else None)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not match dense:{name}: {len(missing)} missing keys ({', '.join(missing[:5])}), "
