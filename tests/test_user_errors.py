@@ -97,3 +97,61 @@ def test_calibrate_a_file_not_written_by_vitmerge_falls_back_and_says_so(image_f
     text = " ".join(res.output.split())
     assert "names no preprocessing" in text and "ImageNet defaults" in text
     assert out.is_file() and any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out)).graph.node)
+
+
+# ------------------------------------------------------------------ nothing left behind after a kill
+
+
+def _export_process(out: Path):
+    args = [sys.executable, "-m", "vitmerge.cli", "export", "vit_tiny_patch16_224", "--img-size", "32",
+            "--model-kwargs", '{"patch_size": 8, "depth": 2}', "--r", "2", "-o", str(out)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_partial(folder: Path, name: str, proc, timeout=120.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        found = [p for p in folder.iterdir() if p.name.startswith(f".{name}.partial-")]
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError("export ended before writing: " + proc.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError("no staging folder appeared")
+
+
+def test_sigterm_during_export_leaves_nothing(tmp_path):
+    out = tmp_path / "m.onnx"
+    proc = _export_process(out)
+    _wait_for_partial(tmp_path, "m.onnx", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())  # no .m.onnx.partial-*, no m.onnx
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path):
+    """SIGKILL cannot be caught: the staging folder stays, named with the dead process's id; the next write of
+    the same output removes it (and leaves other processes' folders alone)."""
+    from vitmerge._io import clean_stale, scratch, staged
+
+    out = tmp_path / "m.onnx"
+    proc = _export_process(out)
+    (partial,) = _wait_for_partial(tmp_path, "m.onnx", proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert partial.exists() and f"-{proc.pid}-" in partial.name
+    alive = tmp_path / f".m.onnx.partial-{os.getpid()}-keep"  # a live process's: not touched
+    alive.mkdir()
+    with staged(out) as stage:
+        (stage / "m.onnx").write_bytes(b"x")
+    assert not partial.exists() and alive.exists() and out.read_bytes() == b"x"
+    # scratch folders in the temporary directory: the same rule
+    import tempfile
+
+    dead = Path(tempfile.gettempdir()) / f"vitmerge-test-scratch-{proc.pid}-abc"
+    dead.mkdir(exist_ok=True)
+    with scratch("vitmerge-test-scratch-") as d:
+        assert d.is_dir() and f"-{os.getpid()}-" in d.name and not dead.exists()
+    assert not d.exists()
+    assert clean_stale(tmp_path, ".m.onnx.partial-") == 0  # nothing stale left

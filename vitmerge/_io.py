@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -81,6 +82,56 @@ def _put(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process: not ours to judge
+    return True
+
+
+#: scratch folders older than this whose name carries no process id (written before ids were added) are stale
+STALE_SECONDS = 6 * 3600
+
+
+def clean_stale(folder: PathLike, prefix: str) -> int:
+    """Remove leftovers ``<prefix><pid>-*`` in ``folder`` of processes that no longer run (a run killed with
+    SIGKILL, a power cut), and ``<prefix>*`` without a process id older than :data:`STALE_SECONDS`. Returns how
+    many were removed. Only names that start with ``prefix`` are touched: each command cleans what it owns."""
+    folder = Path(folder)
+    removed = 0
+    try:
+        entries = [e for e in folder.iterdir() if e.name.startswith(prefix)]
+    except OSError:
+        return 0
+    for e in entries:
+        rest = e.name[len(prefix):]
+        head = rest.split("-", 1)[0]
+        if head.isdigit() and "-" in rest:
+            stale = int(head) != os.getpid() and not _pid_alive(int(head))
+        else:
+            try:
+                stale = time.time() - e.stat().st_mtime > STALE_SECONDS
+            except OSError:
+                continue
+        if stale:
+            _remove(e)
+            removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A private temporary folder ``<tmp>/<prefix><pid>-XXXX``, removed afterwards; leftovers of killed runs
+    with the same prefix are removed first (:func:`clean_stale`)."""
+    base = Path(tempfile.gettempdir())
+    clean_stale(base, prefix)
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-") as d:
+        yield Path(d)
+
+
 @contextlib.contextmanager
 def staged(*targets: PathLike) -> Iterator[Path]:
     """Stage outputs and move them into place only on success.
@@ -99,8 +150,10 @@ def staged(*targets: PathLike) -> Iterator[Path]:
     parent = paths[0].parent
     if any(p.parent != parent for p in paths):
         raise ValueError(f"staged targets must share one folder, got {[str(p) for p in paths]}")
+    prefix = f".{paths[-1].name}.partial-"
+    clean_stale(parent, prefix)  # what a killed earlier run of the same output left behind
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{paths[-1].name}.partial-", dir=parent))
+        stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     except OSError as e:
         raise OutputPathError(f"cannot write into {str(parent)!r}: {e.strerror or e}") from None
     try:
@@ -126,4 +179,4 @@ def atomic_write(path: PathLike, data: Union[str, bytes]) -> Path:
     return path
 
 
-__all__ = ["writable_dir", "staged", "atomic_write"]
+__all__ = ["writable_dir", "staged", "atomic_write", "scratch", "clean_stale", "check_output_path"]

@@ -38,6 +38,23 @@ def main(
 ):
     """vitmerge: export, build, calibrate, profile, eval and package token-merged ViTs."""
     set_verbosity(verbose, quiet)
+    _terminate_like_interrupt()
+
+
+def _terminate_like_interrupt() -> None:
+    """SIGTERM (a scheduler's stop, `kill`, a container shutdown) ends a command the way Ctrl-C does: the
+    exception unwinds every staged write and scratch folder, so nothing half-written or temporary is left.
+    (SIGKILL cannot be caught: its leftovers carry the process id and the next run removes them.)"""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(f"terminated (signal {signum})")
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")):

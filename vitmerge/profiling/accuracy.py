@@ -8,7 +8,7 @@ agreement with it is reported too.
 """
 from __future__ import annotations
 
-import tempfile
+
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple, Union
 
 import torch
 
+from .._io import scratch
 from ..backends import OrtRunner, TorchRunner
 from ..data.datasets import BatchStats, ImageDataset, batches
 from ..errors import DataError, UsageError
@@ -175,7 +176,7 @@ def score_models(models: Mapping[str, "torch.nn.Module"], dataset: ImageDataset,
     """Top-1/top-5 of PyTorch ``models`` on ``dataset`` in ``runtime`` ("torch", or "ort": each model
     exported to ONNX, verified, and scored in ONNX Runtime), plus each model's FLOPs per image and its
     fraction of the first model's. The first model is the reference for top-1 agreement."""
-    with tempfile.TemporaryDirectory(prefix="vitmerge-eval-") as tmp:
+    with scratch("vitmerge-eval-") as tmp:
         runners, fl = make_runners(models, runtime, Path(tmp), on_export)
         result = evaluate(runners, dataset, batch_size=batch_size, progress=progress, workers=workers,
                           description=f"scoring ({runtime})")

@@ -12,7 +12,7 @@ which would mean different things for sigmoid and softmax scores). The reference
 """
 from __future__ import annotations
 
-import tempfile
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import torch
 
+from .._io import scratch
 from ..data.detection import CocoFolder, DetectorInput, mean_average_precision
 from ..errors import DataError
 from .accuracy import EvalResult, make_runners, progress_task
@@ -104,7 +105,7 @@ def score_detectors(models: Mapping[str, torch.nn.Module], data: CocoFolder, spe
                     on_export: Any = None) -> Tuple[DetectionResult, Dict[str, Dict[str, float]]]:
     """mAP of PyTorch detectors ``models`` on ``data`` in ``runtime`` ("torch", or "ort": each exported to
     ONNX, verified, scored in ONNX Runtime), plus FLOPs per image and the fraction of the first model's."""
-    with tempfile.TemporaryDirectory(prefix="vitmerge-eval-") as tmp:
+    with scratch("vitmerge-eval-") as tmp:
         runners, fl = make_runners(models, runtime, Path(tmp), on_export)
         result = evaluate_detection(runners, data, spec, batch_size=batch_size, workers=workers, progress=progress,
                                     description=f"detecting ({runtime})")
