@@ -155,3 +155,26 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path):
         assert d.is_dir() and f"-{os.getpid()}-" in d.name and not dead.exists()
     assert not d.exists()
     assert clean_stale(tmp_path, ".m.onnx.partial-") == 0  # nothing stale left
+
+
+# ------------------------------------------------------------------ random weights: seeded, and check names them
+
+
+def test_exports_without_a_checkpoint_are_one_model_and_check_says_when_weights_differ(tmp_path):
+    """Two exports without --checkpoint (say, two graph forms) are the same model: the random weights come from
+    --seed (default 0, printed). Files of two different seeds: `check` says the weights differ, not only that the
+    outputs do."""
+    base = ["export", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs", '{"patch_size": 8, "depth": 2}',
+            "--r", "2", "--verify-batch", "1"]
+    a, b, c = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "c.onnx"
+    res = runner.invoke(app, base + ["-o", str(a)])
+    assert res.exit_code == 0, res.output
+    assert "RANDOM weights (seed 0; --seed draws others)" in " ".join(res.output.split())
+    assert runner.invoke(app, base + ["--merge-op", "standard", "-o", str(b)]).exit_code == 0
+    assert runner.invoke(app, base + ["--seed", "1", "-o", str(c)]).exit_code == 0
+    same = runner.invoke(app, ["check", str(a), str(b), "--atol", "0", "--rtol", "0"])
+    assert same.exit_code == 0, same.output
+    assert "weight tensors both files hold are identical" in " ".join(same.output.split())
+    other = runner.invoke(app, ["check", str(a), str(c)])
+    text = " ".join(other.output.split())
+    assert other.exit_code == 1 and "the two files have different weights" in text and "same --seed" in text

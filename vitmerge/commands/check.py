@@ -86,6 +86,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import VerificationError
         from ..exporter.surgery import graph_form
         from ..exporter.verify import compare_files as compare
+        from ..exporter.verify import weight_difference
 
         with user_errors():
             with console.status("running both graphs in ONNX Runtime"):
@@ -100,9 +101,17 @@ def register(app: typer.Typer) -> None:
                           *(f"{d:.2e} ({tol:.1e})" for d, tol in c.outputs.values()),
                           "[green]ok[/]" if c.ok else "[red]over[/]")
             console.print(t)
+            n_diff, n_common, names = weight_difference(reference, candidate)
+            weights = (f"the two files have different weights ({n_diff} of the {n_common} weight tensors they share "
+                       f"differ, e.g. {', '.join(names)}): they are not two forms of one model. Export both from the "
+                       "same --checkpoint (or, without one, the same --seed)") if n_diff else None
+            if weights:
+                console.print(f"[yellow]{weights}[/]", soft_wrap=True)
+            elif n_common:
+                console.print(f"weights: the {n_common} weight tensors both files hold are identical")
             bad = [c for c in checks if not c.ok]
             if bad:
-                raise VerificationError("outputs differ: " + "; ".join(
+                raise VerificationError(("" if not weights else weights + ". ") + "outputs differ: " + "; ".join(
                     f"batch {c.batch}: " + ", ".join(
                         f"{name} max|diff| {d:.3g} > tol {tol:.3g}"
                         for name, (d, tol) in [("logits", (c.max_abs_diff, c.tolerance)), *c.outputs.items()]

@@ -73,6 +73,9 @@ def register(app: typer.Typer) -> None:
         num_classes: NumClassesOpt = None,
         model_kwargs: ModelKwargsOpt = None,
         dtype: DTypeOpt = "fp32",
+        seed: Annotated[int, typer.Option(
+            "--seed", help="Seed of the random weights when no --checkpoint is given (the same seed, the same model: "
+                           "two exports compare as two forms of one model)")] = 0,
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset")] = 18,
         merge_op: Annotated[MergeOp, typer.Option(
             "--merge-op", case_sensitive=False,
@@ -102,7 +105,7 @@ def register(app: typer.Typer) -> None:
             model = build_merged(model_name, checkpoint, value(method), r_spec, img_size, prop_attn=prop_attn,
                                  num_classes=num_classes, schedule=value(schedule), budget=budget,
                                  budget_latency=budget_latency, frames=frames, audio_length=audio_length,
-                                 model_kwargs=kwargs, **extra_options)
+                                 model_kwargs=kwargs, seed=seed, **extra_options)
             if getattr(model, "vitmerge", None) is not None:
                 console.print(token_table(model))
             base, merged, ratio = flop_ratio(model)

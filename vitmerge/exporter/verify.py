@@ -299,6 +299,22 @@ def verify(
                 tmp.unlink(missing_ok=True)
 
 
+def weight_difference(a: PathLike, b: PathLike) -> Tuple[int, int, List[str]]:
+    """(initializers whose values differ, initializers both files hold under the same name, up to 3 names that
+    differ): two forms of one model share every weight; two random draws (exports without a checkpoint and with
+    different seeds) share none."""
+    import hashlib
+
+    def digests(p):
+        proto = onnx.load(str(p))
+        return {t.name: hashlib.sha1(numpy_helper.to_array(t).tobytes()).hexdigest() for t in proto.graph.initializer}
+
+    da, db = digests(a), digests(b)
+    common = sorted(set(da) & set(db))
+    differ = [n for n in common if da[n] != db[n]]
+    return len(differ), len(common), differ[:3]
+
+
 def compare_files(a: PathLike, b: PathLike, batch_sizes: Sequence[int] = (1, 4), atol: float = 1e-4,
                   rtol: float = 1e-3, seed: int = 0, threads: int = 0) -> List[BatchCheck]:
     """Run ``a`` and ``b`` in ONNX Runtime (CPU) on the same random images; ``a`` is the reference.
@@ -329,5 +345,5 @@ def compare_files(a: PathLike, b: PathLike, batch_sizes: Sequence[int] = (1, 4),
     return checks
 
 
-__all__ = ["BatchCheck", "VerifyReport", "batch_check", "verify", "compare_files", "check_onnx", "upcast_copy",
+__all__ = ["BatchCheck", "VerifyReport", "batch_check", "verify", "compare_files", "weight_difference", "check_onnx", "upcast_copy",
            "decision_share", "TOLERANCES", "MIN_DECISIONS"]

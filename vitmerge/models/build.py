@@ -97,6 +97,11 @@ def is_model_folder(name: Union[str, Path]) -> bool:
     return Path(s).expanduser().exists() or "/" in s or "\\" in s or s.startswith(("~", "."))
 
 
+#: random weights (no checkpoint) are drawn from this seed unless told otherwise: two exports of one model
+#: without a checkpoint are then the same model, and `vitmerge check` compares forms, not two random draws
+DEFAULT_SEED = 0
+
+
 def build_model(
     name: str,
     checkpoint: Optional[Union[str, Path]] = None,
@@ -104,6 +109,7 @@ def build_model(
     num_classes: Optional[int] = None,
     frames: Optional[int] = None,
     audio_length: Optional[int] = None,
+    seed: int = DEFAULT_SEED,
     **kwargs,
 ) -> nn.Module:
     """timm.create_model(name) with random init, then the local checkpoint if given; or, when ``name`` is
@@ -118,8 +124,10 @@ def build_model(
     state dict, which also gives its classes; without one, ``num_classes`` is required).
     """
     if str(name).startswith(DENSE_PREFIX):
-        return _build_dense(str(name)[len(DENSE_PREFIX):], checkpoint, img_size, num_classes, frames, audio_length,
-                            kwargs)
+        with torch.random.fork_rng(devices=[]):  # the initial weights from `seed`, the caller's RNG untouched
+            torch.manual_seed(int(seed))
+            return _build_dense(str(name)[len(DENSE_PREFIX):], checkpoint, img_size, num_classes, frames,
+                                audio_length, kwargs, seed)
     if is_model_folder(name):
         return _build_folder(Path(str(name)).expanduser(), checkpoint, img_size, num_classes, frames, audio_length,
                              kwargs)
@@ -138,7 +146,9 @@ def build_model(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        with torch.random.fork_rng(devices=[]):  # the initial weights from `seed`, the caller's RNG untouched
+            torch.manual_seed(int(seed))
+            model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         raise ModelNotFoundError(f"model {name!r} does not accept these options ({e})") from None
     if sd is not None:
@@ -159,8 +169,8 @@ def build_model(
             )
     else:
         warnings.warn(
-            f"no --checkpoint given: {name} has RANDOM weights. Shapes, export and latency are real; "
-            "accuracy numbers are meaningless.",
+            f"no --checkpoint given: {name} has RANDOM weights (seed {seed}; --seed draws others). Shapes, export "
+            "and latency are real; accuracy numbers are meaningless.",
             stacklevel=2,
         )
     return model.eval()
@@ -189,7 +199,7 @@ def check_shapes(model: nn.Module, sd: Dict[str, torch.Tensor], name: str, asked
                           f"{fix}")
 
 
-def _build_dense(name: str, checkpoint, img_size, num_classes, frames, audio_length, kwargs) -> nn.Module:
+def _build_dense(name: str, checkpoint, img_size, num_classes, frames, audio_length, kwargs, seed=DEFAULT_SEED) -> nn.Module:
     import timm
 
     from .dense import DenseDetector
@@ -214,8 +224,8 @@ def _build_dense(name: str, checkpoint, img_size, num_classes, frames, audio_len
         raise ModelNotFoundError(f"model {name!r} does not accept these options ({e})") from None
     model = DenseDetector(backbone, int(num_classes), **({} if stem is None else {"hidden": int(stem.shape[0])}))
     if sd is None:
-        warnings.warn(f"no --checkpoint given: dense:{name} has RANDOM weights. Shapes, export and latency are real; "
-                      "detections are meaningless.", stacklevel=3)
+        warnings.warn(f"no --checkpoint given: dense:{name} has RANDOM weights (seed {seed}; --seed draws others). "
+                      "Shapes, export and latency are real; detections are meaningless.", stacklevel=3)
         return model.eval()
     check_shapes(model, sd, f"dense:{name}", num_classes if head is None else None)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -314,7 +324,7 @@ def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None,
                  schedule: str = "constant", budget: Optional[float] = None,
                  model_kwargs: Optional[Dict[str, Any]] = None,
                  budget_latency: Optional[Union[str, Path]] = None, frames: Optional[int] = None,
-                 audio_length: Optional[int] = None, **options) -> nn.Module:
+                 audio_length: Optional[int] = None, seed: int = DEFAULT_SEED, **options) -> nn.Module:
     """Build the timm model (local checkpoint or random weights) or load the transformers folder, and
     merge it as asked.
 
@@ -328,12 +338,12 @@ def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None,
         kw["frames"] = frames
     if audio_length is not None:
         kw["audio_length"] = audio_length
-    model = build_model(model_name, checkpoint, num_classes=num_classes, **kw)
+    model = build_model(model_name, checkpoint, num_classes=num_classes, seed=seed, **kw)
     if is_mobilevit(model) and budget is None and r == 0:
         return model
     rs = resolve_schedule(model, method, r, schedule, budget, budget_latency, **options)
     return apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
 
 
-__all__ = ["DENSE_PREFIX", "build_model", "is_model_folder", "load_state_dict", "check_model_name", "CHECKPOINT_SUFFIXES", "ModelConfig",
+__all__ = ["DENSE_PREFIX", "DEFAULT_SEED", "build_model", "is_model_folder", "load_state_dict", "check_model_name", "CHECKPOINT_SUFFIXES", "ModelConfig",
            "load_model_config", "resolve_model", "build_merged"]
