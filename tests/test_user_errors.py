@@ -178,3 +178,27 @@ def test_exports_without_a_checkpoint_are_one_model_and_check_says_when_weights_
     other = runner.invoke(app, ["check", str(a), str(c)])
     text = " ".join(other.output.split())
     assert other.exit_code == 1 and "the two files have different weights" in text and "same --seed" in text
+
+
+# ------------------------------------------------------------------ eval: the model's classes against the data's
+
+
+def test_eval_warns_when_the_model_has_more_outputs_than_the_data_has_classes(tiny_checkpoint, image_folder, tmp_path):
+    base = ["eval", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs", '{"patch_size": 8, "depth": 1}',
+            "--data"]
+    res = runner.invoke(app, base + [str(image_folder)])  # 1000 outputs, 3 classes
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "has 1000 outputs but the data has 3 classes (imagefolder)" in text and "--num-classes 3" in text
+    res = runner.invoke(app, base + [str(image_folder), "--num-classes", "3"])  # eval takes export's model options
+    assert res.exit_code == 0, res.output
+    assert "outputs but the data has" not in " ".join(res.output.split())
+    two = tmp_path / "two"  # a 3-class checkpoint on a 2-class folder
+    for c in ("c0", "c1"):
+        (two / c).mkdir(parents=True)
+        for f in (image_folder / c).iterdir():
+            (two / c / f.name).write_bytes(f.read_bytes())
+    res = runner.invoke(app, ["eval", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint), "--img-size", "32",
+                              "--model-kwargs", '{"patch_size": 8}', "--data", str(two)])
+    assert res.exit_code == 0, res.output
+    assert "has 3 outputs but the data has 2 classes" in " ".join(res.output.split())

@@ -3,6 +3,7 @@ for detectors (YOLOS folders, ``dense:NAME``) mAP on a COCO-format folder."""
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Dict, Optional
 
@@ -12,8 +13,8 @@ from rich.table import Table
 from ._common import (console, err_console, log, loud_warnings, parse_json_option, parse_options, parse_r_option,
                       user_errors)
 from ._options import (MERGE_PANEL, AudioLengthOpt, BudgetOpt, CheckpointOpt, ClassMap, ClassOrder, ConfigOpt, DataOpt,
-                       EvalRuntime, FramesOpt, ImgSizeOpt, MethodOpt, ModelKwargsOpt, OptionOpt, PropAttnOpt,
-                       ReportDirOpt, ScheduleOpt, value)
+                       EvalRuntime, FramesOpt, ImgSizeOpt, MethodOpt, ModelKwargsOpt, NumClassesOpt, OptionOpt,
+                       PropAttnOpt, ReportDirOpt, ScheduleOpt, value)
 
 
 def accuracy_table(result, flops: Dict[str, Dict[str, float]]) -> Table:
@@ -106,6 +107,7 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
         checkpoint: CheckpointOpt = None,
         model_kwargs: ModelKwargsOpt = None,
+        num_classes_opt: NumClassesOpt = None,
         img_size: ImgSizeOpt = None,
         frames: FramesOpt = None,
         audio_length: AudioLengthOpt = None,
@@ -160,7 +162,7 @@ def register(app: typer.Typer) -> None:
         from ..models.build import build_model, is_model_folder, resolve_model
         from ..models.family import family
         from ..models.shapes import num_classes
-        from ..profiling.accuracy import check_classes, score_models
+        from ..profiling.accuracy import check_classes, class_mismatch, score_models
         from ..profiling.detection import score_detectors
         from ..profiling.report import prepare_dir, write_report
 
@@ -180,6 +182,8 @@ def register(app: typer.Typer) -> None:
             for key, v in (("img_size", img_size), ("frames", frames), ("audio_length", audio_length)):
                 if v is not None:
                     kwargs[key] = v
+            if num_classes_opt is not None:
+                kwargs["num_classes"] = num_classes_opt
             model = build_model(name, ckpt, **kwargs)
             detector = family(model).output_names(model) != ("logits",)
             weights = "checkpoint " + str(ckpt) if ckpt else "its folder's weights" if hf_folder else "random weights"
@@ -198,6 +202,9 @@ def register(app: typer.Typer) -> None:
                 ds = open_dataset(data, split=split, labels=labels, transform=transform_for(model), limit=limit,
                                   class_order=value(class_order))
                 check_classes(ds, num_classes(model), f"{name} ({weights})")
+                off = class_mismatch(ds, num_classes(model), f"{name} ({weights})")
+                if off:
+                    warnings.warn(off, stacklevel=1)
             console.print(f"data: {ds.describe()}")
             for n in ds.notes:
                 console.print(f"  [dim]{n}[/]")

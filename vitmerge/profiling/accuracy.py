@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -95,6 +95,19 @@ def check_classes(dataset: ImageDataset, num_classes: int, what: str = "the mode
             f"the data has labels up to {top} ({dataset.num_classes} classes, {dataset.layout}) but {what} has "
             f"{num_classes} outputs: is it the checkpoint fine-tuned on this dataset (give it with --checkpoint)?"
         )
+
+
+def class_mismatch(dataset: ImageDataset, num_classes: int, what: str = "the model") -> Optional[str]:
+    """Why accuracy may be meaningless though every label fits the head: the model has more outputs than the
+    data has classes, in a layout that maps classes to outputs by index only (an image folder, CIFAR, Pets). The
+    ImageNet layouts map by WordNet id, so a 1000-class model on a subset of ImageNet classes is right. None when
+    nothing is off."""
+    if dataset.num_classes == num_classes or str(dataset.layout).startswith("imagenet"):
+        return None
+    return (f"{what} has {num_classes} outputs but the data has {dataset.num_classes} classes ({dataset.layout}): "
+            f"top-1 compares data class i with model output i, which means something only for a model trained on "
+            f"exactly these classes in this order (give that checkpoint with --checkpoint; --num-classes "
+            f"{dataset.num_classes} gives a new, random head)")
 
 
 @contextmanager
@@ -204,4 +217,5 @@ def make_runners(models: Mapping[str, "torch.nn.Module"], runtime: str, tmp: Pat
     return runners, fl
 
 
-__all__ = ["Runner", "ModelAccuracy", "EvalResult", "evaluate", "progress_task", "make_runners", "check_classes", "score_models"]
+__all__ = ["Runner", "ModelAccuracy", "EvalResult", "evaluate", "progress_task", "make_runners", "check_classes",
+           "class_mismatch", "score_models"]
