@@ -202,3 +202,33 @@ def test_eval_warns_when_the_model_has_more_outputs_than_the_data_has_classes(ti
                               "--model-kwargs", '{"patch_size": 8}', "--data", str(two)])
     assert res.exit_code == 0, res.output
     assert "has 3 outputs but the data has 2 classes" in " ".join(res.output.split())
+
+
+# ------------------------------------------------------------------ contradictory options, -v / -q anywhere
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--budget", "0.8", "--r", "4"], "--r 4 and --budget 0.8 contradict each other"),
+    (["--budget", "0.8", "--schedule", "decreasing"], "--schedule decreasing applies to --r; with --budget"),
+])
+def test_export_refuses_contradictory_options(extra, needle, tmp_path):
+    res = runner.invoke(app, ["export", "vit_tiny_patch16_224", "--img-size", "32", "-o", str(tmp_path / "m.onnx"),
+                              *extra])
+    one_line_error(res, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verbosity_flags_work_after_the_command_name(tmp_path):
+    """-q / -v are the group's options; they used to work only before the command name."""
+    from vitmerge.cli import _Group
+
+    assert _Group.parse_args.__qualname__.startswith("_Group")
+    src = tmp_path / "foreign.onnx"
+    _foreign_onnx(src)
+    loud = runner.invoke(app, ["check", str(src), "--target", "tensorrt"])
+    quiet = runner.invoke(app, ["check", str(src), "--target", "tensorrt", "-q"])
+    assert loud.exit_code == quiet.exit_code == 0, quiet.output
+    assert "PASSED" in loud.output and quiet.output.strip() == ""
+    # anything after `--` is left where it is
+    res = runner.invoke(app, ["check", "--", str(src), "-q"])
+    assert res.exit_code == 2  # "-q" was taken as the second file, not moved

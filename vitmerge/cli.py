@@ -9,12 +9,35 @@ import importlib
 import pkgutil
 
 import typer
+import typer.core
 
 from . import commands
 from ._version import __version__
 from .commands._common import set_verbosity
 
+#: the global options a user may also put after the command name (`vitmerge export ... -v`)
+_GLOBAL_FLAGS = {"-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}
+
+
+class _Group(typer.core.TyperGroup):
+    """The `vitmerge` group: -v / -q work after the command name too (they are the group's options, which click
+    parses only before it); they are moved in front of the command, everything else stays in order. A `--`
+    ends the moving: what follows it is the command's, verbatim."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        first = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+        if first is not None:
+            end = args.index("--") if "--" in args[first:] else len(args)
+            moved = [a for a in args[first + 1:end] if a in _GLOBAL_FLAGS]
+            if moved:
+                rest = [a for a in args[first + 1:end] if a not in _GLOBAL_FLAGS]
+                args = moved + args[:first + 1] + rest + args[end:]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="vitmerge",
     help="Training-free token merging for timm ViTs, exported and measured where they are deployed.",
     no_args_is_help=True,

@@ -214,7 +214,7 @@ def register(app: typer.Typer) -> None:
             if r is not None or budget is not None:
                 opts = parse_options(option)
                 merged = copy.deepcopy(model)
-                r_used = resolve_schedule(merged, value(method), parse_r_option(r) if budget is None else 0,
+                r_used = resolve_schedule(merged, value(method), None if r is None else parse_r_option(r),
                                           value(schedule), budget, **opts)
                 apply(merged, method=value(method), r=r_used, prop_attn=prop_attn, **opts)
                 info = merged.vitmerge

@@ -57,9 +57,10 @@ def register(app: typer.Typer) -> None:
         output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .onnx file")],
         checkpoint: CheckpointOpt = None,
         method: MethodOpt = "tome",
-        r: Annotated[str, typer.Option("--r", rich_help_panel=MERGE_PANEL,
-                                       help="Tokens merged per block: one int, or one per block comma-separated; "
-                                            "0 = the plain model")] = "16",
+        r: Annotated[Optional[str], typer.Option(
+            "--r", rich_help_panel=MERGE_PANEL,
+            help="Tokens merged per block: one int, or one per block comma-separated; 0 = the plain model "
+                 "(default 16; not with --budget, which solves r per block)")] = None,
         schedule: ScheduleOpt = "constant",
         budget: BudgetOpt = None,
         budget_latency: Annotated[Optional[Path], typer.Option(
@@ -91,7 +92,7 @@ def register(app: typer.Typer) -> None:
         from .._io import check_output_path
 
         # everything that can be refused without torch is refused first (and answers in well under a second)
-        r_spec = parse_r_option(r)
+        r_spec = None if r is None else parse_r_option(r)
         batches = batch_list(verify_batches, "--verify-batch")
         with user_errors():
             check_output_path(output)  # fail before minutes of work

@@ -218,9 +218,25 @@ def load_latency_table(path: Union[str, Path]) -> dict:
     return table
 
 
+#: r per block when neither --r nor --budget is given
+DEFAULT_R = 16
+
+
 def resolve_schedule(model: nn.Module, method: str, r, schedule: str = "constant", budget: Optional[float] = None,
                      budget_latency: Optional[Union[str, Path]] = None, **options):
-    """--r / --schedule / --budget [--budget-latency TABLE] -> what ``vitmerge.apply`` takes."""
+    """--r / --schedule / --budget [--budget-latency TABLE] -> what ``vitmerge.apply`` takes.
+
+    ``r`` None means "not given": 16 per block without a budget. A budget solves the per-block r itself, so an
+    explicit ``r`` or a ``schedule`` other than constant next to it is refused (it used to be dropped silently)."""
+    if budget is not None or budget_latency is not None:
+        if r is not None:
+            raise ScheduleError(f"--r {r} and --budget {budget} contradict each other: the budget solves r per block; "
+                                "give one of them")
+        if schedule != "constant":
+            raise ScheduleError(f"--schedule {schedule} applies to --r; with --budget the solver chooses the per-block r "
+                                "itself: drop --schedule (or give --r instead of --budget)")
+    elif r is None:
+        r = DEFAULT_R
     if budget_latency is not None:
         if budget is None:
             raise ScheduleError("--budget-latency TABLE needs --budget F (the latency fraction to meet)")

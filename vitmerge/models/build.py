@@ -319,7 +319,7 @@ def resolve_model(model_name: Optional[str], checkpoint: Optional[Path], config:
     return model_name, checkpoint, kwargs, data_dir
 
 
-def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None, method: str = "tome", r: Any = 16,
+def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None, method: str = "tome", r: Any = None,
                  img_size: Optional[int] = None, prop_attn: bool = True, num_classes: Optional[int] = None,
                  schedule: str = "constant", budget: Optional[float] = None,
                  model_kwargs: Optional[Dict[str, Any]] = None,
@@ -328,8 +328,9 @@ def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None,
     """Build the timm model (local checkpoint or random weights) or load the transformers folder, and
     merge it as asked.
 
-    ``r`` / ``schedule`` / ``budget`` / ``budget_latency`` as in :func:`vitmerge.models.budget.resolve_schedule`;
-    ``r=0`` without a budget gives the plain model (MobileViT: the plain mobile baseline, never merged).
+    ``r`` / ``schedule`` / ``budget`` / ``budget_latency`` as in :func:`vitmerge.models.budget.resolve_schedule`
+    (``r`` None: 16 per block without a budget; refused next to a budget); ``r=0`` without a budget gives the
+    plain model (MobileViT: the plain mobile baseline, never merged).
     """
     kw = dict(model_kwargs or {})
     if img_size is not None:

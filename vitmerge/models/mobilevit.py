@@ -22,7 +22,8 @@ REASON = (
     "MobileViT folds every transformer token back into a convolutional feature map, so its blocks need "
     "all tokens at every position; token merging inside them is not supported (it would need an unmerge "
     "before each fold, and only about half of MobileViT's FLOPs are in its transformers). Export and profile it "
-    "unmerged as the mobile baseline: vitmerge.export(model, 'mobilevit.onnx') works on the plain model"
+    "unmerged as the mobile baseline: vitmerge export MODEL --r 0 -o mobilevit.onnx (in Python: "
+    "vitmerge.export(model, 'mobilevit.onnx') on the plain model)"
 )
 
 
