@@ -11,6 +11,14 @@ from rich.table import Table
 from ._common import console, batch_list, loud_warnings, user_errors
 
 
+def terminal_copy(md: str) -> str:
+    """The report's Markdown for a terminal: an image line ``![name](file.png)`` becomes ``plot: file.png`` (as
+    console markup, ``[name]`` would be eaten and ``!(file.png)`` printed)."""
+    import re
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r"plot: \2", md)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("demo", short_help="The embedded default job: offline, end to end, report with plots.")
     def demo_cmd(
@@ -79,6 +87,6 @@ def _full_demo(out_dir: Path, methods: str, budgets: str, batches: str, rounds: 
                       console=console, transient=True) as prog:
             result = demo.run(settings, say=console.print, progress=prog)
     md = result.report_md.read_text()
-    console.print(md[md.find("## Digits"):] if "## Digits" in md else md)
+    console.print(terminal_copy(md[md.find("## Digits"):] if "## Digits" in md else md), markup=False)
     console.print(f"[bold green]report:[/] {result.report_md}  (+ {result.report_json.name}, "
                   f"{len(result.plots)} plots in {result.report_md.parent})")

@@ -17,9 +17,15 @@ from ._options import (MERGE_PANEL, AudioLengthOpt, BudgetOpt, CheckpointOpt, Cl
                        PropAttnOpt, ReportDirOpt, ScheduleOpt, value)
 
 
+def counted(n: int, dataset: str = "") -> str:
+    """'12 images', '1 image', '12 clips' (video and audio data are clips)."""
+    what = "clip" if str(dataset).startswith(("video", "audio")) else "image"
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 def accuracy_table(result, flops: Dict[str, Dict[str, float]]) -> Table:
     first = next(iter(result.models.values()))
-    t = Table(title=f"accuracy on the same {result.images} images")
+    t = Table(title=f"accuracy on the same {counted(result.images, result.dataset)}")
     for col in ("model", "top-1", f"top-{first.k}", "top-1 agreement", "GFLOPs/image", "FLOPs vs unmerged"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for name, a in result.models.items():
@@ -31,7 +37,7 @@ def accuracy_table(result, flops: Dict[str, Dict[str, float]]) -> Table:
 
 
 def detection_table(result, flops: Dict[str, Dict[str, float]]) -> Table:
-    t = Table(title=f"detection on the same {result.images} images",
+    t = Table(title=f"detection on the same {counted(result.images)}",
               caption=f"mAP = mAP@[.5:.95]; vs {result.reference}: mAP@.5 of the k most confident detections per image "
                       f"against {result.reference}'s k (k = the image's ground-truth boxes)")
     cols = ("model", "mAP", "mAP@.5", "mAP@.75", f"vs {result.reference}", "dets/img", "GFLOPs/img", "FLOPs ratio")

@@ -77,4 +77,5 @@ def register(app: typer.Typer) -> None:
             m = vocab.meta
             console.print(f"{m['num_images']} images, {m['num_patches']} patches ({space}) -> {vocab.num_words} words "
                           f"for {m['model']} (patch {m['patch_size'][0]}x{m['patch_size'][1]}, input {m['img_size'][0]}x{m['img_size'][1]})")
-            console.print(f"[bold green]wrote[/] {path}   use it with: vitmerge.apply(model, 'vwt', r=R, vocab='{path}')")
+            console.print(f"[bold green]wrote[/] {path}   use it with: vitmerge export MODEL --method vwt -O vocab={path} "
+                          f"--r R (in Python: vitmerge.apply(model, 'vwt', r=R, vocab='{path}'))", soft_wrap=True)

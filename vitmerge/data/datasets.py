@@ -58,6 +58,8 @@ Supported layouts (local folders only; nothing is downloaded; details in docs/da
                                                  or DIR/LOC_val_solution.csv (or give the file with --labels)
   CIFAR-100 (official python version)           DIR/cifar-100-python/{test,meta} or DIR/{test,meta}
   Oxford-IIIT Pet                               DIR/images/*.jpg + DIR/annotations/test.txt
+  Video clips in class folders                  DIR/<class name>/<clip>.npy  ([T, H, W(, C)] or [T, C, H, W] frames)
+  Audio clips in class folders                  DIR/<class name>/<clip>.wav
   Split folders                                 DIR/train/ and DIR/val/ or DIR/test/, each in a layout above"""
 
 Ref = Union[str, int]  # an image file path, or an index into a reader's in-memory arrays (CIFAR)

@@ -186,9 +186,9 @@ def _apply_pre_encoder(model, method, r, prop_attn, trace_source, options) -> nn
     if mode == "inter":
         if vocab is None:
             raise ScheduleError(
-                "vwt mode 'inter' needs a vocabulary of visual words: build one with "
-                "`vitmerge vocab build DATA_DIR -o vocab.pt --model NAME` and pass vocab='vocab.pt' "
-                "(or use mode='intra', which needs none)"
+                "vwt mode inter needs a vocabulary of visual words: build one with "
+                "`vitmerge vocab build DATA_DIR -o vocab.pt --model NAME` and give it with -O vocab=vocab.pt "
+                "(in Python: vitmerge.apply(model, 'vwt', r, vocab='vocab.pt')), or use -O mode=intra, which needs none"
             )
         voc = vocab if isinstance(vocab, Vocabulary) else load_vocabulary(vocab)
         check_vocabulary(model, voc, space)

@@ -229,7 +229,7 @@ def resolve_schedule(model: nn.Module, method: str, r, schedule: str = "constant
     ``r`` None means "not given": 16 per block without a budget. A budget solves the per-block r itself, so an
     explicit ``r`` or a ``schedule`` other than constant next to it is refused (it used to be dropped silently)."""
     if budget is not None or budget_latency is not None:
-        if r is not None:
+        if r is not None and r != 0:  # (0: what Python callers passed for "unset" before None existed)
             raise ScheduleError(f"--r {r} and --budget {budget} contradict each other: the budget solves r per block; "
                                 "give one of them")
         if schedule != "constant":
