@@ -14,7 +14,7 @@ Runtimes implement ``_infer`` and ``_prepare``; everything else (batch range che
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -60,6 +60,11 @@ class Runner:
     def _prepare(self, batch: int) -> Callable[[], object]:  # pragma: no cover - interface
         """Inputs for ``batch`` images made once (on the device); return a zero-argument run."""
         raise NotImplementedError
+
+    def interleave(self) -> Optional[str]:
+        """Called before this model is timed in turn with others in one process: a runtime whose idle threads
+        would disturb the others' timing settles them here. Returns a note of what changed (None: nothing)."""
+        return None
 
     def sync(self) -> None:
         """Wait until the device has finished the work queued so far (no-op for synchronous runtimes)."""

@@ -105,7 +105,7 @@ def cuda_problem(ort) -> Optional[str]:
 
 
 def session(path: PathLike, providers: Optional[Sequence[Any]] = None, threads: int = 0,
-            optimization: str = "all"):
+            optimization: str = "all", spinning: bool = True):
     """An ONNX Runtime session for ``path`` (CPU unless ``providers`` says otherwise).
 
     The vitmerge::TokenMerge kernels are registered when the graph holds such nodes. A file ONNX
@@ -124,6 +124,8 @@ def session(path: PathLike, providers: Optional[Sequence[Any]] = None, threads: 
     }[optimization]
     if threads:
         so.intra_op_num_threads = threads
+    if not spinning:  # workers stop spinning when a run returns (several sessions in one process: see OrtRunner)
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3
     if uses_custom_ops(proto):
         from ..plugins.ort_tokenmerge import register_ort
@@ -158,7 +160,7 @@ def refuse_custom_nodes_on_cuda(path: PathLike, proto=None) -> None:
         )
 
 
-def cuda_session(path: PathLike, threads: int = 0):
+def cuda_session(path: PathLike, threads: int = 0, spinning: bool = True):
     """A session on the CUDA execution provider, or an error saying why not.
 
     Graphs with vitmerge custom nodes are refused (:func:`refuse_custom_nodes_on_cuda`); a missing
@@ -170,7 +172,7 @@ def cuda_session(path: PathLike, threads: int = 0):
     if problem:
         raise RuntimeMissingError(f"ONNX Runtime CUDA is not available: {problem}")
     preload_cuda_libraries(ort)
-    sess = session(path, [(CUDA, {"device_id": 0}), CPU], threads)
+    sess = session(path, [(CUDA, {"device_id": 0}), CPU], threads, spinning=spinning)
     if sess.get_providers()[0] != CUDA:
         raise RuntimeMissingError(
             "ONNX Runtime could not start its CUDA provider (no usable NVIDIA GPU, or the CUDA and cuDNN "
@@ -284,8 +286,26 @@ class OrtRunner(Runner):
                          info=onnx_info(proto), batch_range=(fixed, fixed) if fixed else (1, 1 << 30),
                          input_dtype=dtype)
         self.path = path
+        self.threads = threads
+        self.spinning = sess is None  # a session vitmerge made: ONNX Runtime's default, idle workers spin
         self.input_name = inp.name
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def interleave(self) -> Optional[str]:
+        """Make the session fit for interleaved timing beside other models in this process: ONNX Runtime's idle
+        intra-op workers spin after every run by default, so a session waiting its turn steals the cores of the
+        one being timed (ViT-S, 2 cores: 30.5 ms alone, 59.2 ms interleaved). The session is made again with
+        ``session.force_spinning_stop``: its workers still spin while it runs (as deployed: turning spinning off
+        altogether made a 1 ms model 1.5x slower), and stop the moment its run returns, so nothing idle competes
+        with the next model. Returns what was changed."""
+        if not self.spinning:
+            return None
+        if self.runtime == "ort-cuda":
+            self.session = cuda_session(self.path, self.threads, spinning=False)
+        else:
+            self.session = session(self.path, threads=self.threads, spinning=False)
+        self.spinning = False
+        return "ONNX Runtime workers stop spinning between runs"
 
     def _infer(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(self.output_names[:1], {self.input_name: images})[0]

@@ -21,7 +21,9 @@ def _ms(v: float) -> str:
 def latency_table(result) -> Table:
     from rich import box
 
-    t = Table(title="latency (ms) and throughput, interleaved", box=box.SIMPLE_HEAD, padding=(0, 1))
+    how = result.settings.get("interleaving", "as created")
+    t = Table(title="latency (ms) and throughput, interleaved" + ("" if how == "as created" else f" ({how})"),
+              box=box.SIMPLE_HEAD, padding=(0, 1))
     width = min(max((len(r.label) for r in result.rows), default=5), 28)
     t.add_column("model", min_width=width, overflow="fold")
     for col in ("runtime", "batch", "p50", "p90", "p99", "img/s", "vs 1st"):

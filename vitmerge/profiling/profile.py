@@ -109,6 +109,9 @@ def profile_targets(
                          f"{energy_seconds}, {energy_rest})")
     _unique_labels(list(targets))
     status = on_status or (lambda s: None)
+    # several models in one process take turns: each must run as it would deployed on its own, with no idle
+    # session's threads competing for the cores (ONNX Runtime spins them by default)
+    changed = sorted({note for t in targets for note in [t.interleave() if len(targets) > 1 else None] if note})
     syncs = [t.sync for t in targets]
 
     def sync_all():
@@ -132,7 +135,10 @@ def profile_targets(
                                                  "warmup": warmup, "energy": energy,
                                                  "energy_seconds": energy_seconds if energy else None,
                                                  "energy_windows": energy_windows if energy else None,
-                                                 "energy_rest_seconds": energy_rest if energy else None})
+                                                 "energy_rest_seconds": energy_rest if energy else None,
+                                                 "interleaving": ("; ".join(changed) + " in every session, so no idle "
+                                                                  "session competes for the cores") if changed else
+                                                                 "as created"})
     if memory:
         _measure_memory_rows(result, status)
     if not energy:
@@ -229,7 +235,8 @@ def profile_sections(result: ProfileResult) -> List[Tuple[str, str]]:
          r.speedup) for r in result.rows
     ]
     text = (f"{s['rounds']} interleaved rounds x {s['iters']} timed calls per model and batch size, "
-            f"{s['warmup']} warm-up calls excluded, device synchronised around each call. "
+            f"{s['warmup']} warm-up calls excluded, device synchronised around each call"
+            + (f"; sessions: {s['interleaving']}" if s.get("interleaving", "as created") != "as created" else "") + ". "
             f"Speed-up = p50 of the first model ({first}) / p50 of the row, same batch.\n\n")
     text += md_table(["model", "runtime", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s",
                       "speed-up vs first"], latency_rows,
