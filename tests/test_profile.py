@@ -486,12 +486,11 @@ def test_interleaved_sessions_do_not_spin_and_orders_agree(onnx_pair):
 
     ab, ba = ratio(a, b), ratio(b, a)
     assert 0.85 < ab * ba < 1.18, (ab, ba)  # t_b/t_a times t_a/t_b: 1 when the order does not matter
-    alone, inter = [], []
-    for _ in range(3):  # alternated, medians: the machine's drift hits both sides alike
+    pairs = []
+    for _ in range(9):  # adjacent short windows, the median of their ratios: this machine drifts by 20 % a second
         single = open_target(str(b))
-        res = profile_targets([single], batch, rounds=6, iters=5, warmup=2)
+        res = profile_targets([single], batch, rounds=3, iters=4, warmup=2)
         assert single.spinning and res.settings["interleaving"] == "as created"  # one model: left as created
-        alone.append(res.rows[0].stats.p50)
-        inter.append(profile_targets([open_target(str(a)), open_target(str(b))], batch, rounds=6, iters=5,
-                                     warmup=2).rows[1].stats.p50)
-    assert 0.9 < np.median(inter) / np.median(alone) < 1.1, (inter, alone)
+        inter = profile_targets([open_target(str(a)), open_target(str(b))], batch, rounds=3, iters=4, warmup=2)
+        pairs.append(inter.rows[1].stats.p50 / res.rows[0].stats.p50)
+    assert 0.9 < np.median(pairs) < 1.1, sorted(pairs)
