@@ -74,6 +74,22 @@ def test_num_classes_that_contradict_the_checkpoint_is_one_line(tiny_checkpoint,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_num_classes_in_model_kwargs_is_taken_and_a_contradiction_is_one_line(tiny_checkpoint, tmp_path):
+    """The digits model's model_kwargs.json (written "for --model-kwargs") carries num_classes: export raised
+    TypeError (num_classes given twice). It is one value: taken from either place; two different ones refused."""
+    kw = '{"patch_size": 8, "depth": 12, "num_classes": 3}'
+    out = tmp_path / "m.onnx"
+    res = runner.invoke(app, ["export", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint), "--img-size", "32",
+                              "--model-kwargs", kw, "--r", "0", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert onnx.load(str(out)).graph.output[0].type.tensor_type.shape.dim[1].dim_value == 3
+    out.unlink()
+    res = runner.invoke(app, ["export", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint), "--img-size", "32",
+                              "--model-kwargs", kw, "--num-classes", "5", "-o", str(out)])
+    one_line_error(res, "--num-classes 5 contradicts num_classes 3 in --model-kwargs")
+    assert [p for p in tmp_path.iterdir()] == []
+
+
 def _foreign_onnx(path):
     """An image classifier exported by someone else: no vitmerge metadata (Flatten -> MatMul -> logits)."""
     w = np.random.default_rng(0).standard_normal((3 * 32 * 32, 3)).astype(np.float32) * 0.01

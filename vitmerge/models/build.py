@@ -333,6 +333,12 @@ def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None,
     plain model (MobileViT: the plain mobile baseline, never merged).
     """
     kw = dict(model_kwargs or {})
+    # num_classes may come in model_kwargs too (the digits model's model_kwargs.json carries it): one value
+    kw_classes = kw.pop("num_classes", None)
+    if num_classes is not None and kw_classes is not None and int(kw_classes) != int(num_classes):
+        raise UsageError(f"--num-classes {num_classes} contradicts num_classes {kw_classes} in --model-kwargs: "
+                         "give one of them")
+    num_classes = num_classes if num_classes is not None else kw_classes
     if img_size is not None:
         kw["img_size"] = img_size  # wins over the same key in model_kwargs
     if frames is not None:
