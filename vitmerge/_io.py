@@ -95,6 +95,23 @@ def _pid_alive(pid: int) -> bool:
 #: scratch folders older than this whose name carries no process id (written before ids were added) are stale
 STALE_SECONDS = 6 * 3600
 
+# Signals (SIGTERM) the CLI's handler received. The handler raises KeyboardInterrupt, but Python swallows an
+# exception raised while a finaliser (__del__, a weakref callback) happens to run ("Exception ignored in ..."),
+# and the command would then finish and put its outputs in place: staged() checks this list before it moves
+# anything, so a terminated command never publishes an output.
+_TERMINATED: list = []
+
+
+def note_termination(signum: int) -> None:
+    _TERMINATED.append(signum)
+
+
+def check_terminated() -> None:
+    """Raise KeyboardInterrupt when a termination signal arrived (even one whose exception was swallowed)."""
+    if _TERMINATED:
+        raise KeyboardInterrupt(f"terminated (signal {_TERMINATED[0]})")
+
+
 
 def clean_stale(folder: PathLike, prefix: str) -> int:
     """Remove leftovers ``<prefix><pid>-*`` in ``folder`` of processes that no longer run (a run killed with
@@ -158,6 +175,7 @@ def staged(*targets: PathLike) -> Iterator[Path]:
         raise OutputPathError(f"cannot write into {str(parent)!r}: {e.strerror or e}") from None
     try:
         yield stage
+        check_terminated()  # a swallowed SIGTERM must not publish the outputs
         for p in paths:
             src = stage / p.name
             if src.exists() or src.is_symlink():
@@ -179,4 +197,5 @@ def atomic_write(path: PathLike, data: Union[str, bytes]) -> Path:
     return path
 
 
-__all__ = ["writable_dir", "staged", "atomic_write", "scratch", "clean_stale", "check_output_path"]
+__all__ = ["writable_dir", "staged", "atomic_write", "scratch", "clean_stale", "check_output_path",
+           "note_termination", "check_terminated"]

@@ -74,7 +74,10 @@ def _terminate_like_interrupt() -> None:
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
         return
 
+    from . import _io
+
     def terminate(signum, frame):
+        _io.note_termination(signum)  # remembered: staged() refuses to publish even if this exception is swallowed
         raise KeyboardInterrupt(f"terminated (signal {signum})")
 
     signal.signal(signal.SIGTERM, terminate)
