@@ -28,7 +28,7 @@ def quantized(digits_model, digits_onnx, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8")
     rep = out / "rep"
     args = ["calibrate", str(digits_onnx["merged"]), "--config", str(digits_model.config_path), "--num", "128",
-            "--method", "entropy", "--baseline", str(digits_onnx["unmerged"]),
+            "--calibrator", "entropy", "--baseline", str(digits_onnx["unmerged"]),
             "-o", str(out / "merged.int8.onnx"), "--report-dir", str(rep)]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -97,7 +97,7 @@ def test_bad_inputs_leave_no_output(case, digits_model, digits_onnx, tmp_path):
         (tmp_path / "empty").mkdir()
         args += ["--data", str(tmp_path / "empty")]
     elif case == "bad_method":
-        args += ["--method", "kl"]
+        args += ["--calibrator", "kl"]
     else:
         out = digits_onnx["merged"]
     res = runner.invoke(app, ["calibrate", model, "-o", str(out)] + args)

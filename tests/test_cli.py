@@ -51,13 +51,40 @@ def test_choices_come_from_the_library():
     assert "|".join(MERGE_OPS) in text.replace(" ", "")
 
 
-def test_profile_separates_timm_options_from_runtime_options():
-    text = flat(runner.invoke(app, ["profile", "--help"], env={"COLUMNS": "250"}).output)
-    panel = text.index("timm:NAME and transformers folders (PyTorch eager)")
-    for opt in ("--checkpoint", "--method", "--r ", "--img-size", "--device", "--frames", "--audio-length"):
-        assert text.index(opt, panel) > panel, f"{opt} belongs to the timm:NAME panel"
-    for opt in ("--runtime", "--threads"):
-        assert text.index(opt) < panel
+MODEL_OPTIONS = ("--checkpoint", "--config", "--model-kwargs", "--num-classes", "--img-size", "--seed")
+MERGE_OPTIONS = ("--method", "--r", "--schedule", "--budget", "--budget-latency", "--option", "--prop-attn")
+
+
+def _params(*path):
+    import typer.main
+
+    cmd = typer.main.get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]
+    return {opt: p for p in cmd.params for opt in p.opts}
+
+
+@pytest.mark.parametrize("cmd", [("export",), ("eval",), ("profile",), ("visualize",)])
+def test_every_command_that_builds_a_model_takes_the_same_model_and_merge_options(cmd):
+    """#21: --r was declared in five commands with three types and four defaults (16, 8, 0, none), profile had no
+    --model-kwargs, eval no --num-classes; now one declaration each, the same names, types and defaults."""
+    mine, ref = _params(*cmd), _params("export")
+    for opt in MODEL_OPTIONS + MERGE_OPTIONS + ("--frames", "--audio-length"):
+        if cmd == ("visualize",) and opt in ("--frames", "--audio-length"):
+            continue  # draws image patch grids only
+        assert opt in mine, f"{cmd[0]} lacks {opt}"
+        a, b = mine[opt], ref[opt]
+        assert (a.default, a.is_flag, a.multiple, a.help) == (b.default, b.is_flag, b.multiple, b.help), opt
+    assert mine["--r"].default is None and mine["--method"].default == "tome"
+
+
+def test_vocab_build_takes_the_model_options_and_calibrate_names_its_calibrator():
+    vocab, cal = _params("vocab", "build"), _params("calibrate")
+    for opt in ("--checkpoint", "--config", "--model-kwargs", "--img-size", "--seed"):
+        assert opt in vocab, opt
+    assert "--calibrator" in cal and not cal["--method"].help  # --method is only a hidden pointer to --calibrator
+    for c in (("eval",), ("calibrate",)):
+        assert {"--batch", "--batch-size", "-b"} <= set(_params(*c)), c
 
 
 @pytest.fixture

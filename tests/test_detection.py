@@ -364,12 +364,13 @@ def test_yolos_cli_export_merged_ort_vs_pytorch(yolos_folders, tmp_path, method,
     import numpy as np
 
     from vitmerge.models.build import build_merged
+    from vitmerge.request import MergeRequest
 
     out = tmp_path / "yolos.onnx"
     res = _cli("export", yolos_folders["mid"], "--method", method, "--r", r, "-o", out, "--verify-batch", "2")
     assert res.exit_code == 0, res.output
     assert "boxes max|diff|" in " ".join(res.output.split())
-    model = build_merged(str(yolos_folders["mid"]), None, method, [int(v) for v in r.split(",")])
+    model = build_merged(str(yolos_folders["mid"]), MergeRequest(method, r=[int(v) for v in r.split(",")]))
     x = torch.randn(3, 3, 32, 48, generator=torch.Generator().manual_seed(7))
     logits, boxes = _ort_outputs(out, x)
     with torch.no_grad():
@@ -387,6 +388,7 @@ def test_yolos_native_form_is_tensorrt_ready(yolos_folders, tmp_path):
 
     from vitmerge.exporter import check_tensorrt
     from vitmerge.models.build import build_merged
+    from vitmerge.request import MergeRequest
 
     out = tmp_path / "yolos_native.onnx"
     res = _cli("export", yolos_folders["mid"], "--r", "6,4,3", "--merge-op", "native", "-o", out, "--verify-batch", "2")
@@ -394,7 +396,7 @@ def test_yolos_native_form_is_tensorrt_ready(yolos_folders, tmp_path):
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "ScatterND" not in ops
     assert check_tensorrt(out).ok
-    model = build_merged(str(yolos_folders["mid"]), None, "tome", [6, 4, 3])
+    model = build_merged(str(yolos_folders["mid"]), MergeRequest("tome", r=[6, 4, 3]))
     x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(9))
     logits, boxes = _ort_outputs(out, x)
     with torch.no_grad():

@@ -143,7 +143,8 @@ def test_dense_eval_scores_its_own_detections_1_and_the_merged_model_as_recomput
 
     # --no-normalize feeds [0, 1] pixels: a different input, so no longer the ground truth's detections
     res = _cli("eval", "dense:vit_tiny_patch16_224", "--checkpoint", tmp_path / "det.pth", "--img-size", "64",
-               "--model-kwargs", DENSE_KW, "--data", tmp_path / "coco", "--no-normalize", "--report-dir", tmp_path / "raw")
+               "--model-kwargs", DENSE_KW, "--data", tmp_path / "coco", "--no-normalize", "--r", "0",
+               "--report-dir", tmp_path / "raw")
     assert res.exit_code == 0, res.output
     assert _map_line(tmp_path / "raw" / "report.json", "unmerged")["map"] < 0.9
 

@@ -108,7 +108,7 @@ def test_eval_cli_bad_inputs(digits_model, tmp_path, case):
     assert res.exit_code == 2, res.output
     out = " ".join(res.output.replace("│", " ").split())  # typer's error box wraps long lines
     expect = {"empty": "is empty", "missing": "does not exist", "too_many_classes": "10 outputs",
-              "bad_runtime": "'tensorflow' is not one of 'torch', 'ort'", "r_and_budget": "not both"}[case]
+              "bad_runtime": "'tensorflow' is not one of 'torch', 'ort'", "r_and_budget": "contradict each other"}[case]
     assert expect in out
     if case in ("empty", "missing"):
         assert "Supported layouts" in out and "CIFAR-100" in out

@@ -108,7 +108,7 @@ def test_calibrate_a_file_not_written_by_vitmerge_falls_back_and_says_so(image_f
     src = _foreign_onnx(tmp_path / "foreign.onnx")
     out = tmp_path / "foreign.int8.onnx"
     res = runner.invoke(app, ["calibrate", str(src), "--data", str(image_folder), "-o", str(out), "--num", "6",
-                              "--method", "minmax"])
+                              "--calibrator", "minmax"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     text = " ".join(res.output.split())
     assert "names no preprocessing" in text and "ImageNet defaults" in text

@@ -110,14 +110,25 @@ def test_cli_writes_png_from_file_and_skimage(tmp_path):
     (["--image", "skimage:nope", "--output", "{tmp}/x.png"], "unknown scikit-image photo"),
     (["--image", "{tmp}/missing.jpg", "--output", "{tmp}/x.png"], "does not exist"),
     (["--output", "{tmp}/x.jpg"], "must end in .png"),
-    (["--output", "{tmp}/no/such/dir/x.png"], "does not exist"),
 ])
 def test_cli_bad_input(tmp_path, args, needle):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    res = runner.invoke(app, ["visualize", "vit_tiny_patch16_224", "--img-size", "32", *args])
+    res = runner.invoke(app, ["visualize", "vit_tiny_patch16_224", "--img-size", "32", "--r", "2", *args])
     assert res.exit_code == 2
     assert needle in " ".join(res.output.split())
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_cli_output_folder_is_created_like_every_output_and_removed_when_nothing_is_written(tmp_path):
+    """#21: -o refused a missing folder while --report-dir and --repo created one; now every output does, and a
+    failed run leaves no empty folder behind."""
+    out = tmp_path / "no" / "such" / "x.png"
+    res = runner.invoke(app, ["visualize", "vit_tiny_patch16_224", "--img-size", "32", "--r", "99", "-o", str(out)])
+    assert res.exit_code == 2 and "too large" in res.output
+    assert list(tmp_path.iterdir()) == []
+    res = runner.invoke(app, ["visualize", "vit_tiny_patch16_224", "--img-size", "32", "--r", "2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == PNG_MAGIC
 
 
 # --------------------------------------------------------------------------------------------

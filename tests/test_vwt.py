@@ -337,8 +337,8 @@ def test_embedding_space_vocabulary_fits_only_its_weights(tmp_path):
 def test_cli_vocab_build(tmp_path):
     write_images(tmp_path / "data")
     out = tmp_path / "vocab.pt"
-    res = runner.invoke(app, ["vocab", "build", str(tmp_path / "data"), "-o", str(out), "--model",
-                              "vit_tiny_patch16_224", "--img-size", "64", "--words", "8"])
+    res = runner.invoke(app, ["vocab", "build", "vit_tiny_patch16_224", "--data", str(tmp_path / "data"), "-o", str(out),
+                              "--img-size", "64", "--words", "8"])
     assert res.exit_code == 0, res.output
     voc = load_vocabulary(out)
     assert voc.num_words == 8 and voc.feature_dim == 768 and voc.space == "pixels"
@@ -349,8 +349,8 @@ def test_cli_vocab_build(tmp_path):
     with torch.no_grad():
         assert model(blocky_images()).shape == (2, 1000)
     # a model with another patch size (--model-kwargs) and a sample of the images (--num)
-    res = runner.invoke(app, ["vocab", "build", str(tmp_path / "data"), "-o", str(out), "--model",
-                              "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "patch_size": 4}',
+    res = runner.invoke(app, ["vocab", "build", "timm:vit_tiny_patch16_224", "--data", str(tmp_path / "data"), "-o",
+                              str(out), "--model-kwargs", '{"img_size": 32, "patch_size": 4}',
                               "--num", "3", "--words", "4"])
     assert res.exit_code == 0, res.output
     voc = load_vocabulary(out)
@@ -363,9 +363,18 @@ def test_cli_vocab_build(tmp_path):
 ])
 def test_cli_vocab_bad_folder(tmp_path, make, message):
     out = tmp_path / "v.pt"
-    res = runner.invoke(app, ["vocab", "build", str(make(tmp_path)), "-o", str(out)])
+    res = runner.invoke(app, ["vocab", "build", "--data", str(make(tmp_path)), "-o", str(out)])
     assert res.exit_code == 2 and message in res.output
     assert not out.exists()
+
+
+def test_cli_vocab_build_takes_the_model_first_like_every_command(tmp_path):
+    """The old `--model NAME` form is refused with the new command line to type, before any work."""
+    res = runner.invoke(app, ["vocab", "build", "--data", str(tmp_path), "-o", str(tmp_path / "v.pt"), "--model",
+                              "vit_tiny_patch16_224"])
+    assert res.exit_code == 2 and "vitmerge vocab build vit_tiny_patch16_224 --data" in res.output
+    res = runner.invoke(app, ["vocab", "build", "vit_tiny_patch16_224", "-o", str(tmp_path / "v.pt")])
+    assert res.exit_code == 2 and "--data DIR" in res.output
 
 
 @pytest.mark.slow

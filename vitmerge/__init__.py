@@ -8,6 +8,7 @@
 import logging
 
 from ._version import __version__
+from .request import MergeRequest, ModelRef  # torch-free records of what a user asks for
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())  # the CLI's -v/-q configure it; libraries stay quiet
 
@@ -38,4 +39,4 @@ def export(model, output, **kwargs):
     return _export(model, output, **kwargs)
 
 
-__all__ = ["apply", "remove", "merge", "export", "__version__"]
+__all__ = ["apply", "remove", "merge", "export", "ModelRef", "MergeRequest", "__version__"]

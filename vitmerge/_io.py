@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, List, Union
 
 from .errors import OutputPathError
 
@@ -38,18 +38,39 @@ def writable_dir(path: PathLike, what: str) -> Path:
     return d
 
 
-def check_output_path(output: PathLike, suffix: str = ".onnx") -> Path:
-    """The output file path of an export: ``suffix`` ending, an existing writable folder (checked before minutes of work)."""
-    out = Path(output)
-    if out.suffix != suffix:
-        raise OutputPathError(f"output {str(out)!r} must end in {suffix}")
-    if not out.parent.is_dir():
-        raise OutputPathError(
-            f"output directory {str(out.parent)!r} does not exist: create it (mkdir -p {out.parent}) or choose another --output"
-        )
-    if not os.access(out.parent, os.W_OK):
-        raise OutputPathError(f"output directory {str(out.parent)!r} is not writable")
+def check_output_path(output: PathLike, suffix: Union[str, tuple, None] = ".onnx") -> Path:
+    """An output file path, checked before minutes of work: the ``suffix`` ending (one or a tuple; None: any), not a
+    folder, and a folder that is writable or can be created (like --report-dir, a missing folder is made when the
+    output is written, by :func:`staged`; nothing is created when the work fails)."""
+    out = Path(output).expanduser()
+    if suffix is not None:
+        ok = (suffix,) if isinstance(suffix, str) else tuple(suffix)
+        if out.suffix.lower() not in ok:
+            raise OutputPathError(f"--output {str(out)!r} must end in {' or '.join(ok)}")
+    if out.is_dir():
+        raise OutputPathError(f"--output {str(out)!r} is a folder; give a file name in it, e.g. {out / ('model' + (ok[0] if suffix else ''))}")
+    d = out.parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise OutputPathError(f"cannot write {str(out)!r}: {str(d)!r} is a file, not a folder; choose another --output")
+    if not os.access(d, os.W_OK):
+        raise OutputPathError(f"output folder {str(d)!r} is not writable; choose another --output")
     return out
+
+
+def _make_parents(folder: Path) -> List[Path]:
+    """Create ``folder`` and its missing parents; the ones created, deepest first (to remove them again)."""
+    made = []
+    d = folder
+    while not d.exists() and d != d.parent:
+        made.append(d)
+        d = d.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"cannot create output folder {str(folder)!r}: {e.strerror or e}") from None
+    return made
 
 
 def _umask() -> int:
@@ -168,10 +189,13 @@ def staged(*targets: PathLike) -> Iterator[Path]:
     if any(p.parent != parent for p in paths):
         raise ValueError(f"staged targets must share one folder, got {[str(p) for p in paths]}")
     prefix = f".{paths[-1].name}.partial-"
+    made = _make_parents(parent)  # a missing output folder is created (and removed again when nothing is written)
+    published = False
     clean_stale(parent, prefix)  # what a killed earlier run of the same output left behind
     try:
         stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     except OSError as e:
+        _unmake(made)
         raise OutputPathError(f"cannot write into {str(parent)!r}: {e.strerror or e}") from None
     try:
         yield stage
@@ -182,8 +206,19 @@ def staged(*targets: PathLike) -> Iterator[Path]:
                 if src.is_file():
                     os.chmod(src, 0o666 & ~_umask())  # mkstemp-style 0600 files become ordinary ones
                 _put(src, p)
+                published = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if not published:
+            _unmake(made)
+
+
+def _unmake(made: List[Path]) -> None:
+    for d in made:  # deepest first; only while empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def atomic_write(path: PathLike, data: Union[str, bytes]) -> Path:

@@ -10,60 +10,70 @@ run models through this interface.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional, Union
 
 from ..errors import ModelNotFoundError, UsageError
-from .base import ENGINE_SUFFIXES, RUNTIMES, TIMM_PREFIX, Runner
+from ..request import ENGINE_SUFFIXES, TIMM_PREFIX, MergeRequest, ModelRef
+from .base import RUNTIMES, Runner
 from .ort import OrtRunner
 from .torch import TorchRunner, timm_runner
 from .trt import TrtRunner
 
 
-def default_runtime(spec: str) -> str:
-    """The runtime a model spec runs in unless told otherwise (a folder: a transformers model, PyTorch)."""
-    if spec.startswith(TIMM_PREFIX) or Path(spec).is_dir():
-        return "torch"
-    if Path(spec).suffix.lower() in ENGINE_SUFFIXES:
-        return "trt"
-    return "ort"
+def default_runtime(model: Union[str, ModelRef]) -> str:
+    """The runtime a model runs in unless told otherwise: torch for names and folders, ort for .onnx, trt for engines."""
+    return ModelRef.parse(model).runtime
 
 
-def open_runner(spec: str, runtime: Optional[str] = None, *, checkpoint=None, method: str = "tome", r: Any = 0,
-                img_size: Optional[int] = None, num_classes: Optional[int] = None, device: str = "auto",
-                threads: int = 0, label: Optional[str] = None, **model_options) -> Runner:
-    """``MODEL.onnx`` | ``MODEL.engine`` | ``timm:NAME`` | a transformers model folder in ``runtime``
-    (default: the natural one).
+def open_runner(model: Union[str, ModelRef], runtime: Optional[str] = None, *, request: Optional[MergeRequest] = None,
+                device: str = "auto", threads: int = 0, label: Optional[str] = None, **model_options) -> Runner:
+    """A model reference (:class:`~vitmerge.request.ModelRef`: a timm name or ``timm:NAME``, ``dense:NAME``, a
+    transformers folder, ``MODEL.onnx``, ``MODEL.engine``) in ``runtime`` (default: the natural one).
 
-    ``checkpoint``, ``method``, ``r``, ``img_size``, ``num_classes``, ``device`` and ``model_options``
-    (``frames``, ``audio_length`` for transformers folders) apply to the PyTorch models only.
+    PyTorch models are built with ``model_options`` (:func:`vitmerge.models.build.resolve_model`'s: checkpoint,
+    img_size, num_classes, model_kwargs, frames, audio_length, seed) and merged as ``request`` asks (default: not
+    merged); ``device`` applies to them only. Files carry their own merge; ``request`` next to one is refused.
     """
-    runtime = runtime or default_runtime(spec)
+    ref = ModelRef.parse(model)
+    runtime = runtime or ref.runtime
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    kind = default_runtime(spec)
-    if kind == "torch":
+    if ref.is_pytorch:
         if runtime != "torch":
             raise UsageError(
-                f"{spec} is a PyTorch model: it runs with --runtime torch. For {runtime}, export it first "
+                f"{ref.text} is a PyTorch model: it runs with --runtime torch. For {runtime}, export it first "
                 "(vitmerge export) and profile the .onnx" + (" / build an engine" if runtime == "trt" else "")
             )
-        name = spec[len(TIMM_PREFIX):] if spec.startswith(TIMM_PREFIX) else spec
-        if not name:
-            raise ModelNotFoundError("timm: needs a model name, e.g. timm:vit_small_patch16_224")
-        return timm_runner(name, checkpoint, method, r, img_size, num_classes, device, threads, label=label,
-                           **{k: v for k, v in model_options.items() if v is not None})
-    if not Path(spec).exists():
-        raise ModelNotFoundError(f"{'TensorRT engine' if kind == 'trt' else 'ONNX model'} {spec!r} does not exist")
-    if kind == "trt":
+        from ..models.build import build_merged, resolve_model
+
+        source = resolve_model(ref, **{k: v for k, v in model_options.items() if v is not None})
+        request = request or MergeRequest.unmerged()
+        model = build_merged(source, request)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        tag = ref.label + ("" if getattr(model, "vitmerge", None) is None or not request.merges
+                           else f" {request.describe()}")
+        return TorchRunner(model, label=label or tag, spec=ref.spec, device=device)
+    given = sorted(k for k, v in model_options.items() if v is not None)
+    if given or (request is not None and request.merges):
+        what = ", ".join("--" + k.replace("_", "-") for k in given) or "merge options (--r, --budget, ...)"
+        raise UsageError(f"{what} apply to models built in PyTorch; {ref.text} is a file that carries its own "
+                         "weights and merge")
+    if not ref.path.exists():
+        raise ModelNotFoundError(f"{'TensorRT engine' if ref.kind == 'engine' else 'ONNX model'} {ref.text!r} does not exist")
+    if ref.kind == "engine":
         if runtime != "trt":
-            raise UsageError(f"{spec} is a TensorRT engine: it runs with --runtime trt only")
-        return TrtRunner(spec, label=label)
+            raise UsageError(f"{ref.text} is a TensorRT engine: it runs with --runtime trt only")
+        return TrtRunner(str(ref.path), label=label)
     if runtime == "torch":
-        raise UsageError(f"{spec} is an ONNX file: use --runtime ort or ort-cuda (torch takes timm:NAME)")
+        raise UsageError(f"{ref.text} is an ONNX file: use --runtime ort or ort-cuda (torch takes a timm name, "
+                         "dense:NAME or a transformers folder)")
     if runtime == "trt":
-        raise UsageError(f"{spec} is an ONNX file: build an engine first (vitmerge build {spec} --output model.engine)")
-    return OrtRunner(spec, runtime, threads, label=label)
+        raise UsageError(f"{ref.text} is an ONNX file: build an engine first (vitmerge build {ref.text} --output "
+                         "model.engine)")
+    return OrtRunner(str(ref.path), runtime, threads, label=label)
 
 
 __all__ = ["Runner", "OrtRunner", "TorchRunner", "TrtRunner", "RUNTIMES", "open_runner", "default_runtime",

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from .. import metadata as md
-from .._io import staged
+from .._io import check_output_path, staged
 from ..backends.ort import session as ort_session
 from ..data.datasets import BatchStats, ImageDataset, batches
 from ..errors import DataError, ModelFileError, OutputPathError, UsageError, VerificationError, VitmergeError
@@ -178,13 +178,7 @@ def _preprocess(src: Path, stage: Path, must_keep: set, excluded: List[str], not
 
 
 def check_output(output: Path, source: Path) -> Path:
-    out = Path(output)
-    if out.suffix != ".onnx":
-        raise OutputPathError(f"--output {str(out)!r} must end in .onnx")
-    if not out.parent.is_dir():
-        raise OutputPathError(f"output folder {str(out.parent)!r} does not exist (mkdir -p {out.parent})")
-    if not os.access(out.parent, os.W_OK):
-        raise OutputPathError(f"output folder {str(out.parent)!r} is not writable")
+    out = check_output_path(output, ".onnx")
     if out.resolve() == Path(source).resolve():
         raise OutputPathError("--output must differ from the input model (the FP32 file is kept for comparison)")
     return out

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from ..errors import ScheduleError, UsageError, VerificationError, VitmergeError
+from ..errors import UsageError, VerificationError, VitmergeError
 
 def _pipe_width() -> Optional[int]:
     """Width for output that is not a terminal (logs, CI, `| tee`): rich would use 80 columns and crop table cells
@@ -122,17 +122,6 @@ def float_list(text: str, what: str = "value") -> List[float]:
     return out
 
 
-def parse_r_option(text: str):
-    """'16' -> 16; '8,8,4,...' -> per-block list."""
-    text = text.strip()
-    if "," in text:
-        return int_list(text, "--r")
-    try:
-        return int(text)
-    except ValueError:
-        raise fail(f"--r must be an integer or one integer per block separated by commas; got {text!r}") from None
-
-
 def parse_json_option(text: Optional[str], what: str) -> dict:
     """'{"depth": 4}' -> dict, or the contents of a .json file."""
     if not text:
@@ -147,15 +136,25 @@ def parse_json_option(text: Optional[str], what: str) -> dict:
     return out
 
 
-def parse_options(pairs: Optional[List[str]]) -> dict:
-    """['vocab=v.pt', 'bits=8'] -> {'vocab': 'v.pt', 'bits': 8} (values parsed as JSON where they parse)."""
-    out = {}
-    for item in pairs or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ScheduleError(f"--option takes KEY=VALUE (e.g. -O bits=8), got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+def merge_request(method="tome", r: Optional[str] = None, schedule="constant", budget: Optional[float] = None,
+                  budget_latency: Optional[Path] = None, option: Optional[List[str]] = None, prop_attn: bool = True):
+    """The merge options every command declares (``_options``) as one validated
+    :class:`~vitmerge.request.MergeRequest`. A malformed --r or -O fails before torch is imported."""
+    from ..request import MergeRequest, parse_options, parse_r
+    from ._options import value
+
+    r_value, options = parse_r(r), parse_options(option)  # torch-free: argument errors answer at once
+    return MergeRequest(method=value(method), r=r_value, schedule=value(schedule), budget=budget,
+                        budget_latency=budget_latency, prop_attn=prop_attn, options=options)
+
+
+def model_source(model: Optional[str], checkpoint: Optional[Path] = None, config: Optional[Path] = None,
+                 model_kwargs: Optional[str] = None, img_size: Optional[int] = None, num_classes: Optional[int] = None,
+                 frames: Optional[int] = None, audio_length: Optional[int] = None, seed: int = 0):
+    """The model options every command declares (``_options``) as one
+    :class:`~vitmerge.models.build.ModelSource` (imports the library: call it after the argument checks)."""
+    from ..models.build import resolve_model
+
+    return resolve_model(model, checkpoint, config, parse_json_option(model_kwargs, "--model-kwargs"),
+                         img_size=img_size, num_classes=num_classes, frames=frames, audio_length=audio_length,
+                         seed=seed)

@@ -1,5 +1,11 @@
 """Option definitions shared by the commands (one definition each), and the choices as Enums.
 
+Every command that builds a model takes the same model options (``MODEL`` as a :class:`vitmerge.request.ModelRef`,
+--checkpoint, --config, --model-kwargs, --num-classes, --img-size, --frames, --audio-length, --seed) and the same
+merge options (--method, --r, --schedule, --budget, --budget-latency, -O, --prop-attn), with one name, one help and
+one default each, declared here; ``_common.model_source`` / ``_common.merge_request`` turn them into the library's
+records. A batch size is ``--batch`` / ``-b`` everywhere (``--batch-size`` is kept as an alias).
+
 Choices are Enums, so ``--help`` lists them and a typo fails before any work starts. Their values are
 written out here rather than imported: the lists live in modules that import torch (the method registry,
 the precisions, the dataset readers), and the CLI must answer ``--help`` and argument errors in well under a
@@ -76,6 +82,10 @@ NumClassesOpt = Annotated[Optional[int], typer.Option(
 ModelKwargsOpt = Annotated[Optional[str], typer.Option(
     "--model-kwargs", rich_help_panel=MODEL_PANEL,
     help="Extra timm.create_model arguments as JSON, or a .json file, e.g. '{\"depth\": 6}'")]
+SeedOpt = Annotated[int, typer.Option(
+    "--seed", rich_help_panel=MODEL_PANEL,
+    help="Seed of the random weights when no --checkpoint is given (the same seed, the same model: two runs compare "
+         "as two forms of one model)")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", rich_help_panel=MODEL_PANEL,
     help="model.json from `vitmerge digits train` (model name, kwargs, checkpoint, data folder)")]
@@ -88,6 +98,13 @@ MethodOpt = Annotated[Method, typer.Option(
 OptionOpt = Annotated[Optional[List[str]], typer.Option(
     "--option", "-O", rich_help_panel=MERGE_PANEL,
     help="Method option KEY=VALUE, repeatable (e.g. -O bits=8, -O mode=intra, -O vocab=vocab.pt)")]
+ROpt = Annotated[Optional[str], typer.Option(
+    "--r", rich_help_panel=MERGE_PANEL,
+    help="Tokens merged per block: one int, or one per block comma-separated; 0 = the plain model "
+         "(default 16; not with --budget, which solves r per block)")]
+BudgetLatencyOpt = Annotated[Optional[Path], typer.Option(
+    "--budget-latency", rich_help_panel=MERGE_PANEL,
+    help="With --budget: meet it in measured latency, from a JSON table {token count: ms per block}")]
 ScheduleOpt = Annotated[Schedule, typer.Option(
     "--schedule", rich_help_panel=MERGE_PANEL, case_sensitive=False,
     help="How --r spreads over blocks: constant, or decreasing (ToMe's inflection schedule, mean r per block)")]
@@ -110,6 +127,8 @@ ReportDirOpt = Annotated[Optional[Path], typer.Option(
 DTypeOpt = Annotated[DType, typer.Option(
     "--dtype", case_sensitive=False, rich_help_panel=MODEL_PANEL,
     help="What the model computes in: fp32, fp16 or bf16 (merge steps stay float32; inputs/outputs float32)")]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch", "--batch-size", "-b", help="Images per batch")]
 ThreadsOpt = Annotated[int, typer.Option(
     "--threads", help="CPU threads for ONNX Runtime / PyTorch (0: the runtime's default)")]
 
@@ -117,7 +136,7 @@ ThreadsOpt = Annotated[int, typer.Option(
 __all__ = [
     "choices", "value", "Method", "MergeOp", "Runtime", "EvalRuntime", "ClassMap", "Schedule", "Device", "CalibrationMethod",
     "InstanceKind", "Space", "ClassOrder", "DType", "DTypeOpt", "CheckpointOpt", "ImgSizeOpt", "FramesOpt", "AudioLengthOpt",
-    "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt",
-    "MethodOpt", "OptionOpt", "ScheduleOpt", "BudgetOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",
+    "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt", "SeedOpt", "BatchOpt",
+    "MethodOpt", "OptionOpt", "ROpt", "ScheduleOpt", "BudgetOpt", "BudgetLatencyOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",
     "ThreadsOpt",
 ]

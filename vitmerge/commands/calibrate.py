@@ -7,13 +7,9 @@ from typing import Annotated, Any, Dict, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, loud_warnings, parse_json_option, user_errors
-from ._options import CalibrationMethod, ConfigOpt, DataOpt, LabelsOpt, ModelKwargsOpt, ReportDirOpt, value
-
-
-def _default_baseline_output(output: Path, baseline: Path) -> Path:
-    stem = baseline.name[: -len(".onnx")] if baseline.name.endswith(".onnx") else baseline.stem
-    return output.parent / f"{stem}.int8.onnx"
+from ._common import console, err_console, fail, loud_warnings, model_source, user_errors
+from ._options import (BatchOpt, CalibrationMethod, ConfigOpt, DataOpt, ImgSizeOpt, LabelsOpt, ModelKwargsOpt,
+                       ReportDirOpt, value)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +19,8 @@ def register(app: typer.Typer) -> None:
         output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the INT8 QDQ .onnx file")],
         data: DataOpt = None,
         num: Annotated[int, typer.Option("--num", "-n", help="Calibration images (a train/ split is used when there is one)")] = 256,
-        method: Annotated[CalibrationMethod, typer.Option("--method", case_sensitive=False, help="ONNX Runtime's calibrator")] = "entropy",
+        calibrator: Annotated[CalibrationMethod, typer.Option(
+            "--calibrator", case_sensitive=False, help="ONNX Runtime's calibrator")] = "entropy",
         baseline: Annotated[Optional[Path], typer.Option(
             "--baseline", help="The unmerged model's FP32 .onnx: also quantized, giving the four corners "
                                "(merged/unmerged x FP32/INT8)")] = None,
@@ -31,102 +28,82 @@ def register(app: typer.Typer) -> None:
             "--baseline-output", help="Where the baseline's INT8 file goes (default: next to --output, NAME.int8.onnx)")] = None,
         config: ConfigOpt = None,
         model_name: Annotated[Optional[str], typer.Option(
-            "--model", help="timm model name the file came from (its preprocessing: mean/std, resize, crop), when the "
-                            "file does not record it")] = None,
+            "--model", help="The model the file came from (a timm name, timm:NAME, dense:NAME or a transformers "
+                            "folder), for its preprocessing (mean/std, resize, crop) when the file does not record it")] = None,
         model_kwargs: ModelKwargsOpt = None,
+        img_size: ImgSizeOpt = None,
         labels: LabelsOpt = None,
         eval_limit: Annotated[Optional[int], typer.Option(
             "--eval-limit", help="Images scored for FP32 vs INT8 accuracy (default: all not used for calibration)")] = None,
         no_eval: Annotated[bool, typer.Option("--no-eval", help="Only quantize; skip the accuracy comparison")] = False,
-        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per calibration / scoring batch")] = 16,
+        batch_size: BatchOpt = 16,
         per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel")] = True,
         keep_merge_float: Annotated[bool, typer.Option(
             "--keep-merge-float/--quantize-merge",
             help="Leave the token-merge subgraphs in float (their MatMul decides which tokens merge)")] = True,
         report_dir: ReportDirOpt = None,
+        method_opt: Annotated[Optional[str], typer.Option("--method", hidden=True)] = None,
     ):
         """Quantize MODEL.onnx to INT8 (static, QDQ) from real images; report FP32 vs INT8 top-1 on held-out images."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from .. import metadata as md
-        from ..backends import OrtRunner
-        from ..calibration.quantize import calibration_and_eval_sets, check_output, is_merged, quantize
-        from ..data import CALIBRATION_SPLITS, EVAL_SPLITS, data_config_for_onnx, eval_transform, open_dataset
-        from ..data.transforms import data_config_for_name
-        from ..errors import DataError, UsageError
-        from ..models.build import resolve_model
-        from ..profiling.accuracy import evaluate
+        with user_errors():
+            if method_opt is not None:
+                raise fail(f"calibrate's calibrator is --calibrator {method_opt} (--method is the merge method in every "
+                           "command)")
+            if batch_size <= 0:
+                raise fail(f"--batch must be at least 1, got {batch_size}")
+        from ..calibration.workflow import calibrate_files, plan_outputs
+        from ..profiling.report import md_table, prepare_dir, write_report
 
         with user_errors(), loud_warnings():
-            method = value(method)
-            if batch_size <= 0:
-                raise DataError(f"--batch-size must be positive, got {batch_size}")
-            proto = md.load_proto(model)
-            check_output(output, model)
-            base_out = None
-            if baseline is not None:
-                md.load_proto(baseline)
-                base_out = baseline_output or _default_baseline_output(output, baseline)
-                check_output(base_out, baseline)
-                paths = [p.resolve() for p in (model, baseline, output, base_out)]
-                if len(set(paths)) != 4:
-                    raise UsageError("MODEL, --baseline, --output and --baseline-output must be four different "
-                                        "files (the FP32 files are kept for the comparison)")
+            jobs = plan_outputs(model, output, baseline, baseline_output)
             if report_dir is not None:
-                from ..profiling.report import prepare_dir
-
                 prepare_dir(report_dir)
-            given, default_data = None, None
-            if config is not None or model_name is not None:  # the preprocessing of the model the file came from
-                name, _, kwargs, default_data = resolve_model(model_name, None, config,
-                                                              parse_json_option(model_kwargs, "--model-kwargs"))
-                given = data_config_for_name(name, **kwargs)
-            cfg, warn = data_config_for_onnx(proto, given)
-            if warn:
-                err_console.print(f"[bold yellow]warning:[/] {warn}")
-            data = data or default_data
-            if data is None:
-                raise DataError("give calibration images with --data DIR")
-            tf = eval_transform(cfg)
-            calib_all = open_dataset(data, labels=labels, transform=tf, prefer=CALIBRATION_SPLITS)
-            eval_all = None if no_eval else open_dataset(data, labels=labels, transform=tf, prefer=EVAL_SPLITS)
-            same = eval_all is None or (eval_all.root.resolve() == calib_all.root.resolve()
-                                        and eval_all.layout == calib_all.layout)  # CIFAR/Pets: split in layout
-            calib, ev = calibration_and_eval_sets(calib_all, None if same else eval_all, num, eval_limit)
-            if no_eval:
-                ev = None
-            console.print(f"calibration: {len(calib)} images from {calib_all.describe()}; preprocessing "
-                          f"{cfg['input_size']}, mean {cfg.get('mean')}, std {cfg.get('std')}, crop {cfg.get('crop_pct')}")
-            if len(calib) < num:
-                console.print(f"  [yellow]only {len(calib)} images available (asked for {num})[/]")
+            source = None
+            if config is not None or model_name is not None:
+                source = model_source(model_name, None, config, model_kwargs, img_size)
 
-            jobs = [(model, output)] + ([(baseline, base_out)] if baseline is not None else [])
-            results = {}
-            for src, dst in jobs:
-                with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), console=console) as prog:
-                    task = prog.add_task(f"calibrating {src.name} ({method})", total=len(calib))
-                    res = quantize(src, dst, calib, method=method, per_channel=per_channel,
-                                   exclude_merge=keep_merge_float, batch_size=batch_size,
-                                   on_batch=lambda n: prog.advance(task, n))
-                results[str(src)] = res
+            def on_sets(run):
+                for w in run.warnings:
+                    err_console.print(f"[bold yellow]warning:[/] {w}")
+                cfg = run.data_config
+                console.print(f"calibration: {len(run.calibration_set)} images from "
+                              f"{run.calibration_set.describe() if hasattr(run.calibration_set, 'describe') else run.data}; "
+                              f"preprocessing {cfg['input_size']}, mean {cfg.get('mean')}, std {cfg.get('std')}, "
+                              f"crop {cfg.get('crop_pct')}")
+                if len(run.calibration_set) < num:
+                    console.print(f"  [yellow]only {len(run.calibration_set)} images available (asked for {num})[/]")
+
+            def on_file(res):
+                for b in bars:
+                    b.stop()
                 console.print(f"[bold green]wrote[/] {res.path}: {res.quantized_nodes} INT8 nodes, "
                               f"{len(res.excluded_nodes)} merge-step nodes kept in float ({res.seconds:.1f} s)")
                 for n in res.notes:
                     console.print(f"  [dim]{n}[/]")
 
-            acc = None
-            if ev is not None and len(ev):
-                runners = {}
-                if baseline is not None:
-                    runners["unmerged FP32"] = OrtRunner(baseline)
-                    runners["unmerged INT8"] = OrtRunner(base_out)
-                    tag = "merged " if is_merged(proto) else "model "
-                else:
-                    tag = ""
-                runners[f"{tag}FP32"] = OrtRunner(model)
-                runners[f"{tag}INT8"] = OrtRunner(output)
-                acc = evaluate(runners, ev, batch_size=max(batch_size, 32), description="scoring FP32 vs INT8")
+            bars = []
+
+            def progress(description, total):
+                prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console, transient=True, disable=console.quiet)
+                prog.start()
+                bars.append(prog)
+                task = prog.add_task(description, total=total)
+                return lambda n: prog.advance(task, n)
+
+            try:
+                run = calibrate_files(jobs, data, source=source, num=num, calibrator=value(calibrator), labels=labels,
+                                      eval_limit=eval_limit, evaluate_accuracy=not no_eval, batch_size=batch_size,
+                                      per_channel=per_channel, keep_merge_float=keep_merge_float, on_sets=on_sets,
+                                      progress=progress, on_file=on_file)
+            finally:
+                for b in bars:
+                    b.stop()
+            acc = run.accuracy
+            if acc is not None:
+                ev = run.eval_set
                 t = Table(title=f"ONNX Runtime CPU, {acc.images} held-out images ({ev.describe()})")
                 for col in ("model", "top-1", f"top-{next(iter(acc.models.values())).k}", "top-1 agreement with first row"):
                     t.add_column(col, justify="left" if col == "model" else "right")
@@ -137,18 +114,12 @@ def register(app: typer.Typer) -> None:
                     err_console.print(f"[bold yellow]warning:[/] {len(acc.unreadable)} images could not be read")
             elif not no_eval:
                 console.print("[yellow]no images left for the accuracy comparison (all used for calibration)[/]")
-
             if report_dir is not None:
-                from ..profiling.report import md_table, write_report
-
-                payload: Dict[str, Any] = {"model": str(model), "baseline": str(baseline) if baseline else None,
-                                           "data": str(data), "data_config": cfg,
-                                           "quantized": {k: v.to_dict() for k, v in results.items()},
-                                           "accuracy": acc.to_dict() if acc else None}
+                payload: Dict[str, Any] = run.to_dict(model, baseline)
                 sections = [("Quantization", md_table(
                     ["source", "INT8 file", "calibration", "images", "INT8 nodes", "merge nodes kept float"],
                     [[Path(k).name, v.path.name, v.method, v.images, v.quantized_nodes, len(v.excluded_nodes)]
-                     for k, v in results.items()]))]
+                     for k, v in run.quantized.items()]))]
                 if acc:
                     sections.append(("Accuracy (ONNX Runtime CPU)", md_table(
                         ["model", "top-1", "top-5", "top-1 agreement"],

@@ -13,9 +13,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, batch_list, loud_warnings, parse_json_option, parse_options, parse_r_option, user_errors
-from ._options import (MERGE_PANEL, AudioLengthOpt, BudgetOpt, CheckpointOpt, DTypeOpt, FramesOpt, ImgSizeOpt, MergeOp,
-                       MethodOpt, ModelKwargsOpt, NumClassesOpt, OptionOpt, PropAttnOpt, ScheduleOpt, value)
+from ._common import batch_list, console, loud_warnings, merge_request, model_source, user_errors
+from ._options import (AudioLengthOpt, BudgetLatencyOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DTypeOpt, FramesOpt,
+                       ImgSizeOpt, MergeOp, MethodOpt, ModelKwargsOpt, NumClassesOpt, OptionOpt, PropAttnOpt, ROpt,
+                       ScheduleOpt, SeedOpt, value)
 
 
 def token_table(model) -> Table:
@@ -50,33 +51,27 @@ def step_nodes_text(nodes: dict) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("export", short_help="timm ViT or transformers folder -> merged ONNX (static token counts), verified.")
     def export_cmd(
-        model_name: Annotated[str, typer.Argument(
-            metavar="MODEL", help="timm model name (e.g. vit_small_patch16_224), a folder written by transformers' "
+        model_name: Annotated[Optional[str], typer.Argument(
+            metavar="[MODEL]", help="timm model name (e.g. vit_small_patch16_224, or timm:NAME), a folder written by transformers' "
                                   "save_pretrained (ViT, DeiT, VideoMAE, AST, YOLOS), or dense:NAME (the dense "
-                                  "detector on timm backbone NAME; outputs logits and boxes)")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .onnx file")],
+                                  "detector on timm backbone NAME; outputs logits and boxes); optional with --config")] = None,
+        output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .onnx file")] = ...,
         checkpoint: CheckpointOpt = None,
         method: MethodOpt = "tome",
-        r: Annotated[Optional[str], typer.Option(
-            "--r", rich_help_panel=MERGE_PANEL,
-            help="Tokens merged per block: one int, or one per block comma-separated; 0 = the plain model "
-                 "(default 16; not with --budget, which solves r per block)")] = None,
+        r: ROpt = None,
         schedule: ScheduleOpt = "constant",
         budget: BudgetOpt = None,
-        budget_latency: Annotated[Optional[Path], typer.Option(
-            "--budget-latency", rich_help_panel=MERGE_PANEL,
-            help="With --budget: meet it in measured latency, from a JSON table {token count: ms per block}")] = None,
+        budget_latency: BudgetLatencyOpt = None,
         option: OptionOpt = None,
         prop_attn: PropAttnOpt = True,
+        config: ConfigOpt = None,
         img_size: ImgSizeOpt = None,
         frames: FramesOpt = None,
         audio_length: AudioLengthOpt = None,
         num_classes: NumClassesOpt = None,
         model_kwargs: ModelKwargsOpt = None,
+        seed: SeedOpt = 0,
         dtype: DTypeOpt = "fp32",
-        seed: Annotated[int, typer.Option(
-            "--seed", help="Seed of the random weights when no --checkpoint is given (the same seed, the same model: "
-                           "two exports compare as two forms of one model)")] = 0,
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset")] = 18,
         merge_op: Annotated[MergeOp, typer.Option(
             "--merge-op", case_sensitive=False,
@@ -92,21 +87,21 @@ def register(app: typer.Typer) -> None:
         from .._io import check_output_path
 
         # everything that can be refused without torch is refused first (and answers in well under a second)
-        r_spec = None if r is None else parse_r_option(r)
         batches = batch_list(verify_batches, "--verify-batch")
         with user_errors():
             check_output_path(output)  # fail before minutes of work
-            extra_options = parse_options(option)
-            kwargs = parse_json_option(model_kwargs, "--model-kwargs")
+            from ..request import parse_options, parse_r
+
+            parse_r(r), parse_options(option)  # malformed --r / -O: refused before torch is imported
+            request = merge_request(method, r, schedule, budget, budget_latency, option, prop_attn)
         from ..exporter import export
         from ..models.build import build_merged
         from ..models.flops import flop_ratio
 
         with user_errors(), loud_warnings():
-            model = build_merged(model_name, checkpoint, value(method), r_spec, img_size, prop_attn=prop_attn,
-                                 num_classes=num_classes, schedule=value(schedule), budget=budget,
-                                 budget_latency=budget_latency, frames=frames, audio_length=audio_length,
-                                 model_kwargs=kwargs, seed=seed, **extra_options)
+            source = model_source(model_name, checkpoint, config, model_kwargs, img_size, num_classes, frames,
+                                  audio_length, seed)
+            model = build_merged(source, request)
             if getattr(model, "vitmerge", None) is not None:
                 console.print(token_table(model))
             base, merged, ratio = flop_ratio(model)

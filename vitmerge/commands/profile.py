@@ -1,16 +1,18 @@
 """``vitmerge profile``: latency percentiles, throughput and energy per image, interleaved across models."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, batch_list, loud_warnings, parse_r_option, user_errors
-from ._options import Device, Method, ReportDirOpt, Runtime, ThreadsOpt, value
+from ._common import (batch_list, console, err_console, fail, loud_warnings, merge_request, parse_json_option,
+                      user_errors)
+from ._options import (AudioLengthOpt, BudgetLatencyOpt, BudgetOpt, CheckpointOpt, ConfigOpt, Device, FramesOpt,
+                       ImgSizeOpt, MethodOpt, ModelKwargsOpt, NumClassesOpt, OptionOpt, PropAttnOpt, ReportDirOpt, ROpt,
+                       Runtime, ScheduleOpt, SeedOpt, ThreadsOpt, value)
 
-TIMM_PANEL = "timm:NAME and transformers folders (PyTorch eager)"
+TIMM_PANEL = "Model"
 MEASURE_PANEL = "Measurement"
 
 
@@ -48,12 +50,12 @@ def register(app: typer.Typer) -> None:
     @app.command("profile", short_help="Latency percentiles, throughput and energy per image, models interleaved.")
     def profile_cmd(
         models: Annotated[List[str], typer.Argument(
-            metavar="MODEL...", help="MODEL.onnx, MODEL.engine, timm:NAME or a transformers model folder; several are "
-                                     "interleaved and compared with the first")],
+            metavar="MODEL...", help="MODEL.onnx, MODEL.engine, a timm name (or timm:NAME), dense:NAME or a transformers model "
+                                     "folder; several are interleaved and compared with the first")],
         runtime: Annotated[Optional[List[Runtime]], typer.Option(
             "--runtime", case_sensitive=False,
             help="Runtime(s) to run every model in, repeatable (--runtime ort --runtime ort-cuda); default: ort for "
-                 ".onnx, trt for engines, torch for timm:NAME")] = None,
+                 ".onnx, trt for engines, torch for models built in PyTorch")] = None,
         threads: ThreadsOpt = 0,
         batch: Annotated[str, typer.Option("--batch", "-b", rich_help_panel=MEASURE_PANEL,
                                            help="Batch sizes, comma-separated")] = "1,8",
@@ -75,48 +77,69 @@ def register(app: typer.Typer) -> None:
             "--memory/--no-memory", rich_help_panel=MEASURE_PANEL,
             help="Peak memory of each ONNX file (ONNX Runtime CPU) at each batch size, each in a process of its own")] = True,
         report_dir: ReportDirOpt = None,
-        checkpoint: Annotated[Optional[Path], typer.Option(
-            "--checkpoint", "-c", rich_help_panel=TIMM_PANEL, help="Local weights for timm:NAME (random without)")] = None,
-        method: Annotated[Method, typer.Option("--method", "-m", rich_help_panel=TIMM_PANEL, case_sensitive=False,
-                                                   help="Merge method for timm:NAME")] = "tome",
-        r: Annotated[str, typer.Option("--r", rich_help_panel=TIMM_PANEL,
-                                       help="Tokens merged per block for timm:NAME (0 = unmerged)")] = "0",
-        img_size: Annotated[Optional[int], typer.Option("--img-size", rich_help_panel=TIMM_PANEL,
-                                                        help="Input resolution for timm:NAME")] = None,
         device: Annotated[Device, typer.Option("--device", rich_help_panel=TIMM_PANEL, case_sensitive=False,
-                                               help="PyTorch device for timm:NAME")] = "auto",
-        frames: Annotated[Optional[int], typer.Option(
-            "--frames", rich_help_panel=TIMM_PANEL, help="Frames per clip for a transformers video folder")] = None,
-        audio_length: Annotated[Optional[int], typer.Option(
-            "--audio-length", rich_help_panel=TIMM_PANEL,
-            help="Spectrogram time frames for a transformers audio folder")] = None,
+                                               help="PyTorch device for models built in PyTorch")] = "auto",
+        checkpoint: CheckpointOpt = None,
+        config: ConfigOpt = None,
+        model_kwargs: ModelKwargsOpt = None,
+        num_classes: NumClassesOpt = None,
+        img_size: ImgSizeOpt = None,
+        frames: FramesOpt = None,
+        audio_length: AudioLengthOpt = None,
+        seed: SeedOpt = 0,
+        method: MethodOpt = "tome",
+        r: ROpt = None,
+        schedule: ScheduleOpt = "constant",
+        budget: BudgetOpt = None,
+        budget_latency: BudgetLatencyOpt = None,
+        option: OptionOpt = None,
+        prop_attn: PropAttnOpt = True,
     ):
         """Latency p50/p90/p99, throughput and energy per image for each batch size; models interleaved so
-        ratios are fair. Options for timm:NAME models apply only to those."""
+        ratios are fair. Model and merge options apply to the models built in PyTorch (timm names, dense:NAME,
+        transformers folders); .onnx files and engines carry their own."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         batches = batch_list(batch, "--batch")
         runtimes = [value(rt) for rt in runtime] if runtime else [None]
-        r_spec = parse_r_option(r)
         if energy_seconds is not None and energy_seconds <= 0:
             raise fail("--energy-seconds must be > 0")
         if energy_windows < 1:
             raise fail("--energy-windows must be >= 1")
 
+        with user_errors():
+            from ..request import ModelRef, parse_options, parse_r
+
+            parse_r(r), parse_options(option)  # malformed --r / -O: refused before torch is imported
+            refs = [ModelRef.parse(m) for m in models]
+            pytorch = [ref for ref in refs if ref.is_pytorch]
+            given = {"--checkpoint": checkpoint, "--config": config, "--model-kwargs": model_kwargs,
+                     "--num-classes": num_classes, "--img-size": img_size, "--frames": frames,
+                     "--audio-length": audio_length, "--r": r, "--budget": budget, "-O": option or None}
+            if not pytorch and any(v is not None for v in given.values()):
+                named = ", ".join(k for k, v in given.items() if v is not None)
+                raise fail(f"{named} apply to models built in PyTorch (timm names, dense:NAME, transformers folders); "
+                           "every MODEL here is an .onnx file or an engine, which carry their own weights and merge")
         from ..backends import open_runner
         from ..profiling.profile import profile_targets, write_profile_report
         from ..profiling.report import prepare_dir
         with user_errors(), loud_warnings():
             if report_dir is not None:
                 prepare_dir(report_dir)  # fail before minutes of measuring
+            request = merge_request(method, r, schedule, budget, budget_latency, option, prop_attn) if pytorch else None
             targets = []
             with console.status("loading models") as st:
-                for spec in models:
+                for ref in refs:
                     for rt in runtimes:
-                        st.update(f"loading {spec}" + (f" ({rt})" if rt else ""))
-                        targets.append(open_runner(spec, rt, checkpoint=checkpoint, method=value(method), r=r_spec,
-                                                   img_size=img_size, device=value(device), threads=threads,
-                                                   frames=frames, audio_length=audio_length))
+                        st.update(f"loading {ref.text}" + (f" ({rt})" if rt else ""))
+                        if ref.is_pytorch:
+                            targets.append(open_runner(ref, rt, request=request, device=value(device), threads=threads,
+                                                       checkpoint=checkpoint, config=config,
+                                                       model_kwargs=parse_json_option(model_kwargs, "--model-kwargs"),
+                                                       num_classes=num_classes, img_size=img_size, frames=frames,
+                                                       audio_length=audio_length, seed=seed))
+                        else:
+                            targets.append(open_runner(ref, rt, threads=threads))
             total = rounds * len(batches)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=err_console, transient=True, disable=console.quiet) as progress:

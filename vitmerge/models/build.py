@@ -16,14 +16,13 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ModelNotFoundError, UsageError
+from ..request import DENSE_PREFIX, MergeRequest, ModelRef
 from . import hf
 from .apply import apply
 from .budget import resolve_schedule
 from .mobilevit import is_mobilevit
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-#: ``dense:NAME``: the project's dense detector (:mod:`.dense`) on the timm ViT backbone NAME
-DENSE_PREFIX = "dense:"
 
 
 def _suggest(name: str, choices: list[str], n: int = 5) -> list[str]:
@@ -87,14 +86,9 @@ def _head_classes(sd: Dict[str, torch.Tensor]) -> Optional[int]:
     return int(w.shape[0]) if w is not None and w.dim() == 2 else None
 
 
-def is_model_folder(name: Union[str, Path]) -> bool:
-    """Whether ``name`` names a folder (a transformers save_pretrained folder) rather than a timm model.
-
-    Anything that exists on disk or looks like a path (a separator, ``~``, ``.``) is a folder; timm
-    names are plain identifiers such as ``vit_small_patch16_224``.
-    """
-    s = str(name)
-    return Path(s).expanduser().exists() or "/" in s or "\\" in s or s.startswith(("~", "."))
+def is_model_folder(name: Union[str, Path, ModelRef]) -> bool:
+    """Whether ``name`` names a transformers save_pretrained folder (:meth:`ModelRef.parse` decides)."""
+    return ModelRef.parse(name).kind == "folder"
 
 
 #: random weights (no checkpoint) are drawn from this seed unless told otherwise: two exports of one model
@@ -103,7 +97,7 @@ DEFAULT_SEED = 0
 
 
 def build_model(
-    name: str,
+    name: Union[str, ModelRef],
     checkpoint: Optional[Union[str, Path]] = None,
     img_size: Optional[int] = None,
     num_classes: Optional[int] = None,
@@ -123,14 +117,14 @@ def build_model(
     ``dense:NAME``: a :class:`~.dense.DenseDetector` on the timm backbone NAME (checkpoint: the detector's
     state dict, which also gives its classes; without one, ``num_classes`` is required).
     """
-    if str(name).startswith(DENSE_PREFIX):
+    ref = ModelRef.parse(name).require_pytorch("building a model")
+    name = ref.name
+    if ref.kind == "dense":
         with torch.random.fork_rng(devices=[]):  # the initial weights from `seed`, the caller's RNG untouched
             torch.manual_seed(int(seed))
-            return _build_dense(str(name)[len(DENSE_PREFIX):], checkpoint, img_size, num_classes, frames,
-                                audio_length, kwargs, seed)
-    if is_model_folder(name):
-        return _build_folder(Path(str(name)).expanduser(), checkpoint, img_size, num_classes, frames, audio_length,
-                             kwargs)
+            return _build_dense(name, checkpoint, img_size, num_classes, frames, audio_length, kwargs, seed)
+    if ref.kind == "folder":
+        return _build_folder(Path(name), checkpoint, img_size, num_classes, frames, audio_length, kwargs)
     if frames is not None or audio_length is not None:
         what = "--frames" if frames is not None else "--audio-length"
         raise UsageError(f"{what} applies to transformers video/audio model folders; {name!r} is a timm model name")
@@ -299,58 +293,85 @@ def load_model_config(config: Union[str, Path]) -> ModelConfig:
                        data_dir=data if data.is_dir() else None, meta=meta)
 
 
-def resolve_model(model_name: Optional[str], checkpoint: Optional[Path], config: Optional[Path],
-                  model_kwargs: Optional[Dict[str, Any]] = None
-                  ) -> Tuple[str, Optional[Path], Dict[str, Any], Optional[Path]]:
-    """(timm name, checkpoint, create_model kwargs, default data folder) from a name and/or a
-    ``model.json``; what the caller gives explicitly wins over the file."""
+@dataclass
+class ModelSource:
+    """One model as every command names it: the reference, its weights and its build options, resolved once (a
+    ``model.json`` read, ``num_classes`` taken from ``--model-kwargs`` or ``--num-classes``, contradictions refused).
+    ``build()`` gives the plain model; :func:`build_merged` the merged one."""
+
+    ref: ModelRef
+    checkpoint: Optional[Path] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # build_model's keyword arguments (img_size, num_classes, ...)
+    data_dir: Optional[Path] = None  # the labelled images a model.json names
+    seed: int = DEFAULT_SEED
+
+    @property
+    def weights(self) -> str:
+        """Where the weights come from, for reports: the checkpoint, the folder's own, or random."""
+        if self.checkpoint is not None:
+            return f"checkpoint {self.checkpoint}"
+        return "its folder's weights" if self.ref.kind == "folder" else f"random weights (seed {self.seed})"
+
+    def build(self) -> nn.Module:
+        """The plain (unmerged) model in eval mode."""
+        return build_model(self.ref, self.checkpoint, seed=self.seed, **copy.deepcopy(self.kwargs))
+
+
+def resolve_model(model: Union[None, str, ModelRef], checkpoint: Optional[Union[str, Path]] = None,
+                  config: Optional[Union[str, Path]] = None, model_kwargs: Optional[Dict[str, Any]] = None, *,
+                  img_size: Optional[int] = None, num_classes: Optional[int] = None, frames: Optional[int] = None,
+                  audio_length: Optional[int] = None, seed: int = DEFAULT_SEED) -> ModelSource:
+    """The one place a model request is put together: a reference and/or a ``model.json`` (what the caller gives
+    explicitly wins over the file), ``--model-kwargs`` and the named model options (which win over the same keys
+    in the kwargs; ``num_classes`` in both must agree)."""
     kwargs: Dict[str, Any] = {}
     data_dir = None
     if config is not None:
         cfg = load_model_config(config)
-        model_name = model_name or cfg.name
+        model = model or cfg.name
         checkpoint = checkpoint or cfg.checkpoint
         kwargs.update(copy.deepcopy(cfg.kwargs))
         data_dir = cfg.data_dir
     kwargs.update(model_kwargs or {})
-    if not model_name:
-        raise ModelNotFoundError("give a timm MODEL name (e.g. vit_small_patch16_224), a transformers model folder "
-                                 "or --config model.json")
-    return model_name, checkpoint, kwargs, data_dir
-
-
-def build_merged(model_name: str, checkpoint: Optional[Union[str, Path]] = None, method: str = "tome", r: Any = None,
-                 img_size: Optional[int] = None, prop_attn: bool = True, num_classes: Optional[int] = None,
-                 schedule: str = "constant", budget: Optional[float] = None,
-                 model_kwargs: Optional[Dict[str, Any]] = None,
-                 budget_latency: Optional[Union[str, Path]] = None, frames: Optional[int] = None,
-                 audio_length: Optional[int] = None, seed: int = DEFAULT_SEED, **options) -> nn.Module:
-    """Build the timm model (local checkpoint or random weights) or load the transformers folder, and
-    merge it as asked.
-
-    ``r`` / ``schedule`` / ``budget`` / ``budget_latency`` as in :func:`vitmerge.models.budget.resolve_schedule`
-    (``r`` None: 16 per block without a budget; refused next to a budget); ``r=0`` without a budget gives the
-    plain model (MobileViT: the plain mobile baseline, never merged).
-    """
-    kw = dict(model_kwargs or {})
-    # num_classes may come in model_kwargs too (the digits model's model_kwargs.json carries it): one value
-    kw_classes = kw.pop("num_classes", None)
+    if not model:
+        raise ModelNotFoundError("give a MODEL: a timm name (e.g. vit_small_patch16_224), dense:NAME, a transformers "
+                                 "model folder, or --config model.json")
+    ref = ModelRef.parse(model).require_pytorch("this command")
+    kw_classes = kwargs.pop("num_classes", None)  # the digits model's model_kwargs.json carries it
     if num_classes is not None and kw_classes is not None and int(kw_classes) != int(num_classes):
         raise UsageError(f"--num-classes {num_classes} contradicts num_classes {kw_classes} in --model-kwargs: "
                          "give one of them")
-    num_classes = num_classes if num_classes is not None else kw_classes
-    if img_size is not None:
-        kw["img_size"] = img_size  # wins over the same key in model_kwargs
-    if frames is not None:
-        kw["frames"] = frames
-    if audio_length is not None:
-        kw["audio_length"] = audio_length
-    model = build_model(model_name, checkpoint, num_classes=num_classes, seed=seed, **kw)
-    if is_mobilevit(model) and budget is None and r == 0:
+    for key, v in (("img_size", img_size), ("frames", frames), ("audio_length", audio_length),
+                   ("num_classes", num_classes if num_classes is not None else kw_classes)):
+        if v is not None:
+            kwargs[key] = v
+    return ModelSource(ref, None if checkpoint is None else Path(checkpoint), kwargs, data_dir, int(seed))
+
+
+def merge(model: nn.Module, request: Optional[MergeRequest] = None, trace_source: bool = False) -> nn.Module:
+    """``model`` merged as ``request`` asks (in place; the per-block r solved for this model when a budget is
+    given; ``trace_source``: keep the map of original tokens, for drawings). MobileViT with r = 0 stays the plain
+    mobile baseline."""
+    request = request or MergeRequest()
+    if is_mobilevit(model) and not request.merges:
         return model
-    rs = resolve_schedule(model, method, r, schedule, budget, budget_latency, **options)
-    return apply(model, method=method, r=rs, prop_attn=prop_attn, **options)
+    rs = resolve_schedule(model, request.method, request.r, request.schedule, request.budget,
+                          request.budget_latency, **request.options)
+    return apply(model, method=request.method, r=rs, prop_attn=request.prop_attn, trace_source=trace_source,
+                 **request.options)
 
 
-__all__ = ["DENSE_PREFIX", "DEFAULT_SEED", "build_model", "is_model_folder", "load_state_dict", "check_model_name", "CHECKPOINT_SUFFIXES", "ModelConfig",
-           "load_model_config", "resolve_model", "build_merged"]
+def build_merged(model: Union[str, ModelRef, ModelSource], request: Optional[MergeRequest] = None,
+                 **model_options) -> nn.Module:
+    """Build the model (a :class:`ModelSource`, or a reference plus :func:`resolve_model`'s options: checkpoint,
+    img_size, num_classes, model_kwargs, frames, audio_length, seed) and merge it as ``request`` asks (default:
+    ToMe, r 16 per block; ``MergeRequest(r=0)``: the plain model)."""
+    source = model if isinstance(model, ModelSource) else resolve_model(
+        model, model_options.pop("checkpoint", None), model_options.pop("config", None),
+        model_options.pop("model_kwargs", None), **model_options)
+    return merge(source.build(), request)
+
+
+__all__ = ["DENSE_PREFIX", "DEFAULT_SEED", "build_model", "is_model_folder", "load_state_dict", "check_model_name",
+           "CHECKPOINT_SUFFIXES", "ModelConfig", "ModelSource", "load_model_config", "resolve_model", "merge",
+           "build_merged"]

@@ -55,7 +55,7 @@ def save_vocabulary(vocab: Vocabulary, path: Union[str, Path]) -> Path:
 
 def load_vocabulary(path: Union[str, Path]) -> Vocabulary:
     p = Path(path)
-    hint = "build one with: vitmerge vocab build DATA_DIR -o vocab.pt --model MODEL_NAME"
+    hint = "build one with: vitmerge vocab build MODEL_NAME --data DATA_DIR -o vocab.pt"
     if not p.is_file():
         raise DataError(f"vocabulary file {str(p)!r} does not exist; {hint}")
     try:
@@ -89,7 +89,7 @@ def patch_embed_fingerprint(model: nn.Module) -> str:
 
 def check_vocabulary(model: nn.Module, voc, space: Optional[str] = None) -> None:
     """Raise DataError when the vocabulary was built for something else than this model."""
-    rebuild = f"rebuild it with `vitmerge vocab build DATA_DIR -o vocab.pt --model {model_name(model)}`"
+    rebuild = f"rebuild it with `vitmerge vocab build {model_name(model)} --data DATA_DIR -o vocab.pt`"
     if voc.space not in vwt.SPACES:
         raise DataError(f"vocabulary space {voc.space!r} is unknown; {rebuild}")
     if space is not None and space != voc.space:

@@ -17,8 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DataError, OutputPathError
-from ..models import apply, last_source
+from .._io import check_output_path
+from ..errors import DataError
+from ..models import last_source
+from ..models.build import merge
+from ..request import DEFAULT_METHOD, MergeRequest
 from .plots import _figure, save_png
 
 SKIMAGE_PREFIX = "skimage:"
@@ -134,14 +137,22 @@ class MergeVisualization:
         return int(len(np.unique(self.groups)))
 
 
-def visualize_model(model, image: np.ndarray, method: str = "tome", r=16, **options) -> MergeVisualization:
-    """Patch ``model`` (in place) with source tracking, run ``image`` through it, return the groups."""
+def _request(request: Optional[MergeRequest], method: str, r, options) -> MergeRequest:
+    return request if request is not None else MergeRequest(method=method, r=r, options=options)
+
+
+def visualize_model(model, image: np.ndarray, request: Optional[MergeRequest] = None, *, method: str = DEFAULT_METHOD,
+                    r=None, **options) -> MergeVisualization:
+    """Patch ``model`` (in place) as ``request`` asks (or ``method``, ``r``, ``options``), with source tracking,
+    run ``image`` through it, return the groups."""
+    request = _request(request, method, r, options)
     if getattr(model, "patch_embed", None) is None:  # transformers folders load too, but their grids differ
         from ..errors import UnsupportedModelError
 
         raise UnsupportedModelError(f"visualize draws the patch grid of timm ViTs; {type(model).__name__} is not one "
                                     "(give a timm model name)")
-    apply(model, method=method, r=r, trace_source=True, **options)
+    merge(model, request, trace_source=True)
+    method = request.method
     shown, x = prepare(image, model)
     with torch.inference_mode():
         model.eval()(x)
@@ -163,11 +174,7 @@ def visualize_model(model, image: np.ndarray, method: str = "tome", r=16, **opti
 def render(vis: MergeVisualization, output: Union[str, Path], title: Optional[str] = None,
            border_colour=(255, 255, 255)) -> Path:
     """Original | merged groups side by side, as a PNG (written atomically)."""
-    out = Path(output)
-    if out.suffix.lower() != ".png":
-        raise OutputPathError(f"output {str(out)!r} must end in .png")
-    if not out.parent.is_dir():
-        raise OutputPathError(f"output folder {str(out.parent)!r} does not exist; create it or choose another --output")
+    out = check_output_path(output, ".png")
     h = vis.image.shape[0]
     scale = max(1, math.ceil(448 / h))  # crisp one-pixel borders on a small input
     up = lambda a: np.repeat(np.repeat(a, scale, axis=0), scale, axis=1)  # noqa: E731
@@ -225,9 +232,11 @@ def _detections(spec, out, size: Tuple[int, int], min_score: float, max_boxes: i
     return {"boxes": xyxy.numpy(), "scores": d["scores"][keep].numpy(), "labels": d["labels"][keep].numpy()}
 
 
-def visualize_detections(model, image: np.ndarray, method: str = "tome", r=8, normalize: bool = True,
-                         min_score: float = 0.3, max_boxes: int = 30, **options) -> DetectionVisualization:
-    """Detections of ``model`` and of a merged copy (``method``, ``r``) on ``image`` resized to the model's
+def visualize_detections(model, image: np.ndarray, request: Optional[MergeRequest] = None, *,
+                         method: str = DEFAULT_METHOD, r=None, normalize: bool = True, min_score: float = 0.3,
+                         max_boxes: int = 30, **options) -> DetectionVisualization:
+    """Detections of ``model`` and of a merged copy (``request``, or ``method``, ``r``, ``options``) on ``image``
+    resized to the model's
     input (no crop: boxes cover the whole photo), decoded as ``vitmerge eval`` decodes them, those scoring
     at least ``min_score`` (at most ``max_boxes``, best first). ``model`` itself is left unmerged."""
     import copy
@@ -240,8 +249,9 @@ def visualize_detections(model, image: np.ndarray, method: str = "tome", r=8, no
     shown = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
     x = torch.from_numpy(shown.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
-    merged = copy.deepcopy(model)
-    apply(merged, method=method, r=r, **options)
+    request = _request(request, method, r, options)
+    method = request.method
+    merged = merge(copy.deepcopy(model), request)
     with torch.inference_mode():
         before = _detections(spec, forward_outputs(model.eval(), x), (h, w), min_score, max_boxes)
         after = _detections(spec, forward_outputs(merged.eval(), x), (h, w), min_score, max_boxes)
@@ -275,11 +285,7 @@ def draw_boxes(image: np.ndarray, dets: Dict[str, np.ndarray], scale: int = 1, w
 
 def render_detections(vis: DetectionVisualization, output: Union[str, Path], title: Optional[str] = None) -> Path:
     """Unmerged | merged detections side by side, as a PNG (written atomically)."""
-    out = Path(output)
-    if out.suffix.lower() != ".png":
-        raise OutputPathError(f"output {str(out)!r} must end in .png")
-    if not out.parent.is_dir():
-        raise OutputPathError(f"output folder {str(out.parent)!r} does not exist; create it or choose another --output")
+    out = check_output_path(output, ".png")
     h, w = vis.image.shape[:2]
     scale = max(1, math.ceil(448 / max(h, w)))
     fig = _figure(width=10, height=5.4 * h / w + 0.6)
