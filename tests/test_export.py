@@ -128,10 +128,18 @@ def test_checkpoint_errors(tmp_path):
 
 def test_output_path_errors(tmp_path):
     model = _tiny()
-    with pytest.raises(OutputPathError, match="does not exist"):
-        vitmerge.export(model, tmp_path / "no" / "such" / "m.onnx")
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(OutputPathError, match="is a file, not a folder"):
+        vitmerge.export(model, tmp_path / "f" / "m.onnx")
     with pytest.raises(OutputPathError, match=r"\.onnx"):
         vitmerge.export(model, tmp_path / "m.txt")
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(OutputPathError, match="is a folder"):
+        vitmerge.export(model, tmp_path / "d.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["d.onnx", "f"]
+    # like --report-dir, a missing output folder is made (#21: -o refused it)
+    res = vitmerge.export(model, tmp_path / "no" / "such" / "m.onnx", check=False)
+    assert res.path.is_file() and res.path.parent == tmp_path / "no" / "such"
 
 
 # ---------------------------------------------------------------- the CLI
@@ -189,8 +197,10 @@ def test_cli_corrupt_checkpoint_and_missing_dir(tmp_path):
     bad.write_bytes(b"not a safetensors file at all")
     res = runner.invoke(app, ["export", "vit_tiny_patch16_224", *TINY, "-c", str(bad), "-o", str(tmp_path / "m.onnx")])
     assert res.exit_code == 2 and "could not read checkpoint" in " ".join(res.output.split())
-    res = runner.invoke(app, ["export", "vit_tiny_patch16_224", *TINY, "-o", str(tmp_path / "nodir" / "m.onnx")])
-    assert res.exit_code == 2 and "does not exist" in res.output
+    # a missing output folder is made only when the file is written: a failed run leaves no empty folder
+    res = runner.invoke(app, ["export", "vit_tiny_patch16_224", *TINY, "-c", str(bad), "-o",
+                              str(tmp_path / "nodir" / "sub" / "m.onnx")])
+    assert res.exit_code == 2 and "could not read checkpoint" in " ".join(res.output.split())
     assert sorted(os.listdir(tmp_path)) == ["corrupt.safetensors"]
 
 
@@ -229,8 +239,8 @@ def test_cli_export_budget_schedule(tmp_path):
 
 
 def test_cli_option_parsing():
-    from vitmerge.commands._common import parse_options
     from vitmerge.errors import ScheduleError
+    from vitmerge.request import parse_options
 
     assert parse_options(["bits=8", "vocab=v.pt", "mode=inter", "tradeoff=0.5"]) == {
         "bits": 8, "vocab": "v.pt", "mode": "inter", "tradeoff": 0.5}

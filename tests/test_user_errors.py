@@ -225,7 +225,7 @@ def test_exports_without_a_checkpoint_are_one_model_and_check_says_when_weights_
 
 def test_eval_warns_when_the_model_has_more_outputs_than_the_data_has_classes(tiny_checkpoint, image_folder, tmp_path):
     base = ["eval", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs", '{"patch_size": 8, "depth": 1}',
-            "--data"]
+            "--r", "2", "--data"]
     res = runner.invoke(app, base + [str(image_folder)])  # 1000 outputs, 3 classes
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
@@ -239,7 +239,7 @@ def test_eval_warns_when_the_model_has_more_outputs_than_the_data_has_classes(ti
         for f in (image_folder / c).iterdir():
             (two / c / f.name).write_bytes(f.read_bytes())
     res = runner.invoke(app, ["eval", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint), "--img-size", "32",
-                              "--model-kwargs", '{"patch_size": 8}', "--data", str(two)])
+                              "--model-kwargs", '{"patch_size": 8}', "--r", "2", "--data", str(two)])
     assert res.exit_code == 0, res.output
     assert "has 3 outputs but the data has 2 classes" in " ".join(res.output.split())
 

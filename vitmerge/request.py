@@ -19,6 +19,7 @@ only to validate the method and its options.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -77,16 +78,16 @@ class ModelRef:
             return cls("dense", name, raw)
         if not s:
             raise ModelNotFoundError("timm: needs a model name, e.g. timm:vit_small_patch16_224")
-        path = Path(s).expanduser()
-        suffix = path.suffix.lower()
         if raw.startswith(TIMM_PREFIX):
             return cls("timm", s, raw)  # timm: says it is a name, whatever it looks like
+        where = os.path.expanduser(s)  # as typed otherwise: ./vit stays a path when read back
+        suffix = Path(where).suffix.lower()
         if suffix in ONNX_SUFFIXES:
-            return cls("onnx", str(path), raw)
+            return cls("onnx", where, raw)
         if suffix in ENGINE_SUFFIXES:
-            return cls("engine", str(path), raw)
-        if path.exists() or _looks_like_path(s):
-            return cls("folder", str(path), raw)
+            return cls("engine", where, raw)
+        if Path(where).exists() or _looks_like_path(s):
+            return cls("folder", where, raw)
         return cls("timm", s, raw)
 
     @property

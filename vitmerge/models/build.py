@@ -286,7 +286,7 @@ def load_model_config(config: Union[str, Path]) -> ModelConfig:
                                   "(expected the model.json written by `vitmerge digits train`)")
     data = p.parent / meta.get("data", "data")
     name = str(meta["model"])
-    if is_model_folder(p.parent / name) and (p.parent / name).is_dir():
+    if (p.parent / name).is_dir():  # a transformers folder next to the file
         name = str(p.parent / name)
     ckpt = None if meta["checkpoint"] is None else p.parent / meta["checkpoint"]
     return ModelConfig(path=p, name=name, kwargs=dict(meta["kwargs"]), checkpoint=ckpt,

@@ -37,7 +37,7 @@ from onnx.external_data_helper import uses_external_data
 
 from .. import metadata as md
 from .._io import staged, writable_dir
-from ..backends.base import ENGINE_SUFFIXES
+from ..request import ENGINE_SUFFIXES, ModelRef
 from ..backends.trt import engine_metadata_path, load_engine_metadata, plugin_libraries
 from ..errors import ModelFileError, ModelNotFoundError, OutputPathError, PackagingError, RuntimeMissingError
 from ..plugins import DOMAIN
@@ -263,8 +263,9 @@ def package(
     src = Path(model)
     if not src.is_file():
         raise ModelNotFoundError(f"model {str(src)!r} does not exist")
-    is_engine = src.suffix.lower() in ENGINE_SUFFIXES
-    if not is_engine and src.suffix.lower() != ".onnx":
+    ref = ModelRef.parse(src)
+    is_engine = ref.kind == "engine"
+    if not ref.is_file:
         raise ModelNotFoundError(f"{src.name}: give an .onnx file or a TensorRT engine ({', '.join(ENGINE_SUFFIXES)})")
     # the file's stem: only the last suffix goes (x.int8.onnx -> x.int8, beside x.onnx -> x: no collision)
     name = name or re.sub(r"[^A-Za-z0-9_.\-]", "_", src.stem) or "model"
