@@ -115,59 +115,47 @@ class Family:
         return (self.logits(output),)
 
 
+#: what a family answers about a model (besides ``patch``): the methods of :class:`Family`
+QUESTIONS = ("unsupported_reason", "blocks", "prefix_tokens", "num_tokens", "has_class_token", "num_classes",
+             "input_shape", "unpatch", "merge_steps", "flops_parts", "explicit_attention", "logits", "output_names",
+             "outputs")
+
+
+def _answered_by(module, **renamed: str):
+    """Class decorator: every :data:`QUESTIONS` method the class body does not define calls ``module``'s function
+    of the same name (or of ``renamed[name]``), looked up at call time."""
+
+    def forward(cls, name: str, fn: str):
+        def method(self, *args):
+            return getattr(module, fn)(*args)
+
+        method.__name__, method.__qualname__ = name, f"{cls.__qualname__}.{name}"
+        method.__doc__ = getattr(module, fn).__doc__
+        return method
+
+    def decorate(cls):
+        for q in QUESTIONS:
+            if q not in vars(cls):
+                setattr(cls, q, forward(cls, q, renamed.get(q, q)))
+        return cls
+
+    return decorate
+
+
+@_answered_by(hf, blocks="layers")
 class HFFamily(Family):
-    """Hugging Face transformers classifiers (:mod:`.hf`): merging in the block form only."""
+    """Hugging Face transformers classifiers (:mod:`.hf`): merging in the block form only. :mod:`.hf` answers
+    every question by a function of the same name (its ``layers`` are the blocks); what differs between its
+    model types is its table (:mod:`.hf_table`)."""
 
     name = "transformers"
     forms = ("block",)
     supported = hf.SUPPORTED
 
-    def unsupported_reason(self, model):
-        return hf.unsupported_reason(model)
-
-    def blocks(self, model):
-        return hf.layers(model)
-
-    def prefix_tokens(self, model):
-        return hf.prefix_tokens(model)
-
-    def num_tokens(self, model):
-        return hf.num_tokens(model)
-
-    def has_class_token(self, model):
-        return hf.has_class_token(model)
-
-    def num_classes(self, model):
-        return hf.num_classes(model)
-
-    def input_shape(self, model):
-        return hf.input_shape(model)
-
     def patch(self, model, state, rs, pre=None):
         if pre is not None:
             raise UnsupportedModelError("transformers models take merge steps inside their layers only")
         hf.patch(model, state, rs)
-
-    def unpatch(self, model):
-        hf.unpatch(model)
-
-    def merge_steps(self, model):
-        return hf.merge_steps(model)
-
-    def flops_parts(self, model):
-        return hf.flops_parts(model)
-
-    def explicit_attention(self, model):
-        return hf.explicit_attention(model)
-
-    def logits(self, output):
-        return hf.logits(output)
-
-    def output_names(self, model):
-        return hf.output_names(model)
-
-    def outputs(self, model, output):
-        return hf.outputs(model, output)
 
 
 class DenseFamily(Family):

@@ -27,6 +27,11 @@ embeddings (``use_mid_position_embeddings``: added after every layer but the las
 the size-weighted average of its members' embeddings, from the position map (``MergeState.positions``).
 Outputs: ``logits`` and ``boxes`` (its ``pred_boxes``). It runs at its config's ``image_size``.
 
+What differs between these model types (tokens the embeddings add, protected tokens, shapes, pooling,
+outputs, input-size overrides) is data, one record per ``model_type`` in :mod:`.hf_table`; the functions
+here read the record and test no model type by name. Loading a save_pretrained folder is :mod:`.hf_load`
+(:func:`load_pretrained` and the folder readers are re-exported here).
+
 transformers is imported only where a model is loaded (:func:`load_pretrained`); this module reads
 models by duck typing, so importing it costs nothing. Supported: transformers 5.x (the layer layouts
 of 5.0 to 5.23, ``encoder.layer`` with query/key/value or ``layers`` with q_proj/k_proj/v_proj).
@@ -34,46 +39,29 @@ of 5.0 to 5.23, ``encoder.layer`` with query/key/value or ``layers`` with q_proj
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ModelNotFoundError, RuntimeMissingError, UnsupportedModelError, UsageError
-from ..metadata import BOXES_NAME, OUTPUT_NAME
+from ..errors import UnsupportedModelError
+from ..metadata import OUTPUT_NAME
 from ..merging import batch_scatter_add
-from .vit import MergeState, TokenMerge, _f32, biased_logits, class_attention, mixed_class, original_class
+from . import hf_table
+from ._numerics import _exporting, _f32
+from .hf_load import (MIN_TRANSFORMERS, WEIGHT_FILES, _quiet_transformers, _too_old, is_pretrained_folder,  # noqa: F401
+                      load_pretrained, preprocessor_config, read_config)
+from .hf_table import SUPPORTED, TYPES, HFType, ast_grid  # noqa: F401
+from .vit import MergeState, TokenMerge, biased_logits, class_attention, mixed_class, original_class
 
-log = logging.getLogger(__name__)
+#: config.json model_type -> the classifier classes vitmerge patches, and what the input is (read off the table)
+MODELS: Dict[str, Tuple[Tuple[str, ...], str]] = {t: (k.classes, k.modality) for t, k in TYPES.items()}
 
-#: config.json model_type -> the classifier classes vitmerge patches, and what the input is
-MODELS: Dict[str, Tuple[Tuple[str, ...], str]] = {
-    "vit": (("ViTForImageClassification",), "image"),
-    "deit": (("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"), "image"),
-    "videomae": (("VideoMAEForVideoClassification",), "video"),
-    "audio-spectrogram-transformer": (("ASTForAudioClassification",), "audio"),
-    "yolos": (("YolosForObjectDetection",), "image"),
-}
-
-#: model types whose output holds boxes (pred_boxes) next to the logits
-DETECTORS = ("yolos",)
-
-SUPPORTED = (
-    "Hugging Face transformers 5.x classifiers and detectors saved with save_pretrained: "
-    + ", ".join(f"{c} (model_type {t!r}, {m})" for t, (cs, m) in MODELS.items() for c in cs)
-)
-
-MIN_TRANSFORMERS = "5.0"
-
-
-def _exporting() -> bool:
-    return bool(torch.compiler.is_exporting()) or torch.onnx.is_in_onnx_export()
+#: model types whose output holds more than the logits (YOLOS: pred_boxes)
+DETECTORS = tuple(t for t, k in TYPES.items() if k.extra_outputs)
 
 
 def is_hf(model: nn.Module) -> bool:
@@ -89,13 +77,18 @@ def model_type(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", "") or "")
 
 
+def hf_type(model: nn.Module) -> HFType:
+    """The table record of ``model``'s model_type (:data:`.hf_table.UNKNOWN` for others)."""
+    return hf_table.hf_type(model_type(model))
+
+
 def modality(model: nn.Module) -> str:
     """"image", "video" or "audio"."""
-    return MODELS.get(model_type(model), ((), "image"))[1]
+    return hf_type(model).modality
 
 
 # --------------------------------------------------------------------------------------------
-# Structure: layers, prefix tokens, shapes
+# Structure: layers, prefix tokens, shapes (read off the model type's record)
 # --------------------------------------------------------------------------------------------
 
 
@@ -112,65 +105,28 @@ def layers(model: nn.Module) -> List[nn.Module]:
 
 
 def prefix_tokens(model: nn.Module) -> int:
-    """Tokens before the patches that never merge: class (ViT), class + distillation (DeiT, AST);
-    VideoMAE: none with mean pooling, else token 0 (which the head reads)."""
-    t = model_type(model)
-    if t == "vit":
-        return 1
-    if t in ("deit", "audio-spectrogram-transformer"):
-        return 2
-    if t == "videomae":
-        return 0 if model.config.use_mean_pooling else 1
-    if t == "yolos":
-        return 1 + detection_tokens(model)
-    raise UnsupportedModelError(f"unknown prefix tokens for model_type {t!r}")
+    """Tokens before the patches that never merge: class (ViT), class + distillation (DeiT, AST), class +
+    [DET] (YOLOS); VideoMAE: none with mean pooling, else token 0 (which the head reads)."""
+    return hf_type(model).protected(model.config)
 
 
 def detection_tokens(model: nn.Module) -> int:
     """YOLOS's [DET] tokens (transformers appends them at the END of the sequence); 0 for other models."""
-    return int(model.config.num_detection_tokens) if model_type(model) == "yolos" else 0
+    return hf_type(model).detection_tokens(model.config)
 
 
 def has_class_token(model: nn.Module) -> bool:
-    return model_type(model) != "videomae"
-
-
-def _pair(v) -> Tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
-def ast_grid(config) -> Tuple[int, int]:
-    """(frequency, time) patches of an AST config (its patch embedding's output size)."""
-    f = (config.num_mel_bins - config.patch_size) // config.frequency_stride + 1
-    t = (config.max_length - config.patch_size) // config.time_stride + 1
-    return int(f), int(t)
+    return hf_type(model).class_token
 
 
 def input_shape(model: nn.Module) -> tuple:
     """One input sample: (C, H, W) image, (T, C, H, W) video, (time frames, mel bins) audio."""
-    c, t = model.config, model_type(model)
-    if t == "videomae":
-        h, w = _pair(c.image_size)
-        return (int(c.num_frames), int(c.num_channels), h, w)
-    if t == "audio-spectrogram-transformer":
-        return (int(c.max_length), int(c.num_mel_bins))
-    h, w = _pair(c.image_size)
-    return (int(c.num_channels), h, w)
+    return hf_type(model).input_shape(model.config)
 
 
 def num_tokens(model: nn.Module) -> int:
     """Tokens entering the first layer."""
-    c, t = model.config, model_type(model)
-    if t == "videomae":
-        h, w = _pair(c.image_size)
-        ph, pw = _pair(c.patch_size)
-        return (int(c.num_frames) // int(c.tubelet_size)) * (h // ph) * (w // pw)
-    if t == "audio-spectrogram-transformer":
-        f, tt = ast_grid(c)
-        return f * tt + 2
-    h, w = _pair(c.image_size)
-    ph, pw = _pair(c.patch_size)
-    return (h // ph) * (w // pw) + prefix_tokens(model)
+    return hf_table.num_tokens(hf_type(model), model.config)
 
 
 def num_classes(model: nn.Module) -> int:
@@ -410,7 +366,7 @@ def _classifier_output(logits, loss):
 
 
 def _model_mixin(model: nn.Module) -> type:
-    return HFVideoMAEMixin if model_type(model) == "videomae" else HFMergeModelMixin
+    return HFVideoMAEMixin if hf_type(model).pooling == "mean" else HFMergeModelMixin
 
 
 def _transformers_version() -> Optional[str]:
@@ -420,17 +376,13 @@ def _transformers_version() -> Optional[str]:
     return getattr(sys.modules.get("transformers"), "__version__", None)
 
 
-def _too_old(version: Optional[str]) -> bool:
-    return version is not None and int(version.split(".")[0]) < int(MIN_TRANSFORMERS.split(".")[0])
-
-
 def unsupported_reason(model: nn.Module) -> Optional[str]:
     t = model_type(model)
     name = _class_name(model)
-    if t not in MODELS:
+    if t not in TYPES:
         return f"{name} (model_type {t!r}) is not a supported transformers model"
-    if name not in MODELS[t][0]:
-        return f"{name} is not one of the supported {t} classes ({', '.join(MODELS[t][0])})"
+    if name not in TYPES[t].classes:
+        return f"{name} is not one of the supported {t} classes ({', '.join(TYPES[t].classes)})"
     version = _transformers_version()
     if _too_old(version):
         return f"transformers {version} is installed; vitmerge patches transformers >= {MIN_TRANSFORMERS} models"
@@ -457,7 +409,7 @@ def patch(model: nn.Module, state: MergeState, rs: List[int]) -> None:
         layer.token_merge = TokenMerge(state, r)
         layer._vm_tail_in = tail if i == 0 else 0
         layer._vm_tail_out = tail if i == len(ls) - 1 else 0
-    if model_type(model) == "yolos":
+    if hf_type(model).mid_positions:  # YOLOS: the mid position embeddings reach merged tokens
         enc = model.base_model.encoder
         enc.__class__ = mixed_class(HFYolosEncoderMixin, original_class(type(enc), HFYolosEncoderMixin))
         enc._vm_state = state
@@ -490,7 +442,7 @@ def flops_parts(model: nn.Module) -> Tuple[int, List[Tuple[int, int, int, int]]]
     the patch embedding's convolution and every linear outside the layers (the heads)."""
     base = model.base_model
     pe = base.embeddings.patch_embeddings.projection
-    n_patches = num_tokens(model) - _embedded_prefix(model)
+    n_patches = hf_table.patches(hf_type(model), model.config)
     kernel = math.prod(int(k) for k in pe.kernel_size)
     fixed = 2 * n_patches * pe.in_channels * kernel * pe.out_channels // pe.groups
     inside = {id(m) for layer in layers(model) for m in layer.modules()}
@@ -504,11 +456,6 @@ def flops_parts(model: nn.Module) -> Tuple[int, List[Tuple[int, int, int, int]]]
         mlp = sum(2 * m.in_features * m.out_features for m in mlp_linears(layer))
         out.append((attn_linear, a.heads * a.head_dim, mlp, a.head_dim))
     return fixed, out
-
-
-def _embedded_prefix(model: nn.Module) -> int:
-    """Tokens the embeddings add in front of the patches (VideoMAE: none, even when token 0 is protected)."""
-    return 0 if model_type(model) == "videomae" else prefix_tokens(model)
 
 
 @contextlib.contextmanager
@@ -538,207 +485,16 @@ def logits(output) -> torch.Tensor:
 
 def output_names(model: nn.Module) -> Tuple[str, ...]:
     """Graph outputs: ``logits``; detectors (YOLOS) also ``boxes`` (their ``pred_boxes``)."""
-    return (OUTPUT_NAME, BOXES_NAME) if model_type(model) in DETECTORS else (OUTPUT_NAME,)
+    return (OUTPUT_NAME,) + tuple(name for name, _ in hf_type(model).extra_outputs)
 
 
 def outputs(model: nn.Module, output) -> Tuple[torch.Tensor, ...]:
-    if model_type(model) in DETECTORS:
-        return (output.logits, output.pred_boxes)
-    return (logits(output),)
+    """``model``'s output as the tensors :func:`output_names` names, in their order."""
+    return (logits(output),) + tuple(getattr(output, attr) for _, attr in hf_type(model).extra_outputs)
 
 
-# --------------------------------------------------------------------------------------------
-# Loading a save_pretrained folder (never the hub)
-# --------------------------------------------------------------------------------------------
-
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def is_pretrained_folder(path: Union[str, Path]) -> bool:
-    """A folder written by transformers' save_pretrained (it holds config.json)."""
-    p = Path(path).expanduser()
-    return p.is_dir() and (p / "config.json").is_file()
-
-
-def read_config(folder: Union[str, Path]) -> Dict[str, Any]:
-    """config.json of a save_pretrained folder, checked: a clear error for every way it can be wrong."""
-    p = Path(folder).expanduser()
-    if not p.is_dir():
-        raise ModelNotFoundError(f"{str(p)!r} is not a folder: give a timm model name or a folder written by "
-                                 "transformers' save_pretrained (config.json + weights)")
-    cfg_path = p / "config.json"
-    if not cfg_path.is_file():
-        raise ModelNotFoundError(f"{str(p)!r} has no config.json: a transformers model folder is written by "
-                                 "model.save_pretrained(FOLDER) (config.json + model.safetensors)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{str(cfg_path)!r} is not readable JSON ({e}); save the model again with "
-                              "save_pretrained") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{str(cfg_path)!r} is not a transformers config (expected a JSON object)")
-    t = cfg.get("model_type")
-    if t not in MODELS:
-        raise UnsupportedModelError(f"{str(p)!r} holds model_type {t!r}, which vitmerge cannot merge. Supported: "
-                                    f"{SUPPORTED}")
-    arch = cfg.get("architectures") or []
-    if arch and not any(a in MODELS[t][0] for a in arch):
-        raise UnsupportedModelError(
-            f"{str(p)!r} holds {', '.join(arch)}; vitmerge merges the {t} classifiers {', '.join(MODELS[t][0])}. "
-            f"Supported: {SUPPORTED}"
-        )
-    if not any((p / w).is_file() for w in WEIGHT_FILES):
-        raise CheckpointError(f"{str(p)!r} has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
-                              "save the model with save_pretrained")
-    return cfg
-
-
-def _model_class(cfg: Dict[str, Any]):
-    import transformers
-
-    t = cfg["model_type"]
-    names = [a for a in (cfg.get("architectures") or []) if a in MODELS[t][0]] or [MODELS[t][0][0]]
-    return getattr(transformers, names[0])
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No progress bars or load reports from transformers on the user's console."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def load_pretrained(folder: Union[str, Path], img_size: Optional[int] = None, frames: Optional[int] = None,
-                    audio_length: Optional[int] = None) -> nn.Module:
-    """A supported classifier from a save_pretrained folder, in eval mode, float32; weights read with
-    ``local_files_only`` (nothing is fetched). Input-size overrides: ``img_size`` (ViT, DeiT, VideoMAE),
-    ``frames`` (VideoMAE), ``audio_length`` (AST: time frames); learned position embeddings are resampled."""
-    p = Path(folder).expanduser()
-    cfg = read_config(p)
-    t = cfg["model_type"]
-    mod = MODELS[t][1]
-    _check_sizes(p, t, mod, cfg, img_size, frames, audio_length)
-    try:
-        import transformers
-    except ImportError:
-        raise RuntimeMissingError(f"loading a transformers model folder needs transformers >= {MIN_TRANSFORMERS}: "
-                                  "pip install 'vitmerge[hf]'") from None
-    if _too_old(transformers.__version__):
-        raise RuntimeMissingError(f"transformers {transformers.__version__} is installed; vitmerge loads and patches "
-                                  f"transformers >= {MIN_TRANSFORMERS} models: pip install 'vitmerge[hf]'")
-    cls = _model_class(cfg)
-    overrides: Dict[str, Any] = {}
-    if t == "videomae":  # sin/cos positions are computed from the config: no weights change
-        if frames is not None:
-            overrides["num_frames"] = int(frames)
-        if img_size is not None:
-            overrides["image_size"] = int(img_size)
-    with _quiet_transformers():
-        try:
-            model, info = cls.from_pretrained(str(p), local_files_only=True, output_loading_info=True,
-                                              trust_remote_code=False, **overrides)
-        except (OSError, ValueError, RuntimeError, EnvironmentError, KeyError, TypeError) as e:
-            raise CheckpointError(f"could not load the weights in {str(p)!r} ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}). Are they complete and saved "
-                                  "with save_pretrained?") from None
-        except Exception as e:  # safetensors' own errors (corrupt header, truncated file)
-            raise CheckpointError(f"could not read the weights in {str(p)!r} ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}). Is the file complete?") from None
-    bad = {k: list(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        parts = [f"{len(v)} {k.replace('_', ' ')} ({', '.join(str(x) for x in v[:3])}{', ...' if len(v) > 3 else ''})"
-                 for k, v in bad.items()]
-        raise CheckpointError(f"the weights in {str(p)!r} do not fit its config.json: {'; '.join(parts)}")
-    model = model.float().eval()
-    if t in ("vit", "deit") and img_size is not None and _pair(model.config.image_size) != (img_size, img_size):
-        model = _resized(model, cls, {"image_size": int(img_size)})
-    if t == "audio-spectrogram-transformer" and audio_length is not None and audio_length != model.config.max_length:
-        model = _resized(model, cls, {"max_length": int(audio_length)})
-    return model
-
-
-def _check_sizes(p: Path, t: str, mod: str, cfg: Dict[str, Any], img_size, frames, audio_length) -> None:
-    where = f"{p.name} ({t}, {mod})"
-    if frames is not None and t != "videomae":
-        raise UsageError(f"--frames applies to video models (VideoMAE); {where} takes no frames")
-    if audio_length is not None and t != "audio-spectrogram-transformer":
-        raise UsageError(f"--audio-length applies to audio models (AST); {where} is not one")
-    if img_size is not None and t == "yolos":
-        raise UsageError(f"--img-size does not apply to {where}: it runs at its config.json image_size "
-                         f"{cfg.get('image_size')} (save the model with another image_size to change it)")
-    if img_size is not None and t == "audio-spectrogram-transformer":
-        raise UsageError(f"--img-size does not apply to {where}: set its length with --audio-length (time frames)")
-    for name, v in (("--frames", frames), ("--img-size", img_size), ("--audio-length", audio_length)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise UsageError(f"{name} must be a positive integer, got {v!r}")
-    if frames is not None:
-        tub = int(cfg.get("tubelet_size", 2))
-        if frames % tub:
-            raise UsageError(f"--frames {frames} is not a multiple of the tubelet size {tub} of {where}: "
-                             f"use {max(tub, frames - frames % tub)} or {frames - frames % tub + tub}")
-    if img_size is not None:
-        patch = cfg.get("patch_size", 16)
-        patch = patch[0] if isinstance(patch, (list, tuple)) else int(patch)
-        if img_size % patch:
-            raise UsageError(f"--img-size {img_size} is not a multiple of the patch size {patch} of {where}")
-    if audio_length is not None:
-        need = int(cfg.get("patch_size", 16))
-        if audio_length < need:
-            raise UsageError(f"--audio-length {audio_length} is shorter than one patch ({need} frames) of {where}")
-
-
-def _resized(model: nn.Module, cls, changes: Dict[str, Any]) -> nn.Module:
-    """The same weights in a model built for another input size: the learned position embedding is
-    resampled (bicubic over the patch grid, prefix tokens kept), as timm does for its ViTs."""
-    from timm.layers import resample_abs_pos_embed
-
-    old_grid = _grid(model.config)
-    cfg = model.config.__class__.from_dict({**model.config.to_dict(), **changes})
-    cfg._attn_implementation_internal = model.config._attn_implementation
-    with _quiet_transformers():
-        new = cls(cfg)
-    sd = model.state_dict()
-    key = next(k for k in sd if k.endswith("embeddings.position_embeddings"))
-    prefix = prefix_tokens(model)
-    sd[key] = resample_abs_pos_embed(sd[key], list(_grid(cfg)), list(old_grid), num_prefix_tokens=prefix,
-                                     interpolation="bicubic", antialias=True, verbose=False)
-    new.load_state_dict(sd, strict=True)
-    new.name_or_path = model.name_or_path
-    log.info("%s: position embedding resampled from grid %s to %s", type(model).__name__, old_grid, _grid(cfg))
-    return new.float().eval()
-
-
-def _grid(config) -> Tuple[int, int]:
-    if config.model_type == "audio-spectrogram-transformer":
-        return ast_grid(config)
-    h, w = _pair(config.image_size)
-    ph, pw = _pair(config.patch_size)
-    return h // ph, w // pw
-
-
-def preprocessor_config(model: nn.Module) -> Dict[str, Any]:
-    """The folder's preprocessor_config.json (image mean/std and size, or the audio feature extractor's
-    settings), or {} when the model was not loaded from a folder that has one."""
-    p = Path(str(getattr(model, "name_or_path", "") or "")) / "preprocessor_config.json"
-    try:
-        out = json.loads(p.read_text()) if p.is_file() else {}
-    except (OSError, ValueError):
-        out = {}
-    return out if isinstance(out, dict) else {}
-
-
-__all__ = ["MODELS", "SUPPORTED", "is_hf", "model_type", "modality", "layers", "prefix_tokens", "has_class_token",
-           "input_shape", "num_tokens", "num_classes", "attention_with_metric", "unsupported_reason", "patch",
-           "unpatch", "merge_steps", "flops_parts", "explicit_attention", "logits", "output_names", "outputs", "is_pretrained_folder",
-           "read_config", "load_pretrained", "preprocessor_config", "ast_grid"]
+__all__ = ["MODELS", "DETECTORS", "SUPPORTED", "is_hf", "model_type", "hf_type", "modality", "layers",
+           "prefix_tokens", "has_class_token", "input_shape", "num_tokens", "num_classes", "attention_with_metric",
+           "unsupported_reason", "patch", "unpatch", "merge_steps", "flops_parts", "explicit_attention", "logits",
+           "output_names", "outputs", "is_pretrained_folder", "read_config", "load_pretrained", "preprocessor_config",
+           "ast_grid"]
