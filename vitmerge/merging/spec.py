@@ -42,15 +42,16 @@ class SetupContext:
     protected: int  # leading tokens that never merge
     n_tokens: int  # tokens entering the first merge step
     patch_size: Optional[tuple] = None  # pre_encoder: (ph, pw) of the plain patch embedding
-    #: option name -> the object it names, loaded and checked against this model (``MethodSpec.resources``)
-    load: Callable[[str, Any], Any] = lambda name, value: value
+    #: ``load(option name, value, **context)`` -> the object the value names, loaded and checked against this
+    #: model by the models layer's loader for the option's kind (``MethodSpec.resources``); others as given
+    load: Callable[..., Any] = lambda name, value, **context: value
 
 
 @dataclass
 class Setup:
     """What a method's ``setup`` hook hands the model adapter."""
 
-    plan_options: Dict[str, Any]  # keyword arguments of every plan call (block form)
+    plan_options: Dict[str, Any]  # keyword arguments of every plan call (per-block steps)
     info: Dict[str, Any]  # the options ``model.vitmerge`` reports (and exports record)
     step_options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the form's block-side hooks
     buffers: Dict[str, Any] = field(default_factory=dict)  # tensors the step keeps as non-persistent buffers
