@@ -44,9 +44,6 @@ MODEL = "vit_tiny_patch16_224"
 MODEL_KWARGS = {"img_size": 64, "depth": 2}
 R = 4
 BATCH = 3
-METHOD_OPTIONS = {"vwt": {"mode": "intra"}}
-# methods with a per-block (x, metric, size) step: the ones a TokenMerge node can stand for
-PLUGIN_METHODS = tuple(m for m, spec in merging.METHODS.items() if spec.form == "block")
 
 
 @dataclasses.dataclass
@@ -115,7 +112,7 @@ def machine() -> Dict[str, str]:
 def run(methods: Optional[Sequence[str]] = None, quick: bool = False,
         on_row: Optional[Callable[[Row], None]] = None, workdir: Optional[Path] = None) -> SelftestResult:
     """Run every path; ``on_row`` is called as each row finishes (for live output)."""
-    methods = list(methods or (["tome"] if quick else merging.available_methods()))
+    methods = list(methods or ([merging.DEFAULT_METHOD] if quick else merging.available_methods()))
     rows: List[Row] = []
     cuda = torch.cuda.is_available()
     gen = np.random.default_rng(0)
@@ -141,9 +138,10 @@ def run(methods: Optional[Sequence[str]] = None, quick: bool = False,
         warnings.simplefilter("ignore")  # random weights: said in the module docstring, not per row
         tmp = Path(d)
         for method in methods:
+            spec = merging.method_spec(method)
             torch.manual_seed(0)
             model = build_model(MODEL, **MODEL_KWARGS)
-            apply(model, method=method, r=R, **METHOD_OPTIONS.get(method, {}))
+            apply(model, method=method, r=R, **spec.selftest_options)
             files: Dict[str, Path] = {}
             ref: Dict[str, np.ndarray] = {}
 
@@ -168,14 +166,15 @@ def run(methods: Optional[Sequence[str]] = None, quick: bool = False,
             row(f"{method}: ONNX Runtime CPU, standard form", lambda: ort_cpu("standard"))
             row(f"{method}: PyTorch CPU", lambda: torch_dev("cpu"))
             row(f"{method}: PyTorch CUDA", lambda: torch_dev("cuda"))
-            forms = ["native"] + (["plugin"] if method in PLUGIN_METHODS else [])
+            # the plugin form (a TokenMerge node per step) and the Triton kernel exist for spec.plugin methods
+            forms = ["native"] + (["plugin"] if spec.plugin else [])
             for form in forms:
                 what = "TokenMerge CPU kernel (onnxruntime-extensions)" if form == "plugin" else "plugin-free rewrite"
                 row(f"{method}: ONNX Runtime CPU, {form} form ({what})",
                     lambda form=form: _need_ref(ref) or ort_cpu(form))
             row(f"{method}: ONNX Runtime CUDA", lambda f=files, r=ref: _ort_cuda(f, r, images))
             row(f"{method}: FP16 export, ONNX Runtime CPU", lambda m=model, r=ref: _fp16(m, r, images, tmp, method))
-            if method in PLUGIN_METHODS:
+            if spec.plugin:
                 row(f"{method}: Triton merge kernel (compiled, CUDA)", lambda: _triton(method, cuda))
             row(f"{method}: TensorRT engine", lambda f=files, r=ref: _tensorrt(f, r, images, tmp, method, cuda))
         row("energy: NVML (GPU) counter", lambda: _energy("cuda"))

@@ -381,7 +381,8 @@ def plugin_merge(graph, m: MergeSubgraph) -> None:
     """Replace one merge step by a single ``vitmerge::TokenMerge(x, metric, size) -> (x', size')``."""
     method, protected = _need(m, "plugin")
     _refuse_stepless(method, "plugin")
-    if method != "tome" and not m.options_known:
+    ms = METHODS.get(method)
+    if (ms is None or ms.options) and not m.options_known:  # a method without options has nothing to record
         raise SurgeryError(
             f"the plugin form re-runs method {method!r} from the node's attributes, but this file does not record "
             "the method's options (metadata key vitmerge.options): re-export it with a vitmerge that writes them"
@@ -508,32 +509,64 @@ def _dense_tome_merge(graph, m: MergeSubgraph, protected: int) -> None:
     _emit_into(e, e.op("Div", [sums_x, sums_w], dtype=f32), m.x_out)
 
 
-#: methods whose whole merge step graph surgery writes by hand (:mod:`.lean`); every other method's native
-#: form is the exporter's own graph with the merged rows added by a one-hot MatMul (no ScatterND)
-LEAN_METHODS = ("tome", "importance")
+def _bipartite_step(e, m: MergeSubgraph, x, metric, size, protected: int, outs):
+    return lean.tome_step(e, x, metric, size, m.n_in, m.r, protected, m.dim, outs=outs)
+
+
+def _class_attention_step(e, m: MergeSubgraph, x, metric, size, protected: int, outs, min_weight: float):
+    if m.cls_attn is None:
+        raise SurgeryError(f"merge step blocks.{m.block}.token_merge (method {m.method}) has no class-attention "
+                           "input: only the standard form exists for this graph")
+    return lean.importance_step(e, x, metric, size, _as_f32(e, m.cls_attn), m.n_in, m.r, protected,
+                                m.dim, int(m.metric.shape[-1]), min_weight, outs=outs)
+
+
+@dataclass(frozen=True)
+class _LeanKind:
+    limits: Callable  # (n_in, r, protected) -> why the lean step cannot be written (None: it can)
+    write: Callable  # (emitter, step, x, metric, size, protected, outs, **LeanStep.params) -> (x', size')
+    over_limits: Optional[Callable] = None  # (graph, step, protected): the graph for steps over the limits
+
+
+#: the hand-written steps (:mod:`.lean`) by ``LeanStep.kind`` -- what they compute, never a method's name
+LEAN_KINDS: Dict[str, _LeanKind] = {
+    "bipartite": _LeanKind(lean.tome_limits, _bipartite_step, over_limits=_dense_tome_merge),
+    "class_attention": _LeanKind(lean.importance_limits, _class_attention_step),
+}
+
+#: methods whose whole merge step graph surgery writes by hand (their spec's ``lean``); every other method's
+#: native form is the exporter's own graph with the merged rows added by a one-hot MatMul (no ScatterND)
+LEAN_METHODS = tuple(name for name, ms in METHODS.items() if ms.lean is not None)
+
+
+def _lean_step(method: Optional[str]):
+    ms = METHODS.get(method)
+    return None if ms is None else ms.lean
 
 
 def lean_reason(m: MergeSubgraph) -> Optional[str]:
     """Why step ``m`` keeps the exporter's graph in the native form (None: the lean step is written)."""
-    if m.method not in LEAN_METHODS:
+    step = _lean_step(m.method)
+    if step is None:
         return f"method {m.method!r} has no hand-written step"
-    limits = lean.tome_limits if m.method == "tome" else lean.importance_limits
-    return limits(m.n_in, m.r, m.protected or 0)
+    return LEAN_KINDS[step.kind].limits(m.n_in, m.r, m.protected or 0)
 
 
 def native_merge(graph, m: MergeSubgraph) -> bool:
     """Rewrite one merge step into the lean native form (:mod:`.lean`: ~20 portable ops, no scatter).
 
     Returns False (step left as exported) for methods without a hand-written step or a step larger than
-    one TensorRT TopK sorts; for ToMe such a step gets the previous dense form instead.
+    one TensorRT TopK sorts; a bipartite (ToMe) step gets the previous dense form instead.
     """
     method, protected = _need(m, "native")
     _refuse_stepless(method, "native")
-    if method not in LEAN_METHODS:
+    step = _lean_step(method)
+    if step is None:
         return False
+    kind = LEAN_KINDS[step.kind]
     if lean_reason(m):
-        if method == "tome":
-            _dense_tome_merge(graph, m, protected)
+        if kind.over_limits is not None:
+            kind.over_limits(graph, m, protected)
             return True
         return False
     e = _Emitter(graph, m, "native")
@@ -544,16 +577,7 @@ def native_merge(graph, m: MergeSubgraph) -> bool:
     x_target = m.x_out if _onnx_type(m.x_out) == f32 else None
     s_target = m.size_out if m.size_out is not None and _onnx_type(m.size_out) == f32 else None
     _detach(m)
-    if method == "tome":
-        x_new, s_new = lean.tome_step(e, x, metric, size, m.n_in, m.r, protected, m.dim, outs=(x_target, s_target))
-    else:
-        if m.cls_attn is None:
-            raise SurgeryError(f"merge step blocks.{m.block}.token_merge (method importance) has no class-attention "
-                               "input: only the standard form exists for this graph")
-        from ..merging.importance import MIN_WEIGHT
-
-        x_new, s_new = lean.importance_step(e, x, metric, size, _as_f32(e, m.cls_attn), m.n_in, m.r, protected,
-                                            m.dim, int(m.metric.shape[-1]), MIN_WEIGHT, outs=(x_target, s_target))
+    x_new, s_new = kind.write(e, m, x, metric, size, protected, (x_target, s_target), **step.params)
     if x_target is None:
         _emit_into(e, x_new, m.x_out)
     if m.size_out is not None and s_target is None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from .base import MergePlan, batch_gather, batch_scatter_add, compose, identity_plan, unmerge
-from .registry import METHODS, available_methods, method_spec
-from .spec import MethodSpec
+from .registry import DEFAULT_METHOD, METHODS, available_methods, method_spec
+from .spec import LeanStep, MethodSpec, Setup, SetupContext
 
 
 def plan(method: str, metric: torch.Tensor, r: int, protected: int = 1, **options) -> MergePlan:
@@ -34,4 +34,4 @@ def effective_r(method: str, n_tokens: int, r: int, protected: int) -> int:
 
 
 __all__ = ["MergePlan", "MethodSpec", "batch_gather", "batch_scatter_add", "compose", "unmerge", "identity_plan", "plan", "effective_r",
-           "available_methods", "method_spec", "METHODS"]
+           "available_methods", "method_spec", "METHODS", "DEFAULT_METHOD", "Setup", "SetupContext", "LeanStep"]

@@ -14,7 +14,7 @@ import math
 import torch
 
 from .base import MergePlan, identity_plan
-from .spec import MethodSpec, clamp
+from .spec import LeanStep, MethodSpec, clamp
 from .topk import topk
 
 
@@ -89,4 +89,5 @@ SPEC = MethodSpec(
     summary="ToMe bipartite soft matching, faithful to the reference (r <= half the unprotected tokens)",
     match_flops=match_flops,
     invariance="alternating",
+    lean=LeanStep("bipartite"),
 )

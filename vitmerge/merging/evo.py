@@ -26,8 +26,11 @@ import torch
 from ..errors import ScheduleError
 from .base import MergePlan, batch_gather, identity_plan
 from .importance import MIN_WEIGHT, check_cls_attn
-from .spec import MethodSpec, clamp
+from .spec import MethodSpec, Setup, SetupContext, clamp
 from .topk import topk
+
+
+DEFAULT_TRADEOFF = 0.5
 
 
 def max_r(n_tokens: int, protected: int) -> int:
@@ -35,7 +38,7 @@ def max_r(n_tokens: int, protected: int) -> int:
     return max(n_tokens - protected - 2, 0)
 
 
-def check_options(tradeoff: float = 0.5) -> None:
+def check_options(tradeoff: float = DEFAULT_TRADEOFF) -> None:
     if isinstance(tradeoff, bool) or not isinstance(tradeoff, (int, float)) or not 0.0 <= float(tradeoff) <= 1.0:
         raise ScheduleError(f"tradeoff must be a number in [0, 1], got {tradeoff!r}")
 
@@ -71,19 +74,6 @@ def evo_plan(metric: torch.Tensor, r: int, protected: int = 1, cls_attn: torch.T
     return MergePlan(keep=keep, src=protected + src, dst=dst, weight=weight)
 
 
-SPEC = MethodSpec(
-    name="evo",
-    plan=evo_plan,
-    max_r=max_r,
-    summary="Evo-ViT slow-fast updating, training-free (opt-in: measured weak without training)",
-    form="slow_fast",  # the adapter runs the block on the plan's slots, then spreads back to all N tokens
-    needs_cls_attn=True,
-    options={"tradeoff": 0.5},
-    validate=check_options,
-    invariance="any",
-)
-
-
 def spread(x: torch.Tensor, x_slow: torch.Tensor, y_slow: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     """Back to N tokens: every input token moves by the residual of its slot.
 
@@ -103,3 +93,26 @@ def evolve(g: torch.Tensor, a_slow: torch.Tensor, keep: torch.Tensor, protected:
     idx = keep[:, :-1]
     mixed = (1.0 - tradeoff) * g.gather(1, idx) + tradeoff * a_slow[:, :-1]
     return g.scatter(1, idx, mixed)
+
+
+def setup(options, ctx: SetupContext) -> Setup:
+    """Nothing goes to the plan; ``tradeoff`` goes to :func:`evolve` (and is reported)."""
+    t = float(options.get("tradeoff", DEFAULT_TRADEOFF))  # validated by check_options
+    return Setup(plan_options={}, info={"tradeoff": t}, step_options={"tradeoff": t})
+
+
+SPEC = MethodSpec(
+    name="evo",
+    plan=evo_plan,
+    max_r=max_r,
+    summary="Evo-ViT slow-fast updating, training-free (opt-in: measured weak without training)",
+    form="slow_fast",  # the adapter runs the block on the plan's slots, then spreads back to all N tokens
+    needs_cls_attn=True,
+    options={"tradeoff": DEFAULT_TRADEOFF},
+    validate=check_options,
+    invariance="any",
+    setup=setup,
+    evolve=evolve,
+    spread=spread,
+)
+

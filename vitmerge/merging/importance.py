@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ScheduleError
 from .base import MergePlan, identity_plan
-from .spec import MethodSpec, clamp
+from .spec import LeanStep, MethodSpec, clamp
 from .topk import topk
 
 # Importance is a softmax probability; an underflowed 0 would give a kept token no weight at all
@@ -92,4 +92,5 @@ SPEC = MethodSpec(
     needs_cls_attn=True,
     match_flops=match_flops,
     invariance="any",
+    lean=LeanStep("class_attention", {"min_weight": MIN_WEIGHT}),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from ..errors import ScheduleError
-from .registry import method_spec
+from .registry import DEFAULT_METHOD, method_spec
 
 RSpec = Union[int, Sequence[int], tuple]
 
@@ -31,14 +31,30 @@ def decreasing(num_layers: int, r: int, inflection: float = -1.0) -> list[int]:
     return [int(lo + step * i) for i in range(num_layers)]
 
 
+def check_r(r):
+    """``r`` (one int, or one int per block) when no entry is negative: the one place this is checked."""
+    if isinstance(r, int):
+        if r < 0:
+            raise ScheduleError(f"r must be >= 0, got {r}")
+    elif any(v < 0 for v in r):
+        raise ScheduleError(f"every r must be >= 0, got {list(r)}")
+    return r
+
+
+def r_too_large(method: str, where: str, asked: int, n_in: int, protected: int, cap: int) -> ScheduleError:
+    """The error for an r that the merge step at ``where`` cannot honour (every form's one message)."""
+    return ScheduleError(
+        f"r={asked} is too large: {where} sees {n_in} tokens ({protected} protected) and "
+        f"one {method} step can remove at most {cap} of them; use r <= {cap}"
+    )
+
+
 def parse_r(num_layers: int, r: RSpec) -> list[int]:
     """int -> same r each layer; (r, inflection) -> inflection schedule; list -> one r per layer."""
     if isinstance(r, bool):
         raise ScheduleError("r must be an int, a list of ints or an (r, inflection) tuple, not bool")
     if isinstance(r, int):
-        if r < 0:
-            raise ScheduleError(f"r must be >= 0, got {r}")
-        return constant(num_layers, r)
+        return constant(num_layers, check_r(r))
     if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
         return decreasing(num_layers, int(r[0]), r[1])
     rs = [int(v) for v in r]
@@ -46,9 +62,7 @@ def parse_r(num_layers: int, r: RSpec) -> list[int]:
         raise ScheduleError(
             f"r list has {len(rs)} entries but the model has {num_layers} blocks: give one r per block"
         )
-    if any(v < 0 for v in rs):
-        raise ScheduleError(f"every r must be >= 0, got {rs}")
-    return rs
+    return check_r(rs)
 
 
 def token_counts(
@@ -88,9 +102,7 @@ def parse_schedule(num_layers: int, r=None, schedule: str = "constant", inflecti
     if schedule == "decreasing":
         if isinstance(r, bool) or not isinstance(r, int):
             raise ScheduleError(f"the decreasing schedule needs one integer r (its mean), got {r!r}")
-        if r < 0:
-            raise ScheduleError(f"r must be >= 0, got {r}")
-        return decreasing(num_layers, r, float(inflection))
+        return decreasing(num_layers, check_r(r), float(inflection))
     raise ScheduleError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)} "
                         "(or a budget: solve_budget / --budget F)")
 
@@ -212,7 +224,7 @@ def solve_budget_latency(
     num_layers: int,
     n_tokens: int,
     protected: int = 1,
-    method: str = "tome",
+    method: str = DEFAULT_METHOD,
     overhead: float = 0.0,
 ) -> list[int]:
     """Per-block r whose modelled latency is at most ``fraction`` of the unmerged model's.

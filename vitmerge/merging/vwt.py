@@ -32,6 +32,7 @@ patches are identical (flat background), where a float sort's tie order is unspe
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError, ScheduleError
 from .base import MergePlan, identity_plan
-from .spec import MethodSpec, clamp
+from .spec import MethodSpec, Setup, SetupContext, clamp
 from .topk import topk
 
 SPACES = ("pixels", "embeddings")
@@ -256,18 +257,68 @@ def vwt_plan(
     return group_plan(metric, r, protected, rank, words)
 
 
+def group(images: torch.Tensor, emb: torch.Tensor, r: int, protected: int, mode: str, space: str,
+          patch_size: tuple, thresh: Optional[float] = None, centroids: Optional[torch.Tensor] = None) -> MergePlan:
+    """The pre-encoder step: images [B, C, H, W] and patch embeddings [B, P, D] (before the position
+    embedding) -> one grouping plan over ``protected + P`` tokens (features chosen by ``space``).
+    Features are taken in at least float32 (only those used: no stray casts in exported graphs)."""
+    pixels = pixel_patches(_f32(images), patch_size) if (space == "pixels" or mode == "intra") else None
+    feats = pixels if space == "pixels" else _f32(emb)
+    return vwt_plan(feats, r, protected, mode=mode, centroids=_f32(centroids), pixels=pixels, thresh=thresh)
+
+
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+DEFAULT_OPTIONS = {"mode": "inter", "vocab": None, "space": None, "thresh": None}
+
+
+def setup(options, ctx: SetupContext) -> Setup:
+    """Resolve the vocabulary (``inter``) or the feature space (``intra``) for one model."""
+    opts = {**DEFAULT_OPTIONS, **options}  # names and values validated by check_options
+    mode, vocab, space, thresh = opts["mode"], opts["vocab"], opts["space"], opts["thresh"]
+    centroids = None
+    if mode == "inter":
+        if vocab is None:
+            raise ScheduleError(
+                "vwt mode inter needs a vocabulary of visual words: build one with "
+                "`vitmerge vocab build DATA_DIR -o vocab.pt --model NAME` and give it with -O vocab=vocab.pt "
+                "(in Python: vitmerge.apply(model, 'vwt', r, vocab='vocab.pt')), or use -O mode=intra, which needs none"
+            )
+        voc = ctx.load("vocab", vocab, space=space)  # a vocabulary checked against the model
+        space = voc.space
+        centroids = voc.centroids.clone()
+    else:
+        space = space or "pixels"
+    quant_levels(ctx.n_tokens - ctx.protected)  # fails early for images with more patches than the exact ranks allow
+    info = {"mode": mode, "space": space}
+    if mode == "inter":
+        info.update(words=int(centroids.shape[0]),
+                    vocab=str(vocab) if isinstance(vocab, (str, os.PathLike)) else "<in memory>")
+    if thresh is not None:
+        info["thresh"] = float(thresh)
+    step = {"mode": mode, "space": space, "patch_size": tuple(int(v) for v in ctx.patch_size),
+            "thresh": None if thresh is None else float(thresh)}
+    return Setup(plan_options={}, info=info, step_options=step, buffers={"centroids": centroids})
+
+
 SPEC = MethodSpec(
     name="vwt",
     plan=vwt_plan,  # metric: per-patch features [B, P, F] (no protected rows); plan over protected + P tokens
     max_r=max_r,
     summary="Visual-word tokenizer: patches grouped once before the encoder (inter: vocabulary, intra: none)",
     form="pre_encoder",  # runs once before the blocks, not in them
-    options={"mode": "inter", "vocab": None, "space": None, "thresh": None},
+    options=DEFAULT_OPTIONS,
     validate=check_options,
+    setup=setup,
+    resources={"vocab": "vocabulary"},
+    group=group,
+    selftest_options={"mode": "intra"},  # inter needs a vocabulary file
 )
 
 
 __all__ = [
     "spherical_kmeans", "pixel_patches",
-    "vwt_plan", "group_plan", "inter_rank", "intra_rank", "max_r", "check_options", "SPEC", "SPACES", "MODES",
+    "vwt_plan", "group_plan", "group", "setup", "inter_rank", "intra_rank", "max_r", "check_options", "SPEC", "SPACES", "MODES",
 ]

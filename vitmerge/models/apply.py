@@ -1,8 +1,9 @@
 """``apply(model, method, r, prop_attn)``: patch a timm ViT or a transformers classifier in place;
 ``remove`` undoes it.
 
-What the method needs (block form, class-attention row, options) comes from its
-:class:`~vitmerge.merging.MethodSpec` in the registry, never from the method's name; what the model
+What the method needs (block form, class-attention row, options, set-up) comes from its
+:class:`~vitmerge.merging.MethodSpec` in the registry, never from the method's name: one set-up
+function per *form* here, and the method's own ``setup`` hook for what only it knows. What the model
 is made of comes from its adapter family (:func:`vitmerge.models.family.family`).
 """
 from __future__ import annotations
@@ -14,12 +15,12 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 
 from ..errors import ScheduleError, UnsupportedModelError
-from ..merging import available_methods, method_spec, vwt
-from ..merging.schedule import RSpec, parse_r, token_counts
+from ..merging import DEFAULT_METHOD, MethodSpec, SetupContext, available_methods, method_spec
+from ..merging.schedule import RSpec, check_r, parse_r, r_too_large, token_counts
 from .family import family, supported
 from .mobilevit import unsupported_reason as mobilevit_reason
 from .shapes import depth, num_tokens, prefix_tokens
-from .vit import MergeState, VWTMerge
+from .vit import MergeState, PreEncoderMerge
 from .vocabulary import Vocabulary, check_vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class MergeInfo:
 
 def apply(
     model: nn.Module,
-    method: str = "tome",
+    method: str = DEFAULT_METHOD,
     r: RSpec = 16,
     prop_attn: bool = True,
     trace_source: bool = False,
@@ -77,12 +78,13 @@ def apply(
             f"method {method!r} ({ms.form} form) is implemented for timm ViTs only; {fam.name} models take the "
             f"methods that merge inside a block: {', '.join(takes)}"
         )
-    if ms.form == "pre_encoder":
-        return _apply_pre_encoder(model, method, r, prop_attn, trace_source, options)
     if ms.needs_cls_attn:
-        _check_class_token(model, method)
-    if ms.form == "slow_fast":
-        return _apply_slow_fast(model, method, r, prop_attn, trace_source, options)
+        _check_class_token(model, ms)
+    return _FORMS[ms.form](model, ms, r, prop_attn, trace_source, options)
+
+
+def _apply_block(model, ms: MethodSpec, r, prop_attn, trace_source, options) -> nn.Module:
+    """A step between attention and MLP of every block: N -> N - r there."""
     rs = parse_r(depth(model), r)
     protected = prefix_tokens(model)
     n0 = num_tokens(model)
@@ -91,17 +93,14 @@ def apply(
     # first merge cannot honour is a mistake in the request, not a schedule detail.
     first = next((i for i, v in enumerate(rs) if v > 0), None)
     if first is not None and rs[first] > tokens[first][1]:
-        cap = tokens[first][1]
-        raise ScheduleError(
-            f"r={rs[first]} is too large: block {first} sees {tokens[first][0]} tokens ({protected} protected) and "
-            f"one {method} step can remove at most {cap} of them; use r <= {cap}"
-        )
-    state = MergeState(method=method, prop_attn=prop_attn, protected=protected, options=dict(options),
-                       trace_source=trace_source, need_cls=ms.needs_cls_attn)
+        raise r_too_large(ms.name, f"block {first}", rs[first], tokens[first][0], protected, tokens[first][1])
+    setup = ms.configure(options, _context(model, ms, r, protected, n0))
+    state = MergeState(method=ms.name, prop_attn=prop_attn, protected=protected, options=setup.plan_options,
+                       trace_source=trace_source, need_cls=ms.needs_cls_attn, step_options=setup.step_options)
     _install(model, state, rs)
-    model.vitmerge = MergeInfo(method=method, r=rs, prop_attn=prop_attn, protected=protected,
-                               tokens=tokens, options=dict(options))
-    log.info("%s: r per block %s, tokens %d -> %d (%d protected)", method, rs, n0, tokens[-1][2] if tokens else n0,
+    model.vitmerge = MergeInfo(method=ms.name, r=rs, prop_attn=prop_attn, protected=protected,
+                               tokens=tokens, options=setup.info)
+    log.info("%s: r per block %s, tokens %d -> %d (%d protected)", ms.name, rs, n0, tokens[-1][2] if tokens else n0,
              protected)
     return model
 
@@ -115,104 +114,96 @@ def _install(model: nn.Module, state: MergeState, rs, pre: Optional[nn.Module] =
     fam.patch(model, state, rs, pre=pre)
 
 
-def _check_class_token(model: nn.Module, method: str) -> None:
-    if not family(model).has_class_token(model):
+def _check_class_token(model: nn.Module, ms: MethodSpec) -> None:
+    fam = family(model)
+    if not fam.has_class_token(model):
         pool = getattr(model, "global_pool", None)
         what = f"class_token=False, global_pool={pool!r}" if pool is not None else f"{type(model).__name__} pools its tokens"
+        takes = [m for m in available_methods()
+                 if not method_spec(m).needs_cls_attn and method_spec(m).form in fam.forms]
         raise UnsupportedModelError(
-            f"method {method!r} ranks tokens by the class token's attention, and this model has no class token "
-            f"({what}); use method='tome' or 'hash' for it"
+            f"method {ms.name!r} ranks tokens by the class token's attention, and this model has no class token "
+            f"({what}); use method={' or '.join(repr(m) for m in takes)} for it"
         )
 
 
-def _too_large(method: str, block: int, asked: int, n_in: int, protected: int, cap: int) -> ScheduleError:
-    return ScheduleError(
-        f"r={asked} is too large: block {block} sees {n_in} tokens ({protected} protected) and "
-        f"one {method} step can remove at most {cap} of them; use r <= {cap}"
-    )
+def _load_vocabulary(model: nn.Module, value, space: Optional[str] = None) -> Vocabulary:
+    voc = value if isinstance(value, Vocabulary) else load_vocabulary(value)
+    check_vocabulary(model, voc, space)
+    return voc
 
 
-def _apply_slow_fast(model, method, r, prop_attn, trace_source, options) -> nn.Module:
-    """evo: every block keeps N tokens; r = tokens that skip the block (fast path) next to the one
-    representative that runs it. Block 0 always runs in full: the choice needs the class attention
-    of an earlier block (the reference code also keeps its first blocks full)."""
-    ms = method_spec(method)
-    tradeoff = options.get("tradeoff", ms.options["tradeoff"])  # validated by the spec
+#: resource kind (``MethodSpec.resources``) -> loader (model, option value, **context) -> the object
+RESOURCE_LOADERS = {"vocabulary": _load_vocabulary}
+
+
+def _context(model: nn.Module, ms: MethodSpec, r, protected: int, n_tokens: int, patch_size=None) -> SetupContext:
+    def load(name: str, value, **context):
+        kind = ms.resources.get(name)
+        return value if kind is None else RESOURCE_LOADERS[kind](model, value, **context)
+
+    return SetupContext(method=ms.name, r=r, protected=protected, n_tokens=n_tokens, patch_size=patch_size, load=load)
+
+
+def _apply_slow_fast(model, ms: MethodSpec, r, prop_attn, trace_source, options) -> nn.Module:
+    """The block keeps N tokens; r = tokens that skip it (fast path) next to the one representative
+    that runs it (``ms.spread`` brings them back, ``ms.evolve`` carries the class attention on).
+    Block 0 always runs in full: the choice needs the class attention of an earlier block."""
     rs = parse_r(depth(model), r)
     protected = prefix_tokens(model)
     n0 = num_tokens(model)
     cap = ms.max_r(n0, protected)
     for i, v in enumerate(rs):
         if i > 0 and v > cap:
-            raise _too_large(method, i, v, n0, protected, cap)
+            raise r_too_large(ms.name, f"block {i}", v, n0, protected, cap)
     removed = [0] + [ms.clamp_r(n0, v, protected) for v in rs[1:]]
     tokens = [(n0, e, n0) for e in removed]
-    state = MergeState(method=method, prop_attn=prop_attn, protected=protected, options={},
-                       trace_source=trace_source, need_cls=True, slow_fast=True, tradeoff=float(tradeoff))
+    setup = ms.configure(options, _context(model, ms, r, protected, n0))
+    state = MergeState(method=ms.name, prop_attn=prop_attn, protected=protected, options=setup.plan_options,
+                       trace_source=trace_source, need_cls=True, slow_fast=True, step_options=setup.step_options)
     _install(model, state, rs)
-    model.vitmerge = MergeInfo(method=method, r=rs, prop_attn=prop_attn, protected=protected, tokens=tokens,
-                               options={"tradeoff": float(tradeoff)}, slow_fast=True)
+    model.vitmerge = MergeInfo(method=ms.name, r=rs, prop_attn=prop_attn, protected=protected, tokens=tokens,
+                               options=setup.info, slow_fast=True)
     return model
 
 
-def _apply_pre_encoder(model, method, r, prop_attn, trace_source, options) -> nn.Module:
-    """vwt: one grouping of the patch tokens before block 0; r = patches removed there (one int)."""
+def _apply_pre_encoder(model, ms: MethodSpec, r, prop_attn, trace_source, options) -> nn.Module:
+    """One grouping of the patch tokens before block 0; r = patches removed there (one int). The
+    step sees the images and the patch embeddings, so the patch embedding must cut plain patches."""
     if isinstance(r, bool) or not isinstance(r, int):
         raise ScheduleError(
-            f"method {method!r} groups patches once, before the encoder: give one int r (patches removed), not {r!r}"
+            f"method {ms.name!r} groups patches once, before the encoder: give one int r (patches removed), not {r!r}"
         )
-    if r < 0:
-        raise ScheduleError(f"r must be >= 0, got {r}")
-    opts = {**method_spec(method).options, **options}  # names and values validated by the spec
-    mode, vocab, space, thresh = opts["mode"], opts["vocab"], opts["space"], opts["thresh"]
+    check_r(r)
     pe = model.patch_embed
     proj = getattr(pe, "proj", None)
     patch = tuple(int(v) for v in pe.patch_size)
     if (getattr(model, "dynamic_img_size", False) or not isinstance(proj, nn.Conv2d)
             or tuple(proj.kernel_size) != patch or tuple(proj.stride) != patch or not getattr(pe, "flatten", True)):
         raise UnsupportedModelError(
-            f"method {method!r} needs a plain patch embedding (one Conv2d with stride = kernel = patch size, fixed "
+            f"method {ms.name!r} needs a plain patch embedding (one Conv2d with stride = kernel = patch size, fixed "
             "image size); this model's patch_embed is different"
         )
     protected = int(model.num_prefix_tokens)
     n0 = num_tokens(model)
-    n_patches = n0 - protected
-    cap = vwt.max_r(n0, protected)
+    cap = ms.max_r(n0, protected)
     if r > cap:
-        raise ScheduleError(
-            f"r={r} is too large: the image has {n_patches} patches and vwt keeps at least one; use r <= {cap}"
-        )
-    centroids = None
-    if mode == "inter":
-        if vocab is None:
-            raise ScheduleError(
-                "vwt mode inter needs a vocabulary of visual words: build one with "
-                "`vitmerge vocab build DATA_DIR -o vocab.pt --model NAME` and give it with -O vocab=vocab.pt "
-                "(in Python: vitmerge.apply(model, 'vwt', r, vocab='vocab.pt')), or use -O mode=intra, which needs none"
-            )
-        voc = vocab if isinstance(vocab, Vocabulary) else load_vocabulary(vocab)
-        check_vocabulary(model, voc, space)
-        space = voc.space
-        centroids = voc.centroids.clone()
-    else:
-        space = space or "pixels"
-    vwt.quant_levels(n_patches)  # fails early for images with more patches than the exact ranks allow
+        raise r_too_large(ms.name, "the step before the encoder", r, n0, protected, cap)
+    setup = ms.configure(options, _context(model, ms, r, protected, n0, patch_size=patch))
     n = n0 - r
     rs = [0] * len(model.blocks)
     tokens = [(n, 0, n) for _ in rs]
-    state = MergeState(method=method, prop_attn=prop_attn, protected=protected, options={},
+    state = MergeState(method=ms.name, prop_attn=prop_attn, protected=protected, options=setup.plan_options,
                        trace_source=trace_source)
-    pre = VWTMerge(state, r, mode=mode, space=space, patch_size=patch, centroids=centroids,
-                   thresh=None if thresh is None else float(thresh))
+    pre = PreEncoderMerge(state, r, ms.group, setup.step_options, setup.buffers)
     _install(model, state, rs, pre=pre)
-    info_opts = {"mode": mode, "space": space}
-    if mode == "inter":
-        info_opts.update(words=int(centroids.shape[0]), vocab=str(vocab) if not isinstance(vocab, Vocabulary) else "<in memory>")
-    if thresh is not None:
-        info_opts["thresh"] = float(thresh)
-    model.vitmerge = MergeInfo(method=method, r=rs, prop_attn=prop_attn, protected=protected, tokens=tokens,
-                               options=info_opts, pre_r=r)
+    model.vitmerge = MergeInfo(method=ms.name, r=rs, prop_attn=prop_attn, protected=protected, tokens=tokens,
+                               options=setup.info, pre_r=r)
     return model
+
+
+#: one set-up per block form (``MethodSpec.form``); the method's own part is its ``setup`` hook
+_FORMS = {"block": _apply_block, "slow_fast": _apply_slow_fast, "pre_encoder": _apply_pre_encoder}
 
 
 def remove(model: nn.Module) -> nn.Module:

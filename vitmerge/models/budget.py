@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 from torch import nn
 
 from ..errors import ScheduleError, UnsupportedModelError
-from ..merging import METHODS, method_spec
+from ..merging import DEFAULT_METHOD, METHODS, MethodSpec, method_spec
 from ..merging.schedule import parse_schedule, solve, solve_budget_latency, token_counts
 from .apply import apply, remove
 from .family import family
@@ -62,37 +62,42 @@ def model_flops_parts(model) -> tuple[int, list[BlockFlops]]:
     return fixed, [BlockFlops(attn_linear=a, attn_dim=d, mlp_linear=m, metric_dim=c) for a, d, m, c in shapes]
 
 
-def merge_flops(method: str, n: int, protected: int, metric_dim: int, r: int = 0, **options) -> int:
-    """FLOPs of one merge step's matching on ``n`` tokens removing ``r`` (the method's spec says how)."""
-    fn = method_spec(method).match_flops
-    if fn is None:
+def _match_flops(ms: MethodSpec):
+    """The spec's matching-cost model, or a ScheduleError naming the methods that have one."""
+    if ms.match_flops is None:
         modelled = [m for m, s in METHODS.items() if s.match_flops is not None]
         raise ScheduleError(
-            f"no FLOP model for method {method!r}: budgets can be solved for {', '.join(modelled)}; "
-            f"give {method!r} an explicit r per block instead"
+            f"no FLOP model for method {ms.name!r}: budgets can be solved for {', '.join(modelled)}; "
+            f"give {ms.name!r} an explicit r per block instead"
         )
-    return int(fn(n, protected, metric_dim, r=r, **options))
+    return ms.match_flops
 
 
-def schedule_flops(model, rs: Sequence[int], method: str = "tome", protected: Optional[int] = None,
+def merge_flops(method: str, n: int, protected: int, metric_dim: int, r: int = 0, **options) -> int:
+    """FLOPs of one merge step's matching on ``n`` tokens removing ``r`` (the method's spec says how)."""
+    return int(_match_flops(method_spec(method))(n, protected, metric_dim, r=r, **options))
+
+
+def schedule_flops(model, rs: Sequence[int], method: str = DEFAULT_METHOD, protected: Optional[int] = None,
                    **options) -> int:
     """Analytic FLOPs of one image through ``model`` merged with per-block ``rs`` (see BlockFlops)."""
+    ms = method_spec(method)
     fixed, blocks = model_flops_parts(model)
     p = prefix_tokens(model) if protected is None else int(protected)
-    rows = token_counts(num_tokens(model), list(rs), p, method_spec(method).clamp_r)
-    return fixed + _blocks_cost(blocks, rows, method, p, options)
+    rows = token_counts(num_tokens(model), list(rs), p, ms.clamp_r)
+    return fixed + _blocks_cost(blocks, rows, ms, p, options)
 
 
-def _blocks_cost(blocks, rows, method, protected, options) -> int:
+def _blocks_cost(blocks, rows, ms: MethodSpec, protected, options) -> int:
     total = 0
     for bf, (n_in, removed, n_out) in zip(blocks, rows):
         total += bf.attention(n_in) + bf.mlp(n_out)
         if removed:
-            total += merge_flops(method, n_in, protected, bf.metric_dim, r=removed, **options)
+            total += int(_match_flops(ms)(n_in, protected, bf.metric_dim, r=removed, **options))
     return total
 
 
-def solve_budget(model, fraction: float, method: str = "tome", protected: Optional[int] = None,
+def solve_budget(model, fraction: float, method: str = DEFAULT_METHOD, protected: Optional[int] = None,
                  **options) -> list[int]:
     """Per-block r for ``model`` (a timm ViT or transformers classifier, patched or not) whose FLOPs are at most ``fraction``
     of the unmerged model's, as close to that as possible.
@@ -103,12 +108,12 @@ def solve_budget(model, fraction: float, method: str = "tome", protected: Option
     from the last blocks). ``options``: the method's options that change its cost (``hash``: bits, rounds).
     """
     ms = method_spec(method)  # unknown method -> ScheduleError listing the methods
-    merge_flops(method, 2, 0, 1)  # a method without a FLOP model -> ScheduleError
+    _match_flops(ms)  # a method without a FLOP model -> ScheduleError
     fixed, blocks = model_flops_parts(model)
     p = prefix_tokens(model) if protected is None else int(protected)
     rs = solve(
         len(blocks), num_tokens(model), p, ms.clamp_r,
-        lambda rows: fixed + _blocks_cost(blocks, rows, method, p, options),
+        lambda rows: fixed + _blocks_cost(blocks, rows, ms, p, options),
         fraction, "FLOP", method,
     )
     log.info("FLOP budget %g with %s: r per block %s (analytic block model)", float(fraction), method, rs)
@@ -120,7 +125,7 @@ def solve_budget(model, fraction: float, method: str = "tome", protected: Option
 # --------------------------------------------------------------------------------------------
 
 
-def budget_schedule(model: nn.Module, fraction: float, method: str = "tome", **options):
+def budget_schedule(model: nn.Module, fraction: float, method: str = DEFAULT_METHOD, **options):
     """The r to give :func:`vitmerge.apply` so the FLOPs are at most ``fraction`` of the unmerged model.
 
     Uses :func:`solve_budget` (per-block r from the analytic FLOP model) where the method's spec has
@@ -134,7 +139,7 @@ def budget_schedule(model: nn.Module, fraction: float, method: str = "tome", **o
     return constant_r_for_budget(model, fraction, method, **options)
 
 
-def constant_r_for_budget(model: nn.Module, fraction: float, method: str = "tome", **options):
+def constant_r_for_budget(model: nn.Module, fraction: float, method: str = DEFAULT_METHOD, **options):
     """Fallback solver: binary search of one r, FLOPs counted by running the model (batch 1).
 
     Returns one r per block, or a single int for methods that merge once before the encoder.

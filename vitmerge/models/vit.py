@@ -11,13 +11,16 @@ q_norm/k_norm, scale_norm, gated attention and the fused SDPA kernel (the propor
 bias goes in as SDPA's additive mask). For plain ViT/DeiT these are identities, so the numbers are
 the reference's.
 
-Methods flag what else they need on their plan function (see ``merging/__init__.py``):
+Methods flag what else they need in their :class:`~vitmerge.merging.MethodSpec` (the adapter reads
+the spec, never a method's name or module):
 
-* ``needs_cls_attn`` (importance): merging blocks also return the class token's attention row,
-  computed next to the (still fused) attention as one ``[1 x N]`` row per head;
-* ``slow_fast`` (evo): the step at ``blocks.N.token_merge`` picks the tokens the block computes on,
-  the block runs on them, and ``blocks.N.token_merge.spread`` brings the result back to all N tokens;
-* ``pre_encoder`` (vwt): one grouping step, ``vwt_merge``, between the embeddings and block 0.
+* ``needs_cls_attn``: merging blocks also return the class token's attention row, computed next to
+  the (still fused) attention as one ``[1 x N]`` row per head;
+* form ``slow_fast``: the step at ``blocks.N.token_merge`` picks the tokens the block computes on,
+  the block runs on them, and ``blocks.N.token_merge.spread`` brings the result back to all N tokens
+  (the spec's ``spread``; its ``evolve`` carries the class attention from block to block);
+* form ``pre_encoder``: one grouping step, ``vwt_merge``, between the embeddings and block 0 (the
+  spec's ``group``).
 """
 from __future__ import annotations
 
@@ -31,8 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import merging
-from ..merging.evo import evolve, spread
-from ..merging.vwt import pixel_patches, vwt_plan
 
 
 from ._numerics import _exporting, _f32  # shared with the transformers adapter (hf.py)
@@ -47,12 +48,12 @@ class MergeState:
     protected: int
     options: Dict[str, Any] = field(default_factory=dict)
     trace_source: bool = False
-    need_cls: bool = False  # the method reads the class-token attention row (importance, evo)
-    slow_fast: bool = False  # evo: blocks run on a plan's slots, then spread back to every token
-    tradeoff: float = 0.5  # evo: weight of a block's class attention in the evolving global one
+    need_cls: bool = False  # the method reads the class-token attention row (spec.needs_cls_attn)
+    slow_fast: bool = False  # form slow_fast: blocks run on a plan's slots, then spread back to every token
+    step_options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the form's spec hooks
     size: Optional[torch.Tensor] = None  # [B, N, 1] float32 whatever the model's dtype
     source: Optional[torch.Tensor] = None
-    cls_attn: Optional[torch.Tensor] = None  # evo: global class attention [B, N], carried across blocks
+    cls_attn: Optional[torch.Tensor] = None  # slow_fast: global class attention [B, N], carried across blocks
     record_decisions: bool = False  # collect every step's assignment (plan.assign, [B, N] int64) in .decisions
     scatter_free: bool = False  # merge with a one-hot MatMul instead of index-add (the native graph form: TensorRT)
     decisions: Optional[List[torch.Tensor]] = None
@@ -72,12 +73,17 @@ class MergeState:
         new = copy.copy(self)
         memo[id(self)] = new
         new.options = copy.deepcopy(self.options, memo)
+        new.step_options = copy.deepcopy(self.step_options, memo)
         new.size = new.source = new.cls_attn = new.decisions = new.positions = None
         return new
 
+    @property
+    def spec(self) -> "merging.MethodSpec":
+        return merging.method_spec(self.method)
+
     def record(self, plan, reduces: bool = True) -> None:
         """Note one step's plan: its assignment (decisions) and, for a step that reduces the tokens
-        (not evo's slow-fast split, whose block hands all N tokens on), the position map."""
+        (not a slow-fast split, whose block hands all N tokens on), the position map."""
         if self.decisions is not None:
             self.decisions.append(plan.assign)
         if self.track_positions and reduces:
@@ -187,7 +193,7 @@ class TokenMerge(nn.Module):
 
 
 class SlowFastSplit(nn.Module):
-    """Evo's step at ``blocks.N.token_merge``: the slow path's tokens (protected, informative and one
+    """The slow_fast form's step at ``blocks.N.token_merge``: the slow path's tokens (protected, informative and one
     representative of the placeholders) as a merge of the block input; ``.spread`` (its child, so
     its nodes carry ``blocks.N.token_merge.spread``) moves every token by its slot's residual."""
 
@@ -195,7 +201,7 @@ class SlowFastSplit(nn.Module):
         super().__init__()
         self.state = state
         self.r = int(r)
-        self.spread = SlowFastSpread()
+        self.spread = SlowFastSpread(state)
 
     def extra_repr(self) -> str:
         return f"method={self.state.method}, r={self.r}, protected={self.state.protected}"
@@ -209,38 +215,42 @@ class SlowFastSplit(nn.Module):
 
 
 class SlowFastSpread(nn.Module):
+    def __init__(self, state: "MergeState"):
+        super().__init__()
+        self.state = state
+
     def forward(self, x, x_slow, y_slow, assign):
-        return spread(x, x_slow, y_slow, assign)
+        return self.state.spec.spread(x, x_slow, y_slow, assign)
 
 
-class VWTMerge(nn.Module):
-    """VWT's grouping before the encoder (``vwt_merge``): (tokens, images, patch embeddings) ->
-    (tokens', size'), ``r`` patches fewer. The vocabulary is a non-persistent buffer: it becomes a
-    constant of the exported graph and leaves the model's state dict unchanged."""
+class PreEncoderMerge(nn.Module):
+    """The pre_encoder form's step before the blocks (``vwt_merge``): (tokens, images, patch embeddings)
+    -> (tokens', size'), ``r`` patches fewer, grouped by the method's ``group`` hook with the options its
+    ``setup`` chose. Tensors it needs (a vocabulary) are non-persistent buffers: they become constants of
+    the exported graph and leave the model's state dict unchanged."""
 
-    def __init__(self, state: "MergeState", r: int, mode: str, space: str, patch_size,
-                 centroids: Optional[torch.Tensor] = None, thresh: Optional[float] = None):
+    def __init__(self, state: "MergeState", r: int, group, options: Dict[str, Any],
+                 buffers: Optional[Dict[str, Optional[torch.Tensor]]] = None):
         super().__init__()
         self.state = state
         self.r = int(r)
-        self.mode = mode
-        self.space = space
-        self.patch_size = tuple(int(v) for v in patch_size)
-        self.thresh = thresh
-        self.register_buffer("centroids", centroids, persistent=False)
+        self.group = group
+        self.options = dict(options)
+        self.buffer_names = tuple(buffers or {})
+        for name, t in (buffers or {}).items():
+            self.register_buffer(name, t, persistent=False)
 
     def extra_repr(self) -> str:
-        words = "" if self.centroids is None else f", words={self.centroids.shape[0]}"
-        return f"mode={self.mode}, space={self.space}, r={self.r}{words}"
+        opts = "".join(f"{k}={v}, " for k, v in self.options.items() if k != "patch_size")
+        bufs = "".join(f", {k}={tuple(getattr(self, k).shape)}" for k in self.buffer_names if getattr(self, k) is not None)
+        return f"{opts}r={self.r}{bufs}"
 
     def forward(self, x: torch.Tensor, images: torch.Tensor, emb: torch.Tensor):
         st = self.state
         if self.r <= 0:
             return x, None  # nothing grouped: the blocks run exactly as unpatched
-        pixels = pixel_patches(_f32(images), self.patch_size) if (self.space == "pixels" or self.mode == "intra") else None
-        feats = pixels if self.space == "pixels" else _f32(emb)
-        p = vwt_plan(feats, self.r, st.protected, mode=self.mode, centroids=_f32(self.centroids), pixels=pixels,
-                     thresh=self.thresh)
+        bufs = {k: getattr(self, k) for k in self.buffer_names}
+        p = self.group(images, emb, self.r, st.protected, **self.options, **bufs)  # (it widens what it reads)
         st.record(p)
         if st.trace_source:
             st.source = p.merge_source(st.source)
@@ -282,7 +292,7 @@ class MergeBlockMixin:
         return x, cls
 
     def _slow_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """Evo: full block where r == 0 (or no class attention yet); else the slow path on N - r
+        """Slow-fast: full block where r == 0 (or no class attention yet); else the slow path on N - r
         tokens and the fast update for the placeholders. The token count stays N."""
         st = self._vm_state
         tm = self.token_merge
@@ -291,7 +301,7 @@ class MergeBlockMixin:
             return x
         x_slow, size, assign, keep = tm(x, st.cls_attn)
         y_slow, cls = self._body(x_slow, size)
-        st.cls_attn = evolve(st.cls_attn, cls, keep, st.protected, st.tradeoff)
+        st.cls_attn = st.spec.evolve(st.cls_attn, cls, keep, st.protected, **st.step_options)
         return tm.spread(x, x_slow, y_slow, assign)
 
 
@@ -356,7 +366,7 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
 
 
 def patch_vit(model: nn.Module, state: MergeState, rs: List[int], pre: Optional[nn.Module] = None) -> None:
-    """Swap classes in place and add the merge modules; ``pre`` (VWT) groups patches before block 0."""
+    """Swap classes in place and add the merge modules; ``pre`` (pre_encoder form) groups patches before block 0."""
     model._vm_state = state
     mixin = MergeModelMixin if pre is None else PreMergeModelMixin
     model.__class__ = mixed_class(mixin, type(model))
