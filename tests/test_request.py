@@ -133,3 +133,11 @@ def test_eval_and_export_agree_on_a_model_json_and_its_num_classes(digits_model,
     model = src.build()
     assert model.num_classes == 10
     assert Path(src.data_dir).is_dir()
+
+
+def test_the_torch_free_defaults_are_the_registrys():
+    """request.py cannot import the registry (torch) at import time: its default method must still be the registry's."""
+    from vitmerge import request
+    from vitmerge.merging import DEFAULT_METHOD
+
+    assert request.DEFAULT_METHOD == DEFAULT_METHOD

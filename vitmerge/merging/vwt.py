@@ -283,7 +283,7 @@ def setup(options, ctx: SetupContext) -> Setup:
         if vocab is None:
             raise ScheduleError(
                 "vwt mode inter needs a vocabulary of visual words: build one with "
-                "`vitmerge vocab build DATA_DIR -o vocab.pt --model NAME` and give it with -O vocab=vocab.pt "
+                "`vitmerge vocab build MODEL --data DATA_DIR -o vocab.pt` and give it with -O vocab=vocab.pt "
                 "(in Python: vitmerge.apply(model, 'vwt', r, vocab='vocab.pt')), or use -O mode=intra, which needs none"
             )
         voc = ctx.load("vocab", vocab, space=space)  # a vocabulary checked against the model

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import ScheduleError, UnsupportedModelError
 from ..merging import DEFAULT_METHOD, METHODS, MethodSpec, method_spec
 from ..merging.schedule import parse_schedule, solve, solve_budget_latency, token_counts
+from ..request import MergeRequest
 from .apply import apply, remove
 from .family import family
 from .flops import count_flops, flop_ratio
@@ -223,36 +224,27 @@ def load_latency_table(path: Union[str, Path]) -> dict:
     return table
 
 
-#: r per block when neither --r nor --budget is given
-DEFAULT_R = 16
-
-
 def resolve_schedule(model: nn.Module, method: str, r, schedule: str = "constant", budget: Optional[float] = None,
                      budget_latency: Optional[Union[str, Path]] = None, **options):
-    """--r / --schedule / --budget [--budget-latency TABLE] -> what ``vitmerge.apply`` takes.
+    """--r / --schedule / --budget [--budget-latency TABLE] -> what ``vitmerge.apply`` takes: the
+    :class:`~vitmerge.request.MergeRequest` of these values (which refuses contradictions; ``r`` None: 16 per
+    block without a budget) solved for ``model`` by :func:`schedule_for`."""
+    return schedule_for(model, MergeRequest(method=method, r=r, schedule=schedule, budget=budget,
+                                            budget_latency=budget_latency, options=options))
 
-    ``r`` None means "not given": 16 per block without a budget. A budget solves the per-block r itself, so an
-    explicit ``r`` or a ``schedule`` other than constant next to it is refused (it used to be dropped silently)."""
-    if budget is not None or budget_latency is not None:
-        if r is not None and r != 0:  # (0: what Python callers passed for "unset" before None existed)
-            raise ScheduleError(f"--r {r} and --budget {budget} contradict each other: the budget solves r per block; "
-                                "give one of them")
-        if schedule != "constant":
-            raise ScheduleError(f"--schedule {schedule} applies to --r; with --budget the solver chooses the per-block r "
-                                "itself: drop --schedule (or give --r instead of --budget)")
-    elif r is None:
-        r = DEFAULT_R
-    if budget_latency is not None:
-        if budget is None:
-            raise ScheduleError("--budget-latency TABLE needs --budget F (the latency fraction to meet)")
-        return solve_budget_latency(load_latency_table(budget_latency), budget, depth(model),
-                                    num_tokens(model), prefix_tokens(model), method)
-    if budget is not None:
-        return budget_schedule(model, budget, method, **options)
-    if schedule == "constant":
-        return r  # as given: an int, or one r per block (vwt takes its single r as is)
-    return parse_schedule(depth(model), r, schedule)
+
+def schedule_for(model: nn.Module, request: MergeRequest):
+    """The per-block r (or vwt's single r) ``request`` asks of ``model``: as given (constant), the decreasing
+    schedule, or solved from its FLOP or latency budget. The request was validated when it was made."""
+    if request.budget_latency is not None:
+        return solve_budget_latency(load_latency_table(request.budget_latency), request.budget, depth(model),
+                                    num_tokens(model), prefix_tokens(model), request.method)
+    if request.budget is not None:
+        return budget_schedule(model, request.budget, request.method, **request.options)
+    if request.schedule == "constant":
+        return request.r_value  # as given: an int, or one r per block (vwt takes its single r as is)
+    return parse_schedule(depth(model), request.r_value, request.schedule)
 
 
 __all__ = ["BlockFlops", "model_flops_parts", "merge_flops", "schedule_flops", "solve_budget", "budget_schedule",
-           "constant_r_for_budget", "achieved_fraction", "load_latency_table", "resolve_schedule"]
+           "constant_r_for_budget", "achieved_fraction", "load_latency_table", "resolve_schedule", "schedule_for"]

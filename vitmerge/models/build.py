@@ -19,7 +19,7 @@ from ..errors import CheckpointError, ModelNotFoundError, UsageError
 from ..request import DENSE_PREFIX, MergeRequest, ModelRef
 from . import hf
 from .apply import apply
-from .budget import resolve_schedule
+from .budget import schedule_for
 from .mobilevit import is_mobilevit
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -355,8 +355,7 @@ def merge(model: nn.Module, request: Optional[MergeRequest] = None, trace_source
     request = request or MergeRequest()
     if is_mobilevit(model) and not request.merges:
         return model
-    rs = resolve_schedule(model, request.method, request.r, request.schedule, request.budget,
-                          request.budget_latency, **request.options)
+    rs = schedule_for(model, request)
     return apply(model, method=request.method, r=rs, prop_attn=request.prop_attn, trace_source=trace_source,
                  **request.options)
 
