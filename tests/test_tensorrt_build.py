@@ -372,9 +372,9 @@ def test_every_runtime_reports_one_schedule_record_and_profile_plots_the_engine_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
     monkeypatch.setattr(TrtRunner, "_buffer_device", "cpu")
-    plain = _exported(tmp_path / "plain.onnx")
+    plain = _exported(tmp_path / "plain.onnx", **{md.MERGE_OP: "native"})  # as an unmerged export records it
     merged = _exported(tmp_path / "merged.onnx", **{md.METHOD: "tome", md.R: [2, 4], md.TOKENS_IN: [17, 15],
-                                                    md.TOKENS_OUT: [15, 11]})
+                                                    md.TOKENS_OUT: [15, 11], md.MERGE_OP: "native"})
     engines = {}
     for path in (plain, merged):
         engines[path] = TrtRunner(build_engine(BuildRequest(onnx_path=path, output=path.with_suffix(".engine"),
@@ -384,7 +384,7 @@ def test_every_runtime_reports_one_schedule_record_and_profile_plots_the_engine_
     assert engines[plain].schedule == unmerged == model_schedule(torch.nn.Linear(2, 2))  # PyTorch: the same
     assert engines[plain].info["r_mean"] == 0.0 and engines[plain].info["precision"] == "fp32"
     assert engines[merged].schedule == ScheduleInfo(method="tome", r=(2, 4), r_mean=3.0, tokens_in=(17, 15),
-                                                    tokens_out=(15, 11), dtype="fp32")
+                                                    tokens_out=(15, 11), merge_op="native", dtype="fp32")
     assert engines[merged].info["r"] == [2, 4]
 
     res = profile_targets([engines[plain], engines[merged]], [1], rounds=1, iters=1, warmup=0)

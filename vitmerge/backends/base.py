@@ -88,8 +88,9 @@ def schedule_info(meta: Optional[Mapping[str, Any]] = None) -> ScheduleInfo:
     ``meta``: ``vitmerge.*`` metadata with the prefix stripped and JSON decoded (:func:`vitmerge.metadata.parsed`):
     an ONNX file's, the ``schedule`` an engine's metadata JSON copied from its ONNX file, or the same keys
     for a PyTorch model (:func:`vitmerge.backends.torch.model_schedule`). A model with an ``r`` list is
-    merged (r_mean its mean); one vitmerge wrote without ``r`` is unmerged (r_mean 0.0); anything else
-    (None, a foreign file's empty metadata) is unknown (r_mean None)."""
+    merged (r_mean its mean); one vitmerge wrote without ``r`` is unmerged (r_mean 0.0, and the same record
+    in every runtime: no graph form without merge steps); anything else (None, a foreign file's empty
+    metadata) is unknown (r_mean None)."""
     meta = dict(meta or {})
     r = _ints(meta.get("r")) if meta.get("r") not in (None, [], ()) else None
     if r:
@@ -98,9 +99,11 @@ def schedule_info(meta: Optional[Mapping[str, Any]] = None) -> ScheduleInfo:
         r_mean = 0.0
     else:
         r_mean = None
+    merges = bool(r) and any(v > 0 for v in r)
     return ScheduleInfo(method=meta.get("method") or None, r=r, r_mean=r_mean,
                         tokens_in=_ints(meta.get("tokens_in")), tokens_out=_ints(meta.get("tokens_out")),
-                        merge_op=meta.get("merge_op"), dtype=meta.get("dtype"))
+                        # the form of merge steps: none without merging (an unmerged export records "native")
+                        merge_op=meta.get("merge_op") if merges else None, dtype=meta.get("dtype"))
 
 
 @dataclass(eq=False)
