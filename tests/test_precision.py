@@ -147,20 +147,18 @@ def test_a_wrong_fp16_file_fails_verification(tmp_path, monkeypatch):
     """One perturbed weight in the float16 graph (a realistic corruption) must fail the decision rule."""
     from vitmerge.exporter import onnx_export
 
-    real_save = onnx_export.save_program
+    real_proto = onnx_export.program_proto  # the exported model, in memory, before any check reads it
 
-    def corrupt(program, model, workdir, name):
-        path = real_save(program, model, workdir, name)
-        proto = onnx.load(str(path))
+    def corrupt(program, model):
+        proto = real_proto(program, model)
         t = max((t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16),
                 key=lambda t: np.prod(t.dims))
         arr = onnx.numpy_helper.to_array(t).copy()
         arr.flat[0] += np.float16(4.0)
         t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
-        onnx.save(proto, str(path))
-        return path
+        return proto
 
-    monkeypatch.setattr("vitmerge.exporter.save_program", corrupt)
+    monkeypatch.setattr("vitmerge.exporter.program_proto", corrupt)
     with pytest.raises(vitmerge.errors.VerificationError, match="merge decisions identical|max\\|diff\\|"):
         export(tiny("tome"), tmp_path / "bad.onnx", dtype="fp16", batch_sizes=(2,))
     assert not (tmp_path / "bad.onnx").exists()

@@ -191,6 +191,9 @@ def test_ort_target_runs_the_model(onnx_pair):
     t = open_target(str(b))
     assert t.runtime == "ort" and t.device == "cpu" and t.input_shape == (3, 64, 64)
     assert t.info["method"] == "tome" and t.info["r"] == [4, 4] and t.info["r_mean"] == 4.0
+    from vitmerge.backends.base import ScheduleInfo
+
+    assert open_target(str(a)).schedule == ScheduleInfo(r_mean=0.0, dtype="fp32")  # unmerged: the record every runtime gives
     out = t.timed(3)()
     assert out[0].shape == (3, 1000)
     x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)

@@ -16,7 +16,7 @@ import vitmerge
 from vitmerge.cli import app
 from vitmerge.backends.ort import session as ort_session
 from vitmerge.exporter import surgery
-from vitmerge.errors import SurgeryError
+from vitmerge.errors import ModelNotFoundError, OutputPathError, SurgeryError
 from vitmerge.exporter.surgery import find_merges, load, rewrite
 
 from reference_tome import bipartite_groups, merge_rows
@@ -198,9 +198,12 @@ def test_rewrite_in_place_standard_copy_and_failures(exported, tmp_path, monkeyp
 
     with pytest.raises(SurgeryError, match="unknown graph form"):
         rewrite(path, tmp_path / "x.onnx", "fused")
-    with pytest.raises(SurgeryError, match="does not exist"):
+    # a bad output path is an output-path problem, a missing input a missing model (not a graph problem)
+    with pytest.raises(OutputPathError, match="does not exist"):
         rewrite(path, tmp_path / "nodir" / "x.onnx", "native")
-    with pytest.raises(SurgeryError, match="no ONNX file"):
+    with pytest.raises(OutputPathError, match="must end in .onnx"):
+        rewrite(path, tmp_path / "x.txt", "native")
+    with pytest.raises(ModelNotFoundError, match="no ONNX file"):
         rewrite(tmp_path / "missing.onnx", tmp_path / "x.onnx", "native")
 
     # a pass that fails half-way leaves neither a new file nor a changed old one

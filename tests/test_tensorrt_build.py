@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import trt_standin
 from vitmerge.backends import trt as trt_backend
+from vitmerge.backends import trt_build
 from vitmerge.backends.trt import BuildRequest, FileTypes, TrtRunner, build_engine, file_types, precision_plan
 from vitmerge.cli import app
 from vitmerge.errors import EngineBuildError, UsageError
@@ -30,7 +31,7 @@ V10, V11 = "10.16.1.11", "11.4.0.106"
 @pytest.fixture(params=[V10, V11], ids=["trt10", "trt11"])
 def fake_trt(request, monkeypatch):
     with trt_standin.fake_tensorrt(request.param) as m:
-        monkeypatch.setattr(trt_backend, "gpu_name", lambda: "Stand-in GPU")
+        monkeypatch.setattr(trt_build, "gpu_name", lambda: "Stand-in GPU")
         yield m
 
 
@@ -213,7 +214,7 @@ def test_build_cli_refuses_before_any_work(tmp_path, args, message):
 def test_build_cli_on_tensorrt11_explains_fp16(tmp_path, monkeypatch):
     model = _images_model(tmp_path / "m.onnx")
     with trt_standin.fake_tensorrt(V11):
-        monkeypatch.setattr(trt_backend, "gpu_name", lambda: "Stand-in GPU")
+        monkeypatch.setattr(trt_build, "gpu_name", lambda: "Stand-in GPU")
         res = runner.invoke(app, ["build", str(model), "--output", str(tmp_path / "m.engine"), "--fp16"])
         assert res.exit_code == 2 and "BuilderFlag.FP16 was removed in TensorRT 11" in " ".join(res.output.split())
         assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
@@ -264,7 +265,7 @@ def test_build_cli_with_the_token_merge_plugin(tmp_path, monkeypatch, version):
 
     model = _plugin_images_model(tmp_path / "p.onnx")
     with trt_standin.loaded(SOURCES[version]) as (trt_mod, _):
-        monkeypatch.setattr(trt_backend, "gpu_name", lambda: "Stand-in GPU")
+        monkeypatch.setattr(trt_build, "gpu_name", lambda: "Stand-in GPU")
         res = runner.invoke(app, ["build", str(model), "--output", str(tmp_path / "p.engine"), "--opt-batch", "2", "--max-batch", "4"])
         assert res.exit_code == 0, res.output
         assert "JIT" in res.output
@@ -346,11 +347,58 @@ def test_runner_refuses_batches_outside_the_profile(engine_runner):
         engine_runner.timed(9)
 
 
+def _exported(path, **meta):
+    """:func:`_images_model` with the ``vitmerge.*`` metadata an export writes (merged when ``meta`` says so)."""
+    from vitmerge import metadata as md
+
+    _images_model(path)
+    proto = onnx.load(str(path))
+    md.write(proto, {md.INPUT_SHAPE: [3, 8, 8], md.DTYPE: "fp32", **meta})
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_every_runtime_reports_one_schedule_record_and_profile_plots_the_engine_baseline(fake_trt, tmp_path,
+                                                                                         monkeypatch):
+    """One typed record (ScheduleInfo) from every runner. An engine built from an unmerged export is unmerged
+    (r_mean 0.0) as its ONNX file and the PyTorch model are: it used to report no r_mean at all, so profile left
+    the TensorRT baseline out of latency vs r (with one merged engine beside it: no plot)."""
+    from vitmerge import metadata as md
+    from vitmerge.backends.base import ScheduleInfo
+    from vitmerge.backends.ort import OrtRunner
+    from vitmerge.backends.torch import model_schedule
+    from vitmerge.profiling.profile import profile_targets, write_profile_report
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(TrtRunner, "_buffer_device", "cpu")
+    plain = _exported(tmp_path / "plain.onnx", **{md.MERGE_OP: "native"})  # as an unmerged export records it
+    merged = _exported(tmp_path / "merged.onnx", **{md.METHOD: "tome", md.R: [2, 4], md.TOKENS_IN: [17, 15],
+                                                    md.TOKENS_OUT: [15, 11], md.MERGE_OP: "native"})
+    engines = {}
+    for path in (plain, merged):
+        engines[path] = TrtRunner(build_engine(BuildRequest(onnx_path=path, output=path.with_suffix(".engine"),
+                                                            opt_batch=1, max_batch=2)).engine)
+        assert engines[path].schedule == OrtRunner(path).schedule  # the same record from both runtimes
+    unmerged = ScheduleInfo(r_mean=0.0, dtype="fp32")
+    assert engines[plain].schedule == unmerged == model_schedule(torch.nn.Linear(2, 2))  # PyTorch: the same
+    assert engines[plain].info["r_mean"] == 0.0 and engines[plain].info["precision"] == "fp32"
+    assert engines[merged].schedule == ScheduleInfo(method="tome", r=(2, 4), r_mean=3.0, tokens_in=(17, 15),
+                                                    tokens_out=(15, 11), merge_op="native", dtype="fp32")
+    assert engines[merged].info["r"] == [2, 4]
+
+    res = profile_targets([engines[plain], engines[merged]], [1], rounds=1, iters=1, warmup=0)
+    write_profile_report(res, tmp_path / "report")
+    assert (tmp_path / "report" / "latency_vs_r.png").is_file()  # both engines on the TensorRT line, r = 0 and 3
+    doc = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert doc["plots"] == ["latency_vs_r.png"] and [r["r_mean"] for r in doc["data"]["results"]] == [0.0, 3.0]
+
+
 def test_engine_of_another_tensorrt_is_a_clear_error(tmp_path, monkeypatch):
     from vitmerge.errors import RuntimeMissingError
 
     with trt_standin.fake_tensorrt(V10):
-        monkeypatch.setattr(trt_backend, "gpu_name", lambda: "Stand-in GPU")
+        monkeypatch.setattr(trt_build, "gpu_name", lambda: "Stand-in GPU")
         res = build_engine(BuildRequest(onnx_path=_images_model(tmp_path / "m.onnx"), output=tmp_path / "m.engine"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with trt_standin.fake_tensorrt(V11):
@@ -364,7 +412,7 @@ def test_engine_without_its_metadata_says_what_is_missing(tmp_path, monkeypatch)
     from vitmerge.errors import ModelFileError
 
     with trt_standin.fake_tensorrt(V10):
-        monkeypatch.setattr(trt_backend, "gpu_name", lambda: "Stand-in GPU")
+        monkeypatch.setattr(trt_build, "gpu_name", lambda: "Stand-in GPU")
         res = build_engine(BuildRequest(onnx_path=_images_model(tmp_path / "m.onnx"), output=tmp_path / "m.engine"))
     res.metadata.unlink()
     (tmp_path / "m.engine").write_bytes(b"not an engine any TensorRT loads")

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import vitmerge
 from vitmerge.backends.ort import OrtRunner
 from vitmerge.cli import app
-from vitmerge.errors import SurgeryError, VerificationError
+from vitmerge.errors import ModelNotFoundError, SurgeryError, VerificationError
 from vitmerge.exporter.verify import (BatchCheck, VerifyReport, batch_check, check_onnx, compare_files, decision_share,
                                      upcast_copy, verify)
 
@@ -233,9 +233,9 @@ def test_compare_files_same_and_wrong_merge(tiny, tmp_path):
     assert [c.max_abs_diff for c in again] == [c.max_abs_diff for c in checks]
     other = compare_files(path, bad, batch_sizes=(1, 4), seed=1)
     assert [c.max_abs_diff for c in other] != [c.max_abs_diff for c in checks]
-    with pytest.raises(SurgeryError, match="no ONNX file at '.*missing.onnx'"):
+    with pytest.raises(ModelNotFoundError, match="no ONNX file at '.*missing.onnx'"):  # a missing file, not surgery
         compare_files(path, tmp_path / "missing.onnx")
-    with pytest.raises(SurgeryError, match="no ONNX file at '.*missing.onnx'"):
+    with pytest.raises(ModelNotFoundError, match="no ONNX file at '.*missing.onnx'"):
         compare_files(tmp_path / "missing.onnx", path)
     small = _mean_pool_model(tmp_path / "small.onnx", 16)
     with pytest.raises(SurgeryError, match=r"different inputs: .*tiny.onnx \(3, 32, 32\), .*small.onnx \(3, 16, 16\)"):

@@ -10,11 +10,16 @@ A :class:`Runner` is one model in one runtime. Two ways to use it, for the two k
   ``runner.sync()`` to wait for the device. Latency and energy measurement use this.
 
 Runtimes implement ``_infer`` and ``_prepare``; everything else (batch range checks, labels) is here.
+
+What the model was built with (method, r per block, token counts, graph form, dtype) is one typed record,
+:class:`ScheduleInfo`, made by one function, :func:`schedule_info`, from the ``vitmerge.*`` metadata
+(an ONNX file's, the copy in an engine's metadata JSON, or a PyTorch model's merge record): every runner
+returns it as ``runner.schedule``, and ``runner.info`` is its dict plus the runtime's own facts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +37,75 @@ def _noop() -> None:
     return None
 
 
+def _ints(v) -> Optional[Tuple[int, ...]]:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return tuple(int(x) for x in v)
+    return (int(v),)
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """What a runner's model was built with: the same record for PyTorch, ONNX Runtime and TensorRT.
+
+    ``r_mean`` is 0.0 for a model built without merging (known to be unmerged) and None only when
+    nothing is known (a file vitmerge did not write, an engine without its metadata JSON): profiling
+    plots every model with a known ``r_mean`` against r, the unmerged baselines at r = 0.
+    """
+
+    method: Optional[str] = None
+    r: Optional[Tuple[int, ...]] = None  # requested r per block; None: no merging (or unknown)
+    r_mean: Optional[float] = None  # mean r over the blocks; 0.0 unmerged; None unknown
+    tokens_in: Optional[Tuple[int, ...]] = None  # tokens entering each block
+    tokens_out: Optional[Tuple[int, ...]] = None  # tokens leaving each block
+    merge_op: Optional[str] = None  # graph form of the merge steps (ONNX files and their engines)
+    dtype: Optional[str] = None  # what the model computes in: fp32 | fp16 | bf16
+
+    @property
+    def known(self) -> bool:
+        return self.r_mean is not None
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.r) and any(v > 0 for v in self.r)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """JSON-ready: tuples as lists (reports, ``runner.info``)."""
+        return {"method": self.method, "r": None if self.r is None else list(self.r), "r_mean": self.r_mean,
+                "tokens_in": None if self.tokens_in is None else list(self.tokens_in),
+                "tokens_out": None if self.tokens_out is None else list(self.tokens_out),
+                "merge_op": self.merge_op, "dtype": self.dtype}
+
+
+#: keys every vitmerge export writes, merged or not (metadata.INPUT_SHAPE, metadata.DTYPE without the prefix)
+_EXPORTED_KEYS = ("input_shape", "dtype")
+
+
+def schedule_info(meta: Optional[Mapping[str, Any]] = None) -> ScheduleInfo:
+    """The one place a :class:`ScheduleInfo` is made.
+
+    ``meta``: ``vitmerge.*`` metadata with the prefix stripped and JSON decoded (:func:`vitmerge.metadata.parsed`):
+    an ONNX file's, the ``schedule`` an engine's metadata JSON copied from its ONNX file, or the same keys
+    for a PyTorch model (:func:`vitmerge.backends.torch.model_schedule`). A model with an ``r`` list is
+    merged (r_mean its mean); one vitmerge wrote without ``r`` is unmerged (r_mean 0.0, and the same record
+    in every runtime: no graph form without merge steps); anything else (None, a foreign file's empty
+    metadata) is unknown (r_mean None)."""
+    meta = dict(meta or {})
+    r = _ints(meta.get("r")) if meta.get("r") not in (None, [], ()) else None
+    if r:
+        r_mean: Optional[float] = sum(r) / len(r)
+    elif "method" in meta or any(k in meta for k in _EXPORTED_KEYS):
+        r_mean = 0.0
+    else:
+        r_mean = None
+    merges = bool(r) and any(v > 0 for v in r)
+    return ScheduleInfo(method=meta.get("method") or None, r=r, r_mean=r_mean,
+                        tokens_in=_ints(meta.get("tokens_in")), tokens_out=_ints(meta.get("tokens_out")),
+                        # the form of merge steps: none without merging (an unmerged export records "native")
+                        merge_op=meta.get("merge_op") if merges else None, dtype=meta.get("dtype"))
+
+
 @dataclass(eq=False)
 class Runner:
     """One model in one runtime, ready to run at any batch size it supports."""
@@ -41,10 +115,15 @@ class Runner:
     runtime: str  # one of RUNTIMES
     device: str  # "cpu" or "cuda"
     input_shape: Tuple[int, ...]  # per-image shape, e.g. (3, 224, 224)
-    info: Dict[str, Any] = field(default_factory=dict)  # method, r, tokens, precision, ... where known
+    #: ``schedule.as_dict()`` plus what the runtime adds (an engine: precision, TensorRT version, GPU)
+    info: Dict[str, Any] = field(default_factory=dict)
     batch_range: Tuple[int, int] = (1, 1 << 30)
     input_dtype: Any = np.float32  # numpy dtype the model takes
     output_names: Sequence[str] = ("logits",)  # every output, in order (the first is what ``runner(x)`` returns)
+    schedule: ScheduleInfo = field(default_factory=ScheduleInfo)  # what the model was built with (unknown by default)
+
+    def __post_init__(self) -> None:
+        self.info = {**self.schedule.as_dict(), **self.info}
 
     # -------------------------------------------------------------- what a runtime implements
 
@@ -112,4 +191,4 @@ class Runner:
         return x.astype(self.input_dtype)
 
 
-__all__ = ["Runner", "RUNTIMES", "DEVICES", "TIMM_PREFIX", "ENGINE_SUFFIXES"]
+__all__ = ["Runner", "ScheduleInfo", "schedule_info", "RUNTIMES", "DEVICES", "TIMM_PREFIX", "ENGINE_SUFFIXES"]

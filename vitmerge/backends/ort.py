@@ -21,7 +21,7 @@ from .. import metadata as md
 from .._version import dist_version
 from ..errors import ModelFileError, RuntimeMissingError, UsageError, VitmergeError
 from ..plugins import DOMAIN
-from .base import Runner
+from .base import Runner, ScheduleInfo, schedule_info
 
 PathLike = Union[str, Path]
 
@@ -104,9 +104,26 @@ def cuda_problem(ort) -> Optional[str]:
             "'vitmerge[cpu]'); or use --runtime ort")
 
 
+def _has_external_data(proto) -> bool:
+    return any(t.data_location == 1 for t in proto.graph.initializer)  # onnx.TensorProto.EXTERNAL
+
+
+def model_source(path: PathLike, proto) -> Union[str, bytes]:
+    """What ONNX Runtime is given for ``proto`` (the model of ``path``, already loaded): its bytes, so the file is
+    not read a second time; the path when its weights live in an external-data file (or exceed protobuf's 2 GB),
+    which ONNX Runtime finds next to the file."""
+    if _has_external_data(proto) or proto.ByteSize() > 1_800_000_000:
+        return str(path)
+    return proto.SerializeToString()
+
+
 def session(path: PathLike, providers: Optional[Sequence[Any]] = None, threads: int = 0,
-            optimization: str = "all", spinning: bool = True):
+            optimization: str = "all", spinning: bool = True, proto=None):
     """An ONNX Runtime session for ``path`` (CPU unless ``providers`` says otherwise).
+
+    ``proto``: the model of ``path``, already loaded (or not yet written: an export's model in memory); the
+    file is then not read. Without it the file is read once (:func:`vitmerge.metadata.load_proto`) and
+    ONNX Runtime is given the loaded model (:func:`model_source`).
 
     The vitmerge::TokenMerge kernels are registered when the graph holds such nodes. A file ONNX
     Runtime cannot load raises :class:`ModelFileError` with ONNX Runtime's reason.
@@ -114,7 +131,7 @@ def session(path: PathLike, providers: Optional[Sequence[Any]] = None, threads: 
     ort = import_ort()
     if optimization not in _LEVELS:
         raise ValueError(f"optimization must be one of {_LEVELS}, got {optimization!r}")
-    proto = md.load_proto(path)
+    proto = md.load_proto(path) if proto is None else proto
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -136,7 +153,7 @@ def session(path: PathLike, providers: Optional[Sequence[Any]] = None, threads: 
     log.debug("ONNX Runtime session for %s: providers %s, threads %s, optimization %s", Path(path).name,
               list(providers or [CPU]), threads or "default", optimization)
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or [CPU]))
+        return ort.InferenceSession(model_source(path, proto), sess_options=so, providers=list(providers or [CPU]))
     except VitmergeError:
         raise
     except Exception as e:
@@ -160,19 +177,20 @@ def refuse_custom_nodes_on_cuda(path: PathLike, proto=None) -> None:
         )
 
 
-def cuda_session(path: PathLike, threads: int = 0, spinning: bool = True):
+def cuda_session(path: PathLike, threads: int = 0, spinning: bool = True, proto=None):
     """A session on the CUDA execution provider, or an error saying why not.
 
     Graphs with vitmerge custom nodes are refused (:func:`refuse_custom_nodes_on_cuda`); a missing
-    CUDA provider is explained by :func:`cuda_problem`.
+    CUDA provider is explained by :func:`cuda_problem`. ``proto``: as for :func:`session`.
     """
-    refuse_custom_nodes_on_cuda(path)
+    proto = md.load_proto(path) if proto is None else proto
+    refuse_custom_nodes_on_cuda(path, proto)
     ort = import_ort()
     problem = cuda_problem(ort)
     if problem:
         raise RuntimeMissingError(f"ONNX Runtime CUDA is not available: {problem}")
     preload_cuda_libraries(ort)
-    sess = session(path, [(CUDA, {"device_id": 0}), CPU], threads, spinning=spinning)
+    sess = session(path, [(CUDA, {"device_id": 0}), CPU], threads, spinning=spinning, proto=proto)
     if sess.get_providers()[0] != CUDA:
         raise RuntimeMissingError(
             "ONNX Runtime could not start its CUDA provider (no usable NVIDIA GPU, or the CUDA and cuDNN "
@@ -245,15 +263,14 @@ def _dim(d) -> Optional[int]:
     return d if isinstance(d, int) and d > 0 else None
 
 
+def onnx_schedule(proto) -> ScheduleInfo:
+    """The merge schedule vitmerge stored in the file's metadata (unknown for foreign files)."""
+    return schedule_info(md.parsed(md.read(proto)))
+
+
 def onnx_info(proto) -> dict:
-    """The merge schedule vitmerge stored in the file's metadata (empty for foreign files)."""
-    meta = md.parsed(md.read(proto))
-    info = {k: meta[k] for k in ("method", "r", "tokens_out") if k in meta}
-    if isinstance(info.get("r"), list) and info["r"]:
-        info["r_mean"] = sum(info["r"]) / len(info["r"])
-    elif "input_shape" in meta:
-        info["r_mean"] = 0.0  # exported by vitmerge without merging
-    return info
+    """:func:`onnx_schedule` as a dict (``runner.info``'s schedule part)."""
+    return onnx_schedule(proto).as_dict()
 
 
 class OrtRunner(Runner):
@@ -262,14 +279,18 @@ class OrtRunner(Runner):
     nodes, whose kernel is CPU-only, are refused on ``ort-cuda``)."""
 
     def __init__(self, path: PathLike, runtime: str = "ort", threads: int = 0, label: Optional[str] = None,
-                 sess=None):
+                 sess=None, proto=None):
+        """``proto``: the model of ``path`` already in memory (an export verifying what it has not written yet);
+        without it the file is read once, and that one load serves the checks and the session."""
         path = Path(path)
-        proto = md.load_proto(path)
         if runtime not in ("ort", "ort-cuda"):
             raise ValueError(f"OrtRunner runs 'ort' or 'ort-cuda', not {runtime!r}")
+        given = proto
+        proto = md.load_proto(path) if proto is None else proto
         if runtime == "ort-cuda":
             refuse_custom_nodes_on_cuda(path, proto)  # also when a session is handed in
-        self.session = sess or (cuda_session(path, threads) if runtime == "ort-cuda" else session(path, threads=threads))
+        self.session = sess or (cuda_session(path, threads, proto=proto) if runtime == "ort-cuda"
+                                else session(path, threads=threads, proto=proto))
         inp = self.session.get_inputs()[0]
         dtype = _ORT_TYPES.get(inp.type)
         if dtype is None:
@@ -283,9 +304,10 @@ class OrtRunner(Runner):
         fixed = _dim(shape[0]) if shape else None
         super().__init__(label=label or path.name, spec=str(path), runtime=runtime,
                          device="cuda" if runtime == "ort-cuda" else "cpu", input_shape=per_image,
-                         info=onnx_info(proto), batch_range=(fixed, fixed) if fixed else (1, 1 << 30),
+                         schedule=onnx_schedule(proto), batch_range=(fixed, fixed) if fixed else (1, 1 << 30),
                          input_dtype=dtype)
         self.path = path
+        self._proto = given  # a model not read from path (interleave makes its session again from it)
         self.threads = threads
         self.spinning = sess is None  # a session vitmerge made: ONNX Runtime's default, idle workers spin
         self.input_name = inp.name
@@ -301,9 +323,9 @@ class OrtRunner(Runner):
         if not self.spinning:
             return None
         if self.runtime == "ort-cuda":
-            self.session = cuda_session(self.path, self.threads, spinning=False)
+            self.session = cuda_session(self.path, self.threads, spinning=False, proto=self._proto)
         else:
-            self.session = session(self.path, threads=self.threads, spinning=False)
+            self.session = session(self.path, threads=self.threads, spinning=False, proto=self._proto)
         self.spinning = False
         return "ONNX Runtime workers stop spinning between runs"
 
@@ -329,4 +351,4 @@ class OrtRunner(Runner):
 
 
 __all__ = ["session", "cuda_session", "uses_custom_ops", "custom_nodes", "refuse_custom_nodes_on_cuda",
-           "cuda_problem", "import_ort", "onnx_info", "OrtRunner", "CPU", "CUDA"]
+           "cuda_problem", "import_ort", "onnx_info", "onnx_schedule", "model_source", "OrtRunner", "CPU", "CUDA"]

@@ -12,7 +12,8 @@ from ..errors import RuntimeMissingError, UsageError
 from ..models import apply, input_shape
 from ..models.family import family, forward_logits, forward_outputs
 from ..models.build import build_model
-from .base import DEVICES, TIMM_PREFIX, Runner
+from ..models.precision import dtype_name, model_dtype
+from .base import DEVICES, TIMM_PREFIX, Runner, ScheduleInfo, schedule_info
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -32,20 +33,25 @@ def _r_text(r) -> str:
     return str(r)
 
 
+def model_schedule(model: nn.Module) -> ScheduleInfo:
+    """The :class:`ScheduleInfo` of a PyTorch model: its merge record (``model.vitmerge``) in the keys an export
+    writes, through the same :func:`schedule_info` as an ONNX file's or an engine's metadata."""
+    mi = getattr(model, "vitmerge", None)
+    meta: Dict[str, Any] = {"dtype": dtype_name(model_dtype(model))}
+    if mi is not None:
+        meta.update(method=mi.method, r=list(mi.r), tokens_in=mi.tokens_in, tokens_out=mi.tokens_out)
+    return schedule_info(meta)
+
+
 class TorchRunner(Runner):
     """``model`` in PyTorch eager on ``device`` (inference mode); CUDA work is synchronised by ``sync``."""
 
     def __init__(self, model: nn.Module, label: str = "torch", spec: Optional[str] = None, device: str = "auto",
                  info: Optional[Dict[str, Any]] = None):
         device = resolve_device(device)
-        mi = getattr(model, "vitmerge", None)
-        if info is None:
-            info = {"method": None, "r": None, "r_mean": 0.0}
-            if mi is not None:
-                info = {"method": mi.method, "r": list(mi.r), "r_mean": sum(mi.r) / len(mi.r),
-                        "tokens_out": mi.tokens_out}
         super().__init__(label=label, spec=spec or label, runtime="torch", device=device,
-                         input_shape=tuple(input_shape(model)), info=info)
+                         input_shape=tuple(input_shape(model)), info=dict(info or {}),
+                         schedule=model_schedule(model))
         self.model = model.eval().to(device)
         self.output_names = tuple(family(model).output_names(model))
 
@@ -97,4 +103,4 @@ def timm_runner(name: str, checkpoint: Optional[Union[str, Path]] = None, method
     return TorchRunner(model, label=label or tag, spec=spec, device=device)
 
 
-__all__ = ["TorchRunner", "timm_runner", "resolve_device", "TIMM_PREFIX", "DEVICES"]
+__all__ = ["TorchRunner", "timm_runner", "model_schedule", "resolve_device", "TIMM_PREFIX", "DEVICES"]

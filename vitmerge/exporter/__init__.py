@@ -18,6 +18,8 @@ from ..errors import VerificationError
 from ..models.precision import cast_model, dtype_name, model_dtype, resolve_dtype
 from .onnx_export import (
     DEFAULT_OPSET,
+    is_large,
+    program_proto,
     TENSORRT_TOPK_MAX,
     INPUT_NAME,
     OUTPUT_NAME,
@@ -30,7 +32,7 @@ from .onnx_export import (
     output_files,
     save_program,
 )
-from .surgery import LEAN_METHODS, rewrite
+from .surgery import LEAN_METHODS, rewrite, rewrite_model
 from .intrange import integer_ranges, random_inputs
 from .trt_check import Readiness, check_tensorrt
 from .verify import VerifyReport, check_onnx, compare_files, verify
@@ -96,9 +98,15 @@ def export(
         # every sum of merged rows is a one-hot MatMul, never a ScatterND-add: TensorRT's parser refuses the
         # latter, and ONNX Runtime runs it racing across threads (outputs that change from run to run)
         program = export_onnx_program(model, opset=opset, decisions=decisions, scatter_free=True)
-        step("writing")
-        written = save_program(program, model, stage, out.name)
-        big = large_topk(onnx.load(str(written), load_external_data=False))
+        # The model travels between the steps below in memory (``proto``) and is written once, at the end; a model
+        # over protobuf's 2 GB cap is written now and each step reads the file (``proto`` None)
+        if is_large(model):
+            step("writing")
+            written, proto = save_program(program, model, stage, out.name), None
+        else:
+            written, proto = stage / out.name, program_proto(program, model)
+        del program
+        big = large_topk(proto if proto is not None else onnx.load(str(written), load_external_data=False))
         if big:
             log.warning("%s: %d TopK node(s) sort more than %d values (k up to %d): ONNX Runtime runs them, "
                         "TensorRT's TopK layer refuses k > %d (fewer tokens, or a method without full sorts, "
@@ -107,53 +115,61 @@ def export(
         report = None
         if check:
             step("ONNX checker")
-            check_onnx(written)
+            check_onnx(written, proto)
             step(f"ONNX Runtime vs PyTorch ({dtype_name(model_dtype(model))}, merge decisions compared)"
                  if decisions else f"ONNX Runtime vs PyTorch ({dtype_name(model_dtype(model))})")
             report = verify(model, written, batch_sizes=batch_sizes, atol=atol, rtol=rtol,
-                            reference_fp32=reference_fp32)
+                            reference_fp32=reference_fp32, proto=proto)
             _raise_unless_ok(report)
-            drop_decisions(written)  # the file computes its outputs (logits, detectors' boxes) and nothing else
+            drop_decisions(written, proto)  # the file computes its outputs (logits, detectors' boxes) and nothing else
         info = getattr(model, "vitmerge", None)
         if merge_op == "native" and (info is None or info.method not in LEAN_METHODS):
             # no hand-written step for this method: its native form is the exporter's own (scatter-free) graph
-            proto = onnx.load(str(written), load_external_data=False)
-            md.write(proto, {md.MERGE_OP: "native"})
-            onnx.save(proto, str(written))
+            if proto is None:
+                large = onnx.load(str(written), load_external_data=False)
+                md.write(large, {md.MERGE_OP: "native"})
+                onnx.save(large, str(written))
+            else:
+                md.write(proto, {md.MERGE_OP: "native"})
         elif merge_op != "standard":
             step(f"graph surgery: merge steps -> {merge_op} form")
-            rewrite(written, written, merge_op)
+            if proto is None:
+                rewrite(written, written, merge_op)  # through the ONNX checker
+            else:
+                proto, _ = rewrite_model(proto, merge_op, out.name)  # through the ONNX checker
             if check:
-                step(f"ONNX checker and ONNX Runtime vs PyTorch, {merge_op} form")
-                check_onnx(written)
-                final = verify(model, written, batch_sizes=batch_sizes, atol=atol, rtol=rtol)
+                step(f"ONNX Runtime vs PyTorch, {merge_op} form")
+                final = verify(model, written, batch_sizes=batch_sizes, atol=atol, rtol=rtol, proto=proto)
                 _raise_unless_ok(final, f" ({merge_op} form)")
         if report is not None:
             step("integer ranges (every integer tensor must stay inside int32)")
-            check_integers(report, written, batch_sizes)
+            check_integers(report, written, batch_sizes, proto)
             report.path = str(out)
-        proto = onnx.load(str(written), load_external_data=False)
-        md_steps = step_nodes(proto)
+        final_proto = proto if proto is not None else onnx.load(str(written), load_external_data=False)
+        md_steps = step_nodes(final_proto)
         if md_steps:
-            md.write(proto, {md.STEP_NODES: json.dumps(md_steps)})
-            onnx.save(proto, str(written))
+            md.write(final_proto, {md.STEP_NODES: json.dumps(md_steps)})
+        if md_steps or proto is not None:
+            step("writing")
+            onnx.save(final_proto, str(written))  # the one write (in-memory models)
     return ExportResult(path=out, verification=report, step_nodes=md_steps, form=merge_op)
 
 
-def check_integers(report: VerifyReport, path: Path, batch_sizes: Sequence[int] = (1, 4)) -> None:
+def check_integers(report: VerifyReport, path: Path, batch_sizes: Sequence[int] = (1, 4),
+                   proto: Optional[onnx.ModelProto] = None) -> None:
     """Run ``path`` with every integer tensor exposed (:mod:`.intrange`) on random batches of each size;
     record the widest value in ``report`` and raise :class:`VerificationError` naming every node whose
-    integers leave int32 (TensorRT and other runtimes compute INT64 as INT32: they would wrap there)."""
-    if md.read(md.load_proto(path)).get(md.DTYPE) == "bf16":  # no bfloat16 CPU kernels: its float32 upcast copy
-        import tempfile
+    integers leave int32 (TensorRT and other runtimes compute INT64 as INT32: they would wrap there).
+    ``proto``: the model of ``path`` in memory (the file is then not read)."""
+    path = Path(path)
+    head = proto if proto is not None else md.load_proto(path)
+    if md.read(head).get(md.DTYPE) == "bf16":  # no bfloat16 CPU kernels: its float32 upcast copy, in memory
+        from .verify import upcast
 
-        from .verify import upcast_copy
-
-        with tempfile.TemporaryDirectory(prefix="vitmerge-int-") as d:
-            up = upcast_copy(path, Path(d) / path.name)
-            ranges = integer_ranges(up, random_inputs(up, batch_sizes))
+        up = upcast(proto if proto is not None else onnx.load(str(path)))
+        ranges = integer_ranges(path, random_inputs(path, batch_sizes, proto=up), proto=up)
     else:
-        ranges = integer_ranges(path, random_inputs(path, batch_sizes))
+        ranges = integer_ranges(path, random_inputs(path, batch_sizes, proto=head), proto=proto)
     if ranges:
         widest = max(ranges, key=lambda r: max(abs(r.lo), abs(r.hi)))
         report.int_extent = (max(abs(widest.lo), abs(widest.hi)), f"{widest.op} {widest.node} ({widest.tensor})")

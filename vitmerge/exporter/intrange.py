@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -58,13 +58,19 @@ def _integer_outputs(model: onnx.ModelProto) -> List[tuple]:
     return out
 
 
-def integer_ranges(path: Union[str, Path], inputs: Iterable[np.ndarray], input_name: str = None) -> List[IntRange]:
+def integer_ranges(path: Union[str, Path], inputs: Iterable[np.ndarray], input_name: str = None,
+                   proto: Optional[onnx.ModelProto] = None) -> List[IntRange]:
     """Min / max of every integer tensor the file computes, over the given input batches (ONNX Runtime
-    CPU, graph optimisations off). Custom-domain nodes (vitmerge::TokenMerge) are not looked into."""
+    CPU, graph optimisations off). Custom-domain nodes (vitmerge::TokenMerge) are not looked into.
+    ``proto``: the model of ``path`` in memory (not changed; the file is then not read)."""
     from ..backends.ort import session
 
     path = Path(path)
-    model = onnx.load(str(path))
+    if proto is None:
+        model = onnx.load(str(path))
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
     ints = _integer_outputs(model)
     if not ints:
         return []
@@ -75,8 +81,11 @@ def integer_ranges(path: Union[str, Path], inputs: Iterable[np.ndarray], input_n
     ranges = {t: [None, None, node, op] for node, op, t, _ in ints}
     with tempfile.TemporaryDirectory(prefix="vitmerge-int-") as d:
         probe = Path(d) / path.name
-        onnx.save(model, str(probe), save_as_external_data=model.ByteSize() > 1_800_000_000)
-        sess = session(probe, optimization="none")
+        if model.ByteSize() > 1_800_000_000:  # over protobuf's cap: ONNX Runtime reads it from a file, weights beside it
+            onnx.save(model, str(probe), save_as_external_data=True)
+            sess = session(probe, optimization="none")
+        else:  # handed over in memory: nothing is written or read back
+            sess = session(probe, optimization="none", proto=model)
         name = input_name or sess.get_inputs()[0].name
         names = [o.name for o in sess.get_outputs()]
         for x in inputs:
@@ -96,12 +105,13 @@ def int32_violations(path: Union[str, Path], inputs: Iterable[np.ndarray]) -> Li
     return [r for r in integer_ranges(path, inputs) if not r.ok]
 
 
-def random_inputs(path: Union[str, Path], batch_sizes: Sequence[int] = (1, 4), seed: int = 0) -> List[np.ndarray]:
+def random_inputs(path: Union[str, Path], batch_sizes: Sequence[int] = (1, 4), seed: int = 0,
+                  proto: Optional[onnx.ModelProto] = None) -> List[np.ndarray]:
     """Random float32 batches shaped like the file's one input: its batch axis set to each size (a file
-    with a static batch axis gets one batch of that size)."""
+    with a static batch axis gets one batch of that size). ``proto``: the model of ``path`` in memory."""
     from .. import metadata as md
 
-    proto = md.load_proto(path)
+    proto = md.load_proto(path) if proto is None else proto
     name, shape = md.input_info(proto)
     inp = next(i for i in proto.graph.input if i.name == name)
     dim0 = inp.type.tensor_type.shape.dim[0] if inp.type.tensor_type.shape.dim else None

@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import onnx
 import torch
@@ -33,6 +33,7 @@ INPUT_NAME = md.INPUT_NAME
 OUTPUT_NAME = md.OUTPUT_NAME
 DEFAULT_OPSET = 18
 LARGE_MODEL_BYTES = 1_800_000_000  # above this the weights go to an external-data file (2 GB protobuf cap)
+TORCH_EXTERNAL_DATA_BYTES = 1536 * 1024 * 1024  # ONNXProgram.save writes external data above this anyway
 TENSORRT_TOPK_MAX = 3840  # TensorRT's TopK layer takes k <= 3840 (long sequences: sorts of N/2 or N tokens)
 
 
@@ -130,10 +131,13 @@ def export_onnx_program(model: nn.Module, opset: int = DEFAULT_OPSET, example_ba
     return program
 
 
-def drop_decisions(path: Path) -> int:
+def drop_decisions(path: Path, proto: Optional[onnx.ModelProto] = None) -> int:
     """Remove the ``merge_decisions.*`` outputs from the file at ``path``, and every node and
-    initializer only they needed (the file then computes exactly its outputs). Returns how many."""
-    proto = onnx.load(str(path), load_external_data=False)
+    initializer only they needed (the file then computes exactly its outputs). Returns how many.
+    ``proto``: the model of ``path`` in memory, edited in place instead (nothing is read or written)."""
+    given = proto is not None
+    if not given:
+        proto = onnx.load(str(path), load_external_data=False)
     g = proto.graph
     dropped = [o for o in g.output if o.name.startswith(DECISIONS)]
     if not dropped:
@@ -159,7 +163,8 @@ def drop_decisions(path: Path) -> int:
     vis = [v for v in g.value_info if v.name in needed]
     del g.value_info[:]
     g.value_info.extend(vis)
-    onnx.save(proto, str(path))
+    if not given:
+        onnx.save(proto, str(path))
     return len(dropped)
 
 
@@ -167,10 +172,26 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def is_large(model: nn.Module) -> bool:
+    """Whether the exported file keeps its weights in an external-data file (over protobuf's 2 GB cap): such a
+    model is passed between the export's steps as the written file, every other one in memory. torch's
+    ``ONNXProgram.save`` already writes external data above 1.5 GiB of weights, so that is the limit here too."""
+    return _param_bytes(model) > min(LARGE_MODEL_BYTES, TORCH_EXTERNAL_DATA_BYTES)
+
+
+def program_proto(program, model: nn.Module) -> onnx.ModelProto:
+    """The program as a model proto in memory, with the metadata :func:`save_program` writes (models under
+    protobuf's cap: :func:`is_large` is False)."""
+    proto = program.model_proto
+    md.write(proto, metadata(model))
+    proto.producer_name = "vitmerge"
+    return proto
+
+
 def save_program(program, model: nn.Module, workdir: Path, name: str) -> Path:
     """Write the program into ``workdir/name`` (+ external data for very large models) with metadata."""
     path = workdir / name
-    large = _param_bytes(model) > LARGE_MODEL_BYTES
+    large = is_large(model)
     program.save(str(path), external_data=large)
     proto = onnx.load(str(path), load_external_data=False)
     md.write(proto, metadata(model))

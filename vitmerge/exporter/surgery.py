@@ -22,7 +22,8 @@ Three graph forms, one function each over a ``gs.Graph``:
   Methods whose plan also reads the class-token attention row (``importance``) get
   ``vitmerge::TokenMergeCls`` with that row as a fourth input ``cls_attn [B, N]``.
 
-:func:`rewrite` applies a form to a file: staged write, ONNX checker, then an atomic rename.
+:func:`rewrite` applies a form to a file: staged write, ONNX checker, then an atomic rename;
+:func:`rewrite_model` applies it to a model already in memory (the exporter's, not written yet).
 """
 from __future__ import annotations
 
@@ -31,15 +32,15 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from .. import metadata as md
-from .._io import staged
-from ..errors import SurgeryError
+from .._io import check_output_path, staged
+from ..errors import ModelNotFoundError, SurgeryError
 from ..merging import METHODS
 from . import lean
 from ..plugins import DOMAIN, DOMAIN_VERSION, OP_TYPE, OP_TYPE_CLS, OP_TYPES as PLUGIN_OPS
@@ -74,7 +75,7 @@ def load(path: Union[str, Path]) -> "gs.Graph":
     """Read an ONNX file into a ``gs.Graph`` ready for :func:`find_merges`."""
     path = Path(path)
     if not path.is_file():
-        raise SurgeryError(f"no ONNX file at {str(path)!r}: export one with `vitmerge export`")
+        raise ModelNotFoundError(f"no ONNX file at {str(path)!r}: export one with `vitmerge export`")
     try:
         model = onnx.load(str(path))
     except Exception as e:  # a truncated or non-ONNX file
@@ -642,6 +643,54 @@ def _copy(src: Path, out: Path, stage: Path) -> None:
         shutil.copyfile(src, stage / out.name)
 
 
+def _rewritten(graph, form: str, src) -> Tuple[Optional["onnx.ModelProto"], int]:
+    """(the model of ``graph`` with every merge step in ``form``, merge steps rewritten); (None, 0) when the model
+    stays as it is (no merge steps, or already in ``form``). ``src`` names the model in messages."""
+    if form not in FORMS:
+        raise SurgeryError(f"unknown graph form {form!r}; use one of: {', '.join(FORMS)}")
+    current = graph.model_metadata.get(FORM_KEY, "standard")
+    if any(n.domain == DOMAIN for n in graph.nodes):
+        current = "plugin"
+    if form == "standard":
+        if current != "standard":
+            raise SurgeryError(f"{src} holds the {current} form; the standard form cannot be rebuilt from it: "
+                               "export the model again")
+        return None, 0
+    _refuse_stepless(graph.model_metadata.get(md.METHOD, ""), form)
+    merges = find_merges(graph)
+    if not merges:
+        r = json.loads(graph.model_metadata.get(md.R, "0") or "0")
+        if any(v > 0 for v in (r if isinstance(r, list) else [r])):
+            method = graph.model_metadata.get(md.METHOD, "?")
+            raise SurgeryError(f"{src} merges tokens (method {method}) but has no blocks.N.token_merge steps to "
+                               f"rewrite: the {form} form does not exist for this method; use the standard form")
+    if not merges or form == current:
+        return None, 0
+    n = PASSES[form](graph)
+    graph.model_metadata[FORM_KEY] = form
+    return export_graph(graph), n
+
+
+def _check(model, form: str, src) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise SurgeryError(f"the {form} form of {src} fails the ONNX checker: {e}") from None
+
+
+def rewrite_model(model: "onnx.ModelProto", form: str, name: str = "the model",
+                  check: bool = True) -> Tuple["onnx.ModelProto", int]:
+    """``model`` (in memory, under protobuf's 2 GB) with every merge step in ``form``: (the new model, merge steps
+    rewritten). ``model`` itself comes back, unchanged, when there is nothing to rewrite (0 steps). The result
+    goes through the ONNX checker (``check``); ``name`` names the model in messages."""
+    out, n = _rewritten(import_graph(model), form, name)
+    if out is None:
+        return model, 0
+    if check:
+        _check(out, form, name)
+    return out, n
+
+
 def rewrite(in_path: Union[str, Path], out_path: Union[str, Path], form: str, check: bool = True) -> RewriteResult:
     """Write ``in_path`` with every merge step in ``form`` ("standard", "native" or "plugin") to ``out_path``.
 
@@ -651,48 +700,20 @@ def rewrite(in_path: Union[str, Path], out_path: Union[str, Path], form: str, ch
     """
     if form not in FORMS:
         raise SurgeryError(f"unknown graph form {form!r}; use one of: {', '.join(FORMS)}")
-    src, out = Path(in_path), Path(out_path)
-    if out.suffix != ".onnx":
-        raise SurgeryError(f"output {str(out)!r} must end in .onnx")
-    if not out.parent.is_dir():
-        raise SurgeryError(f"output directory {str(out.parent)!r} does not exist: create it first")
-    graph = load(src)
-    current = graph.model_metadata.get(FORM_KEY, "standard")
-    if any(n.domain == DOMAIN for n in graph.nodes):
-        current = "plugin"
-    if form == "standard":
-        if current != "standard":
-            raise SurgeryError(f"{src} holds the {current} form; the standard form cannot be rebuilt from it: "
-                               "export the model again")
-        with staged(_data_file(out), out) as stage:
-            _copy(src, out, stage)
-        return RewriteResult(path=out, form=form, merges=0)
-    _refuse_stepless(graph.model_metadata.get(md.METHOD, ""), form)
-    merges = find_merges(graph)
-    if not merges:
-        r = json.loads(graph.model_metadata.get(md.R, "0") or "0")
-        if any(v > 0 for v in (r if isinstance(r, list) else [r])):
-            method = graph.model_metadata.get(md.METHOD, "?")
-            raise SurgeryError(f"{src} merges tokens (method {method}) but has no blocks.N.token_merge steps to "
-                               f"rewrite: the {form} form does not exist for this method; use the standard form")
+    src, out = Path(in_path), check_output_path(out_path)
+    model, n = _rewritten(load(src), form, src)
     with staged(_data_file(out), out) as stage:
-        if not merges or form == current:
+        if model is None:
             _copy(src, out, stage)
-            n = 0
         else:
-            n = PASSES[form](graph)
-            graph.model_metadata[FORM_KEY] = form
-            written = _save(export_graph(graph), out, stage)
+            written = _save(model, out, stage)
             if check:
-                try:
-                    onnx.checker.check_model(str(written), full_check=True)
-                except Exception as e:
-                    raise SurgeryError(f"the {form} form of {src} fails the ONNX checker: {e}") from None
+                _check(str(written), form, src)
     return RewriteResult(path=out, form=form, merges=n)
 
 
 __all__ = [
     "FORMS", "DOMAIN", "OP_TYPE", "OP_TYPE_CLS", "PLUGIN_OPS", "SurgeryError", "MergeSubgraph", "RewriteResult", "load", "import_graph",
-    "export_graph", "find_merges", "plugin_merge", "native_merge", "to_plugin", "to_native", "rewrite",
+    "export_graph", "find_merges", "plugin_merge", "native_merge", "to_plugin", "to_native", "rewrite", "rewrite_model",
     "graph_form",
 ]

@@ -30,7 +30,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..backends.ort import OrtRunner
-from ..errors import SurgeryError, VerificationError
+from ..errors import ModelNotFoundError, SurgeryError, VerificationError
 from ..models import input_shape
 from ..models.precision import cast_model, dtype_name, model_dtype
 from ..models.family import forward_outputs
@@ -127,10 +127,11 @@ class VerifyReport:
                 f"decisions all match max|logit diff| <= {tol} and top-1 agrees")
 
 
-def check_onnx(path: PathLike) -> None:
-    """The ONNX checker with full shape inference; :class:`VerificationError` when it rejects the file."""
+def check_onnx(path: PathLike, proto: Optional[onnx.ModelProto] = None) -> None:
+    """The ONNX checker with full shape inference; :class:`VerificationError` when it rejects the file.
+    ``proto``: the model of ``path`` in memory (checked instead of reading the file)."""
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(str(path) if proto is None else proto, full_check=True)
     except Exception as e:
         raise VerificationError(f"ONNX checker rejected {path}: {e}") from None
 
@@ -185,7 +186,14 @@ def batch_check(batch: int, ref: np.ndarray, out: np.ndarray, atol: float, rtol:
 
 def upcast_copy(src: PathLike, dst: PathLike) -> Path:
     """Write ``src`` with every bfloat16 tensor, cast, constant and type made float32 to ``dst``."""
-    proto = onnx.load(str(src))
+    onnx.save(upcast(onnx.load(str(src))), str(dst))
+    return Path(dst)
+
+
+def upcast(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every bfloat16 tensor, cast, constant and type made float32."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
     bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
 
     def fix_tensor(t):
@@ -209,8 +217,7 @@ def upcast_copy(src: PathLike, dst: PathLike) -> Path:
                     fix_graph(a.g)
 
     fix_graph(proto.graph)
-    onnx.save(proto, str(dst))
-    return Path(dst)
+    return proto
 
 
 def _torch_outputs(model: nn.Module, x: torch.Tensor, with_decisions: bool):
@@ -232,6 +239,7 @@ def verify(
     rtol: Optional[float] = None,
     runner: Optional[OrtRunner] = None,
     reference_fp32: Optional[nn.Module] = None,
+    proto: Optional[onnx.ModelProto] = None,
 ) -> VerifyReport:
     """Run the same random images through PyTorch and ONNX Runtime and compare (see the module
     docstring for the two rules). The file's ``merge_decisions.*`` outputs, when it has them, are
@@ -240,6 +248,7 @@ def verify(
 
     ``reference_fp32``: for a reduced-precision model, the float32 model it came from; PyTorch at the
     reduced precision is compared with it (top-1 agreement, identical decisions) in ``report.vs_fp32``.
+    ``proto``: the model of ``path`` in memory (an export verifies it before writing it); the file is then not read.
     """
     # torch.no_grad as a block, not a decorator: mutation testing leaves decorated functions alone
     with torch.no_grad():
@@ -248,55 +257,50 @@ def verify(
         d_atol, d_rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
         atol = d_atol if atol is None else atol
         rtol = d_rtol if rtol is None else rtol
-        ref_model, how, tmp = model, "ONNX Runtime CPU vs PyTorch", None
-        run_path = Path(path)
+        ref_model, how = model, "ONNX Runtime CPU vs PyTorch"
+        run_path, run_proto = Path(path), proto
         if dtype == torch.bfloat16:  # ONNX Runtime's CPU provider has no bfloat16 kernels: run the upcast copy
-            tmp = run_path.with_name(f".{run_path.stem}.upcast.onnx")
-            upcast_copy(run_path, tmp)
-            run_path, runner = tmp, None
+            run_proto = upcast(onnx.load(str(run_path)) if proto is None else proto)  # in memory, never written
+            run_path, runner = run_path.with_name(f".{run_path.stem}.upcast.onnx"), None
             ref_model = cast_model(copy.deepcopy(model), torch.float32)
             how = "float32 upcast copy in ONNX Runtime CPU vs the model upcast in PyTorch (no bfloat16 CPU kernels)"
-        try:
-            run = runner or OrtRunner(run_path)
-            names = [o.name for o in run.session.get_outputs()]
-            dec_names = [n for n in names if n.startswith(DECISIONS)]
-            rule = "max" if dtype == torch.float32 or dtype == torch.bfloat16 else "decisions"
-            gen = torch.Generator().manual_seed(seed)
-            shape = input_shape(model)
-            report = VerifyReport(path=str(path), dtype=dtype_name(dtype), how=how)
-            agree32, dec32, n32 = 0.0, [], 0
-            out_names = [n for n in names if not n.startswith(DECISIONS)]
-            for b in batch_sizes:
-                x = torch.randn(b, *shape, generator=gen)
-                ref_all, ref_dec = _torch_outputs(ref_model, x, bool(dec_names))
-                if list(ref_all) != out_names:
-                    raise VerificationError(f"{path} has outputs {out_names}, but the model gives {list(ref_all)}: "
-                                            "export it again from this model")
-                outs = run.session.run(None, {run.input_name: x.numpy().astype(run.input_dtype)})
-                got = {n: o for n, o in zip(names, outs)}
-                out_dec = [got[n] for n in sorted(dec_names, key=lambda n: int(n[len(DECISIONS):]))] if dec_names else None
-                ref = ref_all[out_names[0]]
-                extra = {n: (ref_all[n], got[n]) for n in out_names[1:]}
-                report.checks.append(batch_check(b, ref, np.asarray(got[out_names[0]], dtype=np.float32), atol, rtol,
-                                                 ref_dec, out_dec, rule=rule, extra=extra))
-                if reference_fp32 is not None and dtype != torch.float32:
-                    r32, d32 = _torch_outputs(reference_fp32.eval(), x, True)
-                    # fp16: the reference forward above was this model with its decisions recorded; bf16 ran an upcast copy
-                    low, dlow = (ref_all, ref_dec) if ref_model is model and dec_names else _torch_outputs(model, x, True)
-                    r32, low = next(iter(r32.values())), next(iter(low.values()))
-                    same = low.argmax(-1) == r32.argmax(-1)  # [B] for a classifier, [B, queries] for a detector
-                    agree32 += float(same.sum())
-                    n32 += same.size
-                    if d32:
-                        dec32.append(decision_share(d32, dlow)[0])
-            if n32:
-                report.vs_fp32 = {"top1_agreement": agree32 / n32}
-                if dec32:
-                    report.vs_fp32["decisions_identical"] = float(np.mean(dec32))
-            return report
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+        run = runner or OrtRunner(run_path, proto=run_proto)
+        names = [o.name for o in run.session.get_outputs()]
+        dec_names = [n for n in names if n.startswith(DECISIONS)]
+        rule = "max" if dtype == torch.float32 or dtype == torch.bfloat16 else "decisions"
+        gen = torch.Generator().manual_seed(seed)
+        shape = input_shape(model)
+        report = VerifyReport(path=str(path), dtype=dtype_name(dtype), how=how)
+        agree32, dec32, n32 = 0.0, [], 0
+        out_names = [n for n in names if not n.startswith(DECISIONS)]
+        for b in batch_sizes:
+            x = torch.randn(b, *shape, generator=gen)
+            ref_all, ref_dec = _torch_outputs(ref_model, x, bool(dec_names))
+            if list(ref_all) != out_names:
+                raise VerificationError(f"{path} has outputs {out_names}, but the model gives {list(ref_all)}: "
+                                        "export it again from this model")
+            outs = run.session.run(None, {run.input_name: x.numpy().astype(run.input_dtype)})
+            got = {n: o for n, o in zip(names, outs)}
+            out_dec = [got[n] for n in sorted(dec_names, key=lambda n: int(n[len(DECISIONS):]))] if dec_names else None
+            ref = ref_all[out_names[0]]
+            extra = {n: (ref_all[n], got[n]) for n in out_names[1:]}
+            report.checks.append(batch_check(b, ref, np.asarray(got[out_names[0]], dtype=np.float32), atol, rtol,
+                                             ref_dec, out_dec, rule=rule, extra=extra))
+            if reference_fp32 is not None and dtype != torch.float32:
+                r32, d32 = _torch_outputs(reference_fp32.eval(), x, True)
+                # fp16: the reference forward above was this model with its decisions recorded; bf16 ran an upcast copy
+                low, dlow = (ref_all, ref_dec) if ref_model is model and dec_names else _torch_outputs(model, x, True)
+                r32, low = next(iter(r32.values())), next(iter(low.values()))
+                same = low.argmax(-1) == r32.argmax(-1)  # [B] for a classifier, [B, queries] for a detector
+                agree32 += float(same.sum())
+                n32 += same.size
+                if d32:
+                    dec32.append(decision_share(d32, dlow)[0])
+        if n32:
+            report.vs_fp32 = {"top1_agreement": agree32 / n32}
+            if dec32:
+                report.vs_fp32["decisions_identical"] = float(np.mean(dec32))
+        return report
 
 
 def weight_difference(a: PathLike, b: PathLike) -> Tuple[int, int, List[str]]:
@@ -326,7 +330,7 @@ def compare_files(a: PathLike, b: PathLike, batch_sizes: Sequence[int] = (1, 4),
     """
     for p in (a, b):
         if not Path(p).is_file():
-            raise SurgeryError(f"no ONNX file at {str(p)!r}")
+            raise ModelNotFoundError(f"no ONNX file at {str(p)!r}")
     ra, rb = OrtRunner(a, threads=threads), OrtRunner(b, threads=threads)
     if ra.input_shape != rb.input_shape:
         raise SurgeryError(f"the two graphs take different inputs: {a} {ra.input_shape}, {b} {rb.input_shape}")
@@ -345,5 +349,5 @@ def compare_files(a: PathLike, b: PathLike, batch_sizes: Sequence[int] = (1, 4),
     return checks
 
 
-__all__ = ["BatchCheck", "VerifyReport", "batch_check", "verify", "compare_files", "weight_difference", "check_onnx", "upcast_copy",
+__all__ = ["BatchCheck", "VerifyReport", "batch_check", "verify", "compare_files", "weight_difference", "check_onnx", "upcast_copy", "upcast",
            "decision_share", "TOLERANCES", "MIN_DECISIONS"]
