@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 import vitmerge
 from vitmerge.cli import app
-from vitmerge.backends import Runner, open_runner as open_target, timm_runner as torch_target
+from vitmerge.backends import Runner, open_runner as open_target
+from vitmerge.request import MergeRequest
 from vitmerge.backends.ort import session as ort_session
 from vitmerge.errors import ModelFileError, RuntimeMissingError, UsageError
 from vitmerge.profiling import energy as en
@@ -206,7 +207,7 @@ def test_ort_target_runs_the_model(onnx_pair):
 
 def test_torch_target_merges_and_runs():
     with pytest.warns(UserWarning, match="RANDOM weights"):  # no checkpoint: said loudly
-        t = torch_target("vit_tiny_patch16_224", r=2, img_size=32, device="cpu")
+        t = open_target("vit_tiny_patch16_224", request=MergeRequest(r=2), img_size=32, device="cpu")
     assert t.runtime == "torch" and t.info["method"] == "tome" and t.info["r"] == [2] * 12
     assert t.timed(2)().shape == (2, 1000)
     with pytest.warns(UserWarning, match="RANDOM weights"):

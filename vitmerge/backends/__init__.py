@@ -1,11 +1,11 @@
 """Running a model: one :class:`Runner` interface, one module per runtime.
 
 * :mod:`.ort`   ONNX Runtime sessions (CPU, CUDA) with the TokenMerge kernel registered as needed;
-* :mod:`.torch` PyTorch eager (a module, a timm name + local checkpoint, or a transformers model folder);
-* :mod:`.trt`   TensorRT: engine build, engine load, the engine metadata reader and writer.
+* :mod:`.torch` PyTorch eager (a module built by :func:`vitmerge.models.build.build_merged`);
+* :mod:`.trt`   TensorRT engines (:mod:`.trt_build`: engine build and the engine metadata reader and writer).
 
-:func:`open_runner` turns what a user types (``MODEL.onnx``, ``MODEL.engine``, ``timm:NAME``) and a
-runtime name into a runner; verification, accuracy, calibration, profiling and the self-test all
+:func:`open_runner` turns a model reference (:class:`~vitmerge.request.ModelRef`: ``MODEL.onnx``,
+``MODEL.engine``, a timm name, ``dense:NAME``, a transformers folder) and a runtime name into a runner; verification, accuracy, calibration, profiling and the self-test all
 run models through this interface.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..errors import ModelNotFoundError, UsageError
 from ..request import ENGINE_SUFFIXES, TIMM_PREFIX, MergeRequest, ModelRef
 from .base import RUNTIMES, Runner
 from .ort import OrtRunner
-from .torch import TorchRunner, timm_runner
+from .torch import TorchRunner
 from .trt import TrtRunner
 
 
@@ -48,7 +48,7 @@ def open_runner(model: Union[str, ModelRef], runtime: Optional[str] = None, *, r
 
         source = resolve_model(ref, **{k: v for k, v in model_options.items() if v is not None})
         request = request or MergeRequest.unmerged()
-        model = build_merged(source, request)
+        model = build_merged(source, request) if request.merges else source.build()  # r = 0: the plain model
         if threads:
             import torch
 
@@ -77,4 +77,4 @@ def open_runner(model: Union[str, ModelRef], runtime: Optional[str] = None, *, r
 
 
 __all__ = ["Runner", "OrtRunner", "TorchRunner", "TrtRunner", "RUNTIMES", "open_runner", "default_runtime",
-           "timm_runner", "TIMM_PREFIX", "ENGINE_SUFFIXES"]
+           "TIMM_PREFIX", "ENGINE_SUFFIXES"]

@@ -29,8 +29,7 @@ from ..errors import UsageError
 #: every runtime a Runner exists for
 RUNTIMES = ("torch", "ort", "ort-cuda", "trt")
 DEVICES = ("auto", "cpu", "cuda")  # where PyTorch runs a timm model
-TIMM_PREFIX = "timm:"  # a model spec naming a timm model (run in PyTorch)
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # serialized TensorRT engines
+from ..request import ENGINE_SUFFIXES, TIMM_PREFIX  # noqa: E402,F401  (model references are read in request.py)
 
 
 def _noop() -> None:

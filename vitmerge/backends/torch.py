@@ -1,19 +1,17 @@
 """PyTorch eager: a module (plain or merged with ``vitmerge.apply``) behind the runner interface."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import RuntimeMissingError, UsageError
-from ..models import apply, input_shape
+from ..models import input_shape
 from ..models.family import family, forward_logits, forward_outputs
-from ..models.build import build_model
 from ..models.precision import dtype_name, model_dtype
-from .base import DEVICES, TIMM_PREFIX, Runner, ScheduleInfo, schedule_info
+from .base import DEVICES, Runner, ScheduleInfo, schedule_info
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -25,12 +23,6 @@ def resolve_device(device: str = "auto") -> str:
         raise RuntimeMissingError("--device cuda: PyTorch sees no CUDA GPU here (CPU-only build or no driver); "
                                   "use --device cpu")
     return device
-
-
-def _r_text(r) -> str:
-    if isinstance(r, list) and r and all(v == r[0] for v in r):
-        return str(r[0])
-    return str(r)
 
 
 def model_schedule(model: nn.Module) -> ScheduleInfo:
@@ -84,23 +76,4 @@ class TorchRunner(Runner):
             torch.cuda.synchronize()
 
 
-def timm_runner(name: str, checkpoint: Optional[Union[str, Path]] = None, method: str = "tome", r: Any = 0,
-                img_size: Optional[int] = None, num_classes: Optional[int] = None, device: str = "auto",
-                threads: int = 0, prop_attn: bool = True, label: Optional[str] = None, **model_options) -> TorchRunner:
-    """timm model ``name`` (local checkpoint or random weights) or a transformers model folder, merged when
-    r != 0, in PyTorch eager. ``model_options``: ``frames`` / ``audio_length`` for transformers folders."""
-    device = resolve_device(device)
-    if threads:
-        torch.set_num_threads(threads)
-    model = build_model(name, checkpoint, img_size=img_size, num_classes=num_classes, **model_options)
-    if r != 0:
-        apply(model, method=method, r=r, prop_attn=prop_attn)
-    mi = getattr(model, "vitmerge", None)
-    tag = name + (f" {mi.method} r={_r_text(list(mi.r))}" if mi is not None else "")
-    from ..models.build import is_model_folder
-
-    spec = name if is_model_folder(name) else f"{TIMM_PREFIX}{name}"
-    return TorchRunner(model, label=label or tag, spec=spec, device=device)
-
-
-__all__ = ["TorchRunner", "timm_runner", "model_schedule", "resolve_device", "TIMM_PREFIX", "DEVICES"]
+__all__ = ["TorchRunner", "model_schedule", "resolve_device", "DEVICES"]

@@ -17,7 +17,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass, field

@@ -133,10 +133,72 @@ ThreadsOpt = Annotated[int, typer.Option(
     "--threads", help="CPU threads for ONNX Runtime / PyTorch (0: the runtime's default)")]
 
 
+# ---------------------------------------------------------------------------------------------- option groups
+
+#: the model options of every command that builds a model: parameter name -> (option type, default)
+MODEL_OPTIONS = {
+    "checkpoint": (CheckpointOpt, None), "config": (ConfigOpt, None), "model_kwargs": (ModelKwargsOpt, None),
+    "num_classes": (NumClassesOpt, None), "img_size": (ImgSizeOpt, None), "frames": (FramesOpt, None),
+    "audio_length": (AudioLengthOpt, None), "seed": (SeedOpt, 0),
+}
+#: the merge options of every command that merges: parameter name -> (option type, default)
+MERGE_OPTIONS = {
+    "method": (MethodOpt, "tome"), "r": (ROpt, None), "schedule": (ScheduleOpt, "constant"), "budget": (BudgetOpt, None),
+    "budget_latency": (BudgetLatencyOpt, None), "option": (OptionOpt, None), "prop_attn": (PropAttnOpt, True),
+}
+
+
+def with_options(model: bool = True, merge: bool = True, skip: Iterable[str] = ()):
+    """Give a command the shared model and/or merge options, declared once here: the command declares a keyword
+    parameter ``model_options`` and/or ``merge_options`` (a dict) instead of repeating eight and seven options;
+    typer sees the options themselves (same names, help, defaults and panels in every command). ``skip``: names
+    of the group that do not apply to this command."""
+    import functools
+    import inspect
+
+    groups = {}
+    if model:
+        groups["model_options"] = MODEL_OPTIONS
+    if merge:
+        groups["merge_options"] = MERGE_OPTIONS
+    skip = set(skip)
+
+    def deco(fn):
+        import typing
+
+        hints = typing.get_type_hints(fn, include_extras=True)  # resolved in the command's own module
+        sig = inspect.signature(fn)
+        missing = [g for g in groups if g not in sig.parameters]
+        if missing:
+            raise TypeError(f"{fn.__name__} must declare {', '.join(missing)} to receive the shared options")
+        params = [p.replace(annotation=hints.get(n, p.annotation)) for n, p in sig.parameters.items() if n not in groups]
+        annotations = {k: v for k, v in hints.items() if k not in groups and k != "return"}
+        for group in groups.values():
+            for name, (typ, default) in group.items():
+                if name in skip:
+                    continue
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typ))
+                annotations[name] = typ
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for g, group in groups.items():
+                kwargs[g] = {name: kwargs.pop(name) for name in group if name in kwargs}
+            return fn(*args, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=params)
+        wrapper.__annotations__ = annotations
+        del wrapper.__wrapped__  # typer reads the signature above, not the function's own
+        return wrapper
+
+    return deco
+
+
 __all__ = [
     "choices", "value", "Method", "MergeOp", "Runtime", "EvalRuntime", "ClassMap", "Schedule", "Device", "CalibrationMethod",
     "InstanceKind", "Space", "ClassOrder", "DType", "DTypeOpt", "CheckpointOpt", "ImgSizeOpt", "FramesOpt", "AudioLengthOpt",
-    "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt", "SeedOpt", "BatchOpt",
+    "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt", "SeedOpt", "BatchOpt", "MODEL_OPTIONS", "MERGE_OPTIONS",
+    "with_options",
     "MethodOpt", "OptionOpt", "ROpt", "ScheduleOpt", "BudgetOpt", "BudgetLatencyOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",
     "ThreadsOpt",
 ]

@@ -9,9 +9,7 @@ import typer
 from rich.table import Table
 
 from ._common import console, err_console, fail, log, loud_warnings, merge_request, model_source, user_errors
-from ._options import (AudioLengthOpt, BatchOpt, BudgetLatencyOpt, BudgetOpt, CheckpointOpt, ClassMap, ClassOrder,
-                       ConfigOpt, DataOpt, EvalRuntime, FramesOpt, ImgSizeOpt, MethodOpt, ModelKwargsOpt, NumClassesOpt,
-                       OptionOpt, PropAttnOpt, ReportDirOpt, ROpt, ScheduleOpt, SeedOpt, value)
+from ._options import BatchOpt, ClassMap, ClassOrder, DataOpt, EvalRuntime, ReportDirOpt, value, with_options
 
 
 def counted(n: int, dataset: str = "") -> str:
@@ -102,26 +100,12 @@ def detection_markdown_sections(data: Dict[str, Any]) -> list:
 
 def register(app: typer.Typer) -> None:
     @app.command("eval", short_help="Top-1/top-5 (detectors: mAP) of the unmerged vs the merged model on the same images.")
+    @with_options()
     def eval_cmd(
         model_name: Annotated[Optional[str], typer.Argument(
             metavar="[MODEL]", help="timm model name (or timm:NAME), transformers model folder (YOLOS too) or "
                                     "dense:NAME (optional with --config)")] = None,
         data: DataOpt = None,
-        config: ConfigOpt = None,
-        checkpoint: CheckpointOpt = None,
-        model_kwargs: ModelKwargsOpt = None,
-        num_classes_opt: NumClassesOpt = None,
-        img_size: ImgSizeOpt = None,
-        frames: FramesOpt = None,
-        audio_length: AudioLengthOpt = None,
-        seed: SeedOpt = 0,
-        method: MethodOpt = "tome",
-        option: OptionOpt = None,
-        r: ROpt = None,
-        schedule: ScheduleOpt = "constant",
-        budget: BudgetOpt = None,
-        budget_latency: BudgetLatencyOpt = None,
-        prop_attn: PropAttnOpt = True,
         runtime: Annotated[EvalRuntime, typer.Option(
             "--runtime", case_sensitive=False,
             help="torch (PyTorch eager) or ort (export both models to ONNX, verify, score them in ONNX Runtime)")] = "torch",
@@ -149,6 +133,8 @@ def register(app: typer.Typer) -> None:
                  "the backbone's), or feed them in [0, 1] (--no-normalize: vitmerge's demo detectors)")] = True,
         workers: Annotated[int, typer.Option("--workers", help="Image decoding processes (0: in the main process)")] = 0,
         report_dir: ReportDirOpt = None,
+        model_options: dict = None,
+        merge_options: dict = None,
     ):
         """Score the unmerged and the merged model on the same images: top-1, top-5, agreement, FLOPs
         (--r 0: the patched model with nothing merged, which must score exactly as the unmerged one).
@@ -159,7 +145,7 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             if batch_size <= 0:
                 raise fail(f"--batch must be at least 1, got {batch_size}")
-            request = merge_request(method, r, schedule, budget, budget_latency, option, prop_attn)
+            request = merge_request(**merge_options)
         from ..data.imagenet import order_mismatch_hint
         from ..profiling.compare import compare
         from ..profiling.report import prepare_dir, write_report
@@ -167,8 +153,7 @@ def register(app: typer.Typer) -> None:
         with user_errors(), loud_warnings():
             if report_dir is not None:
                 prepare_dir(report_dir)  # fail before the work
-            source = model_source(model_name, checkpoint, config, model_kwargs, img_size, num_classes_opt, frames,
-                                  audio_length, seed)
+            source = model_source(model_name, **model_options)
 
             def show_data(ds):
                 console.print(f"data: {ds.describe()}")

@@ -14,9 +14,7 @@ import typer
 from rich.table import Table
 
 from ._common import batch_list, console, loud_warnings, merge_request, model_source, user_errors
-from ._options import (AudioLengthOpt, BudgetLatencyOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DTypeOpt, FramesOpt,
-                       ImgSizeOpt, MergeOp, MethodOpt, ModelKwargsOpt, NumClassesOpt, OptionOpt, PropAttnOpt, ROpt,
-                       ScheduleOpt, SeedOpt, value)
+from ._options import DTypeOpt, MergeOp, value, with_options
 
 
 def token_table(model) -> Table:
@@ -50,28 +48,16 @@ def step_nodes_text(nodes: dict) -> str:
 
 def register(app: typer.Typer) -> None:
     @app.command("export", short_help="timm ViT or transformers folder -> merged ONNX (static token counts), verified.")
+    @with_options()
     def export_cmd(
         model_name: Annotated[Optional[str], typer.Argument(
             metavar="[MODEL]", help="timm model name (e.g. vit_small_patch16_224, or timm:NAME), a folder written by transformers' "
                                   "save_pretrained (ViT, DeiT, VideoMAE, AST, YOLOS), or dense:NAME (the dense "
                                   "detector on timm backbone NAME; outputs logits and boxes); optional with --config")] = None,
         output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .onnx file")] = ...,
-        checkpoint: CheckpointOpt = None,
-        method: MethodOpt = "tome",
-        r: ROpt = None,
-        schedule: ScheduleOpt = "constant",
-        budget: BudgetOpt = None,
-        budget_latency: BudgetLatencyOpt = None,
-        option: OptionOpt = None,
-        prop_attn: PropAttnOpt = True,
-        config: ConfigOpt = None,
-        img_size: ImgSizeOpt = None,
-        frames: FramesOpt = None,
-        audio_length: AudioLengthOpt = None,
-        num_classes: NumClassesOpt = None,
-        model_kwargs: ModelKwargsOpt = None,
-        seed: SeedOpt = 0,
         dtype: DTypeOpt = "fp32",
+        model_options: dict = None,
+        merge_options: dict = None,
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset")] = 18,
         merge_op: Annotated[MergeOp, typer.Option(
             "--merge-op", case_sensitive=False,
@@ -92,15 +78,14 @@ def register(app: typer.Typer) -> None:
             check_output_path(output)  # fail before minutes of work
             from ..request import parse_options, parse_r
 
-            parse_r(r), parse_options(option)  # malformed --r / -O: refused before torch is imported
-            request = merge_request(method, r, schedule, budget, budget_latency, option, prop_attn)
+            parse_r(merge_options["r"]), parse_options(merge_options["option"])  # refused before torch is imported
+            request = merge_request(**merge_options)
         from ..exporter import export
         from ..models.build import build_merged
         from ..models.flops import flop_ratio
 
         with user_errors(), loud_warnings():
-            source = model_source(model_name, checkpoint, config, model_kwargs, img_size, num_classes, frames,
-                                  audio_length, seed)
+            source = model_source(model_name, **model_options)
             model = build_merged(source, request)
             if getattr(model, "vitmerge", None) is not None:
                 console.print(token_table(model))

@@ -8,9 +8,7 @@ from rich.table import Table
 
 from ._common import (batch_list, console, err_console, fail, loud_warnings, merge_request, parse_json_option,
                       user_errors)
-from ._options import (AudioLengthOpt, BudgetLatencyOpt, BudgetOpt, CheckpointOpt, ConfigOpt, Device, FramesOpt,
-                       ImgSizeOpt, MethodOpt, ModelKwargsOpt, NumClassesOpt, OptionOpt, PropAttnOpt, ReportDirOpt, ROpt,
-                       Runtime, ScheduleOpt, SeedOpt, ThreadsOpt, value)
+from ._options import Device, ReportDirOpt, Runtime, ThreadsOpt, value, with_options
 
 TIMM_PANEL = "Model"
 MEASURE_PANEL = "Measurement"
@@ -48,6 +46,7 @@ def energy_lines(result) -> List[str]:
 
 def register(app: typer.Typer) -> None:
     @app.command("profile", short_help="Latency percentiles, throughput and energy per image, models interleaved.")
+    @with_options()
     def profile_cmd(
         models: Annotated[List[str], typer.Argument(
             metavar="MODEL...", help="MODEL.onnx, MODEL.engine, a timm name (or timm:NAME), dense:NAME or a transformers model "
@@ -79,21 +78,8 @@ def register(app: typer.Typer) -> None:
         report_dir: ReportDirOpt = None,
         device: Annotated[Device, typer.Option("--device", rich_help_panel=TIMM_PANEL, case_sensitive=False,
                                                help="PyTorch device for models built in PyTorch")] = "auto",
-        checkpoint: CheckpointOpt = None,
-        config: ConfigOpt = None,
-        model_kwargs: ModelKwargsOpt = None,
-        num_classes: NumClassesOpt = None,
-        img_size: ImgSizeOpt = None,
-        frames: FramesOpt = None,
-        audio_length: AudioLengthOpt = None,
-        seed: SeedOpt = 0,
-        method: MethodOpt = "tome",
-        r: ROpt = None,
-        schedule: ScheduleOpt = "constant",
-        budget: BudgetOpt = None,
-        budget_latency: BudgetLatencyOpt = None,
-        option: OptionOpt = None,
-        prop_attn: PropAttnOpt = True,
+        model_options: dict = None,
+        merge_options: dict = None,
     ):
         """Latency p50/p90/p99, throughput and energy per image for each batch size; models interleaved so
         ratios are fair. Model and merge options apply to the models built in PyTorch (timm names, dense:NAME,
@@ -110,14 +96,13 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             from ..request import ModelRef, parse_options, parse_r
 
-            parse_r(r), parse_options(option)  # malformed --r / -O: refused before torch is imported
+            parse_r(merge_options["r"]), parse_options(merge_options["option"])  # refused before torch is imported
             refs = [ModelRef.parse(m) for m in models]
             pytorch = [ref for ref in refs if ref.is_pytorch]
-            given = {"--checkpoint": checkpoint, "--config": config, "--model-kwargs": model_kwargs,
-                     "--num-classes": num_classes, "--img-size": img_size, "--frames": frames,
-                     "--audio-length": audio_length, "--r": r, "--budget": budget, "-O": option or None}
-            if not pytorch and any(v is not None for v in given.values()):
-                named = ", ".join(k for k, v in given.items() if v is not None)
+            given = [("--" + k.replace("_", "-"), v) for k, v in {**model_options, **merge_options}.items()
+                     if k not in ("seed", "method", "schedule", "prop_attn")]
+            if not pytorch and any(v for _, v in given):
+                named = ", ".join(k for k, v in given if v)
                 raise fail(f"{named} apply to models built in PyTorch (timm names, dense:NAME, transformers folders); "
                            "every MODEL here is an .onnx file or an engine, which carry their own weights and merge")
         from ..backends import open_runner
@@ -126,18 +111,17 @@ def register(app: typer.Typer) -> None:
         with user_errors(), loud_warnings():
             if report_dir is not None:
                 prepare_dir(report_dir)  # fail before minutes of measuring
-            request = merge_request(method, r, schedule, budget, budget_latency, option, prop_attn) if pytorch else None
+            request = merge_request(**merge_options) if pytorch else None
             targets = []
             with console.status("loading models") as st:
                 for ref in refs:
                     for rt in runtimes:
                         st.update(f"loading {ref.text}" + (f" ({rt})" if rt else ""))
                         if ref.is_pytorch:
+                            opts = {**model_options,
+                                    "model_kwargs": parse_json_option(model_options["model_kwargs"], "--model-kwargs")}
                             targets.append(open_runner(ref, rt, request=request, device=value(device), threads=threads,
-                                                       checkpoint=checkpoint, config=config,
-                                                       model_kwargs=parse_json_option(model_kwargs, "--model-kwargs"),
-                                                       num_classes=num_classes, img_size=img_size, frames=frames,
-                                                       audio_length=audio_length, seed=seed))
+                                                       **opts))
                         else:
                             targets.append(open_runner(ref, rt, threads=threads))
             total = rounds * len(batches)

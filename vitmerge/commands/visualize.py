@@ -8,12 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from ._common import console, loud_warnings, merge_request, model_source, user_errors
-from ._options import (BudgetLatencyOpt, BudgetOpt, CheckpointOpt, ConfigOpt, ImgSizeOpt, MethodOpt, ModelKwargsOpt,
-                       NumClassesOpt, OptionOpt, PropAttnOpt, ROpt, ScheduleOpt, SeedOpt)
+from ._options import with_options
 
 
 def register(app: typer.Typer) -> None:
     @app.command("visualize", short_help="PNG of which patches merged into one token (detectors: boxes unmerged vs merged).")
+    @with_options(skip=("frames", "audio_length"))
     def visualize_cmd(
         model_name: Annotated[Optional[str], typer.Argument(
             metavar="[MODEL]", help="timm model name (or timm:NAME), e.g. vit_small_patch16_224, a transformers "
@@ -23,25 +23,14 @@ def register(app: typer.Typer) -> None:
         image: Annotated[str, typer.Option(
             "--image", "-i", help="Image file, or a photo shipped with scikit-image: skimage:astronaut | "
                                   "skimage:chelsea | skimage:coffee")] = "skimage:astronaut",
-        checkpoint: CheckpointOpt = None,
-        config: ConfigOpt = None,
-        model_kwargs: ModelKwargsOpt = None,
-        num_classes: NumClassesOpt = None,
-        img_size: ImgSizeOpt = None,
-        seed: SeedOpt = 0,
-        method: MethodOpt = "tome",
-        r: ROpt = None,
-        schedule: ScheduleOpt = "constant",
-        budget: BudgetOpt = None,
-        budget_latency: BudgetLatencyOpt = None,
-        option: OptionOpt = None,
-        prop_attn: PropAttnOpt = True,
         score: Annotated[float, typer.Option(
             "--score", help="Detectors: draw boxes scoring at least this (0..1)")] = 0.3,
         normalize: Annotated[bool, typer.Option(
             "--normalize/--no-normalize",
             help="Detectors: normalise pixels with the model's mean/std, or feed them in [0, 1] (vitmerge's demo "
                  "detectors)")] = True,
+        model_options: dict = None,
+        merge_options: dict = None,
     ):
         """Draw which patches merged into the same final token (ToMe-style: each group in its mean colour, outlined).
 
@@ -50,7 +39,7 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             from ..request import ModelRef, parse_options, parse_r
 
-            parse_r(r), parse_options(option)  # malformed --r / -O: refused before torch is imported
+            parse_r(merge_options["r"]), parse_options(merge_options["option"])  # refused before torch is imported
             ModelRef.parse(model_name or "x").require_pytorch("visualize")
             from .._io import check_output_path
             from ..errors import UsageError
@@ -62,9 +51,9 @@ def register(app: typer.Typer) -> None:
         from ..profiling.visualize import load_image, render, render_detections, visualize_detections, visualize_model
 
         with user_errors(), loud_warnings():
-            request = merge_request(method, r, schedule, budget, budget_latency, option, prop_attn)
+            request = merge_request(**merge_options)
             picture = load_image(image)
-            source = model_source(model_name, checkpoint, config, model_kwargs, img_size, num_classes, seed=seed)
+            source = model_source(model_name, **model_options)
             model = source.build()
             title = f"{source.ref.label} — {image}"
             if family(model).output_names(model) != ("logits",):

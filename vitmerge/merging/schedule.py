@@ -6,7 +6,7 @@ cost function (:func:`solve`). FLOP cost models that read a model's structure li
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 from ..errors import ScheduleError
 from .registry import DEFAULT_METHOD, method_spec
