@@ -60,8 +60,8 @@ Supported layouts (local folders only; nothing is downloaded; details in docs/da
                                                  or DIR/LOC_val_solution.csv (or give the file with --labels)
   CIFAR-100 (official python version)           DIR/cifar-100-python/{test,meta} or DIR/{test,meta}
   Oxford-IIIT Pet                               DIR/images/*.jpg + DIR/annotations/test.txt
-  MNIST / Fashion-MNIST (IDX files)             DIR/{train,t10k}-images-idx3-ubyte + DIR/{train,t10k}-labels-idx1-ubyte
-                                                 (each may be .gz; Fashion-MNIST class names if DIR's name has 'fashion')
+  MNIST / Fashion-MNIST (IDX files)             DIR/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+                                                 (Fashion-MNIST's class names if DIR's name contains 'fashion')
   Video clips in class folders                  DIR/<class name>/<clip>.npy  ([T, H, W(, C)] or [T, C, H, W] frames)
   Audio clips in class folders                  DIR/<class name>/<clip>.wav
   Split folders                                 DIR/train/ and DIR/val/ or DIR/test/, each in a layout above"""
