@@ -257,3 +257,46 @@ def test_eval_cli_on_an_idx_folder(tmp_path):
     assert "fashion-mnist idx (test): 20 images, 10 classes" in out
     ev = json.loads((rep / "report.json").read_text())["data"]["eval"]
     assert ev["images"] == 20 and ev["unreadable_count"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# bench/fashion_mnist.py on generated files (the real data set is never needed here)
+# --------------------------------------------------------------------------------------------
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fashion_mnist", ROOT / "bench" / "fashion_mnist.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_says_how_to_install_the_data(tmp_path):
+    bench = _bench()
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--data", str(tmp_path / "nowhere"), "--cache", str(tmp_path / "cache")])
+    msg = str(e.value)
+    assert "apt-get install dataset-fashion-mnist" in msg and "/usr/share/datasets/fashion-mnist" in msg
+    make_set(tmp_path / "mnist", shape=(28, 28))
+    with pytest.raises(SystemExit, match="does not contain 'fashion'"):
+        bench.main(["--data", str(tmp_path / "mnist"), "--cache", str(tmp_path / "cache")])
+
+
+def test_bench_trains_once_and_writes_a_model_json_eval_reads(tmp_path, capsys):
+    from vitmerge.models.build import load_model_config
+
+    bench = _bench()
+    d = tmp_path / "fashion-mnist"
+    make_set(d, n_train=40, n_test=30, shape=(28, 28))
+    args = ["--data", str(d), "--cache", str(tmp_path / "cache"), "--epochs", "1", "--depth", "1",
+            "--embed-dim", "16", "--batch-size", "16"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "training" in out and "test top-1" in out and "on 30 images (50 tokens" in out
+    (cfg_path,) = (tmp_path / "cache").glob("vit-*/model.json")
+    cfg = load_model_config(cfg_path)
+    assert cfg.data_dir == d.resolve() and cfg.checkpoint.is_file() and cfg.kwargs["patch_size"] == 4
+    assert cfg.meta["classes"][0] == "T-shirt/top" and cfg.meta["split"] == {"train": 40, "test": 30, "seed": 0}
+    assert bench.main(args) == 0 and "cached:" in capsys.readouterr().out  # a second run trains nothing
