@@ -11,6 +11,8 @@ maintained reader where one exists:
   ``LOC_val_solution.csv``): read here, no maintained reader knows these;
 * CIFAR-100: the official ``cifar-100-python`` pickles, read by torchvision's ``CIFAR100``;
 * Oxford-IIIT Pet: ``images/`` plus ``annotations/test.txt``, read by torchvision's ``OxfordIIITPet``;
+* MNIST / Fashion-MNIST: the four IDX files (``train-images-idx3-ubyte`` ..., optionally ``.gz``), read
+  with numpy (:mod:`.idx`); Fashion-MNIST's class names when the folder's name contains "fashion";
 * a folder holding ``train/`` and ``val/`` or ``test/`` splits in any of the layouts above;
 * video clips (``.npy``) or audio files (``.wav``) in class folders (:mod:`.clips`).
 
@@ -37,7 +39,7 @@ from torchvision.datasets import CIFAR100, ImageFolder, OxfordIIITPet
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, pil_loader
 
 from ..errors import DataError, UsageError
-from . import clips, imagenet
+from . import clips, idx, imagenet
 from .imagenet import CLASS_ORDERS, WNID
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ Supported layouts (local folders only; nothing is downloaded; details in docs/da
                                                  or DIR/LOC_val_solution.csv (or give the file with --labels)
   CIFAR-100 (official python version)           DIR/cifar-100-python/{test,meta} or DIR/{test,meta}
   Oxford-IIIT Pet                               DIR/images/*.jpg + DIR/annotations/test.txt
+  MNIST / Fashion-MNIST (IDX files)             DIR/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+                                                 (Fashion-MNIST's class names if DIR's name contains 'fashion')
   Video clips in class folders                  DIR/<class name>/<clip>.npy  ([T, H, W(, C)] or [T, C, H, W] frames)
   Audio clips in class folders                  DIR/<class name>/<clip>.wav
   Split folders                                 DIR/train/ and DIR/val/ or DIR/test/, each in a layout above"""
@@ -308,6 +312,25 @@ def open_image_folder(p: Path, skip: Sequence[str] = ()) -> ImageDataset:
     return ImageDataset(p, layout, tv.samples, classes, pil_loader, notes=notes)
 
 
+def open_idx(root: Path, folder: Path, split: Optional[str], prefer: Sequence[str]) -> ImageDataset:
+    """MNIST / Fashion-MNIST IDX files in ``folder`` (``root`` is the folder given; see :mod:`.idx`)."""
+    complete = idx.check_pairs(folder)
+    if not complete:  # pragma: no cover - find() only returns folders holding IDX files
+        raise _layout_error(f"{str(folder)!r} holds no complete pair of IDX files; {idx.EXPECTED}")
+    s, note = idx.choose_split(complete, split, prefer)
+    sp = idx.read_split(root, folder, s)
+    notes = [note] if note else []
+    if split is None and len(complete) > 1:
+        notes.append(f"using the '{s}' split ({sp.files[0].name}); --split train|test picks the other")
+    elif split is None:
+        notes.append(f"only the '{s}' split's files are present: using them")
+    if not sp.fashion and len(sp.labels) in (60000, 10000):
+        notes.append("class names are the digits 0..9 (MNIST); Fashion-MNIST's names are used when the folder's "
+                     "name contains 'fashion' (the files themselves do not say which of the two they are)")
+    return ImageDataset(root, f"{sp.name} idx ({s})", list(enumerate(sp.labels.tolist())), sp.classes,
+                        idx.GreyToRGB(sp.images), notes=notes)
+
+
 # --------------------------------------------------------------------------------------------
 # Layouts no maintained reader covers: ImageNet val flat + devkit, flat + labels file
 # --------------------------------------------------------------------------------------------
@@ -441,7 +464,8 @@ def open_dataset(
 ) -> ImageDataset:
     """Recognise the layout of ``path`` and return its labelled images.
 
-    split: for folders holding several splits (train/val/test folders, CIFAR pickles, Pets lists),
+    split: for folders holding several splits (train/val/test folders, CIFAR pickles, Pets lists,
+    MNIST IDX files: train or test, val meaning test),
     which one to use; default: the first of ``prefer`` that exists (evaluation prefers val/test,
     calibration passes ``CALIBRATION_SPLITS`` to prefer train).
     labels: a labels file for a flat folder of images (default: the ImageNet devkit, val.txt or
@@ -483,6 +507,11 @@ def _detect(p: Path, split: Optional[str], labels, prefer: Sequence[str], class_
     pets = _pets_dir(p)
     if pets is not None:
         return open_pets(pets, "train" if want == "train" else "test"), devkit
+    idx_dir = idx.find(p)
+    if idx_dir is not None:
+        if labels is not None:
+            raise DataError(f"--labels does not apply to {str(p)!r}: MNIST / Fashion-MNIST IDX files hold their labels")
+        return open_idx(p, idx_dir, split, prefer), devkit
 
     kit = devkit.resolve() if devkit is not None else None
     skip = [kit.name] if kit is not None and kit.parent == p.resolve() else []  # the devkit is no class or split
