@@ -1,7 +1,8 @@
 """Data: labelled image sets from local folders (never downloaded) and the preprocessing each model
 expects.
 
-* :mod:`.datasets` - ImageNet val, CIFAR-100, Oxford-IIIT Pet and ImageFolder layouts
+* :mod:`.datasets` - ImageNet val, CIFAR-100, Oxford-IIIT Pet, MNIST / Fashion-MNIST IDX files (:mod:`.idx`) and
+  ImageFolder layouts
   (``open_dataset``; torchvision's readers where they exist), batching that counts unreadable
   images instead of failing;
 * :mod:`.imagenet` - the ILSVRC2012 devkit's val labels and the ImageNet class-index orders;

@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
