@@ -28,10 +28,41 @@ def test_full_demo_small(digits_model, tmp_path):
         assert abs(rows[k]["top1"] - rows[k.replace(" fp16", "")]["top1"]) <= 0.01
     for row in rows.values():
         assert set(map(str, row["p50_ms"])) == {"1", "2"} and all(v > 0 for v in row["p50_ms"].values())
-    assert "energy: not measured" in res.report_md.read_text()
+    md = res.report_md.read_text()
+    assert "energy: not measured" in md
+    assert "not run: `vitmerge demo --clips`" in md  # the video / audio rows are behind a flag, and it says so
+    # the run time of every phase is in the report (wall and CPU seconds, the digits model came from the cache)
+    phases = [p["phase"] for p in data["phases"]]
+    assert phases[0] == "digits model (cached)" and "INT8 calibration" in phases and "## Run time" in md
+    assert all(p["wall_s"] >= 0 and p["cpu_s"] >= 0 for p in data["phases"])
     assert len(res.plots) == 2
     for p in res.plots:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_cli_demo_clips_flag(monkeypatch, tmp_path):
+    """`vitmerge demo` leaves the video / audio rows out (their first-run training would more than double the
+    README's few minutes); `--clips` adds demo.CLIP_ROWS; `--no-clips` (the old spelling) still works."""
+    from typer.testing import CliRunner
+
+    from vitmerge.cli import app
+
+    seen = []
+
+    def fake_run(settings, say=print, progress=None):
+        seen.append(settings)
+        md = tmp_path / "report.md"
+        md.write_text("## Digits\n")
+        return demo.DemoResult(report_md=md, report_json=tmp_path / "report.json", plots=[])
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    runner = CliRunner()
+    for args in ([], ["--clips"], ["--no-clips"]):
+        res = runner.invoke(app, ["demo", "--out-dir", str(tmp_path / "out"), *args])
+        assert res.exit_code == 0, res.output
+    assert [tuple(s.clips) for s in seen] == [(), demo.CLIP_ROWS, ()]
+    assert demo.DemoSettings(out_dir=tmp_path).clips == ()  # the library default matches the command's
+    assert {task for task, _, _ in demo.CLIP_ROWS} == {"video", "audio"}
 
 
 @pytest.mark.slow
@@ -42,8 +73,7 @@ def test_demo_video_and_audio_rows(digits_model, tmp_path):
 
     settings = demo.DemoSettings(out_dir=tmp_path / "report", methods=["tome"], budgets=[0.5], batches=[1],
                                  rounds=1, iters=1, calib_images=20, vit_s=False,
-                                 clips=(("video", "tome", 0.5), ("audio", "hash", 0.5)),
-                                 cache_root=digits_model.dir.parent)
+                                 clips=demo.CLIP_ROWS, cache_root=digits_model.dir.parent)
     res = demo.run(settings, say=lambda s: None)
     rows = json.loads(res.report_json.read_text())["data"]["clips"]
     assert [(r["task"], r["model"], r["method"]) for r in rows] == [
@@ -57,3 +87,5 @@ def test_demo_video_and_audio_rows(digits_model, tmp_path):
         assert row["top1_merged"] >= row["top1_unmerged"] - 0.1
         assert all(v > 0 for v in row["p50_ms"]["merged"].values())
     assert "Video and audio transformers" in res.report_md.read_text()
+    phases = [p["phase"] for p in json.loads(res.report_json.read_text())["data"]["phases"]]
+    assert any(p.startswith("video + audio models (audio ") for p in phases)  # trained or cached, it says which

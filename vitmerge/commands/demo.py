@@ -27,8 +27,10 @@ def register(app: typer.Typer) -> None:
         methods: str = typer.Option("tome,hash", "--methods", help="Merge methods compared on the digits model"),
         budgets: str = typer.Option("0.75,0.5", "--budgets", help="FLOP fractions of the unmerged model"),
         no_vit_s: bool = typer.Option(False, "--no-vit-s", help="Skip the ViT-S/16 latency part of the full demo"),
-        no_clips: bool = typer.Option(False, "--no-clips", help="Skip the video and audio transformers rows "
-                                                                "(VideoMAE and AST trained on generated data)"),
+        clips: bool = typer.Option(False, "--clips/--no-clips",
+                                   help="Add the video and audio transformers rows (VideoMAE and AST trained here on "
+                                        "generated data: several CPU minutes on first use, then cached); off by "
+                                        "default to keep the first run short"),
         model_name: str = typer.Option("vit_small_patch16_224", "--model", help="timm model (random weights unless --checkpoint)"),
         checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="Local weights for the model"),
         r: int = typer.Option(16, "--r", help="Tokens merged per block (ToMe)"),
@@ -38,11 +40,11 @@ def register(app: typer.Typer) -> None:
         model_kwargs: str = typer.Option(None, "--model-kwargs", help="Extra timm.create_model arguments as JSON"),
     ):
         """End to end, offline: digits ViT -> two methods x two budgets -> verified ONNX -> INT8 -> accuracy and
-        latency in ONNX Runtime -> report with plots; plus ViT-S/16 (random weights) ToMe r=16 latency vs the FLOP bound,
-        and one video (VideoMAE) and one audio (AST) row on models trained here on generated data."""
+        latency in ONNX Runtime -> report with plots; plus ViT-S/16 (random weights) ToMe r=16 latency vs the FLOP bound;
+        with --clips also one video (VideoMAE) and one audio (AST) row on models trained here on generated data."""
         if not latency_only:
             return _full_demo(out_dir, methods, budgets, batches, rounds, iters, not no_vit_s, model_name, r,
-                              clips=not no_clips)
+                              clips=clips)
 
         from .. import demo
         from .._io import atomic_write
@@ -68,7 +70,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _full_demo(out_dir: Path, methods: str, budgets: str, batches: str, rounds: int, iters: int, vit_s: bool,
-               vit_s_model: str, r: int, clips: bool = True) -> None:
+               vit_s_model: str, r: int, clips: bool = False) -> None:
     from rich.progress import MofNCompleteColumn
 
     from .. import demo
@@ -81,7 +83,7 @@ def _full_demo(out_dir: Path, methods: str, budgets: str, batches: str, rounds: 
     settings = demo.DemoSettings(out_dir=out_dir, methods=[m.strip() for m in methods.split(",") if m.strip()],
                                  budgets=budget_list, batches=batch_list(batches, "--batch"), rounds=rounds, iters=iters,
                                  vit_s=vit_s, vit_s_model=vit_s_model, vit_s_r=r,
-                                 **({} if clips else {"clips": ()}))
+                                 clips=demo.CLIP_ROWS if clips else ())
     with user_errors(), loud_warnings():
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as prog:

@@ -299,6 +299,18 @@ def train(output: Union[str, Path], cfg: ClipConfig, force: bool = False,
     return _result(out, meta, cached=False)
 
 
+def cache_dir(kind: str, cfg: Optional[ClipConfig] = None, root: Optional[Union[str, Path]] = None) -> Path:
+    """Where :func:`cached` keeps the ``kind`` demo model: ``root/<kind>-<configuration hash>``."""
+    cfg = cfg or default_config(kind)
+    return (Path(root) if root is not None else default_cache_root()) / f"{kind}-{cfg.hash}"
+
+
+def is_cached(kind: str, cfg: Optional[ClipConfig] = None, root: Optional[Union[str, Path]] = None) -> bool:
+    """Whether :func:`cached` would reuse a finished model (no training) right now."""
+    out = cache_dir(kind, cfg, root)
+    return _complete(out, _read(out), (cfg or default_config(kind)).hash)
+
+
 def cached(kind: str, cfg: Optional[ClipConfig] = None, root: Optional[Union[str, Path]] = None,
            on_step: Optional[Callable[[int, int, float], None]] = None) -> ClipModel:
     """The ``kind`` ("video" / "audio") demo model under ``root/<kind>-<hash>``, trained on first use
@@ -310,5 +322,6 @@ def cached(kind: str, cfg: Optional[ClipConfig] = None, root: Optional[Union[str
         return train(base / f"{kind}-{cfg.hash}", cfg, on_step=on_step)
 
 
-__all__ = ["ClipConfig", "ClipModel", "default_config", "transformers_available", "cached", "train", "fit", "make_data", "model_inputs",
+__all__ = ["ClipConfig", "ClipModel", "default_config", "transformers_available", "cached", "cache_dir", "is_cached",
+           "train", "fit", "make_data", "model_inputs",
            "preprocessor", "classes", "KINDS", "VIDEO_MODEL", "AUDIO_MODEL", "VIDEO_DATA", "AUDIO_DATA", "TRAIN"]

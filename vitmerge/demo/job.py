@@ -7,13 +7,17 @@
 5. ONNX Runtime latency at batch 1 and 8, interleaved;
 6. a merge visualisation on a real photo (scikit-image's astronaut) with ViT-S/16;
 7. ViT-S/16 (random weights, said so): unmerged vs ToMe r=16 latency next to the FLOP bound;
-8. one video and one audio row: the transformers VideoMAE (moving digits) and AST (DTMF tones) demo
-   models (trained here, cached), merged at a FLOP budget, exported, verified, scored and timed in
-   ONNX Runtime next to their unmerged export;
-then report.json + report.md + PNG plots in one folder.
+8. only with ``clips`` (``vitmerge demo --clips``): one video and one audio row: the transformers
+   VideoMAE (moving digits) and AST (DTMF tones) demo models (trained here on first use, cached),
+   merged at a FLOP budget, exported, verified, scored and timed in ONNX Runtime next to their
+   unmerged export. Off by default: training the two takes several CPU minutes on first use, which
+   would more than double the first run (README: `make demo` in a few minutes on 2 cores);
+then report.json + report.md + PNG plots in one folder, with the wall and CPU seconds of every phase.
 """
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +52,37 @@ class DemoSettings:
     vit_s_model: str = "vit_small_patch16_224"
     vit_s_r: int = 16
     cache_root: Optional[Path] = None
-    #: (task, method, FLOP budget) rows of the video / audio transformers part; () skips it
-    clips: Sequence[tuple] = (("video", "tome", 0.5), ("audio", "hash", 0.5))
+    #: (task, method, FLOP budget) rows of the video / audio transformers part; () (the default) skips it,
+    #: CLIP_ROWS is what ``vitmerge demo --clips`` runs
+    clips: Sequence[tuple] = ()
+
+
+CLIP_ROWS = (("video", "tome", 0.5), ("audio", "hash", 0.5))
+
+
+class _Laps:
+    """Wall and CPU seconds (this process and its finished children) per phase of the run."""
+
+    def __init__(self) -> None:
+        self.rows: List[Dict[str, Any]] = []
+        self._wall, self._cpu = time.perf_counter(), self._cpu_now()
+
+    @staticmethod
+    def _cpu_now() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __call__(self, phase: str) -> None:
+        wall, cpu = time.perf_counter(), self._cpu_now()
+        self.rows.append({"phase": phase, "wall_s": round(wall - self._wall, 2), "cpu_s": round(cpu - self._cpu, 2)})
+        self._wall, self._cpu = wall, cpu
+
+    def section(self) -> tuple:
+        total = ["total", sum(r["wall_s"] for r in self.rows), sum(r["cpu_s"] for r in self.rows)]
+        return ("Run time", "Seconds per phase of this run (CPU: user + system of the demo's process and "
+                            "its workers; training is skipped when the model is cached).\n\n"
+                + md_table(["phase", "wall s", "CPU s"], [[r["phase"], r["wall_s"], r["cpu_s"]] for r in self.rows]
+                           + [total]))
 
 
 @dataclass
@@ -67,6 +100,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
     data: Dict[str, Any] = {"settings": vars(settings)}
     sections: List[tuple] = []
     plots: List[Path] = []
+    lap = _Laps()
 
     # 1. the digits model -------------------------------------------------------------------------
     say("digits ViT: training on scikit-learn's handwritten digits (cached after the first run)")
@@ -75,6 +109,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
         f"({'cached' if dm.cached else f'trained in {dm.train_seconds:.0f} s'})")
     data["digits_model"] = {"name": dm.model_name, "kwargs": dm.kwargs, "test_top1_torch": dm.test_top1,
                             "checkpoint": str(dm.checkpoint)}
+    lap("digits model (" + ("cached" if dm.cached else "trained") + ")")
 
     # 2. methods x budgets -> verified ONNX files --------------------------------------------------
     variants: Dict[str, Dict[str, Any]] = {}
@@ -95,6 +130,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
                               "max_abs_diff": res.verification.max_abs_diff}
             say(f"  exported {name}: r={model.vitmerge.r}, FLOPs {merged / base:.2f} of unmerged, "
                 f"ORT vs PyTorch max|diff| {res.verification.max_abs_diff:.1e}")
+    lap("fp32 exports + verification")
 
     # 2b. FP16 (what GPU deployments run): the same schedules, merge steps kept in float32 -----------
     fp16_of = ["unmerged", f"{settings.methods[0]}@{settings.budgets[-1]:g}"]
@@ -108,6 +144,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
         variants[f"{name} fp16"] = {**v, "path": res.path, "precision": "fp16",
                                     "max_abs_diff": res.verification.max_abs_diff}
         say(f"  exported {name} fp16: {res.verification.describe_rule()}")
+    lap("fp16 exports + verification")
 
     # 3. INT8 ---------------------------------------------------------------------------------------
     tf = transform_for(base_model)
@@ -120,6 +157,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
         variants[f"{name} int8"] = {**variants[name], "path": q.path, "precision": "int8",
                                     "quantized_nodes": q.quantized_nodes}
         say(f"  INT8 QDQ {name}: {q.quantized_nodes} quantized nodes, {q.images} calibration images")
+    lap("INT8 calibration")
 
     # 4. accuracy in ONNX Runtime, every variant on the same images ---------------------------------
     ev = evaluate({k: OrtRunner(v["path"], label=k) for k, v in variants.items()}, test, batch_size=64,
@@ -127,6 +165,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
     for k, acc in ev.models.items():
         variants[k]["top1"] = acc.top1
         variants[k]["agreement"] = acc.agreement
+    lap("accuracy in ONNX Runtime")
 
     # 5. latency -------------------------------------------------------------------------------------
     targets = [OrtRunner(v["path"], label=k) for k, v in variants.items()]
@@ -151,6 +190,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
                        latency_ms=v["p50_ms"][b0], accuracy=100 * v["top1"]) for k, v in variants.items()]
     plots.append(plot_pareto(pts, out / "pareto_digits.png", title=f"Digits ViT: top-1 vs ORT latency (batch {b0})",
                              accuracy_label="top-1 %"))
+    lap("latency in ONNX Runtime")
 
     # 6. visualisation on a real photo ----------------------------------------------------------------
     with warnings.catch_warnings():
@@ -159,6 +199,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
     vis = visualize_model(vis_model, load_image("skimage:astronaut"), method="tome", r=8)
     plots.append(render(vis, out / "merge_astronaut.png",
                         title=f"ToMe r=8 on {settings.vit_s_model} (random weights): {vis.n_groups} groups"))
+    lap("merge visualisation")
 
     # 7. ViT-S latency (random weights) ---------------------------------------------------------------
     if settings.vit_s:
@@ -175,15 +216,24 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
                      for row in lat["latency"] for r_, key in ((0, "unmerged_p50_ms"), (rr, "merged_p50_ms"))]
         plots.append(plot_latency_vs_r(plot_rows, out / "latency_vit_s.png",
                                        title=f"{settings.vit_s_model}: ORT CPU latency vs r"))
+        lap(f"{settings.vit_s_model} exports + latency")
 
-    # 8. video and audio transformers ------------------------------------------------------------
-    if settings.clips and not clipmodels.transformers_available():
+    # 8. video and audio transformers (only when asked: `vitmerge demo --clips`) ------------------
+    if not settings.clips:
+        sections.append(("Video and audio transformers", "not run: `vitmerge demo --clips` adds a VideoMAE (moving "
+                                                         "digits) and an AST (DTMF tones) row, trained here on first "
+                                                         "use (several CPU minutes) and cached"))
+    elif not clipmodels.transformers_available():
         sections.append(("Video and audio transformers", "skipped: transformers is not installed "
                                                          "(pip install 'vitmerge[hf]')"))
-    elif settings.clips:
+    else:
+        models = train_clip_models(sorted({task for task, _, _ in settings.clips}), settings.cache_root, say=say)
+        lap("video + audio models (" + ", ".join(f"{k} {'cached' if m.cached else 'trained'}"
+                                                  for k, m in models.items()) + ")")
         rows = [clip_row(task, method, budget, settings.batches, onnx_dir, rounds=settings.rounds,
                          iters=settings.iters, cache_root=settings.cache_root, say=say)
                 for task, method, budget in settings.clips]
+        lap("video + audio exports, accuracy, latency")
         data["clips"] = rows
         bs = settings.batches
         sections.append(("Video and audio transformers (transformers VideoMAE / AST)", (
@@ -201,18 +251,43 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
 
     sections.append(("Energy", "energy: not measured (the demo times ONNX Runtime on the CPU; "
                                "`vitmerge profile --energy` reads NVML/RAPL counters where the machine exposes them)"))
+    data["phases"] = lap.rows
+    sections.append(lap.section())
     paths = write_report(out, "vitmerge demo", data, sections, plots=plots)
     return DemoResult(report_md=paths.markdown, report_json=paths.json, plots=plots, data=data)
+
+
+def train_clip_models(kinds: Sequence[str], cache_root: Optional[Path] = None,
+                      say: Callable[[str], None] = print) -> Dict[str, "clipmodels.ClipModel"]:
+    """The video / audio demo models of ``kinds``, from the cache or trained now. Each trains on one thread
+    (deterministic); when two are missing and the machine has two cores they train side by side in two
+    worker processes, which halves the first run's wait and gives the same weights as one after the other."""
+    missing = [k for k in kinds if not clipmodels.is_cached(k, root=cache_root)]
+    if missing:
+        say(f"{' and '.join(missing)} transformer{'s' if len(missing) > 1 else ''}: training on generated data "
+            f"(one thread each, cached after the first run)")
+    out: Dict[str, clipmodels.ClipModel] = {}
+    if len(missing) > 1 and (os.cpu_count() or 1) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=len(missing), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {k: pool.submit(clipmodels.cached, k, None, cache_root) for k in missing}
+            out.update({k: f.result() for k, f in futures.items()})
+    for k in kinds:
+        if k not in out:
+            out[k] = clipmodels.cached(k, root=cache_root)
+        cm = out[k]
+        say(f"  {k}: {cm.model_dir}: test top-1 {cm.test_top1:.2%} "
+            f"({'cached' if cm.cached else f'trained in {cm.train_seconds:.0f} s'})")
+    return out
 
 
 def clip_row(task: str, method: str, budget: float, batches: Sequence[int], onnx_dir: Path, rounds: int = 6,
              iters: int = 5, cache_root: Optional[Path] = None, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """One demo row for the video or audio model: unmerged and merged exports (verified), top-1 of both in
     ONNX Runtime on the held-out clips, latency interleaved per batch size."""
-    say(f"{task} transformer: training on generated data (cached after the first run)")
-    cm = clipmodels.cached(task, root=cache_root)
-    say(f"  {type(cm.build()).__name__} in {cm.model_dir}: test top-1 {cm.test_top1:.2%} "
-        f"({'cached' if cm.cached else f'trained in {cm.train_seconds:.0f} s'})")
+    cm = clipmodels.cached(task, root=cache_root)  # trained by train_clip_models when run() calls this
     plain = cm.build()
     paths = {"unmerged": export(plain, Path(onnx_dir) / f"{task}_unmerged.onnx").path}
     model = cm.build()
