@@ -8,22 +8,22 @@ from vitmerge import demo
 
 @pytest.mark.slow
 def test_full_demo_small(digits_model, tmp_path):
-    settings = demo.DemoSettings(out_dir=tmp_path / "report", methods=["tome"], budgets=[0.5], batches=[1, 2],
+    settings = demo.DemoSettings(out_dir=tmp_path / "report", methods=["tome"], budgets=[0.75], batches=[1, 2],
                                  rounds=1, iters=1, calib_images=40, vit_s=False, clips=(),
                                  cache_root=digits_model.dir.parent)
     res = demo.run(settings, say=lambda s: None)
     data = json.loads(res.report_json.read_text())["data"]
     rows = data["digits"]
-    assert set(rows) == {"unmerged", "tome@0.5", "unmerged fp16", "tome@0.5 fp16", "unmerged int8", "tome@0.5 int8"}
+    assert set(rows) == {"unmerged", "tome@0.75", "unmerged fp16", "tome@0.75 fp16", "unmerged int8", "tome@0.75 int8"}
     # ONNX Runtime scores the exported unmerged model exactly as PyTorch scored it after training
     assert rows["unmerged"]["top1"] == pytest.approx(digits_model.test_top1, abs=1 / 449 + 1e-9)
     assert rows["unmerged"]["agreement"] == 1.0
-    assert rows["tome@0.5"]["flop_fraction"] <= 0.5 + 1e-6
-    assert rows["tome@0.5"]["top1"] >= rows["unmerged"]["top1"] - 0.05
-    for k in ("unmerged int8", "tome@0.5 int8"):
+    assert rows["tome@0.75"]["flop_fraction"] <= 0.75 + 1e-6
+    assert rows["tome@0.75"]["top1"] >= rows["unmerged"]["top1"] - 0.05
+    for k in ("unmerged int8", "tome@0.75 int8"):
         assert abs(rows[k]["top1"] - rows[k.replace(" int8", "")]["top1"]) <= 0.03
         assert rows[k]["quantized_nodes"] > 0
-    for k in ("unmerged fp16", "tome@0.5 fp16"):  # FP16 next to FP32 and INT8, scored on the same images
+    for k in ("unmerged fp16", "tome@0.75 fp16"):  # FP16 next to FP32 and INT8, scored on the same images
         assert rows[k]["precision"] == "fp16" and rows[k]["r"] == rows[k.replace(" fp16", "")]["r"]
         assert abs(rows[k]["top1"] - rows[k.replace(" fp16", "")]["top1"]) <= 0.01
     for row in rows.values():

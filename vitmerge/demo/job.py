@@ -27,9 +27,8 @@ from ..backends import OrtRunner
 from ..calibration.quantize import quantize
 from ..data import CALIBRATION_SPLITS, open_dataset, transform_for
 from ..exporter import export
-from ..models import apply
-from ..models.budget import budget_schedule
-from ..models.build import build_model
+from ..models.build import build_merged, build_model, merge, resolve_model
+from ..request import MergeRequest
 from ..models.flops import flop_ratio
 from ..profiling.accuracy import evaluate
 from ..profiling.plots import ParetoPoint, plot_latency_vs_r, plot_pareto
@@ -119,9 +118,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
                             "path": res.path, "max_abs_diff": res.verification.max_abs_diff}
     for method in settings.methods:
         for budget in settings.budgets:
-            model = dm.build()
-            rs = budget_schedule(model, budget, method)
-            apply(model, method=method, r=rs)
+            model = merge(dm.build(), MergeRequest(method, budget=budget))
             base, merged, ratio = flop_ratio(model)
             name = f"{method}@{budget:g}"
             res = export(model, onnx_dir / f"digits_{method}_{int(budget * 100)}.onnx")
@@ -133,12 +130,14 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
     lap("fp32 exports + verification")
 
     # 2b. FP16 (what GPU deployments run): the same schedules, merge steps kept in float32 -----------
-    fp16_of = ["unmerged", f"{settings.methods[0]}@{settings.budgets[-1]:g}"]
+    # the first (mildest) budget: at 0.5 the fp16 file of the digits model fails the export check (97.9 % of merge
+    # decisions equal to PyTorch fp16 on random-noise inputs, 99 % required; 99.8 % vs fp32 on its real images)
+    fp16_of = ["unmerged", f"{settings.methods[0]}@{settings.budgets[0]:g}"]
     for name in fp16_of:
         v = variants[name]
         model = dm.build()
         if v["method"] != "none":
-            apply(model, method=v["method"], r=v["r"])
+            merge(model, MergeRequest(v["method"], r=v["r"]))
         src = Path(v["path"])
         res = export(model, src.with_name(src.stem + ".fp16.onnx"), dtype="fp16")
         variants[f"{name} fp16"] = {**v, "path": res.path, "precision": "fp16",
@@ -290,9 +289,7 @@ def clip_row(task: str, method: str, budget: float, batches: Sequence[int], onnx
     cm = clipmodels.cached(task, root=cache_root)  # trained by train_clip_models when run() calls this
     plain = cm.build()
     paths = {"unmerged": export(plain, Path(onnx_dir) / f"{task}_unmerged.onnx").path}
-    model = cm.build()
-    rs = budget_schedule(model, budget, method)
-    apply(model, method=method, r=rs)
+    model = merge(cm.build(), MergeRequest(method, budget=budget))
     base, merged, _ = flop_ratio(model)
     res = export(model, Path(onnx_dir) / f"{task}_{method}_{int(budget * 100)}.onnx")
     paths["merged"] = res.path
@@ -320,8 +317,7 @@ def vit_latency(model_name: str, r: int, batches: Sequence[int], onnx_dir: Path,
     Runtime CPU per batch size; returns the numbers next to the FLOP bound."""
     paths, bound = {}, 1.0
     for name, rr in (("unmerged", 0), (f"tome_r{r}", r)):
-        model = build_model(model_name, checkpoint, **(model_kwargs or {}))
-        apply(model, method="tome", r=rr)
+        model = build_merged(resolve_model(model_name, checkpoint, model_kwargs=model_kwargs), MergeRequest("tome", r=rr))
         if rr:
             _, _, bound = flop_ratio(model)
         res = export(model, Path(onnx_dir) / f"{model_name}_{name}.onnx")
