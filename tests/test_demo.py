@@ -71,7 +71,7 @@ def test_demo_video_and_audio_rows(digits_model, tmp_path):
     model, exports them unmerged and merged, and scores and times both in ONNX Runtime."""
     from vitmerge.demo import clipmodels
 
-    settings = demo.DemoSettings(out_dir=tmp_path / "report", methods=["tome"], budgets=[0.5], batches=[1],
+    settings = demo.DemoSettings(out_dir=tmp_path / "report", methods=["tome"], budgets=[0.75], batches=[1],
                                  rounds=1, iters=1, calib_images=20, vit_s=False,
                                  clips=demo.CLIP_ROWS, cache_root=digits_model.dir.parent)
     res = demo.run(settings, say=lambda s: None)
