@@ -15,7 +15,7 @@ STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # network the step says so and those tests skip.
 TRT_BINDINGS = tensorrt-cu12-bindings:10.16.1.11 tensorrt-cu13-bindings:11.4.0.106
 TRT_STAMP = $(VENV)/trt-bindings/.fetched-$(shell echo "$(TRT_BINDINGS)" | cksum | cut -d' ' -f1)
-# A Python 3.13 with numpy + onnx, for the plugin registration check under 3.13 (tests/plugin_py313_check.py):
+# A Python 3.13 with numpy + onnx, for the plugin registration check under 3.13 (tests/support/plugin_py313_check.py):
 # pyenv's or one on PATH; without one the step says so and that test skips.
 PY313   ?= $(shell ls -d $$HOME/.pyenv/versions/3.13*/bin/python3.13 2>/dev/null | tail -n 1 || true)
 VENV313 ?= .venv313

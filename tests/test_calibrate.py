@@ -18,7 +18,7 @@ runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-from plain_digits import load_digit_pngs as test_images  # noqa: E402
+from support.plain_digits import load_digit_pngs as test_images  # noqa: E402
 
 test_images.__test__ = False  # a helper, not a test
 

@@ -268,7 +268,7 @@ def test_dense_remove_restores_the_plain_detector():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_yolos_r0_equals_transformers(mid, attn):
     pytest.importorskip("transformers")
-    from reference_yolos import make_yolos
+    from support.reference_yolos import make_yolos
 
     model = make_yolos(mid, attn=attn)
     x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
@@ -283,7 +283,7 @@ def test_yolos_r0_equals_transformers(mid, attn):
                                                (True, False, [0, 8, 5])])
 def test_yolos_matches_handwritten_tome(mid, prop_attn, rs):
     pytest.importorskip("transformers")
-    from reference_yolos import make_yolos, yolos_tome_forward
+    from support.reference_yolos import make_yolos, yolos_tome_forward
 
     model = make_yolos(mid, attn="eager").double()
     x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(2)).double()
@@ -306,7 +306,7 @@ def test_yolos_det_tokens_never_merge(method):
     layer-0 values of its LAST d tokens, computed by the plain model), and every one of them ends the
     encoder alone: its token holds no other original position."""
     pytest.importorskip("transformers")
-    from reference_yolos import make_yolos
+    from support.reference_yolos import make_yolos
 
     model = make_yolos(True)
     x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(3))
@@ -332,7 +332,7 @@ def test_yolos_det_tokens_never_merge(method):
 @pytest.fixture(scope="module")
 def yolos_folders(tmp_path_factory):
     pytest.importorskip("transformers")
-    from reference_yolos import make_yolos
+    from support.reference_yolos import make_yolos
 
     root = tmp_path_factory.mktemp("yolos")
     out = {"mid": root / "mid", "plain": root / "plain"}
@@ -427,7 +427,7 @@ def test_yolos_bad_inputs(yolos_folders, tmp_path):
 
     from vitmerge.errors import ScheduleError, UnsupportedModelError
     from vitmerge.models.build import build_model
-    from reference_yolos import make_yolos, yolos_config
+    from support.reference_yolos import make_yolos, yolos_config
 
     with pytest.raises(ScheduleError, match="too large"):  # 24 patches: one tome step removes at most 12
         vitmerge.apply(make_yolos(), "tome", 13)

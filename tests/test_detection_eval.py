@@ -176,7 +176,7 @@ def test_yolos_eval_maps_categories_by_name_and_resizes_to_its_input(tmp_path):
     are in another order than the model's classes: auto maps by name and scores its own detections 1.0;
     forcing --class-map order (id order, the wrong map here) scores less."""
     pytest.importorskip("transformers")
-    from reference_yolos import make_yolos
+    from support.reference_yolos import make_yolos
 
     from vitmerge.data.detection import decode_yolos
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def test_images(digits_model):
-    from plain_digits import load_digit_pngs
+    from support.plain_digits import load_digit_pngs
 
     x, y = load_digit_pngs(digits_model.test_dir)
     return torch.from_numpy(x), torch.from_numpy(y)

@@ -1,6 +1,6 @@
 """Energy counters: RAPL arithmetic on fake sysfs trees, NVML through a fake module, honest degradation,
 and the window method against a simulated counter whose true energy and update ticks are known
-(tests/synthetic_counter.py: fake time, so 10 s windows cost milliseconds)."""
+(tests/support/synthetic_counter.py: fake time, so 10 s windows cost milliseconds)."""
 import statistics
 import sys
 import time
@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from synthetic_counter import World, WorldMeter
+from support.synthetic_counter import World, WorldMeter
 from vitmerge.profiling import energy as en
 
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def plain_top1_top5(model, test_dir):
     """Reference: PNGs read with PIL, scaled by hand, top-k counted with numpy."""
-    from plain_digits import load_digit_pngs
+    from support.plain_digits import load_digit_pngs
 
     x, y = load_digit_pngs(test_dir)
     with torch.no_grad():

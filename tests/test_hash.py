@@ -12,8 +12,8 @@ from vitmerge import merging
 from vitmerge.errors import ScheduleError
 from vitmerge.merging import hashing
 
-from aten_ops import record_ops
-from reference_tome import merge_rows
+from support.aten_ops import record_ops
+from support.reference_tome import merge_rows
 
 
 # ---------------------------------------------------------------- independent float64 reference

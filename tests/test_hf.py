@@ -11,8 +11,8 @@ from vitmerge.models import input_shape, num_tokens  # noqa: E402
 from vitmerge.models.budget import schedule_flops, solve_budget  # noqa: E402
 from vitmerge.models.flops import count_flops  # noqa: E402
 
-from hf_models import KINDS, inputs, make  # noqa: E402
-from reference_tome_hf import protected_tokens, tome_forward  # noqa: E402
+from support.hf_models import KINDS, inputs, make  # noqa: E402
+from support.reference_tome_hf import protected_tokens, tome_forward  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

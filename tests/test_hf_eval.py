@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 from vitmerge.cli import app  # noqa: E402
 from vitmerge.data import audio, clips, synthetic  # noqa: E402
 
-from hf_models import make  # noqa: E402
+from support.hf_models import make  # noqa: E402
 
 runner = CliRunner()
 

@@ -17,7 +17,7 @@ from vitmerge.backends.ort import session as ort_session  # noqa: E402
 from vitmerge.cli import app  # noqa: E402
 from vitmerge.models.build import build_model  # noqa: E402
 
-from hf_models import inputs, make  # noqa: E402
+from support.hf_models import inputs, make  # noqa: E402
 
 runner = CliRunner()
 

@@ -11,8 +11,8 @@ from vitmerge.models import hf  # noqa: E402
 from vitmerge.models.family import QUESTIONS, TRANSFORMERS, Family, HFFamily, family  # noqa: E402
 from vitmerge.models.hf_table import TYPES  # noqa: E402
 
-from hf_models import KINDS, inputs, make  # noqa: E402
-from reference_yolos import make_yolos  # noqa: E402
+from support.hf_models import KINDS, inputs, make  # noqa: E402
+from support.reference_yolos import make_yolos  # noqa: E402
 
 
 def _models():

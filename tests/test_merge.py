@@ -7,7 +7,7 @@ from vitmerge import merging
 from vitmerge.errors import ScheduleError
 from vitmerge.merging.bipartite import max_r
 
-from reference_tome import bipartite_groups, merge_rows
+from support.reference_tome import bipartite_groups, merge_rows
 
 
 def _random(B, N, C, D, seed):

@@ -7,7 +7,7 @@ import vitmerge
 from vitmerge.errors import ScheduleError, UnsupportedModelError
 from vitmerge.models import last_source
 
-from reference_tome import tome_forward
+from support.reference_tome import tome_forward
 
 CONFIGS = {
     "vit": ("vit_tiny_patch16_224", dict(img_size=64, depth=4)),  # 16 patches + cls

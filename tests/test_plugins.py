@@ -1,7 +1,7 @@
 """Kernels behind vitmerge::TokenMerge: the ONNX Runtime custom op, the Triton kernel (in Triton's CPU
 interpreter here, on CUDA where there is a GPU), the TensorRT plugin and `vitmerge build`'s error paths.
 
-References are float64 loops written for the tests (tests/reference_tome.py), not vitmerge code.
+References are float64 loops written for the tests (tests/support/reference_tome.py), not vitmerge code.
 """
 import importlib.util
 import os
@@ -19,7 +19,7 @@ from vitmerge.cli import app
 from vitmerge.errors import RuntimeMissingError
 from vitmerge.merging.base import MergePlan
 
-from reference_tome import bipartite_groups, merge_rows
+from support.reference_tome import bipartite_groups, merge_rows
 
 runner = CliRunner()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

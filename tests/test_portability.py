@@ -23,7 +23,7 @@ from vitmerge.merging import topk as topk_mod
 from vitmerge.merging.base import MergePlan, identity_plan
 from vitmerge.merging.topk import TOPK_LIMIT, sort_positions, topk
 
-from aten_ops import record_ops
+from support.aten_ops import record_ops
 
 
 # ------------------------------------------------------------------ independent references

@@ -20,7 +20,7 @@ from vitmerge.errors import ModelFileError, RuntimeMissingError, UsageError
 from vitmerge.profiling import energy as en
 from vitmerge.profiling import latency
 from vitmerge.profiling.profile import profile_sections, profile_targets
-from synthetic_counter import World, WorldMeter
+from support.synthetic_counter import World, WorldMeter
 
 runner = CliRunner()
 
@@ -119,7 +119,7 @@ def test_profile_targets_known_sleeps_and_ratio():
 
 
 def test_energy_in_profile_on_a_simulated_gpu(monkeypatch):
-    """Two models on a simulated GPU (tests/synthetic_counter.py, fake time): the counter updates every
+    """Two models on a simulated GPU (tests/support/synthetic_counter.py, fake time): the counter updates every
     20-100 ms; after work the GPU draws 95 W for 6 s before dropping to 38 W idle.
 
     profile_targets must rest before the idle baseline (38 W, not the 95 W right after the latency

@@ -488,7 +488,7 @@ def test_flop_model_parts_and_protected(memo_flops):
     from vitmerge.models.budget import model_flops_parts
 
     sys.path.insert(0, str(Path(__file__).parent))
-    import hf_models
+    from support import hf_models
 
     hf = hf_models.make("vit")  # the transformers family reads its own structure
     assert schedule_flops(hf, [0, 0]) == count_flops(hf)

@@ -19,7 +19,7 @@ from vitmerge.exporter import surgery
 from vitmerge.errors import ModelNotFoundError, OutputPathError, SurgeryError
 from vitmerge.exporter.surgery import find_merges, load, rewrite
 
-from reference_tome import bipartite_groups, merge_rows
+from support.reference_tome import bipartite_groups, merge_rows
 
 runner = CliRunner()
 # The plugin form's ORT kernel needs onnxruntime-extensions, a core dependency of vitmerge: if it is

@@ -1,4 +1,4 @@
-"""`vitmerge build` and TrtRunner against a stand-in for TensorRT 10.x and 11.x (tests/trt_standin.py).
+"""`vitmerge build` and TrtRunner against a stand-in for TensorRT 10.x and 11.x (tests/support/trt_standin.py).
 
 No GPU and no TensorRT here, so these tests check what vitmerge asks of TensorRT: which network
 typing and builder flags follow from a file and a TensorRT version, which files are written (and that
@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-import trt_standin
+from support import trt_standin
 from vitmerge.backends import trt as trt_backend
 from vitmerge.backends import trt_build
 from vitmerge.backends.trt import BuildRequest, FileTypes, TrtRunner, build_engine, file_types, precision_plan

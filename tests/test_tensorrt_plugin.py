@@ -2,11 +2,11 @@
 
 Each test runs for every TensorRT source tree ``make install`` fetched (10.16, the oldest supported and
 the newest 10.x; 11.4): the real ``tensorrt_bindings/__init__.py`` and ``plugin/*.py`` on a
-stand-in for the compiled module (tests/trt_standin.py; no GPU, no libnvinfer). The plugins are
+stand-in for the compiled module (tests/support/trt_standin.py; no GPU, no libnvinfer). The plugins are
 registered through those sources, created from plugin fields built exactly as TensorRT's ONNX parser
 builds them (every TokenMerge attribute is a STRING -> bytes + NUL), asked for output types, shapes
 and type combinations as the builder asks, and enqueued on host buffers (the merge runs in Triton's
-CPU interpreter). Outputs are compared with the float64 loop reference of tests/reference_tome.py.
+CPU interpreter). Outputs are compared with the float64 loop reference of tests/support/reference_tome.py.
 """
 import contextlib
 import importlib.abc
@@ -21,8 +21,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import trt_standin
-from reference_tome import bipartite_groups, merge_rows
+from support import trt_standin
+from support.reference_tome import bipartite_groups, merge_rows
 from vitmerge import merging
 from vitmerge.errors import EngineBuildError, ModelFileError, RuntimeMissingError
 from vitmerge.plugins import tensorrt_plugin
@@ -676,7 +676,7 @@ def _python313():
 def test_plugin_registers_under_python_313():
     """Item 2 of the second TensorRT reading: on Python 3.13, TensorRT 10.9-10.16's validators call issubclass on
     every annotation; the plugin's attributes are plain str, so registration, creation from the parser's fields
-    and the output shapes work there too, for every fetched TensorRT version (tests/plugin_py313_check.py)."""
+    and the output shapes work there too, for every fetched TensorRT version (tests/support/plugin_py313_check.py)."""
     import subprocess
 
     py = _python313()
@@ -685,7 +685,7 @@ def test_plugin_registers_under_python_313():
                     "(pyenv or PATH), or set VITMERGE_PY313")
     if not SOURCES:
         pytest.skip(NO_SOURCES)
-    out = subprocess.run([py, str(trt_standin.REPO / "tests" / "plugin_py313_check.py")], capture_output=True,
+    out = subprocess.run([py, str(trt_standin.REPO / "tests" / "support" / "plugin_py313_check.py")], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.strip().splitlines()

@@ -13,12 +13,12 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+sys.path[:0] = [str(HERE.parent), str(HERE.parents[1])]  # tests/ (for `support`) and the repository root
 
 import numpy as np  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
-import trt_standin  # noqa: E402
+from support import trt_standin  # noqa: E402
 from vitmerge.plugins import tensorrt_plugin  # noqa: E402
 
 

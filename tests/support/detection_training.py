@@ -1,5 +1,5 @@
 """Small detectors trained on the CPU on vitmerge.data.detection's digit canvases (used by the slow tests and
-by the accuracy experiment: ``python tests/detection_training.py`` prints mAP per method and FLOP budget).
+by the accuracy experiment: ``python tests/support/detection_training.py`` prints mAP per method and FLOP budget).
 
 Dense detector: a timm ViT (64 px, patch 8: 64 patches + class token, dim 96, depth 4) + vitmerge's
 per-cell head; the cell holding a box's centre is positive for its class (sigmoid focal loss over every

@@ -53,7 +53,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BINDINGS_ENV = "VITMERGE_TRT_BINDINGS"
 STANDIN_MAGIC = "vitmerge-standin-engine"
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from reference_tome import bipartite_groups, merge_rows
-from reference_tome_hf import _layers, _mlp, attention_residual
+from support.reference_tome import bipartite_groups, merge_rows
+from support.reference_tome_hf import _layers, _mlp, attention_residual
 
 
 def yolos_config(mid: bool, **kw):

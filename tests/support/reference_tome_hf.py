@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from reference_tome import bipartite_groups, merge_rows
+from support.reference_tome import bipartite_groups, merge_rows
 
 
 def _layers(model):
