@@ -174,4 +174,4 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[bold green]wrote[/] {result.output}")
             if result.report is not None:
                 console.print(f"[bold green]report[/] {result.report.markdown} ({result.report.json.name}, "
-                              + ", ".join(p.name for p in result.report.plots) + f", block_latency.json)")
+                              + ", ".join(p.name for p in result.report.plots) + ", block_latency.json)")

@@ -292,10 +292,11 @@ def measure_block_latency(model, runtime: str = "ort", batch: int = 1, token_cou
         raise UsageError(f"the latency table needs at least two token counts >= 1, got {counts}")
     fns: Dict[str, Callable[[], object]] = {}
     sync = None
+    old_threads = torch.get_num_threads()
     with scratch("vitmerge-tune-block-") as tmp:
+        if runtime == "torch" and threads:
+            torch.set_num_threads(threads)  # restored below
         if runtime == "torch":
-            if threads:
-                torch.set_num_threads(threads)
             for n in counts:
                 x = torch.randn(batch, n, width)
 
@@ -317,7 +318,10 @@ def measure_block_latency(model, runtime: str = "ort", batch: int = 1, token_cou
                 x = np.random.default_rng(n).standard_normal((batch, n, width)).astype(np.float32)
                 feed = {sess.get_inputs()[0].name: x}
                 fns[str(n)] = lambda sess=sess, feed=feed: sess.run(None, feed)
-        stats = interleaved(fns, rounds=rounds, iters=iters, warmup=warmup, sync=sync, progress=on_round)
+        try:
+            stats = interleaved(fns, rounds=rounds, iters=iters, warmup=warmup, sync=sync, progress=on_round)
+        finally:
+            torch.set_num_threads(old_threads)
     table = {n: float(stats[str(n)].p50) for n in counts}
     if output is not None:
         write_latency_table(table, output)
@@ -601,6 +605,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
 
     from .._io import check_output_path
     from ..models.family import family
+    from ..models.flops import count_flops
     from .accuracy import evaluate
     from .compare import open_eval_data
     from .report import prepare_dir
@@ -712,8 +717,6 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
         import numpy as np
 
         if base is None or not logits_path.is_file():
-            from ..models.flops import count_flops
-
             base = Candidate(key="unmerged", label="unmerged", method=None, budgets=[], r=[0] * len(
                 family(model).blocks(model)), flops_fraction=1.0, speedup=1.0)
             base_runner = runner_for(copy.deepcopy(model), "unmerged", base)
@@ -741,7 +744,6 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
                     prog.advance(task)
                 continue
             from ..models.build import merge
-            from ..models.flops import count_flops
 
             show(f"{c.label}: merging (r per block {c.r})")
             merged = merge(copy.deepcopy(model), request_of(c))
