@@ -335,3 +335,12 @@ def test_ort_run_exports_verifies_and_times_every_candidate(digits_model, tmp_pa
     assert (tmp_path / "best.onnx").read_bytes() == Path(r.chosen.onnx).read_bytes()
     r2 = tune(src, digits_model.test_dir, Target("max_drop", 50.0), output=tmp_path / "best2.onnx", **args)
     assert not any(r2.work.values()) and r2.chosen.key == r.chosen.key
+
+
+def test_detectors_are_refused_with_the_reason(digits_model, tmp_path):
+    from vitmerge.models.build import resolve_model
+
+    src = resolve_model("dense:vit_tiny_patch16_224", num_classes=3,
+                        model_kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3})
+    with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(UsageError, match="detectors are not supported"):
+        tune(src, digits_model.test_dir, Target("max_drop", 1.0), runtime="torch", progress=False, cache_dir=tmp_path)

@@ -147,9 +147,13 @@ def register(app: typer.Typer) -> None:
             if value(runtime) == "trt":
                 raise fail("vitmerge tune does not build TensorRT engines per candidate: tune with --runtime ort-cuda "
                            "(the same GPU) or ort, then build the chosen file with `vitmerge build`")
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         from ..profiling.tune import TargetNotMet, check_runtime, tune
 
-        with user_errors(), loud_warnings():
+        with user_errors(), loud_warnings(), Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=err_console, transient=True, disable=console.quiet) as progress:
             check_runtime(value(runtime))  # a runtime this machine lacks: refused before any work
             source = model_source(model_name, checkpoint, config, model_kwargs, img_size, num_classes_opt, seed=seed)
             try:
@@ -158,13 +162,14 @@ def register(app: typer.Typer) -> None:
                               report_dir=report_dir, cache_dir=cache_dir, token_counts=counts, rounds=rounds,
                               iters=iters, warmup=warmup, block_rounds=block_rounds, threads=threads,
                               workers=workers, split=split, labels=labels, class_order=value(class_order),
-                              prop_attn=prop_attn, progress=not console.quiet,
-                              on_status=lambda s: None)
+                              prop_attn=prop_attn, progress=progress, on_status=lambda s: None)
             except TargetNotMet as e:
+                progress.stop()
                 _show(e.result)
                 if e.result.report is not None:
                     err_console.print(f"report: {e.result.report.markdown}")
                 raise
+            progress.stop()
             _show(result)
             c, base = result.chosen, result.baseline
             console.print(f"[bold green]chosen[/] {c.label} ({result.target.describe()}): top-1 {c.top1:.2%} "
