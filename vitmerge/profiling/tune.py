@@ -316,8 +316,18 @@ def measure_block_latency(model, runtime: str = "ort", batch: int = 1, token_cou
                                    else session(p, threads=threads, spinning=False))
                 sess = sessions[p]
                 x = np.random.default_rng(n).standard_normal((batch, n, width)).astype(np.float32)
-                feed = {sess.get_inputs()[0].name: x}
-                fns[str(n)] = lambda sess=sess, feed=feed: sess.run(None, feed)
+                name = sess.get_inputs()[0].name
+                if runtime == "ort-cuda":  # inputs and outputs bound on the GPU: host copies are not timed
+                    from ..backends.ort import import_ort
+
+                    binding = sess.io_binding()
+                    x_dev = import_ort().OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+                    binding.bind_ortvalue_input(name, x_dev)
+                    for o in sess.get_outputs():
+                        binding.bind_output(o.name, "cuda", 0)
+                    fns[str(n)] = lambda sess=sess, b=binding, keep=x_dev: sess.run_with_iobinding(b)
+                else:
+                    fns[str(n)] = lambda sess=sess, feed={name: x}: sess.run(None, feed)
         try:
             stats = interleaved(fns, rounds=rounds, iters=iters, warmup=warmup, sync=sync, progress=on_round)
         finally:
@@ -652,10 +662,16 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
                 "token_counts": list(token_counts) if token_counts else None, "threads": threads,
                 "prop_attn": prop_attn, "split": split, "labels": str(labels) if labels else None,
                 "class_order": class_order}
-    key = run_key(source, Path(data), runtime, batch, limit, settings)
+    # the data's identity: its folder, and what was read from it (a folder that changed is another key)
+    key = run_key(source, Path(data), runtime, batch, limit, dict(settings, images=len(ds), dataset=ds.describe()))
     cache = Cache((Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / key)
     work = {"block_latency": 0, "exports": 0, "accuracy": 0, "latency": 0}
     prog, own = _progress(progress)
+    import torch
+
+    old_threads = torch.get_num_threads()
+    if runtime == "torch" and threads:
+        torch.set_num_threads(threads)  # the candidates run in PyTorch with them too (restored at the end)
     task = prog.add_task("tune", total=None) if prog is not None else None
 
     def show(text: str) -> None:
@@ -788,6 +804,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             cached_export(merge(copy.deepcopy(model), request_of(chosen)), chosen.key, chosen)
             cache.write(f"{chosen.key}.json", chosen.to_dict())
     finally:
+        torch.set_num_threads(old_threads)
         if own is not None:
             own.stop()
     best = target.best_found(measured, base) if chosen is None else None
