@@ -172,9 +172,14 @@ def register(app: typer.Typer) -> None:
             progress.stop()
             _show(result)
             c, base = result.chosen, result.baseline
-            console.print(f"[bold green]chosen[/] {c.label} ({result.target.describe()}): top-1 {c.top1:.2%} "
-                          f"({c.gain(base):+.2f} points), p50 {c.p50_ms:.3f} ms vs {c.baseline_p50_ms:.3f} ms "
-                          f"unmerged ({c.speedup:.2f}x), r per block {','.join(map(str, c.r))}")
+            if c is base:
+                console.print(f"[bold yellow]chosen: the unmerged model[/] ({result.target.describe()}): no merged "
+                              f"candidate that meets the target is faster than it on {result.settings['runtime']} at "
+                              f"batch {batch} (p50 {base.p50_ms:.3f} ms); try smaller budgets (more merging) or a larger --batch")
+            else:
+                console.print(f"[bold green]chosen[/] {c.label} ({result.target.describe()}): top-1 {c.top1:.2%} "
+                              f"({c.gain(base):+.2f} points), p50 {c.p50_ms:.3f} ms vs {c.baseline_p50_ms:.3f} ms "
+                              f"unmerged ({c.speedup:.2f}x), r per block {','.join(map(str, c.r))}")
             if result.output is not None:
                 console.print(f"[bold green]wrote[/] {result.output}")
             if result.report is not None:

@@ -112,7 +112,9 @@ class Target:
         return c.speedup >= self.value
 
     def choose(self, candidates: Sequence["Candidate"], baseline: "Candidate") -> Optional["Candidate"]:
-        """The fastest candidate within the drop, or the most accurate one within the latency / speed-up."""
+        """The fastest candidate within the drop, or the most accurate one within the latency / speed-up
+        (:func:`tune` passes the unmerged model among them: when no merged model that meets the target is faster,
+        the answer is the unmerged one)."""
         ok = [c for c in candidates if self.meets(c, baseline)]
         if not ok:
             return None
@@ -795,19 +797,24 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             base.p50_ms, base.p90_ms = row.stats.p50, row.stats.p90
         base.baseline_p50_ms = base.p50_ms
 
-        # 5. the front, the choice; the chosen model's file (torch runtime: exported now, once)
+        # 5. the front, the choice (the unmerged model too: a merged model that is slower is no answer); the
+        # chosen model's file (torch runtime: exported now, once)
         front = _front([base] + measured)
-        chosen = target.choose(measured, base)
+        chosen = target.choose([base] + measured, base)
         if chosen is not None and out is not None and not (chosen.onnx and Path(chosen.onnx).is_file()):
             from ..models.build import merge
 
-            cached_export(merge(copy.deepcopy(model), request_of(chosen)), chosen.key, chosen)
-            cache.write(f"{chosen.key}.json", chosen.to_dict())
+            if chosen is base:
+                cached_export(copy.deepcopy(model), "unmerged", base)
+                cache.write("baseline.json", base.to_dict())
+            else:
+                cached_export(merge(copy.deepcopy(model), request_of(chosen)), chosen.key, chosen)
+                cache.write(f"{chosen.key}.json", chosen.to_dict())
     finally:
         torch.set_num_threads(old_threads)
         if own is not None:
             own.stop()
-    best = target.best_found(measured, base) if chosen is None else None
+    best = target.best_found([base] + measured, base) if chosen is None else None
     settings = dict(settings, model=source.ref.spec, weights=source.weights, data=str(data),
                     dataset=ds.describe(), runtime=runtime, batch=batch, limit=limit, methods=methods,
                     budgets=list(budgets), flop_budgets=list(flop_budgets))
@@ -838,7 +845,8 @@ def not_met_message(result: TuneResult) -> str:
     if b is None:
         why = "; ".join(f"{a}: {r}" for a, r in result.skipped[:3])
         return f"no candidate to choose from ({why or 'no budgets'}): try other --budgets or --methods"
-    return (f"no candidate meets {t.describe()} (of {len(result.candidates)} measured): the best found is "
+    return (f"no candidate meets {t.describe()} (of {len(result.candidates)} merged candidates and the unmerged "
+            f"model measured): the best found is "
             f"{b.label} with top-1 {b.top1:.2%} ({b.gain(base):+.2f} points vs unmerged), p50 {b.p50_ms:.3f} ms, "
             f"speed-up {b.speedup:.2f}x; loosen the target or try other --budgets / --methods")
 
@@ -934,7 +942,11 @@ def tune_sections(result: TuneResult) -> List[Tuple[str, str]]:
         f"- target: {result.target.describe()}",
         f"- cache: `{result.cache_dir}`",
     ])
-    if chosen is not None:
+    if chosen is b:
+        choice = (f"**the unmerged model**: no merged candidate that meets the target ({result.target.describe()}) "
+                  f"is faster than it on {s['runtime']} at batch {s['batch']} (p50 {b.p50_ms:.3f} ms)"
+                  + (f"; written to `{result.output}`" if result.output else ""))
+    elif chosen is not None:
         choice = (f"**{chosen.label}**: top-1 {chosen.top1:.2%} ({chosen.gain(b):+.2f} points), p50 "
                   f"{chosen.p50_ms:.3f} ms vs {chosen.baseline_p50_ms:.3f} ms unmerged ({chosen.speedup:.2f}x), "
                   f"r per block {chosen.r}" + (f"; written to `{result.output}`" if result.output else ""))
