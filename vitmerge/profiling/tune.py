@@ -112,14 +112,15 @@ class Target:
         return c.speedup >= self.value
 
     def choose(self, candidates: Sequence["Candidate"], baseline: "Candidate") -> Optional["Candidate"]:
-        """The fastest candidate within the drop, or the most accurate one within the latency / speed-up
+        """The fastest candidate within the drop (largest speed-up), or the most accurate one within the latency /
+        speed-up
         (:func:`tune` passes the unmerged model among them: when no merged model that meets the target is faster,
         the answer is the unmerged one)."""
         ok = [c for c in candidates if self.meets(c, baseline)]
         if not ok:
             return None
-        if self.kind == "max_drop":
-            return min(ok, key=lambda c: (c.p50_ms, -c.top1))
+        if self.kind == "max_drop":  # fastest = the largest speed-up over the unmerged model timed in the same
+            return max(ok, key=lambda c: (c.speedup, c.top1))  # rounds: robust to load drift between candidates
         return max(ok, key=lambda c: (c.top1, -c.p50_ms))
 
     def best_found(self, candidates: Sequence["Candidate"], baseline: "Candidate") -> Optional["Candidate"]:
