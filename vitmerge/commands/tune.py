@@ -31,7 +31,7 @@ def candidates_table(result) -> Table:
                   f"{c.p50_ms:.3f}", f"{c.speedup:.2f}x",
                   "—" if c.flops_fraction is None else f"{c.flops_fraction:.3f}",
                   "*" if c.key in result.front else "",
-                  "" if c is base else ("yes" if result.target.meets(c, base) else "no"))
+                  "yes" if result.target.meets(c, base) else "no")
     return t
 
 

@@ -958,8 +958,7 @@ def tune_sections(result: TuneResult) -> List[Tuple[str, str]]:
         rows.append([c.label + (" (chosen)" if chosen is not None and c.key == chosen.key else ""),
                      ", ".join(c.budgets) or "—", ",".join(map(str, c.r)), c.top1 * 100, c.gain(b),
                      c.agreement * 100, c.p50_ms, c.speedup, c.flops_fraction,
-                     "yes" if c.key in result.front else "", "" if c is b else
-                     ("yes" if result.target.meets(c, b) else "no")])
+                     "yes" if c.key in result.front else "", "yes" if result.target.meets(c, b) else "no"])
     table = md_table(["candidate", "budgets", "r per block", "top-1 %", "vs unmerged (points)", "agreement %",
                       "p50 ms", "speed-up", "FLOPs", "Pareto", "meets target"], rows,
                      formats=[None, None, None, ".2f", "+.2f", ".1f", ".3f", ".2f", ".3f", None, None])
