@@ -349,3 +349,32 @@ def test_detectors_are_refused_with_the_reason(digits_model, tmp_path):
                         model_kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3})
     with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(UsageError, match="detectors are not supported"):
         tune(src, digits_model.test_dir, Target("max_drop", 1.0), runtime="torch", progress=False, cache_dir=tmp_path)
+
+
+def test_a_run_stopped_half_way_resumes_where_it_stopped(digits_model, tmp_path):
+    """Ctrl-C (or SIGTERM, which the CLI turns into the same exception) during the second candidate: the first
+    candidate's record is kept, nothing half-written is; the next run measures only what was left."""
+    src = source_of(digits_model)
+    args = dict(FAST, budgets=[], flop_budgets=[0.7, 0.5], methods=["tome"], limit=30)
+    seen = []
+
+    def stop_at_second(text):
+        seen.append(text)
+        if sum("scoring" in t for t in seen) == 3:  # the unmerged model, candidate 1, then candidate 2: stop
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(src, digits_model.test_dir, Target("max_drop", 50.0), runtime="torch", batch=2, cache_dir=tmp_path,
+             progress=False, on_status=stop_at_second, **args)
+    [folder] = list(tmp_path.iterdir())
+    assert len(list(folder.glob("tome-*.json"))) == 1 and not list(folder.glob(".*partial*"))
+    r = tune(src, digits_model.test_dir, Target("max_drop", 50.0), runtime="torch", batch=2, cache_dir=tmp_path,
+             progress=False, **args)
+    assert r.work == {"block_latency": 0, "exports": 0, "accuracy": 1, "latency": 1} and len(r.candidates) == 2
+
+
+def test_no_candidate_at_all_is_refused_with_the_reasons(tuned, digits_model):
+    root, _ = tuned
+    with pytest.raises(UsageError, match="no merged candidate to measure: tome flops 1: nothing to merge"):
+        again(digits_model, root, Target("max_drop", 1.0), fast={"methods": ["tome"], "budgets": [],
+                                                                  "flop_budgets": [1.0]})

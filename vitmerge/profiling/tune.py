@@ -699,6 +699,9 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
 
         # 2. candidates
         cands, skipped = plan_candidates(model, methods, budgets, flop_budgets, table_path, prop_attn, options)
+        if not cands:
+            raise UsageError("no merged candidate to measure: " + "; ".join(f"{a}: {r}" for a, r in skipped)
+                             + " (try other --budgets, --flop-budgets or --methods)")
         if prog is not None:
             prog.update(task, total=len(cands) + 1, completed=0)
 
