@@ -33,7 +33,7 @@ def commands(group=None, prefix=""):
 def test_every_command_has_a_one_line_summary():
     found = dict(commands())
     assert {"export", "check", "build", "eval", "calibrate", "profile", "package", "visualize", "demo",
-            "digits train", "vocab build"} <= set(found)
+            "digits train", "vocab build", "tune"} <= set(found)
     for name, cmd in found.items():
         short = cmd.short_help or ""
         assert short and "\n" not in short and short.endswith(".") and len(short) <= 100, (name, short)
@@ -141,6 +141,8 @@ def _torch_loaded_after(argv):
     ["profile", "a.onnx", "--batch", "0"], ["check", "a.onnx", "b.onnx"], ["check", "a.onnx", "a.onnx", "--batch=-1"],
     ["build", "missing.onnx", "-o", "m.engine"], ["package", "missing.onnx", "--repo", "r"],
     ["export", "--method", "nope", "m", "-o", "m.onnx"],
+    ["tune", "--help"], ["tune", "m", "--data", "d", "--max-drop", "1", "--target-ms", "2"],  # two targets
+    ["tune", "m", "--data", "d", "--max-drop", "1", "--budgets", "0.5,2"],                   # a budget outside (0, 1]
 ])
 def test_help_and_argument_errors_do_not_import_torch(argv):
     """`--help` and argument errors answer before torch (2-3 s of imports on a laptop) is loaded: every command
