@@ -4,8 +4,9 @@
 :class:`~vitmerge.request.MergeRequest` and a data folder; it builds the unmerged model and (when the request
 merges) the merged one, opens the data the way the model's task needs (classification folders, or a COCO folder
 for detectors), scores both on the same images in PyTorch or ONNX Runtime, and returns a :class:`Comparison`
-whose ``to_dict()`` is the report payload. ``vitmerge eval`` only parses options and prints it; ``vitmerge tune``
-and the demo call the same function.
+whose ``to_dict()`` is the report payload. ``vitmerge eval`` only parses options and prints it. ``vitmerge tune``
+opens its held-out data with :func:`open_eval_data` and scores its many candidates with the same ``evaluate``
+(building and exporting the unmerged model once, not once per candidate).
 """
 from __future__ import annotations
 
