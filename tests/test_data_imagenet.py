@@ -267,7 +267,7 @@ def test_eval_cli_prints_the_class_order_and_warns_near_chance(tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=100, **kwargs)
     torch.save(model.state_dict(), tmp_path / "w.pth")
     args = ["eval", "vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "w.pth"), "--data", str(val),
-            "--model-kwargs", json.dumps(kwargs), "--batch-size", "50"]
+            "--model-kwargs", json.dumps(kwargs), "--batch-size", "50", "--r", "0"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     out = " ".join(res.output.split())

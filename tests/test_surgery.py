@@ -199,8 +199,10 @@ def test_rewrite_in_place_standard_copy_and_failures(exported, tmp_path, monkeyp
     with pytest.raises(SurgeryError, match="unknown graph form"):
         rewrite(path, tmp_path / "x.onnx", "fused")
     # a bad output path is an output-path problem, a missing input a missing model (not a graph problem)
-    with pytest.raises(OutputPathError, match="does not exist"):
-        rewrite(path, tmp_path / "nodir" / "x.onnx", "native")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputPathError, match="is a file, not a folder"):
+        rewrite(path, tmp_path / "afile" / "x.onnx", "native")
+    (tmp_path / "afile").unlink()
     with pytest.raises(OutputPathError, match="must end in .onnx"):
         rewrite(path, tmp_path / "x.txt", "native")
     with pytest.raises(ModelNotFoundError, match="no ONNX file"):
