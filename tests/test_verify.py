@@ -134,19 +134,20 @@ def test_wrong_merge_fails_verification(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_export_refuses_to_write_a_file_that_fails_verification(tiny, tmp_path, monkeypatch):
-    """export() runs verification on the staged file: a wrong graph (here: the merge flipped as the file
-    is written) raises and leaves nothing behind."""
+    """export() runs verification on the exported model before anything is written: a wrong graph (here: the
+    merge flipped as the exporter's model comes into being, before any check reads it) raises and leaves
+    nothing behind."""
     model, _ = tiny
     from vitmerge import exporter
 
-    real = exporter.save_program
+    real = exporter.program_proto  # the exported model, in memory (the file is written once, at the end)
 
-    def save_wrong(*args, **kwargs):
-        written = real(*args, **kwargs)
-        _edited(written, written, merge_least_similar)
-        return written
+    def wrong(*args, **kwargs):
+        proto = real(*args, **kwargs)
+        merge_least_similar(proto)
+        return proto
 
-    monkeypatch.setattr(exporter, "save_program", save_wrong)
+    monkeypatch.setattr(exporter, "program_proto", wrong)
     with pytest.raises(VerificationError, match="differs from PyTorch.*not written"):
         vitmerge.export(model, tmp_path / "out.onnx", batch_sizes=(2,))
     assert list(tmp_path.iterdir()) == []
