@@ -220,19 +220,13 @@ class MergeRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        from .merging import method_spec
-        from .merging.schedule import SCHEDULES
-
+        # the torch-free checks first (a malformed --r or -O answers before torch is imported), the registry last
         object.__setattr__(self, "method", getattr(self.method, "value", self.method))
         object.__setattr__(self, "r", parse_r(self.r))
         object.__setattr__(self, "options", parse_options(self.options))
         object.__setattr__(self, "budget", _fraction(self.budget, "--budget"))
         if self.budget_latency is not None:
             object.__setattr__(self, "budget_latency", str(self.budget_latency))
-        spec = method_spec(self.method)  # unknown methods: one ScheduleError listing the known ones
-        spec.check_options(**self.options)
-        if self.schedule not in SCHEDULES:
-            raise ScheduleError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.budget_latency is not None and self.budget is None:
             raise ScheduleError("--budget-latency TABLE needs --budget F (the latency fraction to meet)")
         if self.budget is not None:
@@ -244,6 +238,12 @@ class MergeRequest:
                                     "per-block r itself: drop --schedule (or give --r instead of --budget)")
         if self.schedule == "decreasing" and not isinstance(self.r if self.r is not None else DEFAULT_R, int):
             raise ScheduleError(f"the decreasing schedule needs one integer r (its mean), got {self.r!r}")
+        from .merging import method_spec
+        from .merging.schedule import SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ScheduleError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        method_spec(self.method).check_options(**self.options)  # unknown methods: one error naming the known ones
 
     @classmethod
     def unmerged(cls) -> "MergeRequest":

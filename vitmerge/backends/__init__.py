@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from ..errors import ModelNotFoundError, UsageError
+from ..models.build import ModelSource, build_merged, resolve_model
 from ..request import ENGINE_SUFFIXES, TIMM_PREFIX, MergeRequest, ModelRef
 from .base import RUNTIMES, Runner
 from .ort import OrtRunner
@@ -25,16 +26,19 @@ def default_runtime(model: Union[str, ModelRef]) -> str:
     return ModelRef.parse(model).runtime
 
 
-def open_runner(model: Union[str, ModelRef], runtime: Optional[str] = None, *, request: Optional[MergeRequest] = None,
+def open_runner(model: Union[str, ModelRef, ModelSource], runtime: Optional[str] = None, *,
+                request: Optional[MergeRequest] = None,
                 device: str = "auto", threads: int = 0, label: Optional[str] = None, **model_options) -> Runner:
     """A model reference (:class:`~vitmerge.request.ModelRef`: a timm name or ``timm:NAME``, ``dense:NAME``, a
     transformers folder, ``MODEL.onnx``, ``MODEL.engine``) in ``runtime`` (default: the natural one).
 
     PyTorch models are built with ``model_options`` (:func:`vitmerge.models.build.resolve_model`'s: checkpoint,
     img_size, num_classes, model_kwargs, frames, audio_length, seed) and merged as ``request`` asks (default: not
-    merged); ``device`` applies to them only. Files carry their own merge; ``request`` next to one is refused.
+    merged); ``device`` applies to them only. A :class:`~vitmerge.models.build.ModelSource` (a reference already
+    resolved with its options) is taken as it is. Files carry their own merge; ``request`` next to one is refused.
     """
-    ref = ModelRef.parse(model)
+    source = model if isinstance(model, ModelSource) else None
+    ref = source.ref if source is not None else ModelRef.parse(model)
     runtime = runtime or ref.runtime
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
@@ -44,9 +48,10 @@ def open_runner(model: Union[str, ModelRef], runtime: Optional[str] = None, *, r
                 f"{ref.text} is a PyTorch model: it runs with --runtime torch. For {runtime}, export it first "
                 "(vitmerge export) and profile the .onnx" + (" / build an engine" if runtime == "trt" else "")
             )
-        from ..models.build import build_merged, resolve_model
-
-        source = resolve_model(ref, **{k: v for k, v in model_options.items() if v is not None})
+        if source is None:
+            source = resolve_model(ref, **{k: v for k, v in model_options.items() if v is not None})
+        elif any(v is not None for v in model_options.values()):
+            raise UsageError("give the model options to resolve_model, not next to a ModelSource")
         request = request or MergeRequest.unmerged()
         model = build_merged(source, request) if request.merges else source.build()  # r = 0: the plain model
         if threads:

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..request import ENGINE_SUFFIXES, TIMM_PREFIX  # noqa: F401  (re-exported; model references are read in request.py)
 
 #: every runtime a Runner exists for
 RUNTIMES = ("torch", "ort", "ort-cuda", "trt")
 DEVICES = ("auto", "cpu", "cuda")  # where PyTorch runs a timm model
-from ..request import ENGINE_SUFFIXES, TIMM_PREFIX  # noqa: E402,F401  (model references are read in request.py)
 
 
 def _noop() -> None:

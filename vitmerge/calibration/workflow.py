@@ -27,6 +27,7 @@ class CalibrationRun:
     data: Path
     calibration_set: Any
     eval_set: Any
+    source: str = ""  # the dataset the calibration images come from, as it describes itself
     quantized: Dict[str, QuantizeResult] = field(default_factory=dict)
     accuracy: Any = None  # EvalResult, or None (--no-eval, or no images left)
     asked: int = 0  # calibration images asked for
@@ -89,7 +90,7 @@ def calibrate_files(jobs: List[tuple], data: Optional[Union[str, Path]], *, sour
     same = eval_all is None or (eval_all.root.resolve() == calib_all.root.resolve()
                                 and eval_all.layout == calib_all.layout)  # CIFAR/Pets: split in layout
     calib, ev = calibration_and_eval_sets(calib_all, None if same else eval_all, num, eval_limit)
-    run = CalibrationRun(data_config=cfg, data=Path(data), calibration_set=calib,
+    run = CalibrationRun(data_config=cfg, data=Path(data), calibration_set=calib, source=calib_all.describe(),
                          eval_set=ev if evaluate_accuracy else None, asked=num, warnings=[warn] if warn else [])
     if on_sets is not None:
         on_sets(run)

@@ -139,13 +139,12 @@ def parse_json_option(text: Optional[str], what: str) -> dict:
 def merge_request(method="tome", r: Optional[str] = None, schedule="constant", budget: Optional[float] = None,
                   budget_latency: Optional[Path] = None, option: Optional[List[str]] = None, prop_attn: bool = True):
     """The merge options every command declares (``_options``) as one validated
-    :class:`~vitmerge.request.MergeRequest`. A malformed --r or -O fails before torch is imported."""
-    from ..request import MergeRequest, parse_options, parse_r
+    :class:`~vitmerge.request.MergeRequest` (a malformed --r or -O fails before torch is imported)."""
+    from ..request import MergeRequest
     from ._options import value
 
-    r_value, options = parse_r(r), parse_options(option)  # torch-free: argument errors answer at once
-    return MergeRequest(method=value(method), r=r_value, schedule=value(schedule), budget=budget,
-                        budget_latency=budget_latency, prop_attn=prop_attn, options=options)
+    return MergeRequest(method=value(method), r=r, schedule=value(schedule), budget=budget,
+                        budget_latency=budget_latency, prop_attn=prop_attn, options=option or [])
 
 
 def model_source(model: Optional[str], checkpoint: Optional[Path] = None, config: Optional[Path] = None,

@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
                     err_console.print(f"[bold yellow]warning:[/] {w}")
                 cfg = run.data_config
                 console.print(f"calibration: {len(run.calibration_set)} images from "
-                              f"{run.calibration_set.describe() if hasattr(run.calibration_set, 'describe') else run.data}; "
+                              f"{run.source}; "
                               f"preprocessing {cfg['input_size']}, mean {cfg.get('mean')}, std {cfg.get('std')}, "
                               f"crop {cfg.get('crop_pct')}")
                 if len(run.calibration_set) < num:

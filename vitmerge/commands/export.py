@@ -76,9 +76,6 @@ def register(app: typer.Typer) -> None:
         batches = batch_list(verify_batches, "--verify-batch")
         with user_errors():
             check_output_path(output)  # fail before minutes of work
-            from ..request import parse_options, parse_r
-
-            parse_r(merge_options["r"]), parse_options(merge_options["option"])  # refused before torch is imported
             request = merge_request(**merge_options)
         from ..exporter import export
         from ..models.build import build_merged

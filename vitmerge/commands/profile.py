@@ -6,8 +6,7 @@ from typing import Annotated, List, Optional
 import typer
 from rich.table import Table
 
-from ._common import (batch_list, console, err_console, fail, loud_warnings, merge_request, parse_json_option,
-                      user_errors)
+from ._common import batch_list, console, err_console, fail, loud_warnings, merge_request, model_source, user_errors
 from ._options import Device, ReportDirOpt, Runtime, ThreadsOpt, value, with_options
 
 TIMM_PANEL = "Model"
@@ -94,9 +93,8 @@ def register(app: typer.Typer) -> None:
             raise fail("--energy-windows must be >= 1")
 
         with user_errors():
-            from ..request import ModelRef, parse_options, parse_r
+            from ..request import ModelRef
 
-            parse_r(merge_options["r"]), parse_options(merge_options["option"])  # refused before torch is imported
             refs = [ModelRef.parse(m) for m in models]
             pytorch = [ref for ref in refs if ref.is_pytorch]
             given = [("--" + k.replace("_", "-"), v) for k, v in {**model_options, **merge_options}.items()
@@ -105,23 +103,22 @@ def register(app: typer.Typer) -> None:
                 named = ", ".join(k for k, v in given if v)
                 raise fail(f"{named} apply to models built in PyTorch (timm names, dense:NAME, transformers folders); "
                            "every MODEL here is an .onnx file or an engine, which carry their own weights and merge")
+            request = merge_request(**merge_options) if pytorch else None  # a malformed --r: refused before torch
         from ..backends import open_runner
         from ..profiling.profile import profile_targets, write_profile_report
         from ..profiling.report import prepare_dir
         with user_errors(), loud_warnings():
             if report_dir is not None:
                 prepare_dir(report_dir)  # fail before minutes of measuring
-            request = merge_request(**merge_options) if pytorch else None
             targets = []
             with console.status("loading models") as st:
                 for ref in refs:
                     for rt in runtimes:
                         st.update(f"loading {ref.text}" + (f" ({rt})" if rt else ""))
                         if ref.is_pytorch:
-                            opts = {**model_options,
-                                    "model_kwargs": parse_json_option(model_options["model_kwargs"], "--model-kwargs")}
-                            targets.append(open_runner(ref, rt, request=request, device=value(device), threads=threads,
-                                                       **opts))
+                            source = model_source(ref.text, **model_options)
+                            targets.append(open_runner(source, rt, request=request, device=value(device),
+                                                       threads=threads))
                         else:
                             targets.append(open_runner(ref, rt, threads=threads))
             total = rounds * len(batches)

@@ -37,9 +37,9 @@ def register(app: typer.Typer) -> None:
         Detectors (dense:NAME, YOLOS folders): the photo resized to the model's input, the unmerged detector's
         boxes next to the merged one's (decoded as `vitmerge eval` decodes them), each labelled with class and score."""
         with user_errors():
-            from ..request import ModelRef, parse_options, parse_r
+            from ..request import ModelRef
 
-            parse_r(merge_options["r"]), parse_options(merge_options["option"])  # refused before torch is imported
+            request = merge_request(**merge_options)  # a malformed --r or -O: refused before torch is imported
             ModelRef.parse(model_name or "x").require_pytorch("visualize")
             from .._io import check_output_path
             from ..errors import UsageError
@@ -51,7 +51,6 @@ def register(app: typer.Typer) -> None:
         from ..profiling.visualize import load_image, render, render_detections, visualize_detections, visualize_model
 
         with user_errors(), loud_warnings():
-            request = merge_request(**merge_options)
             picture = load_image(image)
             source = model_source(model_name, **model_options)
             model = source.build()

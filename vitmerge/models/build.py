@@ -86,11 +86,6 @@ def _head_classes(sd: Dict[str, torch.Tensor]) -> Optional[int]:
     return int(w.shape[0]) if w is not None and w.dim() == 2 else None
 
 
-def is_model_folder(name: Union[str, Path, ModelRef]) -> bool:
-    """Whether ``name`` names a transformers save_pretrained folder (:meth:`ModelRef.parse` decides)."""
-    return ModelRef.parse(name).kind == "folder"
-
-
 #: random weights (no checkpoint) are drawn from this seed unless told otherwise: two exports of one model
 #: without a checkpoint are then the same model, and `vitmerge check` compares forms, not two random draws
 DEFAULT_SEED = 0
@@ -371,6 +366,6 @@ def build_merged(model: Union[str, ModelRef, ModelSource], request: Optional[Mer
     return merge(source.build(), request)
 
 
-__all__ = ["DENSE_PREFIX", "DEFAULT_SEED", "build_model", "is_model_folder", "load_state_dict", "check_model_name",
+__all__ = ["DENSE_PREFIX", "DEFAULT_SEED", "build_model", "load_state_dict", "check_model_name",
            "CHECKPOINT_SUFFIXES", "ModelConfig", "ModelSource", "load_model_config", "resolve_model", "merge",
            "build_merged"]
