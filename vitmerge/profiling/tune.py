@@ -32,9 +32,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -56,8 +54,10 @@ CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    """``$VITMERGE_CACHE/tune`` (default: ``<tmp>/vitmerge-cache/tune``), the demo's cache convention."""
-    return Path(os.environ.get("VITMERGE_CACHE", Path(tempfile.gettempdir()) / "vitmerge-cache")) / "tune"
+    """``$VITMERGE_CACHE/tune`` (default: ``<tmp>/vitmerge-cache/tune``), under the demo's cache root."""
+    from ..demo.digits import default_cache_root
+
+    return default_cache_root() / "tune"
 
 
 # ------------------------------------------------------------------------------------------- the target
@@ -150,11 +150,9 @@ def check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; tune measures on {', '.join(TUNE_RUNTIMES)}")
     if runtime == "trt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise RuntimeMissingError("--runtime trt: TensorRT is not installed here (pip install 'vitmerge[tensorrt]' "
-                                      "on a machine with an NVIDIA GPU); use --runtime ort, ort-cuda or torch") from None
+        from ..plugins.tensorrt_plugin import require_tensorrt
+
+        require_tensorrt()  # missing here: RuntimeMissingError with the install line
         raise UsageError("vitmerge tune does not build TensorRT engines per candidate: tune with --runtime ort-cuda "
                          "(the same GPU), then build the chosen file with `vitmerge build`")
     if runtime in ("ort", "ort-cuda"):
@@ -294,7 +292,6 @@ def measure_block_latency(model, runtime: str = "ort", batch: int = 1, token_cou
     if len(counts) < 2 or counts[0] < 1:
         raise UsageError(f"the latency table needs at least two token counts >= 1, got {counts}")
     fns: Dict[str, Callable[[], object]] = {}
-    sync = None
     old_threads = torch.get_num_threads()
     with scratch("vitmerge-tune-block-") as tmp:
         if runtime == "torch" and threads:
@@ -332,7 +329,7 @@ def measure_block_latency(model, runtime: str = "ort", batch: int = 1, token_cou
                 else:
                     fns[str(n)] = lambda sess=sess, feed={name: x}: sess.run(None, feed)
         try:
-            stats = interleaved(fns, rounds=rounds, iters=iters, warmup=warmup, sync=sync, progress=on_round)
+            stats = interleaved(fns, rounds=rounds, iters=iters, warmup=warmup, progress=on_round)
         finally:
             torch.set_num_threads(old_threads)
     table = {n: float(stats[str(n)].p50) for n in counts}
@@ -741,7 +738,9 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
         if base is None or not logits_path.is_file():
             base = Candidate(key="unmerged", label="unmerged", method=None, budgets=[], r=[0] * len(
                 family(model).blocks(model)), flops_fraction=1.0, speedup=1.0)
-            base_runner = runner_for(copy.deepcopy(model), "unmerged", base)
+            # the unmerged model is only read (the runners and the exporter leave it as it is): no copy; merge()
+            # patches a copy of it
+            base_runner = runner_for(model, "unmerged", base)
             show("unmerged: scoring the held-out images")
             rec = _Recorder(base_runner)
             res = evaluate({"unmerged": rec}, ds, batch_size=eval_batch, progress=False, workers=workers)
@@ -781,7 +780,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             work["accuracy"] += 1
             show(f"{c.label}: latency on {runtime}, batch {batch}, interleaved with the unmerged model")
             if base_runner is None:
-                base_runner = runner_for(copy.deepcopy(model), "unmerged")
+                base_runner = runner_for(model, "unmerged")
             base_runner.label, runner.label = "unmerged", c.key
             prof = profile_pair(base_runner, runner, batch, rounds, iters, warmup)
             c.baseline_p50_ms, c.p50_ms, c.p90_ms, c.speedup = prof
@@ -791,7 +790,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             if prog is not None:
                 prog.advance(task)
         if not measured and base_runner is None:
-            base_runner = runner_for(copy.deepcopy(model), "unmerged")
+            base_runner = runner_for(model, "unmerged")
         if measured:
             base.p50_ms = statistics.median(c.baseline_p50_ms for c in measured)
         else:
@@ -809,7 +808,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             from ..models.build import merge
 
             if chosen is base:
-                cached_export(copy.deepcopy(model), "unmerged", base)
+                cached_export(model, "unmerged", base)
                 cache.write("baseline.json", base.to_dict())
             else:
                 cached_export(merge(copy.deepcopy(model), request_of(chosen)), chosen.key, chosen)
