@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
         Measurements are cached per candidate (--cache-dir): an interrupted run resumes, a second run measures
         nothing. Classifiers only (top-1)."""
         with user_errors():
-            from ..profiling.tune import Target  # torch-free: argument errors answer before torch loads
+            from ..profiling.tune import Target, check_settings  # torch-free: argument errors answer before torch loads
 
             target = Target.from_options(max_drop, target_ms, target_speedup)
             method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
@@ -125,18 +125,8 @@ def register(app: typer.Typer) -> None:
                     raise fail(f"--methods takes comma-separated names of {', '.join(METHODS)}; got {methods!r}")
             budget_list = float_list(budgets, "--budgets") if budgets.strip() else []
             flop_list = float_list(flop_budgets, "--flop-budgets") if flop_budgets else []
-            bad = [f for f in budget_list + flop_list if not 0 < f <= 1]
-            if bad:
-                raise fail(f"budgets are fractions of the unmerged model in (0, 1], got {bad}")
-            if not budget_list and not flop_list:
-                raise fail("give at least one budget: --budgets and/or --flop-budgets")
+            check_settings(batch, rounds, iters, block_rounds, limit, budget_list, flop_list)
             counts = int_list(token_counts, "--token-counts", minimum=1) if token_counts else None
-            for name, v in (("--batch", batch), ("--rounds", rounds), ("--iters", iters),
-                            ("--block-rounds", block_rounds)):
-                if v < 1:
-                    raise fail(f"{name} must be at least 1, got {v}")
-            if limit is not None and limit < 1:
-                raise fail(f"--limit must be at least 1, got {limit}")
             if data is None and config is None:
                 raise fail("vitmerge tune needs labelled images to measure accuracy on: give --data DIR (or --config "
                            "model.json that names its data)")

@@ -165,6 +165,22 @@ def check_runtime(runtime: str) -> None:
                 raise RuntimeMissingError(f"--runtime ort-cuda: ONNX Runtime CUDA is not available here: {problem}")
 
 
+def check_settings(batch: int, rounds: int, iters: int, block_rounds: int, limit: Optional[int],
+                   budgets: Sequence[float], flop_budgets: Sequence[float]) -> None:
+    """A :class:`UsageError` for a count below 1 or a budget outside (0, 1] (torch-free: the CLI checks its
+    options with it before torch loads; :func:`tune` again for library callers)."""
+    for name, v in (("--batch", batch), ("--rounds", rounds), ("--iters", iters), ("--block-rounds", block_rounds)):
+        if int(v) < 1:
+            raise UsageError(f"{name} must be at least 1, got {v}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
+    bad = [f for f in list(budgets) + list(flop_budgets) if not 0 < float(f) <= 1]
+    if bad:
+        raise UsageError(f"budgets are fractions of the unmerged model in (0, 1], got {bad}")
+    if not budgets and not flop_budgets:
+        raise UsageError("give at least one budget: --budgets and/or --flop-budgets")
+
+
 # ------------------------------------------------------------------------------------------- block latency
 
 
@@ -624,16 +640,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
     if not isinstance(target, Target):
         raise UsageError(f"target must be a Target, got {target!r}")
     check_runtime(runtime)
-    for name, v in (("--batch", batch), ("--rounds", rounds), ("--iters", iters), ("--block-rounds", block_rounds)):
-        if int(v) < 1:
-            raise UsageError(f"{name} must be at least 1, got {v}")
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {limit}")
-    bad = [f for f in list(budgets) + list(flop_budgets) if not 0 < float(f) <= 1]
-    if bad:
-        raise UsageError(f"budgets are fractions of the unmerged model in (0, 1], got {bad}")
-    if not budgets and not flop_budgets:
-        raise UsageError("give at least one budget (--budgets and/or --flop-budgets)")
+    check_settings(batch, rounds, iters, block_rounds, limit, budgets, flop_budgets)
     out = check_output_path(output) if output is not None else None
     if report_dir is not None:
         prepare_dir(report_dir)
@@ -987,5 +994,5 @@ def write_tune_report(result: TuneResult, report_dir: Union[str, Path]):
 
 __all__ = ["tune", "TuneResult", "Target", "TargetNotMet", "Candidate", "measure_block_latency", "monotone",
            "write_latency_table", "default_token_counts", "default_methods", "plan_candidates", "request_of",
-           "check_runtime", "run_key", "Cache", "plot_tune", "write_tune_report", "default_cache_dir",
+           "check_runtime", "check_settings", "run_key", "Cache", "plot_tune", "write_tune_report", "default_cache_dir",
            "TUNE_RUNTIMES", "DEFAULT_BUDGETS"]
