@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -78,8 +78,7 @@ class Target:
         if self.kind not in self.KINDS:
             raise UsageError(f"unknown target {self.kind!r}; one of {', '.join(self.KINDS)}")
         v = float(self.value)
-        if not math.isfinite(v) or (self.kind == "max_drop" and v < 0) or (self.kind == "target_ms" and v <= 0) \
-                or (self.kind == "target_speedup" and v <= 0):
+        if not math.isfinite(v) or (v < 0 if self.kind == "max_drop" else v <= 0):
             need = ">= 0 (top-1 points)" if self.kind == "max_drop" else "> 0"
             raise UsageError(f"{self.OPTION[self.kind]} must be {need}, got {self.value!r}")
         object.__setattr__(self, "value", v)
@@ -310,9 +309,9 @@ def measure_block_latency(model, runtime: str = "ort", batch: int = 1, token_cou
     fns: Dict[str, Callable[[], object]] = {}
     old_threads = torch.get_num_threads()
     with scratch("vitmerge-tune-block-") as tmp:
-        if runtime == "torch" and threads:
-            torch.set_num_threads(threads)  # restored below
         if runtime == "torch":
+            if threads:
+                torch.set_num_threads(threads)  # restored below
             for n in counts:
                 x = torch.randn(batch, n, width)
 
@@ -395,9 +394,7 @@ class Candidate:
         return (self.top1 - baseline.top1) * 100 + 0.0
 
     def to_dict(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in ("key", "label", "method", "budgets", "r", "request", "tokens_out",
-                                               "flops_fraction", "flops", "top1", "agreement", "images", "p50_ms", "p90_ms",
-                                               "baseline_p50_ms", "speedup", "onnx", "verification")}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Candidate":
