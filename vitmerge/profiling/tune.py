@@ -54,10 +54,10 @@ CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    """``$VITMERGE_CACHE/tune`` (default: ``<tmp>/vitmerge-cache/tune``), under the demo's cache root."""
-    from ..demo.digits import default_cache_root
+    """``$VITMERGE_CACHE/tune`` (default: ``<tmp>/vitmerge-cache/tune``), beside the demo's models."""
+    from .._io import cache_root
 
-    return default_cache_root() / "tune"
+    return cache_root() / "tune"
 
 
 # ------------------------------------------------------------------------------------------- the target
