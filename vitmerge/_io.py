@@ -21,6 +21,12 @@ from .errors import OutputPathError
 PathLike = Union[str, Path]
 
 
+def cache_root() -> Path:
+    """``$VITMERGE_CACHE`` (default: ``<tmp>/vitmerge-cache``): where the demo models and ``tune``'s measurements
+    are kept between runs."""
+    return Path(os.environ.get("VITMERGE_CACHE", Path(tempfile.gettempdir()) / "vitmerge-cache"))
+
+
 def writable_dir(path: PathLike, what: str) -> Path:
     """Create ``path`` (and parents) if needed and check it is a writable folder.
 

@@ -131,6 +131,17 @@ BatchOpt = Annotated[int, typer.Option(
     "--batch", "--batch-size", "-b", help="Images per batch")]
 ThreadsOpt = Annotated[int, typer.Option(
     "--threads", help="CPU threads for ONNX Runtime / PyTorch (0: the runtime's default)")]
+SplitOpt = Annotated[Optional[str], typer.Option(
+    "--split", help="Which split of a multi-split folder (default: val, then test)")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Image decoding processes (0: in the main process)")]
+
+# ---------------------------------------------------------------------------------------------- measurement
+
+MEASURE_PANEL = "Measurement"
+ItersOpt = Annotated[int, typer.Option("--iters", rich_help_panel=MEASURE_PANEL,
+                                       help="Timed calls per model in each round")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", rich_help_panel=MEASURE_PANEL,
+                                        help="Untimed calls per model before timing")]
 
 
 # ---------------------------------------------------------------------------------------------- option groups
@@ -200,5 +211,5 @@ __all__ = [
     "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt", "SeedOpt", "BatchOpt", "MODEL_OPTIONS", "MERGE_OPTIONS",
     "with_options",
     "MethodOpt", "OptionOpt", "ROpt", "ScheduleOpt", "BudgetOpt", "BudgetLatencyOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",
-    "ThreadsOpt",
+    "ThreadsOpt", "SplitOpt", "WorkersOpt", "MEASURE_PANEL", "ItersOpt", "WarmupOpt",
 ]

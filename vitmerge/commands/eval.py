@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ._common import console, err_console, fail, log, loud_warnings, merge_request, model_source, user_errors
-from ._options import BatchOpt, ClassMap, ClassOrder, DataOpt, EvalRuntime, ReportDirOpt, value, with_options
+from ._options import (BatchOpt, ClassMap, ClassOrder, DataOpt, EvalRuntime, ReportDirOpt, SplitOpt, WorkersOpt, value,
+                       with_options)
 
 
 def counted(n: int, dataset: str = "") -> str:
@@ -112,8 +113,7 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[Optional[int], typer.Option(
             "--limit", help="Score this many images, chosen by a fixed seed (default: all)")] = None,
         batch_size: BatchOpt = 64,
-        split: Annotated[Optional[str], typer.Option(
-            "--split", help="Which split of a multi-split folder (default: val, then test)")] = None,
+        split: SplitOpt = None,
         labels: Annotated[Optional[Path], typer.Option(
             "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv), or the "
                              "ImageNet devkit (ILSVRC2012_devkit_t12.tar.gz or its folder); detectors: the COCO "
@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
             "--normalize/--no-normalize",
             help="Detectors: normalise pixels with the model's mean/std (YOLOS: preprocessor_config.json; dense: "
                  "the backbone's), or feed them in [0, 1] (--no-normalize: vitmerge's demo detectors)")] = True,
-        workers: Annotated[int, typer.Option("--workers", help="Image decoding processes (0: in the main process)")] = 0,
+        workers: WorkersOpt = 0,
         report_dir: ReportDirOpt = None,
         model_options: dict = None,
         merge_options: dict = None,

@@ -7,10 +7,10 @@ import typer
 from rich.table import Table
 
 from ._common import batch_list, console, err_console, fail, loud_warnings, merge_request, model_source, user_errors
-from ._options import Device, ReportDirOpt, Runtime, ThreadsOpt, value, with_options
+from ._options import (MEASURE_PANEL, Device, ItersOpt, ReportDirOpt, Runtime, ThreadsOpt, WarmupOpt, value,
+                       with_options)
 
 TIMM_PANEL = "Model"
-MEASURE_PANEL = "Measurement"
 
 
 def _ms(v: float) -> str:
@@ -57,10 +57,8 @@ def register(app: typer.Typer) -> None:
         threads: ThreadsOpt = 0,
         batch: Annotated[str, typer.Option("--batch", "-b", rich_help_panel=MEASURE_PANEL,
                                            help="Batch sizes, comma-separated")] = "1,8",
-        iters: Annotated[int, typer.Option("--iters", rich_help_panel=MEASURE_PANEL,
-                                           help="Timed calls per model in each round")] = 5,
-        warmup: Annotated[int, typer.Option("--warmup", rich_help_panel=MEASURE_PANEL,
-                                            help="Untimed calls per model before timing")] = 3,
+        iters: ItersOpt = 5,
+        warmup: WarmupOpt = 3,
         rounds: Annotated[int, typer.Option("--rounds", rich_help_panel=MEASURE_PANEL,
                                             help="Interleaved rounds (models take turns each round)")] = 10,
         energy: Annotated[bool, typer.Option("--energy/--no-energy", rich_help_panel=MEASURE_PANEL,

@@ -9,12 +9,12 @@ import typer
 from rich.table import Table
 
 from ._common import console, err_console, fail, float_list, int_list, loud_warnings, model_source, user_errors
-from ._options import (METHODS, BatchOpt, CheckpointOpt, ClassOrder, ConfigOpt, DataOpt, ImgSizeOpt, ModelKwargsOpt,
-                       NumClassesOpt, PropAttnOpt, ReportDirOpt, Runtime, SeedOpt, ThreadsOpt, value)
+from ._options import (MEASURE_PANEL, METHODS, BatchOpt, CheckpointOpt, ClassOrder, ConfigOpt, DataOpt, ImgSizeOpt,
+                       ItersOpt, LabelsOpt, ModelKwargsOpt, NumClassesOpt, PropAttnOpt, ReportDirOpt, Runtime, SeedOpt,
+                       SplitOpt, ThreadsOpt, WarmupOpt, WorkersOpt, value)
 
 TARGET_PANEL = "Target (exactly one)"
 SEARCH_PANEL = "Candidates"
-MEASURE_PANEL = "Measurement"
 
 DEFAULT_BUDGETS = "0.9,0.8,0.7,0.6,0.5"  # profiling.tune.DEFAULT_BUDGETS (kept torch-free here)
 
@@ -86,10 +86,8 @@ def register(app: typer.Typer) -> None:
                                 "<tmp>/vitmerge-cache/tune)")] = None,
         rounds: Annotated[int, typer.Option("--rounds", rich_help_panel=MEASURE_PANEL,
                                             help="Interleaved rounds per candidate (against the unmerged model)")] = 5,
-        iters: Annotated[int, typer.Option("--iters", rich_help_panel=MEASURE_PANEL,
-                                           help="Timed calls per model in each round")] = 5,
-        warmup: Annotated[int, typer.Option("--warmup", rich_help_panel=MEASURE_PANEL,
-                                            help="Untimed calls per model before timing")] = 2,
+        iters: ItersOpt = 5,
+        warmup: WarmupOpt = 2,
         block_rounds: Annotated[int, typer.Option("--block-rounds", rich_help_panel=MEASURE_PANEL,
                                                   help="Interleaved rounds of the block latency table")] = 5,
         token_counts: Annotated[Optional[str], typer.Option(
@@ -103,14 +101,12 @@ def register(app: typer.Typer) -> None:
         img_size: ImgSizeOpt = None,
         seed: SeedOpt = 0,
         prop_attn: PropAttnOpt = True,
-        split: Annotated[Optional[str], typer.Option(
-            "--split", help="Which split of a multi-split folder (default: val, then test)")] = None,
-        labels: Annotated[Optional[Path], typer.Option(
-            "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv)")] = None,
+        split: SplitOpt = None,
+        labels: LabelsOpt = None,
         class_order: Annotated[ClassOrder, typer.Option(
             "--class-order", case_sensitive=False,
             help="ImageNet class indices: sorted (sorted WordNet ids) or devkit (ILSVRC2012_ID order)")] = "sorted",
-        workers: Annotated[int, typer.Option("--workers", help="Image decoding processes (0: in the main process)")] = 0,
+        workers: WorkersOpt = 0,
     ):
         """Measure the per-block latency on the runtime, build candidates (methods x latency / FLOP budgets), score
         each on the same held-out images and time it against the unmerged model, then choose by the target and
@@ -119,7 +115,7 @@ def register(app: typer.Typer) -> None:
         Measurements are cached per candidate (--cache-dir): an interrupted run resumes, a second run measures
         nothing. Classifiers only (top-1)."""
         with user_errors():
-            from ..profiling.tune import Target  # torch-free: argument errors answer before torch loads
+            from ..profiling.tune import Target, check_settings  # torch-free: argument errors answer before torch loads
 
             target = Target.from_options(max_drop, target_ms, target_speedup)
             method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
@@ -129,18 +125,8 @@ def register(app: typer.Typer) -> None:
                     raise fail(f"--methods takes comma-separated names of {', '.join(METHODS)}; got {methods!r}")
             budget_list = float_list(budgets, "--budgets") if budgets.strip() else []
             flop_list = float_list(flop_budgets, "--flop-budgets") if flop_budgets else []
-            bad = [f for f in budget_list + flop_list if not 0 < f <= 1]
-            if bad:
-                raise fail(f"budgets are fractions of the unmerged model in (0, 1], got {bad}")
-            if not budget_list and not flop_list:
-                raise fail("give at least one budget: --budgets and/or --flop-budgets")
+            check_settings(batch, rounds, iters, block_rounds, limit, budget_list, flop_list)
             counts = int_list(token_counts, "--token-counts", minimum=1) if token_counts else None
-            for name, v in (("--batch", batch), ("--rounds", rounds), ("--iters", iters),
-                            ("--block-rounds", block_rounds)):
-                if v < 1:
-                    raise fail(f"{name} must be at least 1, got {v}")
-            if limit is not None and limit < 1:
-                raise fail(f"--limit must be at least 1, got {limit}")
             if data is None and config is None:
                 raise fail("vitmerge tune needs labelled images to measure accuracy on: give --data DIR (or --config "
                            "model.json that names its data)")

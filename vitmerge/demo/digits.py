@@ -20,8 +20,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 from PIL import Image
 import torch.nn.functional as F
 
-from .._io import staged, writable_dir
+from .._io import cache_root, staged, writable_dir
 from ..errors import DataError, OutputPathError
 from ..models.build import build_model, load_model_config
 
@@ -329,7 +327,7 @@ def load(config: Union[str, Path]) -> DigitsModel:
 
 
 def default_cache_root() -> Path:
-    return Path(os.environ.get("VITMERGE_CACHE", Path(tempfile.gettempdir()) / "vitmerge-cache"))
+    return cache_root()
 
 
 def cached(cfg: Optional[DigitsConfig] = None, root: Optional[Union[str, Path]] = None,

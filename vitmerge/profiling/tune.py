@@ -32,10 +32,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import statistics
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -56,8 +54,10 @@ CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    """``$VITMERGE_CACHE/tune`` (default: ``<tmp>/vitmerge-cache/tune``), the demo's cache convention."""
-    return Path(os.environ.get("VITMERGE_CACHE", Path(tempfile.gettempdir()) / "vitmerge-cache")) / "tune"
+    """``$VITMERGE_CACHE/tune`` (default: ``<tmp>/vitmerge-cache/tune``), beside the demo's models."""
+    from .._io import cache_root
+
+    return cache_root() / "tune"
 
 
 # ------------------------------------------------------------------------------------------- the target
@@ -78,8 +78,7 @@ class Target:
         if self.kind not in self.KINDS:
             raise UsageError(f"unknown target {self.kind!r}; one of {', '.join(self.KINDS)}")
         v = float(self.value)
-        if not math.isfinite(v) or (self.kind == "max_drop" and v < 0) or (self.kind == "target_ms" and v <= 0) \
-                or (self.kind == "target_speedup" and v <= 0):
+        if not math.isfinite(v) or (v < 0 if self.kind == "max_drop" else v <= 0):
             need = ">= 0 (top-1 points)" if self.kind == "max_drop" else "> 0"
             raise UsageError(f"{self.OPTION[self.kind]} must be {need}, got {self.value!r}")
         object.__setattr__(self, "value", v)
@@ -150,11 +149,9 @@ def check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; tune measures on {', '.join(TUNE_RUNTIMES)}")
     if runtime == "trt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise RuntimeMissingError("--runtime trt: TensorRT is not installed here (pip install 'vitmerge[tensorrt]' "
-                                      "on a machine with an NVIDIA GPU); use --runtime ort, ort-cuda or torch") from None
+        from ..plugins.tensorrt_plugin import require_tensorrt
+
+        require_tensorrt()  # missing here: RuntimeMissingError with the install line
         raise UsageError("vitmerge tune does not build TensorRT engines per candidate: tune with --runtime ort-cuda "
                          "(the same GPU), then build the chosen file with `vitmerge build`")
     if runtime in ("ort", "ort-cuda"):
@@ -165,6 +162,22 @@ def check_runtime(runtime: str) -> None:
             problem = cuda_problem(ort)
             if problem:
                 raise RuntimeMissingError(f"--runtime ort-cuda: ONNX Runtime CUDA is not available here: {problem}")
+
+
+def check_settings(batch: int, rounds: int, iters: int, block_rounds: int, limit: Optional[int],
+                   budgets: Sequence[float], flop_budgets: Sequence[float]) -> None:
+    """A :class:`UsageError` for a count below 1 or a budget outside (0, 1] (torch-free: the CLI checks its
+    options with it before torch loads; :func:`tune` again for library callers)."""
+    for name, v in (("--batch", batch), ("--rounds", rounds), ("--iters", iters), ("--block-rounds", block_rounds)):
+        if int(v) < 1:
+            raise UsageError(f"{name} must be at least 1, got {v}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
+    bad = [f for f in list(budgets) + list(flop_budgets) if not 0 < float(f) <= 1]
+    if bad:
+        raise UsageError(f"budgets are fractions of the unmerged model in (0, 1], got {bad}")
+    if not budgets and not flop_budgets:
+        raise UsageError("give at least one budget: --budgets and/or --flop-budgets")
 
 
 # ------------------------------------------------------------------------------------------- block latency
@@ -294,12 +307,11 @@ def measure_block_latency(model, runtime: str = "ort", batch: int = 1, token_cou
     if len(counts) < 2 or counts[0] < 1:
         raise UsageError(f"the latency table needs at least two token counts >= 1, got {counts}")
     fns: Dict[str, Callable[[], object]] = {}
-    sync = None
     old_threads = torch.get_num_threads()
     with scratch("vitmerge-tune-block-") as tmp:
-        if runtime == "torch" and threads:
-            torch.set_num_threads(threads)  # restored below
         if runtime == "torch":
+            if threads:
+                torch.set_num_threads(threads)  # restored below
             for n in counts:
                 x = torch.randn(batch, n, width)
 
@@ -332,7 +344,7 @@ def measure_block_latency(model, runtime: str = "ort", batch: int = 1, token_cou
                 else:
                     fns[str(n)] = lambda sess=sess, feed={name: x}: sess.run(None, feed)
         try:
-            stats = interleaved(fns, rounds=rounds, iters=iters, warmup=warmup, sync=sync, progress=on_round)
+            stats = interleaved(fns, rounds=rounds, iters=iters, warmup=warmup, progress=on_round)
         finally:
             torch.set_num_threads(old_threads)
     table = {n: float(stats[str(n)].p50) for n in counts}
@@ -382,9 +394,7 @@ class Candidate:
         return (self.top1 - baseline.top1) * 100 + 0.0
 
     def to_dict(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in ("key", "label", "method", "budgets", "r", "request", "tokens_out",
-                                               "flops_fraction", "flops", "top1", "agreement", "images", "p50_ms", "p90_ms",
-                                               "baseline_p50_ms", "speedup", "onnx", "verification")}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Candidate":
@@ -627,16 +637,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
     if not isinstance(target, Target):
         raise UsageError(f"target must be a Target, got {target!r}")
     check_runtime(runtime)
-    for name, v in (("--batch", batch), ("--rounds", rounds), ("--iters", iters), ("--block-rounds", block_rounds)):
-        if int(v) < 1:
-            raise UsageError(f"{name} must be at least 1, got {v}")
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {limit}")
-    bad = [f for f in list(budgets) + list(flop_budgets) if not 0 < float(f) <= 1]
-    if bad:
-        raise UsageError(f"budgets are fractions of the unmerged model in (0, 1], got {bad}")
-    if not budgets and not flop_budgets:
-        raise UsageError("give at least one budget (--budgets and/or --flop-budgets)")
+    check_settings(batch, rounds, iters, block_rounds, limit, budgets, flop_budgets)
     out = check_output_path(output) if output is not None else None
     if report_dir is not None:
         prepare_dir(report_dir)
@@ -741,7 +742,9 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
         if base is None or not logits_path.is_file():
             base = Candidate(key="unmerged", label="unmerged", method=None, budgets=[], r=[0] * len(
                 family(model).blocks(model)), flops_fraction=1.0, speedup=1.0)
-            base_runner = runner_for(copy.deepcopy(model), "unmerged", base)
+            # the unmerged model is only read (the runners and the exporter leave it as it is): no copy; merge()
+            # patches a copy of it
+            base_runner = runner_for(model, "unmerged", base)
             show("unmerged: scoring the held-out images")
             rec = _Recorder(base_runner)
             res = evaluate({"unmerged": rec}, ds, batch_size=eval_batch, progress=False, workers=workers)
@@ -781,7 +784,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             work["accuracy"] += 1
             show(f"{c.label}: latency on {runtime}, batch {batch}, interleaved with the unmerged model")
             if base_runner is None:
-                base_runner = runner_for(copy.deepcopy(model), "unmerged")
+                base_runner = runner_for(model, "unmerged")
             base_runner.label, runner.label = "unmerged", c.key
             prof = profile_pair(base_runner, runner, batch, rounds, iters, warmup)
             c.baseline_p50_ms, c.p50_ms, c.p90_ms, c.speedup = prof
@@ -791,7 +794,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             if prog is not None:
                 prog.advance(task)
         if not measured and base_runner is None:
-            base_runner = runner_for(copy.deepcopy(model), "unmerged")
+            base_runner = runner_for(model, "unmerged")
         if measured:
             base.p50_ms = statistics.median(c.baseline_p50_ms for c in measured)
         else:
@@ -809,7 +812,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             from ..models.build import merge
 
             if chosen is base:
-                cached_export(copy.deepcopy(model), "unmerged", base)
+                cached_export(model, "unmerged", base)
                 cache.write("baseline.json", base.to_dict())
             else:
                 cached_export(merge(copy.deepcopy(model), request_of(chosen)), chosen.key, chosen)
@@ -988,5 +991,5 @@ def write_tune_report(result: TuneResult, report_dir: Union[str, Path]):
 
 __all__ = ["tune", "TuneResult", "Target", "TargetNotMet", "Candidate", "measure_block_latency", "monotone",
            "write_latency_table", "default_token_counts", "default_methods", "plan_candidates", "request_of",
-           "check_runtime", "run_key", "Cache", "plot_tune", "write_tune_report", "default_cache_dir",
+           "check_runtime", "check_settings", "run_key", "Cache", "plot_tune", "write_tune_report", "default_cache_dir",
            "TUNE_RUNTIMES", "DEFAULT_BUDGETS"]
