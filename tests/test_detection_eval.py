@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vitmerge
+from support.detection_eval import dense, png_images, resize, timm_norm, write_truth
 
 pytest.importorskip("torchmetrics")
 pytest.importorskip("pycocotools")
@@ -35,65 +36,6 @@ def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def _png_images(folder, n=6, size=64, seed=3):
-    """Digit canvases written as PNGs; returns them as read back ([0, 1] floats, 8-bit exact), in order."""
-    from PIL import Image
-
-    from vitmerge.data.detection import digit_canvases, write_coco
-
-    write_coco(digit_canvases(n, size=size, split="test", seed=seed), folder)
-    files = sorted((folder / "images").glob("*.png"))
-    return torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255)
-                        .permute(2, 0, 1) for f in files])
-
-
-def _resize(x, hw):
-    """The 8-bit images resized bilinearly by PIL to (H, W), back in [0, 1]."""
-    from PIL import Image
-
-    out = []
-    for img in x:
-        pil = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        arr = np.asarray(pil.resize((hw[1], hw[0]), Image.BILINEAR), dtype=np.float32) / 255
-        out.append(torch.from_numpy(arr).permute(2, 0, 1))
-    return torch.stack(out)
-
-
-def _timm_norm(det):
-    """The backbone's mean/std as timm resolves them (vit_tiny's config: 0.5 / 0.5, not ImageNet's)."""
-    from timm.data import resolve_data_config
-
-    cfg = resolve_data_config({}, model=det.backbone)
-    return torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-
-
-def _write_truth(folder, preds, categories, size_px):
-    """annotations.json whose boxes are ``preds`` (normalised cx, cy, w, h; labels = index into
-    ``categories``, a list of (COCO id, name))."""
-    coco = json.loads((folder / "annotations.json").read_text())
-    anns = []
-    for img, p in zip(coco["images"], preds):
-        w, h = size_px
-        for (cx, cy, bw, bh), c in zip(p["boxes"].tolist(), p["labels"].tolist()):
-            anns.append({"id": len(anns), "image_id": img["id"], "category_id": categories[c][0], "iscrowd": 0,
-                         "area": bw * w * bh * h, "bbox": [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]})
-    coco["annotations"] = anns
-    coco["categories"] = [{"id": i, "name": n} for i, n in categories]
-    (folder / "annotations.json").write_text(json.dumps(coco))
-
-
-def _dense(tmp_path, classes=10):
-    from vitmerge.models.dense import DenseDetector
-
-    import timm
-
-    torch.manual_seed(7)
-    det = DenseDetector(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=0,
-                                          depth=3), classes).eval()
-    torch.save(det.state_dict(), tmp_path / "det.pth")
-    return det
-
-
 def _map_line(report, name):
     return _report(report)["eval"]["models"][name]
 
@@ -108,14 +50,14 @@ def test_dense_eval_scores_its_own_detections_1_and_the_merged_model_as_recomput
     vitmerge.apply and torchmetrics on the same images."""
     from vitmerge.data.detection import decode_dense, mean_average_precision
 
-    det = _dense(tmp_path)
-    x = _png_images(tmp_path / "coco")
-    mean, std = _timm_norm(det)
+    det = dense(tmp_path)
+    x = png_images(tmp_path / "coco")
+    mean, std = timm_norm(det)
     xn = (x - mean) / std
     with torch.no_grad():
         ref = decode_dense(*det(xn))
     assert all(len(p["boxes"]) >= 3 for p in ref)
-    _write_truth(tmp_path / "coco", ref, [(i, str(i)) for i in range(10)], (64, 64))
+    write_truth(tmp_path / "coco", ref, [(i, str(i)) for i in range(10)], (64, 64))
     res = _cli("eval", "dense:vit_tiny_patch16_224", "--checkpoint", tmp_path / "det.pth", "--img-size", "64",
                "--model-kwargs", DENSE_KW, "--data", tmp_path / "coco", "--r", "6,4,2", "--batch-size", "4",
                "--report-dir", tmp_path / "rep")
@@ -152,14 +94,14 @@ def test_dense_eval_scores_its_own_detections_1_and_the_merged_model_as_recomput
 @pytest.mark.slow
 def test_dense_eval_in_onnx_runtime_matches_pytorch(tmp_path):
     """--runtime ort: both models exported, verified, scored in ONNX Runtime; mAP as in PyTorch."""
-    det = _dense(tmp_path)
-    x = _png_images(tmp_path / "coco", n=4)
+    det = dense(tmp_path)
+    x = png_images(tmp_path / "coco", n=4)
     from vitmerge.data.detection import decode_dense
 
     with torch.no_grad():
-        mean, std = _timm_norm(det)
+        mean, std = timm_norm(det)
         ref = decode_dense(*det((x - mean) / std))
-    _write_truth(tmp_path / "coco", ref, [(i, str(i)) for i in range(10)], (64, 64))
+    write_truth(tmp_path / "coco", ref, [(i, str(i)) for i in range(10)], (64, 64))
     out = {}
     for rt in ("torch", "ort"):
         res = _cli("eval", "dense:vit_tiny_patch16_224", "--checkpoint", tmp_path / "det.pth", "--img-size", "64",
@@ -183,12 +125,12 @@ def test_yolos_eval_maps_categories_by_name_and_resizes_to_its_input(tmp_path):
     names = ["cat", "dog", "bird", "fish"]
     model = make_yolos(False, seed=2, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     model.save_pretrained(tmp_path / "yolos")
-    x = _png_images(tmp_path / "coco", n=5)
+    x = png_images(tmp_path / "coco", n=5)
     with torch.no_grad():
-        out = model(pixel_values=(_resize(x, (32, 48)) - IMAGENET[0]) / IMAGENET[1])
+        out = model(pixel_values=(resize(x, (32, 48)) - IMAGENET[0]) / IMAGENET[1])
     ref = decode_yolos(out.logits, out.pred_boxes)
     coco_ids = {"bird": 2, "cat": 5, "dog": 11, "fish": 20}  # id order: bird, cat, dog, fish != model order
-    _write_truth(tmp_path / "coco", ref, [(coco_ids[n], n) for n in names], (64, 64))
+    write_truth(tmp_path / "coco", ref, [(coco_ids[n], n) for n in names], (64, 64))
     for cmap, check in (("auto", lambda m: m == pytest.approx(1.0)), ("order", lambda m: m < 0.9)):
         res = _cli("eval", tmp_path / "yolos", "--data", tmp_path / "coco", "--r", "4,2,2", "--class-map", cmap,
                    "--report-dir", tmp_path / cmap)
@@ -250,7 +192,7 @@ def test_coco_folder_class_maps_and_layouts(tmp_path):
 def test_unreadable_image_is_skipped_and_reported(tmp_path):
     from vitmerge.data.detection import CocoFolder
 
-    _png_images(tmp_path / "coco", n=3)
+    png_images(tmp_path / "coco", n=3)
     (tmp_path / "coco" / "images" / "000001.png").write_bytes(b"not a png")
     bad = []
     data = CocoFolder(tmp_path / "coco", size=(16, 16))
@@ -259,7 +201,7 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path):
 
 
 def test_eval_detector_bad_inputs(tmp_path):
-    _dense(tmp_path)
+    dense(tmp_path)
     base = ["eval", "dense:vit_tiny_patch16_224", "--checkpoint", tmp_path / "det.pth", "--img-size", "64",
             "--model-kwargs", DENSE_KW]
     res = _cli(*base, "--data", tmp_path / "nowhere")
@@ -267,7 +209,7 @@ def test_eval_detector_bad_inputs(tmp_path):
     (tmp_path / "imgs").mkdir()
     res = _cli(*base, "--data", tmp_path / "imgs")
     assert res.exit_code == 2 and "annotations.json" in " ".join(res.output.split())
-    _png_images(tmp_path / "coco", n=2)
+    png_images(tmp_path / "coco", n=2)
     res = _cli(*base, "--data", tmp_path / "coco", "--split", "val")
     assert res.exit_code == 2 and "COCO-format" in " ".join(res.output.split())
     res = _cli(*base, "--data", tmp_path / "coco", "--class-map", "name")  # a dense detector names no classes

@@ -109,7 +109,7 @@ def test_candidates_are_merged_scored_and_timed(tuned, digits_model):
     for c in r.candidates:
         assert c.images == LIMIT  # the same held-out images for all
         assert len(c.r) == 4 and any(c.r) and c.tokens_out[-1] < 65
-        assert 0 <= c.top1 <= 1 and 0 <= c.agreement <= 1
+        assert 0 <= c.score <= 1 and 0 <= c.fidelity <= 1
         assert c.p50_ms > 0 and c.baseline_p50_ms > 0 and c.speedup == pytest.approx(c.baseline_p50_ms / c.p50_ms)
         assert 0 < c.flops_fraction < 1
         assert all(b.split()[0] in ("latency", "flops") for b in c.budgets)
@@ -123,8 +123,8 @@ def test_the_front_is_the_brute_force_front(tuned):
     pts = r.points
 
     def dominated(p):
-        return any(q is not p and q.p50_ms <= p.p50_ms and q.top1 >= p.top1
-                   and (q.p50_ms < p.p50_ms or q.top1 > p.top1) for q in pts)
+        return any(q is not p and q.p50_ms <= p.p50_ms and q.score >= p.score
+                   and (q.p50_ms < p.p50_ms or q.score > p.score) for q in pts)
 
     assert set(r.front) == {p.key for p in pts if not dominated(p)}
     lat = [next(p for p in pts if p.key == k).p50_ms for k in r.front]
@@ -146,9 +146,9 @@ def test_each_target_chooses_what_brute_force_chooses(tuned, digits_model, kind)
     assert ok, "the median candidate meets the target"  # (the unmerged model is a choice too: a slower merged
     # model is no answer)
     if kind == "max_drop":
-        want = max(ok, key=lambda c: (c.speedup, c.top1))
+        want = max(ok, key=lambda c: (c.speedup, c.score))
     else:
-        want = max(ok, key=lambda c: (c.top1, -c.p50_ms))
+        want = max(ok, key=lambda c: (c.score, -c.p50_ms))
     assert got.chosen.key == want.key
 
 
@@ -173,8 +173,8 @@ def test_the_chosen_file_meets_the_constraint_on_the_held_out_images(tuned, digi
     res = evaluate({"file": OrtRunner(out)}, ds, progress=False)
     file_top1 = res.models["file"].top1
     assert res.images == LIMIT
-    assert abs(file_top1 - got.chosen.top1) <= 1 / LIMIT + 1e-9
-    assert (base.top1 - file_top1) * 100 <= drop + 100 / LIMIT + 1e-9
+    assert abs(file_top1 - got.chosen.score) <= 1 / LIMIT + 1e-9
+    assert (base.score - file_top1) * 100 <= drop + 100 / LIMIT + 1e-9
     assert got.chosen.drop(base) <= drop + 1e-9
     assert chosen is not None and (root / "best.onnx").is_file()
 
@@ -186,7 +186,7 @@ def test_report_files(tuned):
         assert (d / name).is_file(), name
     doc = json.loads((d / "report.json").read_text())["data"]
     assert doc["chosen"] == r.chosen.key and doc["pareto_front"] == r.front
-    assert doc["baseline"]["top1"] == r.baseline.top1 and len(doc["candidates"]) == len(r.candidates)
+    assert doc["baseline"]["score"] == r.baseline.score and len(doc["candidates"]) == len(r.candidates)
     md_text = (d / "report.md").read_text()
     assert "(chosen)" in md_text and "## Block latency" in md_text and "pareto.png" in md_text
 
@@ -242,10 +242,10 @@ def test_target_options():
 
 
 def test_choice_on_made_up_candidates():
-    base = Candidate("unmerged", "unmerged", None, [], [0], top1=0.9, p50_ms=10, speedup=1.0)
+    base = Candidate("unmerged", "unmerged", None, [], [0], score=0.9, p50_ms=10, speedup=1.0)
 
-    def c(key, top1, ms):
-        return Candidate(key, key, "tome", [], [1], top1=top1, p50_ms=ms, speedup=10 / ms)
+    def c(key, score, ms):
+        return Candidate(key, key, "tome", [], [1], score=score, p50_ms=ms, speedup=10 / ms)
 
     cands = [base, c("a", 0.9, 9), c("b", 0.895, 6), c("c", 0.88, 5), c("d", 0.85, 4)]
     assert Target("max_drop", 0.5).choose(cands, base).key == "b"
@@ -342,13 +342,59 @@ def test_ort_run_exports_verifies_and_times_every_candidate(digits_model, tmp_pa
     assert not any(r2.work.values()) and r2.chosen.key == r.chosen.key
 
 
-def test_detectors_are_refused_with_the_reason(digits_model, tmp_path):
-    from vitmerge.models.build import resolve_model
+def test_a_detector_is_tuned_by_eval_s_map(tmp_path):
+    """A random dense detector on a COCO folder whose ground truth is the unmerged detector's own detections: in
+    `vitmerge tune` the unmerged model scores mAP 1 exactly, every candidate's mAP and fidelity equal a recomputation
+    here (vitmerge.apply with the candidate's r, a forward, decode, torchmetrics on the same images), the choice is
+    brute force's, and the report speaks of mAP, not top-1."""
+    import copy
 
-    src = resolve_model("dense:vit_tiny_patch16_224", num_classes=3,
-                        model_kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3})
-    with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(UsageError, match="detectors are not supported"):
-        tune(src, digits_model.test_dir, Target("max_drop", 1.0), runtime="torch", progress=False, cache_dir=tmp_path)
+    import torch
+
+    import vitmerge
+    from support.detection_eval import dense, png_images, timm_norm, write_truth
+    from vitmerge.data.detection import decode_dense, mean_average_precision
+
+    det = dense(tmp_path)
+    x = png_images(tmp_path / "coco", n=6)
+    mean, std = timm_norm(det)
+    xn = (x - mean) / std
+    with torch.no_grad():
+        ref = decode_dense(*det(xn))
+    write_truth(tmp_path / "coco", ref, [(i, str(i)) for i in range(10)], (64, 64))
+    truth = [{"boxes": p["boxes"], "labels": p["labels"]} for p in ref]
+    ks = [len(p["boxes"]) for p in ref]
+
+    def top(preds):  # each image's k most confident detections, k = its ground-truth boxes
+        return [{key: v[p["scores"].argsort(descending=True)[:k]] for key, v in p.items()} for p, k in zip(preds, ks)]
+
+    res = runner.invoke(app, [str(a) for a in (
+        "tune", "dense:vit_tiny_patch16_224", "--checkpoint", tmp_path / "det.pth", "--img-size", "64",
+        "--model-kwargs", '{"depth": 3}', "--data", tmp_path / "coco", "--runtime", "torch", "--batch", "2",
+        "--methods", "tome,importance", "--budgets", "", "--flop-budgets", "0.8,0.6", "--max-drop", "30",
+        "--rounds", "2", "--iters", "2", "--warmup", "1", "--block-rounds", "2", "--threads", "1",
+        "--cache-dir", tmp_path / "cache", "--report-dir", tmp_path / "rep", "-o", tmp_path / "best.onnx")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "rep" / "report.json").read_text())["data"]
+    assert doc["settings"]["metric"] == "mAP" and doc["target"]["text"] == "mAP drop <= 30 points"
+    base = doc["baseline"]
+    assert base["score"] == pytest.approx(1.0) and base["images"] == 6
+    assert len(doc["candidates"]) >= 2
+    for c in doc["candidates"]:
+        m = copy.deepcopy(det)
+        vitmerge.apply(m, c["method"], c["r"])
+        with torch.no_grad():
+            got = decode_dense(*m(xn))
+        assert c["score"] == pytest.approx(mean_average_precision(got, truth)["map"], abs=1e-6), c["label"]
+        assert c["fidelity"] == pytest.approx(mean_average_precision(top(got), top(ref))["map_50"], abs=1e-6)
+        assert c["drop_points"] == pytest.approx((1.0 - c["score"]) * 100)
+    assert any(c["score"] < 1.0 for c in doc["candidates"])  # merging a random detector changes what it finds
+    ok = [c for c in [base] + doc["candidates"] if (base["score"] - c["score"]) * 100 <= 30 + 1e-9]
+    assert doc["chosen"] == max(ok, key=lambda c: (c["speedup"], c["score"]))["key"]
+    assert (tmp_path / "best.onnx").is_file()
+    md_text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| mAP % |" in md_text and "mAP@0.5 vs unmerged %" in md_text and "top-1 %" not in md_text
+    assert "mAP" in res.output and "top-1" not in res.output
 
 
 def test_a_run_stopped_half_way_resumes_where_it_stopped(digits_model, tmp_path):

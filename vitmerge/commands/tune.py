@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ._common import console, err_console, fail, float_list, int_list, loud_warnings, model_source, user_errors
-from ._options import (MEASURE_PANEL, METHODS, BatchOpt, CheckpointOpt, ClassOrder, ConfigOpt, DataOpt, ImgSizeOpt,
+from ._options import (MEASURE_PANEL, METHODS, BatchOpt, CheckpointOpt, ClassMap, ClassOrder, ConfigOpt, DataOpt, ImgSizeOpt,
                        ItersOpt, LabelsOpt, ModelKwargsOpt, NumClassesOpt, PropAttnOpt, ReportDirOpt, Runtime, SeedOpt,
                        SplitOpt, ThreadsOpt, WarmupOpt, WorkersOpt, value)
 
@@ -23,11 +23,11 @@ def candidates_table(result) -> Table:
     base, chosen = result.baseline, result.chosen
     t = Table(title=f"candidates on {result.settings['runtime']}, batch {result.settings['batch']}, "
                     f"{base.images} held-out images (latency interleaved with the unmerged model)")
-    for col in ("candidate", "r per block", "top-1", "vs unmerged", "p50 ms", "speed-up", "FLOPs", "front", "meets"):
+    for col in ("candidate", "r per block", result.metric, "vs unmerged", "p50 ms", "speed-up", "FLOPs", "front", "meets"):
         t.add_column(col, justify="left" if col in ("candidate", "r per block") else "right")
     for c in [base] + sorted(result.candidates, key=lambda c: c.p50_ms):
         mark = " [bold green](chosen)[/]" if chosen is not None and c.key == chosen.key else ""
-        t.add_row(c.label + mark, ",".join(map(str, c.r)), f"{c.top1:.2%}", f"{c.gain(base):+.2f}",
+        t.add_row(c.label + mark, ",".join(map(str, c.r)), f"{c.score:.2%}", f"{c.gain(base):+.2f}",
                   f"{c.p50_ms:.3f}", f"{c.speedup:.2f}x",
                   "—" if c.flops_fraction is None else f"{c.flops_fraction:.3f}",
                   "*" if c.key in result.front else "",
@@ -48,8 +48,8 @@ def register(app: typer.Typer) -> None:
     @app.command("tune", short_help="The fastest merged model within an accuracy or latency target, measured.")
     def tune_cmd(
         model_name: Annotated[Optional[str], typer.Argument(
-            metavar="[MODEL]", help="timm model name (or timm:NAME) or transformers classifier folder (optional with "
-                                    "--config)")] = None,
+            metavar="[MODEL]", help="timm model name (or timm:NAME), transformers model folder (YOLOS too) or "
+                                    "dense:NAME (optional with --config)")] = None,
         data: DataOpt = None,
         runtime: Annotated[Runtime, typer.Option(
             "--runtime", case_sensitive=False,
@@ -58,7 +58,8 @@ def register(app: typer.Typer) -> None:
         batch: BatchOpt = 1,
         max_drop: Annotated[Optional[float], typer.Option(
             "--max-drop", rich_help_panel=TARGET_PANEL,
-            help="Top-1 points the model may lose against the unmerged one: the fastest candidate within it")] = None,
+            help="Top-1 points (detectors: mAP points) the model may lose against the unmerged one: the fastest "
+                 "candidate within it")] = None,
         target_ms: Annotated[Optional[float], typer.Option(
             "--target-ms", rich_help_panel=TARGET_PANEL,
             help="p50 latency in ms at --batch: the most accurate candidate at or under it")] = None,
@@ -106,6 +107,13 @@ def register(app: typer.Typer) -> None:
         class_order: Annotated[ClassOrder, typer.Option(
             "--class-order", case_sensitive=False,
             help="ImageNet class indices: sorted (sorted WordNet ids) or devkit (ILSVRC2012_ID order)")] = "sorted",
+        class_map: Annotated[ClassMap, typer.Option(
+            "--class-map", case_sensitive=False,
+            help="Detectors: COCO category -> model class (auto, id, order, name; as in `vitmerge eval`)")] = "auto",
+        normalize: Annotated[bool, typer.Option(
+            "--normalize/--no-normalize",
+            help="Detectors: normalise pixels with the model's mean/std, or feed them in [0, 1] (as in `vitmerge "
+                 "eval`)")] = True,
         workers: WorkersOpt = 0,
     ):
         """Measure the per-block latency on the runtime, build candidates (methods x latency / FLOP budgets), score
@@ -113,7 +121,8 @@ def register(app: typer.Typer) -> None:
         write the chosen file, verified, with the report (Pareto front, plot, reusable latency table).
 
         Measurements are cached per candidate (--cache-dir): an interrupted run resumes, a second run measures
-        nothing. Classifiers only (top-1)."""
+        nothing. Classifiers are scored by top-1 on a labelled folder; detectors (a YOLOS folder, dense:NAME) by
+        mAP@[.5:.95] on a COCO-format folder, with eval's metric."""
         with user_errors():
             from ..profiling.tune import Target, check_settings  # torch-free: argument errors answer before torch loads
 
@@ -148,7 +157,7 @@ def register(app: typer.Typer) -> None:
                               report_dir=report_dir, cache_dir=cache_dir, token_counts=counts, rounds=rounds,
                               iters=iters, warmup=warmup, block_rounds=block_rounds, threads=threads,
                               workers=workers, split=split, labels=labels, class_order=value(class_order),
-                              prop_attn=prop_attn, progress=progress, on_status=lambda s: None)
+                              class_map=value(class_map), normalize=normalize, prop_attn=prop_attn, progress=progress, on_status=lambda s: None)
             except TargetNotMet as e:
                 progress.stop()
                 _show(e.result)
@@ -163,7 +172,8 @@ def register(app: typer.Typer) -> None:
                               f"candidate that meets the target is faster than it on {result.settings['runtime']} at "
                               f"batch {batch} (p50 {base.p50_ms:.3f} ms); try smaller budgets (more merging) or a larger --batch")
             else:
-                console.print(f"[bold green]chosen[/] {c.label} ({result.target.describe()}): top-1 {c.top1:.2%} "
+                console.print(f"[bold green]chosen[/] {c.label} ({result.target.describe()}): {result.metric} "
+                              f"{c.score:.2%} "
                               f"({c.gain(base):+.2f} points), p50 {c.p50_ms:.3f} ms vs {c.baseline_p50_ms:.3f} ms "
                               f"unmerged ({c.speedup:.2f}x), r per block {','.join(map(str, c.r))}")
             if result.output is not None:

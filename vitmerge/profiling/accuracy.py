@@ -13,11 +13,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .._io import scratch
 from ..backends import OrtRunner, TorchRunner
 from ..data.datasets import BatchStats, ImageDataset, batches
 from ..errors import DataError, UsageError
@@ -47,6 +46,19 @@ class ModelAccuracy:
     @property
     def agreement(self) -> float:
         return self.agree / self.n if self.n else float("nan")
+
+    #: the name of :attr:`score`, eval's headline metric for a classifier
+    METRIC: ClassVar[str] = "top-1"
+
+    @property
+    def score(self) -> float:
+        """The headline metric (a fraction): top-1."""
+        return self.top1
+
+    @property
+    def fidelity(self) -> float:
+        """How alike the reference it behaves (a fraction): top-1 agreement."""
+        return self.agreement
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "images": self.n, "top1": self.top1, f"top{self.k}": self.top5,
@@ -183,19 +195,6 @@ def evaluate(
                       notes=list(dataset.notes), seconds=time.perf_counter() - t0)
 
 
-def score_models(models: Mapping[str, "torch.nn.Module"], dataset: ImageDataset, runtime: str = "torch",
-                 batch_size: int = 64, workers: int = 0, progress: Union[bool, Any] = True,
-                 on_export: Any = None) -> Tuple[EvalResult, Dict[str, Dict[str, float]]]:
-    """Top-1/top-5 of PyTorch ``models`` on ``dataset`` in ``runtime`` ("torch", or "ort": each model
-    exported to ONNX, verified, and scored in ONNX Runtime), plus each model's FLOPs per image and its
-    fraction of the first model's. The first model is the reference for top-1 agreement."""
-    with scratch("vitmerge-eval-") as tmp:
-        runners, fl = make_runners(models, runtime, Path(tmp), on_export)
-        result = evaluate(runners, dataset, batch_size=batch_size, progress=progress, workers=workers,
-                          description=f"scoring ({runtime})")
-    return result, fl
-
-
 def make_runners(models: Mapping[str, "torch.nn.Module"], runtime: str, tmp: Path,
                  on_export: Any = None) -> Tuple[Dict[str, Any], Dict[str, Dict[str, float]]]:
     """Runners of PyTorch ``models`` in ``runtime`` ("torch"; "ort": each exported to ONNX in ``tmp``, verified)
@@ -218,4 +217,4 @@ def make_runners(models: Mapping[str, "torch.nn.Module"], runtime: str, tmp: Pat
 
 
 __all__ = ["Runner", "ModelAccuracy", "EvalResult", "evaluate", "progress_task", "make_runners", "check_classes",
-           "class_mismatch", "score_models"]
+           "class_mismatch"]

@@ -4,9 +4,14 @@
 :class:`~vitmerge.request.MergeRequest` and a data folder; it builds the unmerged model and (when the request
 merges) the merged one, opens the data the way the model's task needs (classification folders, or a COCO folder
 for detectors), scores both on the same images in PyTorch or ONNX Runtime, and returns a :class:`Comparison`
-whose ``to_dict()`` is the report payload. ``vitmerge eval`` only parses options and prints it. ``vitmerge tune``
-opens its held-out data with :func:`open_eval_data` and scores its many candidates with the same ``evaluate``
-(building and exporting the unmerged model once, not once per candidate).
+whose ``to_dict()`` is the report payload. ``vitmerge eval`` only parses options and prints it.
+
+:func:`score` is eval's metric for any model, the one function that scores: top-1 / top-5 for a classifier,
+mAP for a detector (its :class:`~vitmerge.data.detection.DetectorInput` from :func:`open_eval_data`). Each model's
+``score`` and ``fidelity`` (top-1 and top-1 agreement; mAP and mAP@0.5 against the reference's detections) are
+what ``vitmerge tune`` ranks its candidates by: it opens its held-out data with :func:`open_eval_data` and scores
+every candidate with :func:`score` against the unmerged model's recorded outputs (exported once, not once per
+candidate).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from ..errors import DataError, UsageError
 from ..models.build import ModelSource, merge
@@ -103,6 +108,37 @@ def open_eval_data(model, data: Union[str, Path], *, limit: Optional[int] = None
     return ds, None
 
 
+def score(runners: Mapping[str, Any], dataset, spec=None, *, batch_size: int = 64, workers: int = 0,
+          progress: Union[bool, Any] = True, description: str = "scoring"):
+    """Every runner scored on the same images of ``dataset``, the first as the reference: top-1 / top-5 and
+    agreement (``spec`` None: classifiers, :func:`~.accuracy.evaluate`), or mAP and fidelity (``spec``: the
+    detector input :func:`open_eval_data` gave, :func:`~.detection.evaluate_detection`). Each model's result has
+    ``score``, ``fidelity`` and ``METRIC`` whichever it is."""
+    if spec is None:
+        from .accuracy import evaluate
+
+        return evaluate(runners, dataset, batch_size=batch_size, progress=progress, workers=workers,
+                        description=description)
+    from .detection import evaluate_detection
+
+    return evaluate_detection(runners, dataset, spec, batch_size=batch_size, workers=workers, progress=progress,
+                              description=description)
+
+
+def score_models(models: Mapping[str, Any], dataset, spec=None, *, runtime: str = "torch", batch_size: int = 64,
+                 workers: int = 0, progress: Union[bool, Any] = True, on_export: Any = None):
+    """(result, flops): PyTorch ``models`` scored by :func:`score` in ``runtime`` ("torch", or "ort": each exported
+    to ONNX, verified and run in ONNX Runtime), and each model's FLOPs per image with its fraction of the first's."""
+    from .._io import scratch
+    from .accuracy import make_runners
+
+    with scratch("vitmerge-eval-") as tmp:
+        runners, fl = make_runners(models, runtime, Path(tmp), on_export)
+        result = score(runners, dataset, spec, batch_size=batch_size, workers=workers, progress=progress,
+                       description=f"{'detecting' if spec is not None else 'scoring'} ({runtime})")
+    return result, fl
+
+
 def compare(source: ModelSource, request: Optional[MergeRequest], data: Optional[Union[str, Path]] = None, *,
             runtime: str = "torch", batch_size: int = 64, workers: int = 0, limit: Optional[int] = None,
             split: Optional[str] = None, labels: Optional[Path] = None, class_order: str = "sorted",
@@ -112,9 +148,6 @@ def compare(source: ModelSource, request: Optional[MergeRequest], data: Optional
     """Score the unmerged model of ``source`` and, given a ``request``, the merged one on the same images of
     ``data`` (default: the folder its model.json names) in ``runtime`` (torch, or ort: both exported, verified and
     scored in ONNX Runtime). ``on_data(dataset)`` is called once the data is open (before the scoring)."""
-    from .accuracy import score_models
-    from .detection import score_detectors
-
     if batch_size < 1:
         raise UsageError(f"--batch must be at least 1, got {batch_size}")
     data = data or source.data_dir
@@ -132,12 +165,8 @@ def compare(source: ModelSource, request: Optional[MergeRequest], data: Optional
         info = getattr(merged, "vitmerge", None)
         r_used = None if info is None else list(info.r) if info.pre_r == 0 else info.pre_r
         models["merged"] = merged
-    if spec is not None:
-        result, flops = score_detectors(models, ds, spec, runtime=runtime, batch_size=batch_size, workers=workers,
-                                        progress=progress, on_export=on_export)
-    else:
-        result, flops = score_models(models, ds, runtime=runtime, batch_size=batch_size, workers=workers,
-                                     progress=progress, on_export=on_export)
+    result, flops = score_models(models, ds, spec, runtime=runtime, batch_size=batch_size, workers=workers,
+                                 progress=progress, on_export=on_export)
     from ..models.shapes import num_classes
 
     return Comparison(source=source, request=request, detector=spec is not None, dataset=ds, result=result,
@@ -145,4 +174,4 @@ def compare(source: ModelSource, request: Optional[MergeRequest], data: Optional
                       classes=None if spec is not None else num_classes(model))
 
 
-__all__ = ["Comparison", "compare", "open_eval_data"]
+__all__ = ["Comparison", "compare", "open_eval_data", "score", "score_models"]

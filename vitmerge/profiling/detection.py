@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Union
 
 import torch
 
-from .._io import scratch
 from ..data.detection import CocoFolder, DetectorInput, mean_average_precision
 from ..errors import DataError
-from .accuracy import EvalResult, make_runners, progress_task
+from .accuracy import EvalResult, progress_task
 
 @dataclass
 class DetectorScore:
@@ -33,6 +31,19 @@ class DetectorScore:
     map_75: float
     fidelity_50: float  # mAP@0.5 of its top-k detections per image against the reference's (k = ground-truth boxes)
     detections: float  # mean detections per image after decoding
+
+    #: the name of :attr:`score`, eval's headline metric for a detector
+    METRIC: ClassVar[str] = "mAP"
+
+    @property
+    def score(self) -> float:
+        """The headline metric (a fraction): mAP@[.5:.95]."""
+        return self.map
+
+    @property
+    def fidelity(self) -> float:
+        """How alike the reference it behaves (a fraction): mAP@0.5 against the reference's detections."""
+        return self.fidelity_50
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "map": self.map, "map_50": self.map_50, "map_75": self.map_75,
@@ -99,17 +110,4 @@ def evaluate_detection(runners: Mapping[str, Any], data: CocoFolder, spec: Detec
                            notes=notes, seconds=time.perf_counter() - t0)
 
 
-def score_detectors(models: Mapping[str, torch.nn.Module], data: CocoFolder, spec: DetectorInput,
-                    runtime: str = "torch", batch_size: int = 16, workers: int = 0,
-                    progress: Union[bool, Any] = True,
-                    on_export: Any = None) -> Tuple[DetectionResult, Dict[str, Dict[str, float]]]:
-    """mAP of PyTorch detectors ``models`` on ``data`` in ``runtime`` ("torch", or "ort": each exported to
-    ONNX, verified, scored in ONNX Runtime), plus FLOPs per image and the fraction of the first model's."""
-    with scratch("vitmerge-eval-") as tmp:
-        runners, fl = make_runners(models, runtime, Path(tmp), on_export)
-        result = evaluate_detection(runners, data, spec, batch_size=batch_size, workers=workers, progress=progress,
-                                    description=f"detecting ({runtime})")
-    return result, fl
-
-
-__all__ = ["DetectorScore", "DetectionResult", "evaluate_detection", "score_detectors"]
+__all__ = ["DetectorScore", "DetectionResult", "evaluate_detection"]

@@ -1,6 +1,6 @@
 """``vitmerge tune``: the fastest merged model within an accuracy budget, measured on the target runtime.
 
-What a deployment engineer asks is "the fastest file that loses at most P top-1 points on my data, on my
+What a deployment engineer asks is "the fastest file that loses at most P top-1 (or mAP) points on my data, on my
 runtime, at my batch size". :func:`tune` answers it in one call:
 
 1. :func:`measure_block_latency`: one (unmerged) block of the model timed on ``[B, N, C]`` inputs for a range of
@@ -12,7 +12,9 @@ runtime, at my batch size". :func:`tune` answers it in one call:
    FLOP budgets; each a :class:`~vitmerge.request.MergeRequest`. Budgets that resolve to the same per-block r
    for one method are one candidate.
 3. Each candidate is merged (:func:`vitmerge.models.build.merge`), exported and verified (ort runtimes; torch:
-   run in PyTorch), scored top-1 on the same held-out images as the unmerged model (``limit``), and timed on
+   run in PyTorch), scored on the same held-out images as the unmerged model (``limit``) by eval's own
+   :func:`~.compare.score` (classifiers: top-1 and top-1 agreement; detectors: mAP@[.5:.95] on a COCO folder and
+   mAP@0.5 against the unmerged model's detections), and timed on
    the runtime interleaved with the unmerged model (:func:`~.profile.profile_targets`: the speed-up of each
    candidate is against the baseline measured in the same rounds).
 4. The accuracy-latency Pareto front (:func:`~.plots.pareto_front`) and the choice for the target
@@ -23,7 +25,6 @@ runtime, at my batch size". :func:`tune` answers it in one call:
    the model (reference, checkpoint hash or size + mtime, kwargs), the data, the runtime, the batch, the limit
    and the measurement settings: an interrupted run resumes, a second run measures nothing.
 
-Classifiers only (top-1); detectors are refused with the reason (their mAP needs ``eval``'s per-pair scoring).
 This module's top level imports no torch: the CLI checks arguments (``Target``, runtimes) before loading it.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 #: token counts of the block latency table, as fractions of the model's token count
 TOKEN_FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 TABLE_NAME = "block_latency.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: detectors; Candidate.top1/agreement became score/fidelity
 
 
 def default_cache_dir() -> Path:
@@ -65,11 +66,13 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Target:
-    """What the chosen model must meet: ``max_drop`` (top-1 points lost vs unmerged, at most), ``target_ms``
-    (p50 latency, at most) or ``target_speedup`` (p50 speed-up over unmerged, at least)."""
+    """What the chosen model must meet: ``max_drop`` (points of the model's metric lost vs unmerged, at most:
+    top-1 for classifiers, mAP for detectors), ``target_ms`` (p50 latency, at most) or ``target_speedup`` (p50
+    speed-up over unmerged, at least). ``metric`` names the metric in messages (:func:`tune` sets it)."""
 
     kind: str
     value: float
+    metric: str = "top-1"
 
     KINDS = ("max_drop", "target_ms", "target_speedup")
     OPTION = {"max_drop": "--max-drop", "target_ms": "--target-ms", "target_speedup": "--target-speedup"}
@@ -79,7 +82,7 @@ class Target:
             raise UsageError(f"unknown target {self.kind!r}; one of {', '.join(self.KINDS)}")
         v = float(self.value)
         if not math.isfinite(v) or (v < 0 if self.kind == "max_drop" else v <= 0):
-            need = ">= 0 (top-1 points)" if self.kind == "max_drop" else "> 0"
+            need = f">= 0 ({self.metric} points)" if self.kind == "max_drop" else "> 0"
             raise UsageError(f"{self.OPTION[self.kind]} must be {need}, got {self.value!r}")
         object.__setattr__(self, "value", v)
 
@@ -91,14 +94,14 @@ class Target:
                                    ("target_speedup", target_speedup)) if v is not None}
         if len(given) != 1:
             named = ", ".join(cls.OPTION[k] for k in given) if given else "none"
-            raise UsageError("give exactly one target: --max-drop P (top-1 points lost at most), --target-ms X "
+            raise UsageError("give exactly one target: --max-drop P (top-1 or mAP points lost at most), --target-ms X "
                              f"(p50 latency at most) or --target-speedup S (speed-up at least); got {named}")
         (kind, v), = given.items()
         return cls(kind, v)
 
     def describe(self) -> str:
         if self.kind == "max_drop":
-            return f"top-1 drop <= {self.value:g} points"
+            return f"{self.metric} drop <= {self.value:g} points"
         if self.kind == "target_ms":
             return f"p50 latency <= {self.value:g} ms"
         return f"speed-up >= {self.value:g}x"
@@ -119,8 +122,8 @@ class Target:
         if not ok:
             return None
         if self.kind == "max_drop":  # fastest = the largest speed-up over the unmerged model timed in the same
-            return max(ok, key=lambda c: (c.speedup, c.top1))  # rounds: robust to load drift between candidates
-        return max(ok, key=lambda c: (c.top1, -c.p50_ms))
+            return max(ok, key=lambda c: (c.speedup, c.score))  # rounds: robust to load drift between candidates
+        return max(ok, key=lambda c: (c.score, -c.p50_ms))
 
     def best_found(self, candidates: Sequence["Candidate"], baseline: "Candidate") -> Optional["Candidate"]:
         """The candidate closest to the target (least drop; fastest; largest speed-up)."""
@@ -129,8 +132,8 @@ class Target:
         if self.kind == "max_drop":
             return min(candidates, key=lambda c: (c.drop(baseline), c.p50_ms))
         if self.kind == "target_ms":
-            return min(candidates, key=lambda c: (c.p50_ms, -c.top1))
-        return max(candidates, key=lambda c: (c.speedup, c.top1))
+            return min(candidates, key=lambda c: (c.p50_ms, -c.score))
+        return max(candidates, key=lambda c: (c.speedup, c.score))
 
 
 class TargetNotMet(UsageError):
@@ -375,8 +378,8 @@ class Candidate:
     tokens_out: Optional[List[int]] = None
     flops_fraction: Optional[float] = None
     flops: Optional[float] = None  # per image, counted by running the model
-    top1: float = float("nan")
-    agreement: float = float("nan")  # same top-1 class as the unmerged model
+    score: float = float("nan")  # eval's metric, a fraction: top-1 (classifiers) or mAP@[.5:.95] (detectors)
+    fidelity: float = float("nan")  # vs the unmerged model: top-1 agreement, or mAP@0.5 against its detections
     images: int = 0
     p50_ms: float = float("nan")
     p90_ms: float = float("nan")
@@ -386,12 +389,12 @@ class Candidate:
     verification: Optional[str] = None
 
     def drop(self, baseline: "Candidate") -> float:
-        """Top-1 points lost against ``baseline`` (negative: gained)."""
-        return (baseline.top1 - self.top1) * 100
+        """Points of the metric lost against ``baseline`` (negative: gained)."""
+        return (baseline.score - self.score) * 100
 
     def gain(self, baseline: "Candidate") -> float:
-        """Top-1 points against ``baseline`` (printed with a sign; never -0.00)."""
-        return (self.top1 - baseline.top1) * 100 + 0.0
+        """Points of the metric against ``baseline`` (printed with a sign; never -0.00)."""
+        return (self.score - baseline.score) * 100 + 0.0
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -402,7 +405,7 @@ class Candidate:
                       if k in cls.__dataclass_fields__})
 
 
-_FLOATS = {"top1", "agreement", "p50_ms", "p90_ms", "baseline_p50_ms", "speedup"}
+_FLOATS = {"score", "fidelity", "p50_ms", "p90_ms", "baseline_p50_ms", "speedup"}
 
 
 def default_methods(model) -> List[str]:
@@ -559,6 +562,15 @@ class TuneResult:
     def points(self) -> List[Candidate]:
         return [self.baseline] + self.candidates
 
+    @property
+    def metric(self) -> str:
+        """What ``score`` is: "top-1" (classifiers) or "mAP" (detectors, mAP@[.5:.95])."""
+        return self.target.metric
+
+    @property
+    def fidelity_name(self) -> str:
+        return "agreement" if self.metric == "top-1" else "mAP@0.5 vs unmerged"
+
     def to_dict(self) -> Dict[str, Any]:
         return {
             "settings": self.settings, "target": {"kind": self.target.kind, "value": self.target.value,
@@ -578,36 +590,67 @@ class TuneResult:
 
 
 class _Replay:
-    """The unmerged model's logits, recorded once, handed back batch by batch in the order ``evaluate`` asks."""
+    """The unmerged model's outputs (``logits``; detectors also ``boxes``), recorded once by :class:`_Recorder`,
+    handed back batch by batch in the order :func:`~.compare.score` asks: a runner that costs nothing."""
 
-    def __init__(self, logits):
-        self.logits, self.at = logits, 0
+    def __init__(self, outputs: Mapping[str, Any]):
+        self.arrays, self.at = dict(outputs), 0
 
-    def __call__(self, x):
+    @classmethod
+    def load(cls, path: Path) -> "_Replay":
+        import numpy as np
+
+        with np.load(path) as z:
+            return cls({k: z[k] for k in z.files})
+
+    def outputs(self, x) -> Dict[str, Any]:
         import torch
 
         n = int(x.shape[0])
-        out = self.logits[self.at:self.at + n]
-        if out.shape[0] != n:
+        out = {k: torch.from_numpy(v[self.at:self.at + n]) for k, v in self.arrays.items()}
+        if any(v.shape[0] != n for v in out.values()):
             raise DataError("the data changed since the unmerged model was scored (clear the tune cache)")
         self.at += n
-        return torch.from_numpy(out)
+        return out
+
+    def __call__(self, x):
+        return self.outputs(x)["logits"]
 
 
 class _Recorder:
+    """A runner that keeps every output the wrapped one returned, batch by batch (:meth:`save`: one .npz)."""
+
     def __init__(self, runner):
-        self.runner, self.parts = runner, []
+        self.runner, self.parts = runner, {}
+
+    def _keep(self, out: Mapping[str, Any]) -> None:
+        for k, v in out.items():
+            self.parts.setdefault(k, []).append(v.detach().cpu().float().numpy())
 
     def __call__(self, x):
         y = self.runner(x)
-        self.parts.append(y.detach().cpu().float().numpy())
+        self._keep({"logits": y})
         return y
+
+    def outputs(self, x):
+        out = self.runner.outputs(x)
+        self._keep(out)
+        return out
+
+    def save(self, path: Path) -> Path:
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.concatenate(v) for k, v in self.parts.items()})
+        return atomic_write(path, buf.getvalue())
 
 
 def _front(points: Sequence[Candidate]) -> List[str]:
     from .plots import pareto_front
 
-    return [points[i].key for i in pareto_front([(p.p50_ms, p.top1) for p in points])]
+    return [points[i].key for i in pareto_front([(p.p50_ms, p.score) for p in points])]
 
 
 def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: str = "ort", batch: int = 1,
@@ -617,11 +660,13 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
          token_counts: Optional[Sequence[int]] = None, rounds: int = 5, iters: int = 5, warmup: int = 2,
          block_rounds: int = 5, threads: int = 0, eval_batch: int = 64, workers: int = 0,
          split: Optional[str] = None, labels: Optional[Path] = None, class_order: str = "sorted",
-         prop_attn: bool = True, options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+         class_map: str = "auto", normalize: bool = True, prop_attn: bool = True, options: Optional[Mapping[str, Mapping[str, Any]]] = None,
          progress: Union[bool, Any] = True, on_status: Optional[Callable[[str], None]] = None) -> TuneResult:
     """Measure, choose, export, report (see the module docstring). ``source``: a
     :class:`~vitmerge.models.build.ModelSource`; ``data``: the labelled images (default: the folder its
-    model.json names); ``output``: where the chosen model is written (ONNX, verified); ``report_dir``:
+    model.json names: a classification folder, or a COCO folder for a detector, opened as ``vitmerge eval`` opens
+    it, with the same ``split`` / ``labels`` / ``class_order`` / ``class_map`` / ``normalize``); ``output``: where
+    the chosen model is written (ONNX, verified); ``report_dir``:
     report.json, report.md, pareto.png and the latency table. Raises :class:`TargetNotMet` (after writing the
     report) when no candidate meets ``target``."""
     import copy
@@ -629,8 +674,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
     from .._io import check_output_path
     from ..models.family import family
     from ..models.flops import count_flops
-    from .accuracy import evaluate
-    from .compare import open_eval_data
+    from .compare import open_eval_data, score
     from .report import prepare_dir
 
     status = on_status or (lambda s: log.info("%s", s))
@@ -644,16 +688,15 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
     data = data or source.data_dir
     if data is None:
         raise DataError("vitmerge tune needs labelled images to measure accuracy on: give --data DIR (a class-folder "
-                        "tree, ImageNet val, CIFAR-100, ...; see docs/data.md)")
+                        "tree, ImageNet val, CIFAR-100, ...; a detector: a COCO folder; see docs/data.md)")
     if not Path(data).expanduser().exists():
         raise DataError(f"--data {str(data)!r} does not exist")
 
     model = source.build().eval()
-    if family(model).output_names(model) != ("logits",):
-        raise UsageError("vitmerge tune scores classifiers (top-1); detectors are not supported yet: compare their "
-                         "mAP per budget with `vitmerge eval` and time them with `vitmerge profile`")
-    ds, _ = open_eval_data(model, data, limit=limit, split=split, labels=labels, class_order=class_order,
-                           what=f"{source.ref.label} ({source.weights})")
+    ds, spec = open_eval_data(model, data, limit=limit, split=split, labels=labels, class_order=class_order,
+                              class_map=class_map, normalize=normalize, what=f"{source.ref.label} ({source.weights})")
+    metric = "top-1" if spec is None else "mAP"
+    target = Target(target.kind, target.value, metric)
     status(f"data: {ds.describe()}")
     methods = list(methods) if methods else default_methods(model)
     if not methods:
@@ -665,7 +708,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
     settings = {"rounds": rounds, "iters": iters, "warmup": warmup, "block_rounds": block_rounds,
                 "token_counts": list(token_counts) if token_counts else None, "threads": threads,
                 "prop_attn": prop_attn, "split": split, "labels": str(labels) if labels else None,
-                "class_order": class_order}
+                "class_order": class_order, "class_map": class_map, "normalize": normalize}
     # the data's identity: its folder, and what was read from it (a folder that changed is another key)
     key = run_key(source, Path(data), runtime, batch, limit, dict(settings, images=len(ds), dataset=ds.describe()))
     cache = Cache((Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / key)
@@ -726,8 +769,10 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             if done is None or not path.is_file():
                 show(f"{name}: exporting to ONNX (verified against PyTorch)")
                 v = export(m, path).verification
-                done = {"verification": f"verified: {v.how}, max |diff| {v.max_abs_diff:.2e}, top-1 agreement "
-                                        f"{v.top1_agreement:.2%}"}
+                also = "".join(f", max |{n} diff| {d:.2e}" for n, d in v.output_diffs.items())
+                if spec is None:
+                    also += f", top-1 agreement {v.top1_agreement:.2%}"
+                done = {"verification": f"verified: {v.how}, max |diff| {v.max_abs_diff:.2e}{also}"}
                 cache.write(f"{name}.export.json", done)
                 work["exports"] += 1
             if info is not None:
@@ -736,10 +781,8 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
 
         got = cache.read("baseline.json")
         base = Candidate.from_dict(got) if got else None
-        logits_path = cache.path("baseline_logits.npy")
-        import numpy as np
-
-        if base is None or not logits_path.is_file():
+        outputs_path = cache.path("baseline_outputs.npz")
+        if base is None or not outputs_path.is_file():
             base = Candidate(key="unmerged", label="unmerged", method=None, budgets=[], r=[0] * len(
                 family(model).blocks(model)), flops_fraction=1.0, speedup=1.0)
             # the unmerged model is only read (the runners and the exporter leave it as it is): no copy; merge()
@@ -747,13 +790,13 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             base_runner = runner_for(model, "unmerged", base)
             show("unmerged: scoring the held-out images")
             rec = _Recorder(base_runner)
-            res = evaluate({"unmerged": rec}, ds, batch_size=eval_batch, progress=False, workers=workers)
-            base.top1, base.agreement, base.images = res.models["unmerged"].top1, 1.0, res.images
+            res = score({"unmerged": rec}, ds, spec, batch_size=eval_batch, progress=False, workers=workers)
+            base.score, base.fidelity, base.images = res.models["unmerged"].score, 1.0, res.images
             base.flops = float(count_flops(model))
-            np.save(logits_path, np.concatenate(rec.parts))
+            rec.save(outputs_path)
             cache.write("baseline.json", base.to_dict())
             work["accuracy"] += 1
-        base_logits = np.load(logits_path)
+        base_outputs = _Replay.load(outputs_path).arrays
         if prog is not None:
             prog.advance(task)
 
@@ -777,10 +820,9 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             c.flops_fraction = c.flops / base.flops
             runner = runner_for(merged, c.key, c)
             show(f"{c.label}: scoring the held-out images")
-            res = evaluate({"unmerged": _Replay(base_logits), c.key: runner}, ds, batch_size=eval_batch,
-                           progress=False, workers=workers)
-            a = res.models[c.key]
-            c.top1, c.agreement, c.images = a.top1, a.agreement, a.n
+            res = score({"unmerged": _Replay(base_outputs), c.key: runner}, ds, spec, batch_size=eval_batch,
+                        progress=False, workers=workers)
+            c.score, c.fidelity, c.images = res.models[c.key].score, res.models[c.key].fidelity, res.images
             work["accuracy"] += 1
             show(f"{c.label}: latency on {runtime}, batch {batch}, interleaved with the unmerged model")
             if base_runner is None:
@@ -822,7 +864,7 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
         if own is not None:
             own.stop()
     best = target.best_found([base] + measured, base) if chosen is None else None
-    settings = dict(settings, model=source.ref.spec, weights=source.weights, data=str(data),
+    settings = dict(settings, model=source.ref.spec, weights=source.weights, data=str(data), metric=metric,
                     dataset=ds.describe(), runtime=runtime, batch=batch, limit=limit, methods=methods,
                     budgets=list(budgets), flop_budgets=list(flop_budgets))
     result = TuneResult(settings=settings, target=target, table=table, table_raw=table_raw, table_path=table_path,
@@ -854,7 +896,7 @@ def not_met_message(result: TuneResult) -> str:
         return f"no candidate to choose from ({why or 'no budgets'}): try other --budgets or --methods"
     return (f"no candidate meets {t.describe()} (of {len(result.candidates)} merged candidates and the unmerged "
             f"model measured): the best found is "
-            f"{b.label} with top-1 {b.top1:.2%} ({b.gain(base):+.2f} points vs unmerged), p50 {b.p50_ms:.3f} ms, "
+            f"{b.label} with {t.metric} {b.score:.2%} ({b.gain(base):+.2f} points vs unmerged), p50 {b.p50_ms:.3f} ms, "
             f"speed-up {b.speedup:.2f}x; loosen the target or try other --budgets / --methods")
 
 
@@ -908,27 +950,27 @@ def plot_tune(result: TuneResult, path: Union[str, Path]) -> Path:
     for c in result.candidates:
         groups[c.method or "?"].append(c)
     for method, cs in groups.items():
-        ax.scatter([c.p50_ms for c in cs], [c.top1 * 100 for c in cs], label=method, s=28, zorder=3)
+        ax.scatter([c.p50_ms for c in cs], [c.score * 100 for c in cs], label=method, s=28, zorder=3)
     pts = {p.key: p for p in result.points}
     front = [pts[k] for k in result.front]
-    ax.step([p.p50_ms for p in front], [p.top1 * 100 for p in front], where="post", color="black", lw=1.2,
+    ax.step([p.p50_ms for p in front], [p.score * 100 for p in front], where="post", color="black", lw=1.2,
             alpha=0.7, label="Pareto front", zorder=2)
     b = result.baseline
-    ax.scatter([b.p50_ms], [b.top1 * 100], marker="*", s=180, color="tab:red", label="unmerged", zorder=4)
+    ax.scatter([b.p50_ms], [b.score * 100], marker="*", s=180, color="tab:red", label="unmerged", zorder=4)
     if result.chosen is not None:
         c = result.chosen
-        ax.scatter([c.p50_ms], [c.top1 * 100], s=260, facecolors="none", edgecolors="black", linewidths=2,
+        ax.scatter([c.p50_ms], [c.score * 100], s=260, facecolors="none", edgecolors="black", linewidths=2,
                    label=f"chosen: {c.label}", zorder=5)
     t = result.target
     if t.kind == "max_drop":
-        ax.axhline(b.top1 * 100 - t.value, ls="--", color="grey", lw=1, label=t.describe())
+        ax.axhline(b.score * 100 - t.value, ls="--", color="grey", lw=1, label=t.describe())
     elif t.kind == "target_ms":
         ax.axvline(t.value, ls="--", color="grey", lw=1, label=t.describe())
     elif b.p50_ms == b.p50_ms:
         ax.axvline(b.p50_ms / t.value, ls="--", color="grey", lw=1, label=t.describe())
     s = result.settings
     ax.set_xlabel(f"p50 latency [ms] ({s['runtime']}, batch {s['batch']})")
-    ax.set_ylabel(f"top-1 [%] ({b.images} held-out images)")
+    ax.set_ylabel(f"{t.metric} [%] ({b.images} held-out images)")
     ax.set_title("vitmerge tune: accuracy vs measured latency")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
@@ -946,6 +988,9 @@ def tune_sections(result: TuneResult) -> List[Tuple[str, str]]:
         f"- runtime: {s['runtime']}, batch {s['batch']}; latency: {s['rounds']} interleaved rounds x {s['iters']} "
         "calls of each candidate against the unmerged model (speed-up from the same rounds)",
         f"- methods: {', '.join(s['methods'])}; latency budgets {s['budgets']}; FLOP budgets {s['flop_budgets']}",
+        f"- metric: {result.metric} as `vitmerge eval` scores it"
+        + (" (mAP@[.5:.95]; the unmerged model's detections are the reference of mAP@0.5 fidelity)"
+           if result.metric == "mAP" else " (agreement: same top-1 class as the unmerged model)"),
         f"- target: {result.target.describe()}",
         f"- cache: `{result.cache_dir}`",
     ])
@@ -954,7 +999,7 @@ def tune_sections(result: TuneResult) -> List[Tuple[str, str]]:
                   f"is faster than it on {s['runtime']} at batch {s['batch']} (p50 {b.p50_ms:.3f} ms)"
                   + (f"; written to `{result.output}`" if result.output else ""))
     elif chosen is not None:
-        choice = (f"**{chosen.label}**: top-1 {chosen.top1:.2%} ({chosen.gain(b):+.2f} points), p50 "
+        choice = (f"**{chosen.label}**: {result.metric} {chosen.score:.2%} ({chosen.gain(b):+.2f} points), p50 "
                   f"{chosen.p50_ms:.3f} ms vs {chosen.baseline_p50_ms:.3f} ms unmerged ({chosen.speedup:.2f}x), "
                   f"r per block {chosen.r}" + (f"; written to `{result.output}`" if result.output else ""))
     else:
@@ -962,10 +1007,11 @@ def tune_sections(result: TuneResult) -> List[Tuple[str, str]]:
     rows = []
     for c in [b] + sorted(result.candidates, key=lambda c: c.p50_ms):
         rows.append([c.label + (" (chosen)" if chosen is not None and c.key == chosen.key else ""),
-                     ", ".join(c.budgets) or "—", ",".join(map(str, c.r)), c.top1 * 100, c.gain(b),
-                     c.agreement * 100, c.p50_ms, c.speedup, c.flops_fraction,
+                     ", ".join(c.budgets) or "—", ",".join(map(str, c.r)), c.score * 100, c.gain(b),
+                     c.fidelity * 100, c.p50_ms, c.speedup, c.flops_fraction,
                      "yes" if c.key in result.front else "", "yes" if result.target.meets(c, b) else "no"])
-    table = md_table(["candidate", "budgets", "r per block", "top-1 %", "vs unmerged (points)", "agreement %",
+    table = md_table(["candidate", "budgets", "r per block", f"{result.metric} %", "vs unmerged (points)",
+                      f"{result.fidelity_name} %",
                       "p50 ms", "speed-up", "FLOPs", "Pareto", "meets target"], rows,
                      formats=[None, None, None, ".2f", "+.2f", ".1f", ".3f", ".2f", ".3f", None, None])
     lat = md_table(["tokens", "measured ms", "table ms (monotone)"],
