@@ -143,6 +143,109 @@ def test_decision_rule_excludes_flipped_images_but_fails_below_the_share():
     assert not flat.ok and flat.max_abs_diff > 4  # float32's rule takes every image
 
 
+def test_forced_decisions_compare_every_image_and_pool_the_share():
+    """Rule "decisions" with the file's decisions forced into PyTorch: an image whose decisions flipped is compared
+    with PyTorch's run on the file's decisions (not left out), so a flipped image whose logits are wrong even for
+    those decisions fails; the share of identical decisions is checked over all images of the report, not per batch."""
+    from vitmerge.exporter import _raise_unless_ok
+    from vitmerge.exporter.verify import MIN_FORCED_DECISIONS, VerifyReport, forced_share
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 10))
+    out = ref + 1e-4
+    out[2] += 5.0  # image 2 took other decisions: its logits moved a lot
+    dec_ref = [np.arange(40).reshape(4, 10) % 7]
+    dec_out = [d.copy() for d in dec_ref]
+    dec_out[0][2, 3] = 99
+    forced = {"logits": out - 2e-4}  # PyTorch on the file's decisions: what the file computed, to rounding
+    c = batch_check(4, ref, out, 1e-2, 2e-2, dec_ref, dec_out, rule="decisions", forced=forced,
+                    min_decisions=MIN_FORCED_DECISIONS)
+    assert c.ok and c.forced_images == 1 and c.images_compared == 4 and c.max_abs_diff == pytest.approx(2e-4)
+    wrong = dict(forced, logits=forced["logits"].copy())
+    wrong["logits"][2] -= 1.0  # the file's arithmetic on image 2 is off even for its own decisions
+    bad = batch_check(4, ref, out, 1e-2, 2e-2, dec_ref, dec_out, rule="decisions", forced=wrong,
+                      min_decisions=MIN_FORCED_DECISIONS)
+    assert not bad.ok and bad.max_abs_diff == pytest.approx(1.0 + 2e-4)
+    # the floor over all images: a batch of 1 whose only image flipped half its decisions, beside 8 clean images
+    half = [np.where(np.arange(10) < 5, d[:1], 99) for d in dec_ref]
+    one = batch_check(1, ref[:1], out[:1], 1e-2, 2e-2, [d[:1] for d in dec_ref], half, rule="decisions",
+                      forced={"logits": out[:1]}, min_decisions=MIN_FORCED_DECISIONS)
+    clean = batch_check(8, np.tile(ref, (2, 1)), np.tile(ref, (2, 1)), 1e-2, 2e-2, [np.tile(dec_ref[0], (2, 1))],
+                        [np.tile(dec_ref[0], (2, 1))], rule="decisions", forced={"logits": np.tile(ref, (2, 1))},
+                        min_decisions=MIN_FORCED_DECISIONS)
+    assert one.ok and one.decisions_identical == 0.5  # per batch, only the arithmetic counts
+    rep = VerifyReport("f.onnx", [one, clean], dtype="fp16")
+    assert forced_share(rep.checks) == pytest.approx(((0.5 + 8) / 9, MIN_FORCED_DECISIONS)) and rep.ok
+    worse = VerifyReport("f.onnx", [one, clean.__class__(**dict(clean.__dict__, batch=1))], dtype="fp16")
+    assert forced_share(worse.checks)[0] == pytest.approx(0.75) and not worse.ok  # 0.75 < 0.9 over 2 images
+    with pytest.raises(vitmerge.errors.VerificationError, match="identical 75.00% over all 2 images"):
+        _raise_unless_ok(worse)
+    assert "file's own merge decisions" in rep.describe_rule()
+
+
+def test_forcing_runs_the_model_on_given_decisions():
+    """``forcing`` makes the merge steps take the given assignments: its own decisions give its own output, other
+    decisions (another image's) give another output and are what the steps then record."""
+    from vitmerge.models.vit import forcing, recording, run_with_decisions
+
+    m = tiny("tome", r=6)
+    x, y = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).unbind(0)
+    own, dec_x = run_with_decisions(m, x[None])
+    _, dec_y = run_with_decisions(m, y[None])
+    assert any(not torch.equal(a, b) for a, b in zip(dec_x, dec_y))
+    with torch.no_grad(), forcing(m, dec_x):
+        torch.testing.assert_close(m(x[None]), own, atol=1e-5, rtol=0)
+    with torch.no_grad(), forcing(m, dec_y), recording(m):
+        other = m(x[None])
+        taken = list(m._vm_state.decisions)
+    assert (other - own).abs().max() > 1e-3 and all(torch.equal(a, b) for a, b in zip(taken, dec_y))
+    with pytest.raises(RuntimeError, match="forced assignments for more merge steps"), forcing(m, dec_x[:1]):
+        m(x[None])
+
+
+def test_plan_from_an_assignment_merges_as_the_plan_did():
+    """``MergePlan.from_assign`` rebuilds a plan from its [B, N] assignment alone: the same assignment, and the same
+    merged tokens and sizes as the method's own plan (whichever member of a slot it keeps)."""
+    from vitmerge.merging.base import MergePlan
+
+    g = torch.Generator().manual_seed(0)
+    for method in ("tome", "hash", "importance"):
+        metric, x = torch.randn(3, 17, 8, generator=g), torch.randn(3, 17, 8, generator=g)
+        size = torch.rand(3, 17, 1, generator=g) + 0.5
+        extra = {"cls_attn": torch.rand(3, 17, generator=g)} if method == "importance" else {}
+        p = merging.plan(method, metric, 5, 1, **extra)
+        q = MergePlan.from_assign(p.assign, p.n_out, p.weight)
+        assert torch.equal(q.assign, p.assign) and q.r == p.r == 5
+        for a, b in zip(p.merge(x, size), q.merge(x, size)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="leaves a slot empty"):
+        MergePlan.from_assign(torch.tensor([[0, 0, 2]]), 3)
+    with pytest.raises(ValueError, match="slots from 0 to 3"):
+        MergePlan.from_assign(torch.tensor([[0, 1, 3]]), 3)
+
+
+def test_fp16_digits_file_passes_where_rounding_flips_decisions(digits_model, tmp_path):
+    """The digits model with tome at 0.5 of the FLOPs in float16: on the verifier's random images ONNX Runtime's and
+    PyTorch's float16 rounding flip near-tied merge decisions (the former per-batch 99 % rule refused this file);
+    every image, flipped or not, matches PyTorch run on the file's own decisions, and on the real test digits the
+    file agrees with the float32 model."""
+    from vitmerge.backends import OrtRunner
+    from vitmerge.models.budget import resolve_schedule
+    from vitmerge.profiling.accuracy import evaluate
+    from vitmerge.profiling.compare import open_eval_data
+    from vitmerge.backends import TorchRunner
+
+    model = digits_model.build().eval()
+    vitmerge.apply(model, "tome", resolve_schedule(model, "tome", None, budget=0.5))
+    res = export(model, tmp_path / "f16.onnx", dtype="fp16", batch_sizes=(1, 4, 16))
+    rep = res.verification
+    assert rep.ok and all(c.forced_images is not None and c.images_compared == c.batch for c in rep.checks)
+    assert rep.decisions_identical < 1.0 or all(c.forced_images == 0 for c in rep.checks)  # reported as measured
+    ds, _ = open_eval_data(model, digits_model.test_dir, limit=300)
+    got = evaluate({"fp32": TorchRunner(model, device="cpu"), "fp16 file": OrtRunner(res.path)}, ds, progress=False)
+    assert got.models["fp16 file"].agreement >= 0.99
+
+
 def test_a_wrong_fp16_file_fails_verification(tmp_path, monkeypatch):
     """One perturbed weight in the float16 graph (a realistic corruption) must fail the decision rule."""
     from vitmerge.exporter import onnx_export

@@ -130,8 +130,7 @@ def run(settings: DemoSettings, say: Callable[[str], None] = print, progress=Non
     lap("fp32 exports + verification")
 
     # 2b. FP16 (what GPU deployments run): the same schedules, merge steps kept in float32 -----------
-    # the first (mildest) budget: at 0.5 the fp16 file of the digits model fails the export check (97.9 % of merge
-    # decisions equal to PyTorch fp16 on random-noise inputs, 99 % required; 99.8 % vs fp32 on its real images)
+    # the first (mildest) budget's schedule
     fp16_of = ["unmerged", f"{settings.methods[0]}@{settings.budgets[0]:g}"]
     for name in fp16_of:
         v = variants[name]

@@ -64,6 +64,27 @@ class MergePlan:
     weight: Optional[torch.Tensor] = None  # [B, N, 1] extra averaging weight (None: size only)
     identity: bool = False  # keep == arange(N), nothing merges: merge() returns its inputs as they are
 
+    @classmethod
+    def from_assign(cls, assign: torch.Tensor, n_out: int, weight: Optional[torch.Tensor] = None) -> "MergePlan":
+        """The plan whose :attr:`assign` is ``assign`` [B, N] (every slot in [0, n_out) taken by at least one
+        token): each slot keeps its lowest-index token and the others merge into it. It merges as every plan with
+        that assignment does (a slot's average does not depend on which member is the kept one): the verifier
+        runs a model with a file's own decisions through it. ``weight``: the averaging weight, as the method's."""
+        assign = assign.to(dtype=torch.long)
+        B, N = assign.shape
+        if not 0 < n_out <= N:
+            raise ValueError(f"n_out must be in [1, {N}], got {n_out}")
+        if int(assign.min()) < 0 or int(assign.max()) >= n_out:
+            raise ValueError(f"an assignment to {n_out} slots has slots from {int(assign.min())} to {int(assign.max())}")
+        idx = torch.arange(N, device=assign.device).expand(B, N)
+        keep = torch.full((B, n_out), N, dtype=torch.long, device=assign.device).scatter_reduce(
+            1, assign, idx, reduce="amin")
+        if bool((keep == N).any()):
+            raise ValueError("an assignment that leaves a slot empty is no merge plan")
+        kept = torch.zeros(B, N, dtype=torch.bool, device=assign.device).scatter(1, keep, True)
+        src = idx[~kept].reshape(B, N - n_out)  # N - n_out per row: row-major order keeps each image's own
+        return cls(keep=keep, src=src, dst=assign[~kept].reshape(B, N - n_out), weight=weight)
+
     @property
     def n_out(self) -> int:
         return self.keep.shape[1]

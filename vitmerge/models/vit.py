@@ -57,6 +57,9 @@ class MergeState:
     record_decisions: bool = False  # collect every step's assignment (plan.assign, [B, N] int64) in .decisions
     scatter_free: bool = False  # merge with a one-hot MatMul instead of index-add (the native graph form: TensorRT)
     decisions: Optional[List[torch.Tensor]] = None
+    #: assignments the merge steps take instead of deciding (one [B, N] per step, in order; None: they decide)
+    forced: Optional[List[torch.Tensor]] = None
+    forced_at: int = 0
     #: track the map from every original position to its current token (dense heads unmerge by it)
     track_positions: bool = False
     positions: Optional[torch.Tensor] = None  # [B, N0] int64: token of each original position (None: nothing merged yet)
@@ -67,6 +70,7 @@ class MergeState:
         self.cls_attn = None
         self.positions = None
         self.decisions = [] if self.record_decisions else None
+        self.forced_at = 0
 
     def __deepcopy__(self, memo):
         """Copy the configuration, not the last forward's tensors (they may be tracing leftovers)."""
@@ -74,20 +78,32 @@ class MergeState:
         memo[id(self)] = new
         new.options = copy.deepcopy(self.options, memo)
         new.step_options = copy.deepcopy(self.step_options, memo)
-        new.size = new.source = new.cls_attn = new.decisions = new.positions = None
+        new.size = new.source = new.cls_attn = new.decisions = new.positions = new.forced = None
         return new
 
     @property
     def spec(self) -> "merging.MethodSpec":
         return merging.method_spec(self.method)
 
-    def record(self, plan, reduces: bool = True) -> None:
+    def record(self, plan, reduces: bool = True):
         """Note one step's plan: its assignment (decisions) and, for a step that reduces the tokens
-        (not a slow-fast split, whose block hands all N tokens on), the position map."""
+        (not a slow-fast split, whose block hands all N tokens on), the position map. Returns the plan the step
+        runs: ``plan``, or under :func:`forcing` the plan of the next forced assignment (same slots and weight)."""
+        if self.forced is not None:
+            if not reduces:
+                raise RuntimeError("a slow-fast split keeps a chosen token per slot: its decisions cannot be forced")
+            if self.forced_at >= len(self.forced):
+                raise RuntimeError(f"{len(self.forced)} forced assignments for more merge steps")
+            a = self.forced[self.forced_at].to(plan.keep.device)
+            self.forced_at += 1
+            if tuple(a.shape) != (plan.keep.shape[0], plan.n_in):
+                raise RuntimeError(f"forced assignment {tuple(a.shape)} for a step on {plan.n_in} tokens")
+            plan = merging.MergePlan.from_assign(a, plan.n_out, weight=plan.weight)
         if self.decisions is not None:
             self.decisions.append(plan.assign)
         if self.track_positions and reduces:
             self.positions = merging.compose(self.positions, plan.assign)
+        return plan
 
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:
         """The final tokens ``x [B, n, D]`` back at every original position: ``[B, N0, D]``, each position
@@ -184,8 +200,7 @@ class TokenMerge(nn.Module):
         st = self.state
         size = _ones_size(x) if size is None else size
         extra = {} if cls_attn is None else {"cls_attn": _f32(cls_attn)}
-        p = merging.plan(st.method, _f32(metric), self.r, st.protected, **st.options, **extra)
-        st.record(p)
+        p = st.record(merging.plan(st.method, _f32(metric), self.r, st.protected, **st.options, **extra))
         if st.trace_source:
             st.source = p.merge_source(st.source)
         x_out, size_out = p.merge(_f32(x), _f32(size), scatter_free=st.scatter_free)
@@ -250,8 +265,7 @@ class PreEncoderMerge(nn.Module):
         if self.r <= 0:
             return x, None  # nothing grouped: the blocks run exactly as unpatched
         bufs = {k: getattr(self, k) for k in self.buffer_names}
-        p = self.group(images, emb, self.r, st.protected, **self.options, **bufs)  # (it widens what it reads)
-        st.record(p)
+        p = st.record(self.group(images, emb, self.r, st.protected, **self.options, **bufs))  # (it widens what it reads)
         if st.trace_source:
             st.source = p.merge_source(st.source)
         x_out, size = p.merge(_f32(x), _ones_size(x), scatter_free=st.scatter_free)
@@ -398,6 +412,22 @@ def recording(model: nn.Module, on: bool = True):
     """Let ``model``'s merge steps collect their assignments (``model._vm_state.decisions``, one
     [B, N] int64 tensor per step that merges, in order) for the forwards run meanwhile."""
     return _state_flag(model, "record_decisions", on)
+
+
+@contextlib.contextmanager
+def forcing(model: nn.Module, decisions: List[Any]):
+    """Run ``model``'s merge steps on the given assignments (one [B, N] per merging step, in order, as
+    :func:`recording` collects them or a debug export outputs them) instead of their own decisions, for the
+    forwards run meanwhile: the model's arithmetic on another implementation's choices."""
+    state = getattr(model, "_vm_state", None)
+    if state is None:
+        raise RuntimeError("the model is not patched: it has no merge decisions to force")
+    was = state.forced
+    state.forced = [torch.as_tensor(d) for d in decisions]
+    try:
+        yield
+    finally:
+        state.forced = was
 
 
 def scatter_free(model: nn.Module, on: bool = True):
