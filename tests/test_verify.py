@@ -408,6 +408,9 @@ def test_report_rule_lines_and_output_diffs():
                                  "match max|logit diff| <= atol + rtol * max|ref| (1.5e-02 at batch 2) and top-1 "
                                  "agrees")
     assert d.decisions_identical == 0.995 and VerifyReport("h.onnx", [BatchCheck(1, 0.0, 1.0, 1.0, 1.0)]).decisions_identical is None
+    none = VerifyReport("u.onnx", [BatchCheck(2, 0.0, 1.0, 1.0, 0.015, rule="decisions")], dtype="fp16", how="H")
+    assert none.describe_rule() == ("fp16, H: no merge decisions to compare; on every image max|logit diff| <= atol + "
+                                    "rtol * max|ref| (1.5e-02 at batch 2) and top-1 agrees")  # an unmerged fp16 file
 
 
 def test_upcast_copy_makes_every_bfloat16_float32(tmp_path):

@@ -144,6 +144,9 @@ class VerifyReport:
         if c.rule == "max":
             return f"{self.dtype}, {self.how}: max|logit diff| <= {tol}{also} at every batch" + (
                 "" if c.decisions_identical is None else "; merge decisions compared and reported")
+        if c.decisions_identical is None:
+            return (f"{self.dtype}, {self.how}: no merge decisions to compare; on every image max|logit diff| <= "
+                    f"{tol}{also} and top-1 agrees")
         if c.forced_images is not None:
             return (f"{self.dtype}, {self.how}: >= {c.min_decisions:.0%} of merge decisions identical over all images, "
                     f"and on every image max|logit diff| <= {tol}{also} and top-1 agrees against PyTorch run with the "
