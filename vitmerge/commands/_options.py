@@ -122,6 +122,27 @@ DataOpt = Annotated[Optional[Path], typer.Option(
                          "video (.npy) or audio (.wav) clips in class folders (see docs/data.md)")]
 LabelsOpt = Annotated[Optional[Path], typer.Option(
     "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv)")]
+#: the model argument of the commands that score a model (eval, tune): classifiers and detectors
+ScoredModelArg = Annotated[Optional[str], typer.Argument(
+    metavar="[MODEL]", help="timm model name (or timm:NAME), transformers model folder (YOLOS too) or dense:NAME "
+                            "(optional with --config)")]
+ScoredLabelsOpt = Annotated[Optional[Path], typer.Option(
+    "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv), or the ImageNet "
+                     "devkit (ILSVRC2012_devkit_t12.tar.gz or its folder); detectors: the COCO annotations JSON "
+                     "(default: DATA/annotations.json)")]
+ClassOrderOpt = Annotated[ClassOrder, typer.Option(
+    "--class-order", case_sensitive=False,
+    help="ImageNet class indices: sorted (sorted WordNet ids, as timm/torchvision checkpoints) or devkit "
+         "(ILSVRC2012_ID order; needs the devkit)")]
+ClassMapOpt = Annotated[ClassMap, typer.Option(
+    "--class-map", case_sensitive=False,
+    help="Detectors: COCO category -> model class. auto: by name when the model names its classes, else id when "
+         "the ids fit, else order; id: category id = class (COCO-trained YOLOS); order: 0..K-1 in id order; name: by "
+         "class name")]
+NormalizeOpt = Annotated[bool, typer.Option(
+    "--normalize/--no-normalize",
+    help="Detectors: normalise pixels with the model's mean/std (YOLOS: preprocessor_config.json; dense: the "
+         "backbone's), or feed them in [0, 1] (--no-normalize: vitmerge's demo detectors)")]
 ReportDirOpt = Annotated[Optional[Path], typer.Option(
     "--report-dir", help="Write report.json and report.md (and plots) into this folder")]
 DTypeOpt = Annotated[DType, typer.Option(
@@ -210,6 +231,7 @@ __all__ = [
     "InstanceKind", "Space", "ClassOrder", "DType", "DTypeOpt", "CheckpointOpt", "ImgSizeOpt", "FramesOpt", "AudioLengthOpt",
     "NumClassesOpt", "ModelKwargsOpt", "ConfigOpt", "SeedOpt", "BatchOpt", "MODEL_OPTIONS", "MERGE_OPTIONS",
     "with_options",
-    "MethodOpt", "OptionOpt", "ROpt", "ScheduleOpt", "BudgetOpt", "BudgetLatencyOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ReportDirOpt",
+    "MethodOpt", "OptionOpt", "ROpt", "ScheduleOpt", "BudgetOpt", "BudgetLatencyOpt", "PropAttnOpt", "DataOpt", "LabelsOpt", "ScoredModelArg", "ScoredLabelsOpt", "ClassOrderOpt", "ClassMapOpt",
+    "NormalizeOpt", "ReportDirOpt",
     "ThreadsOpt", "SplitOpt", "WorkersOpt", "MEASURE_PANEL", "ItersOpt", "WarmupOpt",
 ]

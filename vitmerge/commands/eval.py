@@ -2,15 +2,14 @@
 for detectors (YOLOS folders, ``dense:NAME``) mAP on a COCO-format folder."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Dict, Optional
 
 import typer
 from rich.table import Table
 
 from ._common import console, err_console, fail, log, loud_warnings, merge_request, model_source, user_errors
-from ._options import (BatchOpt, ClassMap, ClassOrder, DataOpt, EvalRuntime, ReportDirOpt, SplitOpt, WorkersOpt, value,
-                       with_options)
+from ._options import (BatchOpt, ClassMapOpt, ClassOrderOpt, DataOpt, EvalRuntime, NormalizeOpt, ReportDirOpt,
+                       ScoredLabelsOpt, ScoredModelArg, SplitOpt, WorkersOpt, value, with_options)
 
 
 def counted(n: int, dataset: str = "") -> str:
@@ -103,9 +102,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval", short_help="Top-1/top-5 (detectors: mAP) of the unmerged vs the merged model on the same images.")
     @with_options()
     def eval_cmd(
-        model_name: Annotated[Optional[str], typer.Argument(
-            metavar="[MODEL]", help="timm model name (or timm:NAME), transformers model folder (YOLOS too) or "
-                                    "dense:NAME (optional with --config)")] = None,
+        model_name: ScoredModelArg = None,
         data: DataOpt = None,
         runtime: Annotated[EvalRuntime, typer.Option(
             "--runtime", case_sensitive=False,
@@ -114,23 +111,10 @@ def register(app: typer.Typer) -> None:
             "--limit", help="Score this many images, chosen by a fixed seed (default: all)")] = None,
         batch_size: BatchOpt = 64,
         split: SplitOpt = None,
-        labels: Annotated[Optional[Path], typer.Option(
-            "--labels", help="Labels file for a flat folder of images (val.txt or LOC_val_solution.csv), or the "
-                             "ImageNet devkit (ILSVRC2012_devkit_t12.tar.gz or its folder); detectors: the COCO "
-                             "annotations JSON (default: DATA/annotations.json)")] = None,
-        class_order: Annotated[ClassOrder, typer.Option(
-            "--class-order", case_sensitive=False,
-            help="ImageNet class indices: sorted (sorted WordNet ids, as timm/torchvision checkpoints) or devkit "
-                 "(ILSVRC2012_ID order; needs the devkit)")] = "sorted",
-        class_map: Annotated[ClassMap, typer.Option(
-            "--class-map", case_sensitive=False,
-            help="Detectors: COCO category -> model class. auto: by name when the model names its classes, else id "
-                 "when the ids fit, else order; id: category id = class (COCO-trained YOLOS); order: 0..K-1 in id "
-                 "order; name: by class name")] = "auto",
-        normalize: Annotated[bool, typer.Option(
-            "--normalize/--no-normalize",
-            help="Detectors: normalise pixels with the model's mean/std (YOLOS: preprocessor_config.json; dense: "
-                 "the backbone's), or feed them in [0, 1] (--no-normalize: vitmerge's demo detectors)")] = True,
+        labels: ScoredLabelsOpt = None,
+        class_order: ClassOrderOpt = "sorted",
+        class_map: ClassMapOpt = "auto",
+        normalize: NormalizeOpt = True,
         workers: WorkersOpt = 0,
         report_dir: ReportDirOpt = None,
         model_options: dict = None,

@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 
 from ._common import console, err_console, fail, float_list, int_list, loud_warnings, model_source, user_errors
-from ._options import (MEASURE_PANEL, METHODS, BatchOpt, CheckpointOpt, ClassMap, ClassOrder, ConfigOpt, DataOpt, ImgSizeOpt,
-                       ItersOpt, LabelsOpt, ModelKwargsOpt, NumClassesOpt, PropAttnOpt, ReportDirOpt, Runtime, SeedOpt,
-                       SplitOpt, ThreadsOpt, WarmupOpt, WorkersOpt, value)
+from ._options import (MEASURE_PANEL, METHODS, BatchOpt, ClassMapOpt, ClassOrderOpt, DataOpt, ItersOpt, NormalizeOpt,
+                       PropAttnOpt, ReportDirOpt, Runtime, ScoredLabelsOpt, ScoredModelArg, SplitOpt, ThreadsOpt,
+                       WarmupOpt, WorkersOpt, value, with_options)
 
 TARGET_PANEL = "Target (exactly one)"
 SEARCH_PANEL = "Candidates"
@@ -46,10 +46,9 @@ def _show(result) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command("tune", short_help="The fastest merged model within an accuracy or latency target, measured.")
+    @with_options(merge=False)
     def tune_cmd(
-        model_name: Annotated[Optional[str], typer.Argument(
-            metavar="[MODEL]", help="timm model name (or timm:NAME), transformers model folder (YOLOS too) or "
-                                    "dense:NAME (optional with --config)")] = None,
+        model_name: ScoredModelArg = None,
         data: DataOpt = None,
         runtime: Annotated[Runtime, typer.Option(
             "--runtime", case_sensitive=False,
@@ -95,26 +94,14 @@ def register(app: typer.Typer) -> None:
             "--token-counts", rich_help_panel=MEASURE_PANEL,
             help="Token counts of the block latency table (default: the model's count down to an eighth of it)")] = None,
         threads: ThreadsOpt = 0,
-        config: ConfigOpt = None,
-        checkpoint: CheckpointOpt = None,
-        model_kwargs: ModelKwargsOpt = None,
-        num_classes_opt: NumClassesOpt = None,
-        img_size: ImgSizeOpt = None,
-        seed: SeedOpt = 0,
         prop_attn: PropAttnOpt = True,
         split: SplitOpt = None,
-        labels: LabelsOpt = None,
-        class_order: Annotated[ClassOrder, typer.Option(
-            "--class-order", case_sensitive=False,
-            help="ImageNet class indices: sorted (sorted WordNet ids) or devkit (ILSVRC2012_ID order)")] = "sorted",
-        class_map: Annotated[ClassMap, typer.Option(
-            "--class-map", case_sensitive=False,
-            help="Detectors: COCO category -> model class (auto, id, order, name; as in `vitmerge eval`)")] = "auto",
-        normalize: Annotated[bool, typer.Option(
-            "--normalize/--no-normalize",
-            help="Detectors: normalise pixels with the model's mean/std, or feed them in [0, 1] (as in `vitmerge "
-                 "eval`)")] = True,
+        labels: ScoredLabelsOpt = None,
+        class_order: ClassOrderOpt = "sorted",
+        class_map: ClassMapOpt = "auto",
+        normalize: NormalizeOpt = True,
         workers: WorkersOpt = 0,
+        model_options: dict = None,
     ):
         """Measure the per-block latency on the runtime, build candidates (methods x latency / FLOP budgets), score
         each on the same held-out images and time it against the unmerged model, then choose by the target and
@@ -136,7 +123,7 @@ def register(app: typer.Typer) -> None:
             flop_list = float_list(flop_budgets, "--flop-budgets") if flop_budgets else []
             check_settings(batch, rounds, iters, block_rounds, limit, budget_list, flop_list)
             counts = int_list(token_counts, "--token-counts", minimum=1) if token_counts else None
-            if data is None and config is None:
+            if data is None and model_options["config"] is None:
                 raise fail("vitmerge tune needs labelled images to measure accuracy on: give --data DIR (or --config "
                            "model.json that names its data)")
             if value(runtime) == "trt":
@@ -150,7 +137,7 @@ def register(app: typer.Typer) -> None:
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 console=err_console, transient=True, disable=console.quiet) as progress:
             check_runtime(value(runtime))  # a runtime this machine lacks: refused before any work
-            source = model_source(model_name, checkpoint, config, model_kwargs, img_size, num_classes_opt, seed=seed)
+            source = model_source(model_name, **model_options)
             try:
                 result = tune(source, data, target, runtime=value(runtime), batch=batch, methods=method_list,
                               budgets=budget_list, flop_budgets=flop_list, limit=limit, output=output,

@@ -596,13 +596,6 @@ class _Replay:
     def __init__(self, outputs: Mapping[str, Any]):
         self.arrays, self.at = dict(outputs), 0
 
-    @classmethod
-    def load(cls, path: Path) -> "_Replay":
-        import numpy as np
-
-        with np.load(path) as z:
-            return cls({k: z[k] for k in z.files})
-
     def outputs(self, x) -> Dict[str, Any]:
         import torch
 
@@ -796,7 +789,10 @@ def tune(source, data: Optional[Union[str, Path]], target: Target, *, runtime: s
             rec.save(outputs_path)
             cache.write("baseline.json", base.to_dict())
             work["accuracy"] += 1
-        base_outputs = _Replay.load(outputs_path).arrays
+        import numpy as np
+
+        with np.load(outputs_path) as z:  # the unmerged model's outputs, replayed beside every candidate
+            base_outputs = {k: z[k] for k in z.files}
         if prog is not None:
             prog.advance(task)
 
